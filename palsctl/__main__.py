@@ -1,0 +1,5 @@
+import sys
+
+from palsctl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,68 @@
+"""The ``palsctl`` command line.
+
+Each sub-command lives in its own module ``palsctl.cli.<name>`` exposing
+``HELP: str``, ``add_arguments(parser)`` and ``main(args) -> int``. Modules import their heavy
+dependencies inside ``main`` so that ``palsctl --help`` stays fast.
+A `PalsctlError` (a user's mistake) prints one line and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from palsctl.errors import PalsctlError
+
+COMMANDS = {
+    "run": "palsctl.cli.run",
+    "compare": "palsctl.cli.compare",
+    "calibrate": "palsctl.cli.calibrate",
+    "profile": "palsctl.cli.profile",
+    "fit": "palsctl.cli.fit",
+    "analyze": "palsctl.cli.analyze",
+    "emulate": "palsctl.cli.emulate",
+    "gateway": "palsctl.cli.gateway",
+    "control": "palsctl.cli.control",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from palsctl import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="palsctl", description="Power-aware LLM serving: joint GPU power-cap and batch control.")
+    parser.add_argument("--version", action="version", version=f"palsctl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue  # command not built (yet)
+            raise
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_main", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._main(args) or 0)
+    except PalsctlError as exc:
+        print(f"palsctl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"palsctl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""palsctl exceptions. A user's mistake raises a subclass of `PalsctlError`; the CLI prints its
+message on one line and exits with status 2 (no traceback)."""
+from __future__ import annotations
+
+from typing import Any
+
+
+class PalsctlError(Exception):
+    """Base class of every error palsctl raises on purpose."""
+
+
+class ConfigError(PalsctlError, ValueError):
+    """Invalid configuration: names the file (if any), the key and the offending value."""
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None,
+                 value: Any = None) -> None:
+        self.file, self.key, self.value = file, key, value
+        where = []
+        if file:
+            where.append(str(file))
+        if key:
+            where.append(f"key '{key}'")
+        prefix = ": ".join(where)
+        if key is not None and value is not None:
+            message = f"{message} (got {value!r})"
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class UnknownNameError(PalsctlError, KeyError):
+    """Unknown preset / controller / plant name; the message lists the known names."""
+
+    def __init__(self, kind: str, name: str, known: list[str]) -> None:
+        self.kind, self.name, self.known = kind, name, sorted(known)
+        super().__init__(f"unknown {kind} {name!r}; known: {', '.join(self.known)}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class HardwareError(PalsctlError, RuntimeError):
+    """A hardware / driver problem with an actionable message (no GPU, no permission, ...)."""
+
+
+class ModelFileError(PalsctlError, ValueError):
+    """A power-performance model file is unreadable, of an unknown version or missing a field."""

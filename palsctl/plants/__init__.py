@@ -1,0 +1,1 @@
+"""Plants: the simulated GPU + vLLM serving plant, recorded replays and real serving."""
