@@ -1,0 +1,364 @@
+"""NVIDIA GPU power sensing and power-cap actuation through NVML (``nvidia-ml-py``).
+
+>>> gpus = NvmlPower(indices=[0], dry_run=True)          # doctest: +SKIP
+>>> gpus.read()[0].power_instant_w                       # doctest: +SKIP
+>>> gpus.set_power_cap_w(300.0)                          # doctest: +SKIP
+>>> gpus.close()                                         # restores the original limits
+
+Units: NVML speaks milliwatts and millijoules; everything here is converted to watts and joules.
+``pynvml`` is imported lazily (only when an `NvmlPower` is built without an injected backend), so
+importing this module never needs a driver. Tests inject a fake backend object that looks like the
+``pynvml`` module (same function and constant names, an ``NVMLError`` class with ``.value``).
+
+Restoring settings: the limits in force when the adapter was opened are written back on
+`close()`, at interpreter exit, on SIGINT/SIGTERM (when ``install_signal_handlers`` is true and the
+adapter lives in the main thread) and — by the caller's ``with``/``finally`` — when a controller
+crashes. Only GPUs whose limit this adapter changed are written back.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import signal
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from palsctl.errors import HardwareError
+
+log = logging.getLogger(__name__)
+
+# NVML return codes (nvml.h); the backend's own constants take precedence when it has them.
+_ERR_CODES = {
+    "NVML_ERROR_UNINITIALIZED": 1,
+    "NVML_ERROR_INVALID_ARGUMENT": 2,
+    "NVML_ERROR_NOT_SUPPORTED": 3,
+    "NVML_ERROR_NO_PERMISSION": 4,
+    "NVML_ERROR_NOT_FOUND": 6,
+    "NVML_ERROR_DRIVER_NOT_LOADED": 9,
+    "NVML_ERROR_LIBRARY_NOT_FOUND": 12,
+    "NVML_ERROR_FUNCTION_NOT_FOUND": 13,
+    "NVML_ERROR_GPU_IS_LOST": 15,
+}
+_FI_DEV_POWER_INSTANT = 186
+_CLOCK_SM = 1
+_SW_POWER_CAP_MASK = 0x4
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GpuReading:
+    """One NVML read of one GPU.
+
+    ``power_instant_w``: instantaneous board power (field ``NVML_FI_DEV_POWER_INSTANT``, or the
+    driver's power reading when the field is not supported); ``power_avg_w``: the driver's power
+    reading (a ~1 s average on recent GPUs); ``energy_j``: cumulative energy counter since the
+    driver loaded (None when unsupported); ``power_limit_w``: enforced limit;
+    ``sw_power_cap``: True when the clocks are held down by the software power cap.
+    """
+
+    index: int
+    power_instant_w: float
+    power_avg_w: float
+    energy_j: float | None
+    power_limit_w: float
+    sm_clock_mhz: float | None
+    sw_power_cap: bool | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GpuConstraints:
+    """Power-limit bounds of one GPU, watts."""
+
+    index: int
+    name: str
+    power_cap_min_w: float
+    power_cap_max_w: float
+    power_cap_default_w: float
+
+
+def _load_pynvml() -> Any:
+    try:
+        import pynvml  # noqa: PLC0415 - lazy on purpose
+    except ImportError as exc:  # pragma: no cover - nvidia-ml-py is a dependency
+        raise HardwareError("the NVML Python bindings are missing: pip install nvidia-ml-py") from exc
+    return pynvml
+
+
+class NvmlPower:
+    """Power sensing and power-limit control of one or more GPUs through NVML.
+
+    ``indices``: GPU indices (default: all). ``dry_run``: `set_power_cap_w` computes and logs the
+    clamped cap but writes nothing. ``backend``: an object shaped like the ``pynvml`` module
+    (tests); None imports ``pynvml``.
+    """
+
+    def __init__(self, indices: Sequence[int] | None = None, *, dry_run: bool = False,
+                 backend: Any = None, install_signal_handlers: bool = True) -> None:
+        self._nv = backend if backend is not None else _load_pynvml()
+        self.dry_run = dry_run
+        self._closed = False
+        self._lock = threading.RLock()
+        self._call(self._nv.nvmlInit, what="initialise NVML")
+        try:
+            count = int(self._call(self._nv.nvmlDeviceGetCount, what="count GPUs"))
+            if count < 1:
+                raise HardwareError("NVML sees no GPU: check `nvidia-smi` and that this process can "
+                                    "see the devices (CUDA_VISIBLE_DEVICES, container --gpus)")
+            self.indices = list(range(count)) if indices is None else [int(i) for i in indices]
+            for i in self.indices:
+                if not 0 <= i < count:
+                    raise HardwareError(f"GPU index {i} does not exist; NVML sees {count} GPU(s) "
+                                        f"(indices 0..{count - 1})")
+            self._handles = [self._call(self._nv.nvmlDeviceGetHandleByIndex, i,
+                                        what=f"open GPU {i}") for i in self.indices]
+            self.constraints = [self._read_constraints(i, h)
+                                for i, h in zip(self.indices, self._handles)]
+            self._original_mw = [int(self._call(self._nv.nvmlDeviceGetPowerManagementLimit, h,
+                                                what=f"read the power limit of GPU {i}"))
+                                 for i, h in zip(self.indices, self._handles)]
+        except BaseException:
+            self._shutdown()
+            raise
+        self._current_mw = list(self._original_mw)
+        self._changed = [False] * len(self.indices)
+        self._instant_supported = [True] * len(self.indices)
+        self._energy_supported = [True] * len(self.indices)
+        _register_for_restore(self, install_signal_handlers)
+
+    # ---------------------------------------------------------------- errors
+    def _code(self, name: str) -> int:
+        return int(getattr(self._nv, name, _ERR_CODES[name]))
+
+    def _translate(self, exc: Exception, what: str) -> HardwareError:
+        value = getattr(exc, "value", None)
+        if value in (self._code("NVML_ERROR_LIBRARY_NOT_FOUND"),
+                     self._code("NVML_ERROR_DRIVER_NOT_LOADED")):
+            msg = (f"cannot {what}: no NVIDIA driver found (NVML library not loaded); this needs a "
+                   "machine with an NVIDIA GPU and driver — use `palsctl emulate` to run without one")
+        elif value in (self._code("NVML_ERROR_NO_PERMISSION"),):
+            msg = (f"cannot {what}: permission denied; changing GPU power limits needs root or "
+                   "CAP_SYS_ADMIN (run with sudo, or use --dry-run)")
+        elif value in (self._code("NVML_ERROR_NOT_SUPPORTED"),
+                       self._code("NVML_ERROR_FUNCTION_NOT_FOUND")):
+            msg = f"cannot {what}: not supported by this GPU or driver"
+        elif value in (self._code("NVML_ERROR_NOT_FOUND"), self._code("NVML_ERROR_GPU_IS_LOST")):
+            msg = f"cannot {what}: GPU not found or lost (check `nvidia-smi`)"
+        elif value == self._code("NVML_ERROR_INVALID_ARGUMENT"):
+            msg = f"cannot {what}: invalid argument (value out of the GPU's range?)"
+        else:
+            msg = f"cannot {what}: NVML error {exc}"
+        err = HardwareError(msg)
+        err.nvml_code = value  # type: ignore[attr-defined]
+        return err
+
+    def _is_not_supported(self, exc: Exception) -> bool:
+        return getattr(exc, "value", None) in (self._code("NVML_ERROR_NOT_SUPPORTED"),
+                                               self._code("NVML_ERROR_FUNCTION_NOT_FOUND"))
+
+    def _call(self, fn: Any, *args: Any, what: str) -> Any:
+        try:
+            return fn(*args)
+        except self._nv.NVMLError as exc:
+            raise self._translate(exc, what) from None
+
+    # ---------------------------------------------------------------- reading
+    def _read_constraints(self, index: int, handle: Any) -> GpuConstraints:
+        lo_mw, hi_mw = self._call(self._nv.nvmlDeviceGetPowerManagementLimitConstraints, handle,
+                                  what=f"read the power-limit constraints of GPU {index}")
+        default_mw = self._call(self._nv.nvmlDeviceGetPowerManagementDefaultLimit, handle,
+                                what=f"read the default power limit of GPU {index}")
+        name = self._call(self._nv.nvmlDeviceGetName, handle, what=f"read the name of GPU {index}")
+        if isinstance(name, bytes):
+            name = name.decode(errors="replace")
+        return GpuConstraints(index=index, name=str(name), power_cap_min_w=lo_mw / 1000.0,
+                              power_cap_max_w=hi_mw / 1000.0,
+                              power_cap_default_w=default_mw / 1000.0)
+
+    def _instant_mw(self, k: int, handle: Any) -> float | None:
+        if not self._instant_supported[k] or not hasattr(self._nv, "nvmlDeviceGetFieldValues"):
+            return None
+        field_id = getattr(self._nv, "NVML_FI_DEV_POWER_INSTANT", _FI_DEV_POWER_INSTANT)
+        try:
+            (fv,) = self._nv.nvmlDeviceGetFieldValues(handle, [field_id])
+        except self._nv.NVMLError as exc:
+            if self._is_not_supported(exc):
+                self._instant_supported[k] = False
+                return None
+            raise self._translate(exc, f"read the instant power of GPU {self.indices[k]}") from None
+        if getattr(fv, "nvmlReturn", 0) != 0:
+            self._instant_supported[k] = False
+            return None
+        return float(_field_value(fv))
+
+    def read(self) -> list[GpuReading]:
+        """One reading per GPU (watts, joules, MHz)."""
+        out = []
+        for k, (i, h) in enumerate(zip(self.indices, self._handles)):
+            avg_mw = self._call(self._nv.nvmlDeviceGetPowerUsage, h,
+                                what=f"read the power of GPU {i}")
+            inst_mw = self._instant_mw(k, h)
+            energy_j = None
+            if self._energy_supported[k]:
+                try:
+                    energy_j = self._nv.nvmlDeviceGetTotalEnergyConsumption(h) / 1000.0
+                except self._nv.NVMLError as exc:
+                    if not self._is_not_supported(exc):
+                        raise self._translate(exc, f"read the energy counter of GPU {i}") from None
+                    self._energy_supported[k] = False
+            limit_mw = self._call(self._nv.nvmlDeviceGetEnforcedPowerLimit, h,
+                                  what=f"read the enforced power limit of GPU {i}")
+            clock = self._optional(self._nv.nvmlDeviceGetClockInfo, h,
+                                   getattr(self._nv, "NVML_CLOCK_SM", _CLOCK_SM))
+            reasons_fn = (getattr(self._nv, "nvmlDeviceGetCurrentClocksEventReasons", None)
+                          or getattr(self._nv, "nvmlDeviceGetCurrentClocksThrottleReasons", None))
+            reasons = self._optional(reasons_fn, h) if reasons_fn else None
+            mask = getattr(self._nv, "nvmlClocksEventReasonSwPowerCap", _SW_POWER_CAP_MASK)
+            out.append(GpuReading(
+                index=i, power_instant_w=(inst_mw if inst_mw is not None else avg_mw) / 1000.0,
+                power_avg_w=avg_mw / 1000.0, energy_j=energy_j, power_limit_w=limit_mw / 1000.0,
+                sm_clock_mhz=None if clock is None else float(clock),
+                sw_power_cap=None if reasons is None else bool(int(reasons) & int(mask))))
+        return out
+
+    def _optional(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except self._nv.NVMLError as exc:
+            if self._is_not_supported(exc):
+                return None
+            raise self._translate(exc, f"call {getattr(fn, '__name__', fn)}") from None
+
+    # ---------------------------------------------------------------- writing
+    def clamp_cap_w(self, power_cap_w: float, k: int = 0) -> float:
+        """Clamp a per-GPU cap into the constraints of GPU slot ``k``, rounded down to 1 W."""
+        c = self.constraints[k]
+        if not math.isfinite(power_cap_w):
+            raise ValueError(f"power cap must be finite, got {power_cap_w}")
+        capped = min(max(float(power_cap_w), c.power_cap_min_w), c.power_cap_max_w)
+        return max(math.floor(capped + 1e-9), c.power_cap_min_w) if capped < c.power_cap_max_w \
+            else c.power_cap_max_w
+
+    def set_power_cap_w(self, power_cap_w: float) -> float:
+        """Set the same cap on every GPU (clamped); returns the cap in force afterwards (per GPU,
+        the first GPU's when they differ). Writes that change nothing are skipped; ``dry_run``
+        only logs what it would write."""
+        applied = []
+        with self._lock:
+            if self._closed:
+                raise HardwareError("NVML adapter is closed")
+            for k, (i, h) in enumerate(zip(self.indices, self._handles)):
+                cap_w = self.clamp_cap_w(power_cap_w, k)
+                mw = int(round(cap_w * 1000.0))
+                if mw == self._current_mw[k]:
+                    applied.append(cap_w)
+                    continue
+                if self.dry_run:
+                    log.info("dry run: would set GPU %d power limit %.0f W -> %.0f W", i,
+                             self._current_mw[k] / 1000.0, cap_w)
+                    applied.append(cap_w)
+                    self._current_mw[k] = mw
+                    continue
+                self._call(self._nv.nvmlDeviceSetPowerManagementLimit, h, mw,
+                           what=f"set the power limit of GPU {i} to {cap_w:.0f} W")
+                self._current_mw[k] = mw
+                self._changed[k] = True
+                applied.append(cap_w)
+                log.info("GPU %d power limit set to %.0f W", i, cap_w)
+        return applied[0]
+
+    @property
+    def power_cap_w(self) -> float:
+        """The per-GPU cap this adapter last set (or found at open), first GPU."""
+        return self._current_mw[0] / 1000.0
+
+    # ---------------------------------------------------------------- restore / close
+    def restore(self) -> None:
+        """Write back the limits found at open on every GPU this adapter changed. Idempotent;
+        failures are logged (restoring runs in shutdown paths) and the remaining GPUs still tried."""
+        with self._lock:
+            for k, (i, h) in enumerate(zip(self.indices, self._handles)):
+                if not self._changed[k]:
+                    continue
+                try:
+                    self._nv.nvmlDeviceSetPowerManagementLimit(h, self._original_mw[k])
+                    self._current_mw[k] = self._original_mw[k]
+                    self._changed[k] = False
+                    log.info("GPU %d power limit restored to %.0f W", i,
+                             self._original_mw[k] / 1000.0)
+                except Exception as exc:  # noqa: BLE001 - shutdown path must try every GPU
+                    log.error("could not restore the power limit of GPU %d: %s", i, exc)
+
+    def _shutdown(self) -> None:
+        try:
+            self._nv.nvmlShutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def close(self) -> None:
+        """Restore the original limits and shut NVML down (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self.restore()
+            self._closed = True
+            self._shutdown()
+        _unregister(self)
+
+    def __enter__(self) -> "NvmlPower":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _field_value(fv: Any) -> float:
+    """The numeric value of an ``nvmlFieldValue_t`` according to its ``valueType``."""
+    kinds = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
+    attr = kinds.get(int(getattr(fv, "valueType", 1)), "uiVal")
+    return float(getattr(fv.value, attr))
+
+
+# ------------------------------------------------------------------ process-wide restore hooks
+_open: "weakref.WeakSet[NvmlPower]" = weakref.WeakSet()
+_atexit_installed = False
+_signals_installed = False
+_previous_handlers: dict[int, Any] = {}
+
+
+def restore_all() -> None:
+    """Restore every open adapter's original limits (used by the exit and signal hooks)."""
+    for adapter in list(_open):
+        adapter.restore()
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    restore_all()
+    previous = _previous_handlers.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_IGN:
+        return
+    else:  # default action: terminate with the signal
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+
+def _register_for_restore(adapter: NvmlPower, install_signal_handlers: bool) -> None:
+    global _atexit_installed, _signals_installed
+    _open.add(adapter)
+    if not _atexit_installed:
+        atexit.register(restore_all)
+        _atexit_installed = True
+    if (install_signal_handlers and not _signals_installed
+            and threading.current_thread() is threading.main_thread()):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            _previous_handlers[sig] = signal.getsignal(sig)
+            signal.signal(sig, _on_signal)
+        _signals_installed = True
+
+
+def _unregister(adapter: NvmlPower) -> None:
+    _open.discard(adapter)

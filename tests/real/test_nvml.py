@@ -1,0 +1,169 @@
+"""NVML adapter with an injected fake backend: units, clamping, no-op writes, dry run, error
+translation, restore on close / crash / SIGTERM / SIGINT."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from palsctl.adapters.nvml import NvmlPower
+from palsctl.errors import HardwareError
+
+from . import fake_nvml
+from .fake_nvml import FakeGpu, FakeNvml
+
+HERE = Path(__file__).resolve().parent
+
+
+def open_fake(fake: FakeNvml, **kw) -> NvmlPower:
+    return NvmlPower(backend=fake.as_module(), install_signal_handlers=False, **kw)
+
+
+def test_read_units_and_fields():
+    fake = FakeNvml(gpus=[FakeGpu(reasons=0x4), FakeGpu(instant_mw=None, energy_mj=None)])
+    with open_fake(fake) as nv:
+        r0, r1 = nv.read()
+        assert r0.power_instant_w == pytest.approx(480.0)
+        assert r0.power_avg_w == pytest.approx(450.0)
+        assert r0.energy_j == pytest.approx(1000.0)
+        assert r0.power_limit_w == pytest.approx(700.0)
+        assert r0.sm_clock_mhz == 1980 and r0.sw_power_cap is True
+        # field not supported: instant falls back to the driver power reading; no energy
+        assert r1.power_instant_w == pytest.approx(450.0) and r1.energy_j is None
+        assert r1.sw_power_cap is False
+        c = nv.constraints[0]
+        assert (c.power_cap_min_w, c.power_cap_max_w, c.power_cap_default_w) == (200, 700, 700)
+
+
+def test_energy_counter_deltas_in_joules():
+    fake = FakeNvml()
+    with open_fake(fake) as nv:
+        e0 = nv.read()[0].energy_j
+        fake.gpus[0].energy_mj += 350_500
+        assert nv.read()[0].energy_j - e0 == pytest.approx(350.5)
+
+
+def test_set_cap_clamps_skips_noops_and_restores_on_close():
+    fake = FakeNvml(gpus=[FakeGpu(), FakeGpu()])
+    nv = open_fake(fake)
+    assert nv.set_power_cap_w(99.0) == 200.0          # clamped to the minimum
+    assert nv.set_power_cap_w(5000.0) == 700.0        # clamped to the maximum (no write: original)
+    assert nv.set_power_cap_w(333.7) == 333.0         # rounded down to 1 W
+    n = len(fake.writes)
+    assert nv.set_power_cap_w(333.2) == 333.0 and len(fake.writes) == n   # no-op skipped
+    assert [g.limit_mw for g in fake.gpus] == [333_000, 333_000]
+    nv.close()
+    assert [g.limit_mw for g in fake.gpus] == [700_000, 700_000]
+    nv.close()  # idempotent
+    assert fake.shutdowns == 1
+    with pytest.raises(HardwareError):
+        nv.set_power_cap_w(300.0)
+
+
+def test_dry_run_writes_nothing(caplog):
+    fake = FakeNvml()
+    with open_fake(fake, dry_run=True) as nv:
+        with caplog.at_level("INFO"):
+            assert nv.set_power_cap_w(300.0) == 300.0
+        assert "dry run" in caplog.text
+    assert fake.writes == [] and fake.gpus[0].limit_mw == 700_000
+
+
+def test_restore_on_controller_crash():
+    fake = FakeNvml()
+    with pytest.raises(ZeroDivisionError):
+        with open_fake(fake) as nv:
+            nv.set_power_cap_w(250.0)
+            1 / 0
+    assert fake.gpus[0].limit_mw == 700_000
+
+
+@pytest.mark.parametrize("fn, code, words", [
+    ("nvmlInit", fake_nvml.NVML_ERROR_LIBRARY_NOT_FOUND, "no NVIDIA driver"),
+    ("nvmlInit", fake_nvml.NVML_ERROR_DRIVER_NOT_LOADED, "no NVIDIA driver"),
+    ("nvmlDeviceSetPowerManagementLimit", fake_nvml.NVML_ERROR_NO_PERMISSION, "CAP_SYS_ADMIN"),
+    ("nvmlDeviceSetPowerManagementLimit", fake_nvml.NVML_ERROR_NOT_SUPPORTED, "not supported"),
+    ("nvmlDeviceGetPowerUsage", fake_nvml.NVML_ERROR_GPU_IS_LOST, "GPU not found or lost"),
+    ("nvmlDeviceGetPowerUsage", fake_nvml.NVML_ERROR_UNKNOWN, "NVML error"),
+])
+def test_error_translation(fn, code, words):
+    fake = FakeNvml(fail={fn: code})
+    with pytest.raises(HardwareError, match=words) as info:
+        nv = open_fake(fake)
+        nv.read()
+        nv.set_power_cap_w(300.0)
+    assert info.value.nvml_code == code
+
+
+def test_unsupported_optional_readings_are_none():
+    fake = FakeNvml(fail={"nvmlDeviceGetClockInfo": fake_nvml.NVML_ERROR_NOT_SUPPORTED,
+                          "nvmlDeviceGetCurrentClocksEventReasons":
+                              fake_nvml.NVML_ERROR_NOT_SUPPORTED})
+    with open_fake(fake) as nv:
+        r = nv.read()[0]
+    assert r.sm_clock_mhz is None and r.sw_power_cap is None
+
+
+def test_no_gpu_and_bad_index():
+    with pytest.raises(HardwareError, match="no GPU"):
+        open_fake(FakeNvml(gpus=[]))
+    with pytest.raises(HardwareError, match="index 3"):
+        open_fake(FakeNvml(), indices=[3])
+
+
+def test_real_library_without_driver_raises_hardware_error():
+    """The real pynvml path: on a machine with a GPU it opens; without one it must fail with an
+    actionable HardwareError, never a raw NVMLError."""
+    try:
+        nv = NvmlPower(install_signal_handlers=False)
+    except HardwareError as exc:
+        assert "driver" in str(exc) or "GPU" in str(exc)
+        return
+    try:
+        readings = nv.read()
+        assert readings and all(r.power_avg_w > 0 for r in readings)
+    finally:
+        nv.close()
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {tests_dir!r})
+    from real.fake_nvml import FakeNvml, FakeGpu
+    from palsctl.adapters.nvml import NvmlPower
+    fake = FakeNvml(gpus=[FakeGpu(), FakeGpu(limit_mw=650_000)], log_path={log!r})
+    nv = NvmlPower(backend=fake.as_module())
+    nv.set_power_cap_w(300.0)
+    print("ready", flush=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:   # wait to be killed
+        time.sleep(0.05)
+    sys.exit(3)
+""")
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_restores_original_limits(tmp_path, sig):
+    import signal
+    log = tmp_path / "writes.log"
+    code = CHILD.format(tests_dir=str(HERE.parent), log=str(log))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = log.read_text().split()
+    writes = [(int(lines[i + 1]), int(lines[i + 2])) for i in range(0, len(lines), 3)]
+    assert writes[:2] == [(0, 300_000), (1, 300_000)]
+    assert sorted(writes[2:]) == [(0, 700_000), (1, 650_000)]
+    assert proc.returncode != 0 and proc.returncode != 3   # died of the signal, not timed out
+    if sig == "SIGTERM":
+        assert proc.returncode == -signal.SIGTERM
