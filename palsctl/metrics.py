@@ -1,0 +1,186 @@
+"""Scoring a recorded run: one function, `summarize`, so every controller is scored identically.
+
+Conventions (see `palsctl.loop`): step ``i`` records the measurement of the window
+``(t_i - window_s, t_i]`` and the setpoint handed to the controller at ``t_i``. That window ran
+under the action decided at step ``i-1``, for step ``i-1``'s setpoint, so each window is scored
+against the **setpoint in force during it**: step ``i-1``'s (step 0 uses its own).
+
+Definitions (``P`` window-mean power of all GPUs, ``B`` budget, ``X`` generated tokens/s,
+``T`` throughput target, ``w`` window length):
+
+* ``energy_j = Σ P·w``; ``generated_tokens = Σ X·w``; ``tokens_per_joule`` their ratio;
+  ``duration_s = Σ w``; ``mean_power_w = energy_j / duration_s``.
+* A window is **over budget** when ``P > B·(1 + budget_tolerance)`` (1 % band by default).
+  ``time_over_budget_s = Σ w`` over such windows; ``energy_over_budget_j = Σ (P - B)·w`` over
+  the same windows (the whole excess above the budget, counted only outside the band).
+* A window has a **throughput shortfall** when a target is set, ``X < T·(1 - throughput_tolerance)``
+  and the demand exists: requests were waiting at the end of the window, or the measured demand
+  ``demand_tok_s ≥ T``. (A plant with nothing queued that serves all it is offered is not in
+  violation.)
+* A window has a **latency violation** when an SLO is set and the window's p90 TPOT / TTFT
+  exceeds it. ``qos_violation_rate`` = fraction of windows with a shortfall or a latency
+  violation.
+* ``slo_attainment`` = fraction of completed requests whose TTFT and mean TPOT both meet the SLOs
+  in force at their arrival (None when no SLO is ever set or no request completed).
+* **Settling time** after a step — a change of the budget or of the target by more than 1 %
+  between consecutive windows' setpoints, at the start ``t_e`` of the first window under the
+  new setpoint: a window is *out of spec* when it is over budget or has a throughput shortfall.
+  The settling time is ``end of the last out-of-spec window in [t_e, next step) - t_e`` (0 when
+  none). When the segment's final window is still out of spec the step never settled: it gets
+  the segment's length and is counted in ``unsettled_steps``. ``settling_time_s`` is the worst
+  (largest) over all steps, ``settling_times_s`` the list; None when the run has no step.
+* Power-target mode (windows with ``power_target_w`` set): ``power_tracking_mae_w`` mean
+  absolute error ``|P - target|``, ``power_tracking_rel_error`` that divided by the mean target.
+* Stale windows count with the values the sensor repeated.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from palsctl.loop import RunRecord, StepRecord
+from palsctl.types import Setpoint
+
+SUMMARY_KEYS = ("tokens_per_joule", "qos_violation_rate", "slo_attainment", "time_over_budget_s",
+                "energy_over_budget_j", "settling_time_s", "energy_j", "generated_tokens",
+                "duration_s")
+
+_STEP_RTOL = 0.01
+
+
+def window_setpoints(steps: list[StepRecord]) -> list[Setpoint]:
+    """The setpoint in force during each step's measured window (step i-1's; step 0's own)."""
+    if not steps:
+        return []
+    return [steps[0].setpoint] + [s.setpoint for s in steps[:-1]]
+
+
+def _changed(a: float | None, b: float | None) -> bool:
+    if a is None and b is None:
+        return False
+    if a is None or b is None:
+        return True
+    return abs(a - b) > _STEP_RTOL * max(abs(a), abs(b), 1e-12)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def summarize(record: RunRecord, *, budget_tolerance: float = 0.01,
+              throughput_tolerance: float = 0.05) -> dict[str, Any]:
+    """Every metric of a run as a JSON-serialisable dict (definitions in the module doc)."""
+    steps = record.steps
+    sps = window_setpoints(steps)
+    n = len(steps)
+    w = np.array([s.measurement.window_s for s in steps], dtype=float)
+    p = np.array([s.measurement.power_w for s in steps], dtype=float)
+    x = np.array([s.measurement.throughput_tok_s for s in steps], dtype=float)
+
+    duration_s = float(w.sum())
+    energy_j = float((p * w).sum())
+    tokens = float((x * w).sum())
+
+    over = np.zeros(n, dtype=bool)
+    excess_j = 0.0
+    shortfall = np.zeros(n, dtype=bool)
+    latency_bad = np.zeros(n, dtype=bool)
+    track_err: list[float] = []
+    track_tgt: list[float] = []
+    for i, (s, sp) in enumerate(zip(steps, sps)):
+        m = s.measurement
+        if sp.power_budget_w is not None and m.power_w > sp.power_budget_w * (1 + budget_tolerance):
+            over[i] = True
+            excess_j += (m.power_w - sp.power_budget_w) * m.window_s
+        if sp.throughput_tok_s is not None and \
+                m.throughput_tok_s < sp.throughput_tok_s * (1 - throughput_tolerance):
+            demand_exists = m.waiting > 0 or (m.demand_tok_s is not None
+                                              and m.demand_tok_s >= sp.throughput_tok_s)
+            shortfall[i] = demand_exists
+        if (sp.tpot_slo_s is not None and m.tpot_p90_s is not None and m.tpot_p90_s > sp.tpot_slo_s) \
+                or (sp.ttft_slo_s is not None and m.ttft_p90_s is not None
+                    and m.ttft_p90_s > sp.ttft_slo_s):
+            latency_bad[i] = True
+        if sp.power_target_w is not None:
+            track_err.append(abs(m.power_w - sp.power_target_w))
+            track_tgt.append(sp.power_target_w)
+
+    # settling after each budget / target step
+    out_of_spec = over | shortfall
+    events = [i for i in range(1, n)
+              if _changed(sps[i].power_budget_w, sps[i - 1].power_budget_w)
+              or _changed(sps[i].throughput_tok_s, sps[i - 1].throughput_tok_s)]
+    settling: list[float] = []
+    unsettled = 0
+    for j, e in enumerate(events):
+        end = events[j + 1] if j + 1 < len(events) else n
+        t_e = steps[e].t_s - steps[e].measurement.window_s
+        bad = [i for i in range(e, end) if out_of_spec[i]]
+        if not bad:
+            settling.append(0.0)
+        else:
+            settling.append(float(steps[bad[-1]].t_s - t_e))
+            if bad[-1] == end - 1:
+                unsettled += 1
+
+    # request-level SLOs
+    slo_attainment = None
+    ttfts = [r.ttft_s for r in record.requests]
+    tpots = [r.tpot_s for r in record.requests if r.output_tokens > 1]
+    if record.requests and any(sp.tpot_slo_s is not None or sp.ttft_slo_s is not None
+                               for sp in sps):
+        times = np.array([s.t_s for s in steps]) if steps else np.zeros(0)
+        ok = 0
+        for r in record.requests:
+            # setpoint in force at arrival: the last decision at or before the arrival
+            k = int(np.searchsorted(times, r.arrival_s, side="right")) - 1
+            sp = steps[k].setpoint if k >= 0 else (steps[0].setpoint if steps else Setpoint())
+            good = (sp.ttft_slo_s is None or r.ttft_s <= sp.ttft_slo_s) and \
+                (sp.tpot_slo_s is None or r.output_tokens <= 1 or r.tpot_s <= sp.tpot_slo_s)
+            ok += good
+        slo_attainment = ok / len(record.requests)
+
+    lat = [s.step_latency_s for s in steps]
+    caps = [s.applied.power_cap_w for s in steps if s.applied.power_cap_w is not None]
+    batches = [s.applied.max_batch for s in steps if s.applied.max_batch is not None]
+    has_target = any(sp.throughput_tok_s is not None for sp in sps)
+    has_latency_slo = any(sp.tpot_slo_s is not None or sp.ttft_slo_s is not None for sp in sps)
+    summary: dict[str, Any] = {
+        "controller": record.controller,
+        "tokens_per_joule": tokens / energy_j if energy_j > 0 else None,
+        "qos_violation_rate": float((shortfall | latency_bad).mean())
+        if n and (has_target or has_latency_slo) else None,
+        "throughput_shortfall_rate": float(shortfall.mean()) if n and has_target else None,
+        "latency_violation_rate": float(latency_bad.mean()) if n and has_latency_slo else None,
+        "slo_attainment": slo_attainment,
+        "time_over_budget_s": float(w[over].sum()),
+        "energy_over_budget_j": float(excess_j),
+        "settling_time_s": max(settling) if settling else None,
+        "settling_times_s": settling,
+        "unsettled_steps": unsettled,
+        "energy_j": energy_j,
+        "generated_tokens": tokens,
+        "duration_s": duration_s,
+        "mean_power_w": energy_j / duration_s if duration_s > 0 else None,
+        "mean_throughput_tok_s": tokens / duration_s if duration_s > 0 else None,
+        "power_tracking_mae_w": float(np.mean(track_err)) if track_err else None,
+        "power_tracking_rel_error": float(np.mean(track_err) / np.mean(track_tgt))
+        if track_err and np.mean(track_tgt) > 0 else None,
+        "completed_requests": len(record.requests),
+        "request_ttft_p90_s": _pct(ttfts, 90),
+        "request_tpot_p90_s": _pct(tpots, 90),
+        "mean_power_cap_w": float(np.mean(caps)) if caps else None,
+        "mean_max_batch": float(np.mean(batches)) if batches else None,
+        "guard_interventions": sum(1 for s in steps if s.guard_note),
+        "stale_steps": sum(1 for s in steps if s.measurement.stale),
+        "step_latency_p50_s": _pct(lat, 50),
+        "step_latency_p99_s": _pct(lat, 99),
+        "steps": n,
+        "dt_s": record.dt_s,
+    }
+    for k, v in summary.items():  # JSON has no NaN/inf
+        if isinstance(v, float) and not math.isfinite(v):
+            summary[k] = None
+    return summary

@@ -1,0 +1,101 @@
+import json
+
+import pytest
+
+from palsctl.loop import RunRecord, StepRecord
+from palsctl.metrics import SUMMARY_KEYS, summarize, window_setpoints
+from palsctl.types import Action, Limits, Measurement, RequestResult, Setpoint
+
+LIM = Limits(power_cap_min_w=100, power_cap_max_w=400, power_cap_default_w=400, num_gpus=4)
+
+
+def record(power, tput, setpoints, *, waiting=None, demand=None, tpot=None, requests=(),
+           targets_w=None):
+    steps = []
+    for i, (p, x, sp) in enumerate(zip(power, tput, setpoints)):
+        m = Measurement(t_s=i + 1.0, window_s=1.0, power_w=p, energy_j=sum(power[:i + 1]),
+                        throughput_tok_s=x, waiting=(waiting or [0] * len(power))[i],
+                        demand_tok_s=(demand or [None] * len(power))[i],
+                        tpot_p90_s=(tpot or [None] * len(power))[i])
+        steps.append(StepRecord(t_s=i + 1.0, measurement=m, setpoint=sp,
+                                requested=Action(power_cap_w=400.0, max_batch=8),
+                                applied=Action(power_cap_w=300.0, max_batch=8),
+                                step_latency_s=1e-4 * (i + 1)))
+    return RunRecord(steps=steps, requests=list(requests), limits=LIM, dt_s=1.0)
+
+
+def test_energy_tokens_and_budget_with_tolerance_band():
+    # windows are scored against the previous step's setpoint: budgets in force 1000 x 4
+    sps = [Setpoint(power_budget_w=1000.0)] * 4
+    r = record([1005.0, 1020.0, 900.0, 1100.0], [10.0, 20.0, 30.0, 40.0], sps)
+    s = summarize(r)
+    assert s["energy_j"] == pytest.approx(4025.0)
+    assert s["generated_tokens"] == pytest.approx(100.0)
+    assert s["tokens_per_joule"] == pytest.approx(100.0 / 4025.0)
+    assert s["duration_s"] == 4.0 and s["mean_power_w"] == pytest.approx(4025.0 / 4)
+    # 1005 W is inside the 1 % band; 1020 and 1100 are over: 2 s, (20 + 100) J
+    assert s["time_over_budget_s"] == 2.0
+    assert s["energy_over_budget_j"] == pytest.approx(120.0)
+    assert s["qos_violation_rate"] is None and s["slo_attainment"] is None
+    assert s["settling_time_s"] is None
+    assert set(SUMMARY_KEYS) <= set(s)
+    json.dumps(s)
+
+
+def test_window_uses_setpoint_in_force_during_it():
+    sps = [Setpoint(power_budget_w=1000.0), Setpoint(power_budget_w=500.0),
+           Setpoint(power_budget_w=500.0)]
+    assert [sp.power_budget_w for sp in window_setpoints(record([0] * 3, [0] * 3, sps).steps)] \
+        == [1000.0, 1000.0, 500.0]
+    # window 2 (800 W) still ran under the 1000 W budget; window 3 (800 W) under 500 W
+    s = summarize(record([800.0, 800.0, 800.0], [1.0] * 3, sps))
+    assert s["time_over_budget_s"] == 1.0 and s["energy_over_budget_j"] == pytest.approx(300.0)
+
+
+def test_qos_violation_needs_demand_and_counts_latency():
+    sp = Setpoint(throughput_tok_s=100.0, tpot_slo_s=0.1)
+    r = record([500.0] * 5, [100.0, 90.0, 90.0, 96.0, 100.0], [sp] * 5,
+               waiting=[0, 3, 0, 5, 0], demand=[None, None, 80.0, None, None],
+               tpot=[0.05, 0.05, 0.05, 0.05, 0.2])
+    s = summarize(r)
+    # window 2: short and requests waiting -> violation; window 3: short but demand 80 < 100
+    # and nothing waiting -> not; window 4: 96 within the 5 % tolerance; window 5: TPOT > SLO
+    assert s["throughput_shortfall_rate"] == pytest.approx(1 / 5)
+    assert s["latency_violation_rate"] == pytest.approx(1 / 5)
+    assert s["qos_violation_rate"] == pytest.approx(2 / 5)
+
+
+def test_settling_time_after_budget_steps():
+    hi, lo = Setpoint(power_budget_w=1000.0), Setpoint(power_budget_w=600.0)
+    # decisions at t = 1..12 s: steps 0-2 hi, 3-8 lo, 9-11 hi; the budget drops at the decision
+    # at t = 4 s, so windows 4.. (t > 4 s) run under lo and windows 10.. under hi again
+    sps = [hi] * 3 + [lo] * 6 + [hi] * 3
+    power = [900.0] * 4 + [800.0, 700.0, 600.0, 590.0, 600.0] + [600.0, 900.0, 950.0]
+    s = summarize(record(power, [1.0] * 12, sps))
+    # windows 4 (4..5 s, 800 W) and 5 (5..6 s, 700 W) are over 606 W -> in spec from t = 6 s,
+    # 2 s after the step at t_e = 4 s. Up-step: nothing out of spec -> 0.
+    assert s["settling_times_s"] == [2.0, 0.0]
+    assert s["settling_time_s"] == 2.0 and s["unsettled_steps"] == 0
+    # never settles when the last window of the segment is still over
+    power2 = [900.0] * 12
+    s2 = summarize(record(power2, [1.0] * 12, sps))
+    assert s2["settling_times_s"][0] == 6.0 and s2["unsettled_steps"] == 1
+
+
+def test_slo_attainment_and_tracking_and_latency_percentiles():
+    sp = Setpoint(ttft_slo_s=1.0, tpot_slo_s=0.1, power_target_w=500.0)
+    reqs = [RequestResult(request_id=0, arrival_s=0.5, prompt_tokens=10, output_tokens=11,
+                          first_token_s=1.0, finish_s=1.5),   # ttft .5, tpot .05 -> ok
+            RequestResult(request_id=1, arrival_s=0.5, prompt_tokens=10, output_tokens=11,
+                          first_token_s=2.0, finish_s=2.5),   # ttft 1.5 -> miss
+            RequestResult(request_id=2, arrival_s=1.5, prompt_tokens=10, output_tokens=3,
+                          first_token_s=1.6, finish_s=2.2),   # tpot .3 -> miss
+            RequestResult(request_id=3, arrival_s=1.5, prompt_tokens=10, output_tokens=1,
+                          first_token_s=1.6, finish_s=1.6)]   # one token: ttft only -> ok
+    s = summarize(record([400.0, 600.0, 500.0], [1.0] * 3, [sp] * 3, requests=reqs))
+    assert s["slo_attainment"] == pytest.approx(0.5)
+    assert s["completed_requests"] == 4
+    assert s["power_tracking_mae_w"] == pytest.approx(200.0 / 3)
+    assert s["power_tracking_rel_error"] == pytest.approx(200.0 / 3 / 500.0)
+    assert s["step_latency_p50_s"] == pytest.approx(2e-4)
+    assert s["mean_power_cap_w"] == 300.0 and s["mean_max_batch"] == 8.0
