@@ -1,0 +1,256 @@
+"""Shared pieces of the model-based controllers (`search`, `mpc`, `oracle`): the candidate grid,
+the online residual correction, the effective throughput requirement and the constrained ranking.
+
+All functions are pure (numpy in, numpy out); nothing here reads a clock or does I/O.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+
+from palsctl.errors import ConfigError
+from palsctl.types import Limits, Measurement, Setpoint
+
+# -- config validation helpers ---------------------------------------------------------------
+
+
+def check_number(value: Any, key: str, *, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, allow_none: bool = False) -> None:
+    """Raise `ConfigError` naming ``controller.<key>`` unless ``value`` is a finite number in
+    range (``lo < value`` when ``lo_open``, else ``lo <= value``; ``value <= hi``)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError("must be a finite number", key=f"controller.{key}", value=value)
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ConfigError(f"must be {'>' if lo_open else '>='} {lo}", key=f"controller.{key}",
+                          value=value)
+    if hi is not None and value > hi:
+        raise ConfigError(f"must be <= {hi}", key=f"controller.{key}", value=value)
+
+
+def check_int(value: Any, key: str, *, lo: int = 1, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ConfigError(f"must be an integer >= {lo}", key=f"controller.{key}", value=value)
+
+
+# -- candidate grid --------------------------------------------------------------------------
+
+
+def batch_values(lo: int, hi: int) -> np.ndarray:
+    """Batch limits considered by the grid controllers: every value up to 16, then steps that
+    grow with the batch (2 to 32, 4 to 64, 8 to 128, 16 beyond), always including ``hi``."""
+    vals: list[int] = []
+    b = max(1, int(lo))
+    while b <= hi:
+        vals.append(b)
+        b += 1 if b < 16 else 2 if b < 32 else 4 if b < 64 else 8 if b < 128 else 16
+    if not vals or vals[-1] != hi:
+        vals.append(int(hi))
+    return np.asarray(sorted(set(vals)), dtype=float)
+
+
+def cap_values(limits: Limits, step_w: float) -> np.ndarray:
+    """Per-GPU caps from the minimum to the maximum limit, every ``step_w`` watts (at least the
+    plant's cap step), always including both ends and the default limit."""
+    step = max(step_w, limits.power_cap_step_w)
+    n = int(math.floor((limits.power_cap_max_w - limits.power_cap_min_w) / step + 1e-9))
+    caps = [limits.clamp_cap_w(limits.power_cap_min_w + i * step) for i in range(n + 1)]
+    caps += [limits.power_cap_max_w, limits.clamp_cap_w(limits.power_cap_default_w)]
+    return np.asarray(sorted(set(caps)), dtype=float)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Grid:
+    """Flattened (cap, batch) candidates with their *uncorrected* predictions (totals over the
+    plant's GPUs): ``throughput_tok_s``, ``power_w``, ``itl_p90_s`` (NaN when unknown)."""
+
+    cap_w: np.ndarray
+    batch: np.ndarray
+    throughput_tok_s: np.ndarray
+    power_w: np.ndarray
+    itl_p90_s: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.cap_w.size)
+
+    def index_of(self, cap_w: float | None, batch: int | float | None) -> int:
+        """Index of the grid point nearest to (cap, batch): relative cap distance plus log-batch
+        distance (an axis given as None is ignored)."""
+        d = np.zeros(len(self))
+        if cap_w is not None:
+            d += np.abs(self.cap_w - cap_w) / max(float(self.cap_w.max()), 1.0)
+        if batch is not None:
+            d += np.abs(np.log(self.batch) - math.log(max(float(batch), 1.0)))
+        return int(np.argmin(d))
+
+
+def _field(pred: Any, name: str, n: int) -> np.ndarray:
+    v = getattr(pred, name, None)
+    if v is None:
+        return np.full(n, np.nan)
+    return np.broadcast_to(np.asarray(v, dtype=float), (n,)).copy()
+
+
+def model_grid(model: Any, limits: Limits, *, cap_step_w: float,
+               max_batch: int | None = None) -> Grid:
+    """Predict every (cap, batch) candidate with an offline model in one vectorised call.
+    Warnings about extrapolating beyond the model's training ranges are silenced here: the grid
+    deliberately spans the plant's whole limits."""
+    caps = cap_values(limits, cap_step_w)
+    hi = limits.max_batch_max if max_batch is None else min(max_batch, limits.max_batch_max)
+    batches = batch_values(limits.max_batch_min, max(hi, limits.max_batch_min))
+    cc, bb = np.meshgrid(caps, batches, indexing="ij")
+    cc, bb = cc.ravel(), bb.ravel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pred = model.predict(power_cap_w=cc, max_batch=bb)
+    n = cc.size
+    return Grid(cap_w=cc, batch=bb, throughput_tok_s=_field(pred, "throughput_tok_s", n),
+                power_w=_field(pred, "power_w", n), itl_p90_s=_field(pred, "itl_p90_s", n))
+
+
+def predict_point(model: Any, cap_w: float, batch: float) -> tuple[float, float, float]:
+    """(throughput_tok_s, power_w, itl_p90_s) predicted at one configuration."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = model.predict(power_cap_w=np.asarray([cap_w], float),
+                          max_batch=np.asarray([batch], float))
+    return (float(_field(p, "throughput_tok_s", 1)[0]), float(_field(p, "power_w", 1)[0]),
+            float(_field(p, "itl_p90_s", 1)[0]))
+
+
+# -- online residual correction --------------------------------------------------------------
+
+
+def is_saturated(m: Measurement, batch_in_force: float | None) -> bool:
+    """True when the measured throughput reflects the configuration's capacity rather than the
+    offered load: requests are waiting, or the running count is at the batch limit."""
+    if m.waiting > 0:
+        return True
+    return batch_in_force is not None and m.running >= max(1.0, 0.95 * batch_in_force)
+
+
+class Residuals:
+    """EWMA of the measured/predicted ratio per output (throughput, power, p90 ITL), clipped to
+    ``[1/bound, bound]``. Throughput and latency are only informative when the plant is
+    saturated; power is updated when saturated, or when it exceeds the prediction (a lower-bound
+    observation that still says the model is optimistic)."""
+
+    def __init__(self, alpha: float, bound: float) -> None:
+        self.alpha, self.bound = alpha, bound
+        self.reset()
+
+    def reset(self) -> None:
+        self.throughput = 1.0
+        self.power = 1.0
+        self.itl = 1.0
+
+    def _mix(self, old: float, measured: float | None, predicted: float) -> float:
+        if measured is None or not math.isfinite(measured) or not math.isfinite(predicted) \
+                or predicted <= 0 or measured <= 0:
+            return old
+        ratio = min(max(measured / predicted, 1.0 / self.bound), self.bound)
+        return (1 - self.alpha) * old + self.alpha * ratio
+
+    def update(self, m: Measurement, predicted: tuple[float, float, float],
+               batch_in_force: float | None) -> None:
+        thr_p, pw_p, itl_p = predicted
+        sat = is_saturated(m, batch_in_force)
+        if sat:
+            self.throughput = self._mix(self.throughput, m.throughput_tok_s, thr_p)
+            self.itl = self._mix(self.itl, m.tpot_p90_s, itl_p)
+        if sat or (math.isfinite(pw_p) and m.power_w > pw_p * self.power):
+            self.power = self._mix(self.power, m.power_w, pw_p)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"residual_throughput": self.throughput, "residual_power": self.power,
+                "residual_itl": self.itl}
+
+
+# -- the throughput requirement ---------------------------------------------------------------
+
+
+def required_throughput(m: Measurement, sp: Setpoint, *, margin: float, drain_s: float,
+                        output_tokens_mean: float | None) -> float | None:
+    """Generated tokens/s the configuration must sustain: the target (or, without one, the
+    measured demand) × (1 + margin), plus what drains the waiting queue in ``drain_s``.
+    None when neither a target nor a demand is known (then the fastest configuration that fits
+    the budget and the latency objective is chosen)."""
+    base = sp.throughput_tok_s if sp.throughput_tok_s is not None else m.demand_tok_s
+    if base is None or not math.isfinite(base):
+        return None
+    req = max(base, 0.0) * (1.0 + margin)
+    if m.waiting > 0 and output_tokens_mean and drain_s > 0:
+        req += m.waiting * output_tokens_mean / drain_s
+    return req
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Choice:
+    """The outcome of ranking: ``index`` into the grid, and which constraints were relaxed
+    (``mode``: ``ok``, ``relaxed_latency``, ``relaxed_throughput``, ``relaxed_budget``)."""
+
+    index: int
+    mode: str
+    feasible: np.ndarray
+    score: np.ndarray
+
+
+def rank(grid_cap_w: np.ndarray, thr: np.ndarray, power: np.ndarray, itl: np.ndarray, *,
+         num_gpus: int, required_tok_s: float | None, budget_w: float | None,
+         tpot_slo_s: float | None) -> Choice:
+    """Pick the candidate with the highest predicted tokens/J subject to throughput ≥ required,
+    power ≤ budget (and cap × GPUs ≤ budget), p90 ITL ≤ SLO.
+
+    When nothing is feasible the constraints are relaxed in a fixed order — the budget is kept
+    first, then throughput, then latency: (1) drop the latency objective; (2) drop the throughput
+    requirement and take the highest predicted throughput that fits the budget (latency still
+    preferred when some candidate meets it); (3) drop the budget and take the lowest-power
+    candidate (the safety guard then caps it)."""
+    tpj = np.where(power > 0, thr / np.maximum(power, 1e-9), 0.0)
+    ok_budget = np.ones_like(thr, dtype=bool)
+    if budget_w is not None:
+        ok_budget = (power <= budget_w) & (grid_cap_w * num_gpus <= budget_w + 1e-6)
+    ok_thr = np.ones_like(ok_budget) if required_tok_s is None else thr >= required_tok_s
+    ok_lat = np.ones_like(ok_budget) if tpot_slo_s is None else ~(itl > tpot_slo_s)
+    feas = ok_budget & ok_thr & ok_lat
+    if feas.any():
+        if required_tok_s is None:  # no requirement: the fastest, then the most efficient
+            score = np.where(feas, thr + 1e-6 * tpj, -np.inf)
+        else:
+            score = np.where(feas, tpj, -np.inf)
+        return Choice(index=int(np.argmax(score)), mode="ok", feasible=feas, score=score)
+    feas = ok_budget & ok_thr
+    if feas.any():
+        score = np.where(feas, tpj, -np.inf)
+        return Choice(index=int(np.argmax(score)), mode="relaxed_latency", feasible=feas,
+                      score=score)
+    if ok_budget.any():
+        pool = ok_budget & ok_lat if (ok_budget & ok_lat).any() else ok_budget
+        score = np.where(pool, thr + 1e-6 * tpj, -np.inf)
+        return Choice(index=int(np.argmax(score)), mode="relaxed_throughput", feasible=pool,
+                      score=score)
+    score = -power
+    return Choice(index=int(np.argmax(score)), mode="relaxed_budget",
+                  feasible=np.zeros_like(ok_budget), score=score)
+
+
+def setpoint_changed(a: Setpoint | None, b: Setpoint, rel_tol: float = 0.01) -> bool:
+    """True when the target, budget, power target or SLOs differ by more than ``rel_tol``."""
+    if a is None:
+        return True
+    for name in ("throughput_tok_s", "power_budget_w", "power_target_w", "tpot_slo_s",
+                 "ttft_slo_s"):
+        x, y = getattr(a, name), getattr(b, name)
+        if (x is None) != (y is None):
+            return True
+        if x is not None and abs(x - y) > rel_tol * max(abs(x), abs(y), 1e-12):
+            return True
+    return False

@@ -1,0 +1,291 @@
+"""`mpc` — model predictive control on a linearisation of the offline power-performance model.
+
+Knobs are scaled to ``x = (cap / cap_max, batch / batch_max)``. Around an operating point u0
+(re-linearised when the applied knobs move more than ``relinearize_tol`` in scaled units) the
+model gives, after the online residual correction,
+
+    throughput(x) ≈ c_t + g_t · x,      power(x) ≈ c_p + g_p · x     (c = y(u0) − g · u0)
+
+Over a horizon of N steps the QP chooses x_1..x_N minimising
+
+    Σ_k  w_energy · P_k / P_ref  +  w_short · s_k  +  w_short2 · s_k²  +  w_move · ‖x_k − x_{k−1}‖²
+
+subject to P_k ≤ budget (hard), s_k ≥ required/r_ref − T_k/r_ref, s_k ≥ 0, knob bounds (the cap
+bound also ≤ budget / N_gpus; the batch bound ≤ the largest batch whose predicted p90 ITL meets
+the TPOT objective), rate limits ``|x_k − x_{k−1}| ≤ rate · dt`` and a trust region around u0.
+The first move is applied. The cvxpy problem is built once with `Parameter`s (DPP: products of a
+parameter and a variable only; every parameter-only expression is computed in numpy) and
+warm-started; OSQP by default, CLARABEL as fallback; if both fail, the last action is held and
+the status is reported in ``diagnostics()``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from palsctl.controllers import common
+from palsctl.controllers.model_source import ensure_model
+from palsctl.errors import ConfigError
+from palsctl.interfaces import Controller, ControllerConfig
+from palsctl.types import Action, Limits, Measurement, PlantInfo, Setpoint
+
+_SOLVERS = ("OSQP", "CLARABEL", "SCS")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MPCConfig(ControllerConfig):
+    """Tunables of `MPCController`.
+
+    ``model_path``: model file (see `SearchConfig`). ``horizon``: steps N. ``margin``: throughput
+    headroom over the target (fraction). ``budget_margin``: power kept below budget × (1 − it).
+    ``w_energy``: weight of power normalised by the plant's maximum power; ``w_short`` /
+    ``w_short2``: linear / quadratic weights of the shortfall normalised by the target;
+    ``w_move``: weight of squared scaled knob moves. ``max_cap_rate_w_per_s`` /
+    ``max_batch_rate_per_s``: rate limits. ``trust_region``: largest scaled distance from the
+    linearisation point; ``relinearize_tol``: scaled move that triggers re-linearisation.
+    ``solver``: cvxpy solver name (OSQP, CLARABEL or SCS); ``fallback_solver``: tried when it
+    fails. ``residual_alpha``/``residual_bound``: online correction (see `SearchConfig`).
+    ``drain_s``: time to drain the waiting queue. ``dt_s``: control period (None: any).
+    """
+
+    model_path: str | None = None
+    horizon: int = 10
+    margin: float = 0.05
+    budget_margin: float = 0.02
+    w_energy: float = 1.0
+    w_short: float = 50.0
+    w_short2: float = 200.0
+    w_move: float = 0.05
+    max_cap_rate_w_per_s: float = 50.0
+    max_batch_rate_per_s: float = 32.0
+    trust_region: float = 0.3
+    relinearize_tol: float = 0.01
+    solver: str = "OSQP"
+    fallback_solver: str | None = "CLARABEL"
+    residual_alpha: float = 0.2
+    residual_bound: float = 2.0
+    drain_s: float = 30.0
+    dt_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_path is not None and not isinstance(self.model_path, str):
+            raise ConfigError("must be a path string", key="controller.model_path",
+                              value=self.model_path)
+        common.check_int(self.horizon, "horizon")
+        common.check_number(self.margin, "margin", lo=0, hi=2)
+        common.check_number(self.budget_margin, "budget_margin", lo=0, hi=0.5)
+        for name in ("w_energy", "w_short", "w_short2", "w_move"):
+            common.check_number(getattr(self, name), name, lo=0)
+        common.check_number(self.max_cap_rate_w_per_s, "max_cap_rate_w_per_s", lo=0,
+                            lo_open=True)
+        common.check_number(self.max_batch_rate_per_s, "max_batch_rate_per_s", lo=0,
+                            lo_open=True)
+        common.check_number(self.trust_region, "trust_region", lo=0, lo_open=True)
+        common.check_number(self.relinearize_tol, "relinearize_tol", lo=0)
+        for key in ("solver", "fallback_solver"):
+            v = getattr(self, key)
+            if v is None and key == "fallback_solver":
+                continue
+            if not isinstance(v, str) or v.upper() not in _SOLVERS:
+                raise ConfigError(f"must be one of {', '.join(_SOLVERS)}",
+                                  key=f"controller.{key}", value=v)
+        common.check_number(self.residual_alpha, "residual_alpha", lo=0, hi=1)
+        common.check_number(self.residual_bound, "residual_bound", lo=1)
+        common.check_number(self.drain_s, "drain_s", lo=0)
+        common.check_number(self.dt_s, "dt_s", lo=0, lo_open=True, allow_none=True)
+
+
+class _QP:
+    """The parametrised QP, built once per (horizon, weights)."""
+
+    def __init__(self, cfg: MPCConfig) -> None:
+        import cvxpy as cp
+
+        N = cfg.horizon
+        self.x = cp.Variable((N, 2), name="x")
+        self.s = cp.Variable(N, nonneg=True, name="shortfall")
+        self.d = cp.Variable((N, 2), name="move")
+        self.x_prev = cp.Parameter(2, name="x_prev")
+        self.center = cp.Parameter(2, name="trust_center")
+        self.g_t = cp.Parameter(2, name="g_throughput")   # normalised by r_ref
+        self.g_p = cp.Parameter(2, name="g_power")        # normalised by P_ref
+        self.c_t = cp.Parameter(name="c_throughput")
+        self.c_p = cp.Parameter(name="c_power")
+        self.req = cp.Parameter(name="required")          # required / r_ref
+        self.p_max = cp.Parameter(name="power_max")       # budget / P_ref
+        self.x_lo = cp.Parameter(2, name="x_lo")
+        self.x_hi = cp.Parameter(2, name="x_hi")
+        self.rate = cp.Parameter(2, nonneg=True, name="rate")
+        self.w_short = cp.Parameter(nonneg=True, name="w_short")  # 0 when there is no target
+        self.w_short2 = cp.Parameter(nonneg=True, name="w_short2")
+        thr = self.c_t + self.x @ self.g_t
+        pw = self.c_p + self.x @ self.g_p
+        prev = cp.vstack([cp.reshape(self.x_prev, (1, 2), order="C"), self.x[:-1, :]]) \
+            if N > 1 else cp.reshape(self.x_prev, (1, 2), order="C")
+        cons = [
+            self.d == self.x - prev,
+            pw <= self.p_max,
+            self.s >= self.req - thr,
+            self.x >= np.ones((N, 1)) @ cp.reshape(self.x_lo, (1, 2), order="C"),
+            self.x <= np.ones((N, 1)) @ cp.reshape(self.x_hi, (1, 2), order="C"),
+            cp.abs(self.d) <= np.ones((N, 1)) @ cp.reshape(self.rate, (1, 2), order="C"),
+            cp.abs(self.x - np.ones((N, 1)) @ cp.reshape(self.center, (1, 2), order="C"))
+            <= cfg.trust_region,
+        ]
+        cost = (cfg.w_energy * cp.sum(pw) + self.w_short * cp.sum(self.s)
+                + self.w_short2 * cp.sum_squares(self.s) + cfg.w_move * cp.sum_squares(self.d))
+        self.problem = cp.Problem(cp.Minimize(cost), cons)
+
+
+class MPCController(Controller):
+    """Linear MPC over (cap, batch); see the module docstring."""
+
+    Config = MPCConfig
+    name = "mpc"
+    needs_model = True
+
+    def __init__(self, config: MPCConfig | None = None, /, *, model: Any = None,
+                 **params: Any) -> None:
+        super().__init__(config, **params)
+        self.model = model
+        self._qp: _QP | None = None
+        self._grid: common.Grid | None = None
+        self._res = common.Residuals(self.config.residual_alpha, self.config.residual_bound)
+        self.reset()
+
+    @property
+    def problem(self):
+        """The cvxpy problem (built at setup)."""
+        return None if self._qp is None else self._qp.problem
+
+    def setup(self, *, limits: Limits, dt_s: float, plant_info: PlantInfo) -> None:
+        ensure_model(self, plant_info)
+        if self._qp is None:
+            self._qp = _QP(self.config)
+        # the grid is only used to bound the batch by the latency objective
+        self._grid = common.model_grid(self.model, limits, cap_step_w=25.0)
+        super().setup(limits=limits, dt_s=dt_s, plant_info=plant_info)
+
+    def reset(self) -> None:
+        self._res.reset()
+        self._u0: np.ndarray | None = None
+        self._lin: tuple[float, float, np.ndarray, np.ndarray] | None = None
+        self._last: Action | None = None
+        self._diag: dict[str, Any] = {}
+
+    def _scale(self) -> tuple[float, float]:
+        lim = self.limits
+        return lim.power_cap_max_w, float(lim.max_batch_max)
+
+    def _linearize(self, cap_w: float, batch: float) -> None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            g = self.model.gradients(float(cap_w), float(batch))
+        thr, pw, _ = common.predict_point(self.model, cap_w, batch)
+        cs, bs = self._scale()
+        g_t = np.array([float(g.dthroughput_dcap) * cs, float(g.dthroughput_dbatch) * bs])
+        g_p = np.array([float(g.dpower_dcap) * cs, float(g.dpower_dbatch) * bs])
+        for arr in (g_t, g_p):
+            arr[~np.isfinite(arr)] = 0.0
+        self._lin = (thr, pw, g_t, g_p)
+        self._u0 = np.array([cap_w / cs, batch / bs])
+
+    def step(self, measurement: Measurement, setpoint: Setpoint) -> Action:
+        if self._qp is None or self.limits is None:
+            raise RuntimeError("MPCController.step() called before setup()")
+        cfg, lim, m, qp = self.config, self.limits, measurement, self._qp
+        dt = float(self.dt_s or m.window_s or 1.0)
+        n = lim.num_gpus
+        cs, bs = self._scale()
+        cap_now = m.power_cap_w if m.power_cap_w is not None else (
+            self._last.power_cap_w if self._last is not None else lim.power_cap_default_w)
+        b_now = float(m.max_batch) if m.max_batch is not None else (
+            float(self._last.max_batch) if self._last is not None else float(lim.max_batch_max))
+        x_now = np.array([cap_now / cs, b_now / bs])
+        if self._u0 is None or np.max(np.abs(x_now - self._u0)) > cfg.relinearize_tol:
+            self._linearize(cap_now, b_now)
+        thr0, pw0, g_t, g_p = self._lin
+        if not m.stale:
+            self._res.update(m, common.predict_point(self.model, cap_now, b_now), b_now)
+        thr0c, pw0c = thr0 * self._res.throughput, pw0 * self._res.power
+        g_tc, g_pc = g_t * self._res.throughput, g_p * self._res.power
+
+        out_mean = self.plant_info.output_tokens_mean if self.plant_info is not None else None
+        required = common.required_throughput(m, setpoint, margin=cfg.margin,
+                                              drain_s=cfg.drain_s, output_tokens_mean=out_mean)
+        budget = setpoint.power_budget_w
+        if budget is None and setpoint.power_target_w is not None:
+            budget = setpoint.power_target_w
+        p_ref = n * lim.power_cap_max_w
+        r_ref = max(required or 0.0, 1.0) if required is not None else max(thr0c, 1.0)
+
+        cap_hi = lim.power_cap_max_w if budget is None else min(lim.power_cap_max_w, budget / n)
+        cap_hi = max(cap_hi, lim.power_cap_min_w)
+        b_hi = float(lim.max_batch_max)
+        if setpoint.tpot_slo_s is not None and self._grid is not None:
+            g = self._grid
+            ok = (g.itl_p90_s * self._res.itl <= setpoint.tpot_slo_s) & (g.cap_w <= cap_hi + 1e-9)
+            if ok.any():
+                b_hi = float(max(lim.max_batch_min, g.batch[ok].max()))
+        u0 = self._u0
+        x_lo = np.array([lim.power_cap_min_w / cs, lim.max_batch_min / bs])
+        x_hi = np.array([cap_hi / cs, b_hi / bs])
+        # moves are counted from the knobs in force brought inside the bounds: a budget step
+        # down is met at once (the budget always wins over the rate limit)
+        qp.x_prev.value = np.clip(x_now, x_lo, x_hi)
+        qp.center.value = np.clip(u0, x_lo, x_hi)
+        qp.g_t.value = g_tc / r_ref
+        qp.g_p.value = g_pc / p_ref
+        qp.c_t.value = float((thr0c - g_tc @ u0) / r_ref)
+        qp.c_p.value = float((pw0c - g_pc @ u0) / p_ref)
+        qp.req.value = float((required or 0.0) / r_ref)
+        p_max = math.inf if budget is None else budget * (1 - cfg.budget_margin)
+        # power always fits when the cap times the GPUs does; keep the constraint feasible
+        qp.p_max.value = float(min(max(p_max, 0.0), 10 * p_ref) / p_ref)
+        qp.x_lo.value = x_lo
+        qp.x_hi.value = x_hi
+        qp.rate.value = np.array([cfg.max_cap_rate_w_per_s * dt / cs,
+                                  cfg.max_batch_rate_per_s * dt / bs])
+        qp.w_short.value = cfg.w_short if required is not None else 0.0
+        qp.w_short2.value = cfg.w_short2 if required is not None else 0.0
+
+        status, solver, t0 = "not_solved", None, time.perf_counter()
+        for name in (cfg.solver, cfg.fallback_solver):
+            if name is None:
+                continue
+            try:
+                qp.problem.solve(solver=name.upper(), warm_start=True)
+                status = qp.problem.status
+            except Exception as exc:  # solver errors are reported, never raised
+                status = f"error: {type(exc).__name__}"
+            solver = name.upper()
+            if status in ("optimal", "optimal_inaccurate") and qp.x.value is not None:
+                break
+        solve_s = time.perf_counter() - t0
+
+        if status in ("optimal", "optimal_inaccurate") and qp.x.value is not None \
+                and np.all(np.isfinite(qp.x.value)):
+            x1 = qp.x.value[0]
+            cap = lim.clamp_cap_w(min(float(x1[0]) * cs, cap_hi))
+            batch = lim.clamp_batch(int(round(float(x1[1]) * bs)))
+            held = False
+        else:  # hold the last action (or what is in force), never above the budget
+            cap = lim.clamp_cap_w(min(cap_now, cap_hi))
+            batch = lim.clamp_batch(int(round(b_now)))
+            held = True
+        action = Action(power_cap_w=cap, max_batch=batch)
+        self._last = action
+        self._diag = {"status": status, "solver": solver, "solve_time_s": solve_s,
+                      "held": held, "required_tok_s": required,
+                      "pred_throughput_tok_s": thr0c, "pred_power_w": pw0c,
+                      "batch_bound": b_hi, "cap_bound_w": cap_hi, **self._res.as_dict()}
+        return action
+
+    def diagnostics(self) -> dict[str, Any]:
+        return dict(self._diag)

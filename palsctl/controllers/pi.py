@@ -1,0 +1,198 @@
+"""`pi` — PI loops in velocity form on the batch limit and the power cap.
+
+Velocity (incremental) form for every loop::
+
+    Δu_k = Kp · (e_k − e_{k−1}) + Ki · dt · e_k,    u_k = u_applied_{k−1} + Δu_k
+
+The increment is added to the value *in force* (read back from the measurement), so a loop
+whose actuator saturated or was overridden by the safety guard does not wind up (anti-windup),
+and taking over from any previous controller or manual setting is bumpless: the first step starts
+from the knobs in force and initialises ``e_{k−1} = e_k`` (no proportional kick).
+
+Loops and sign conventions (all errors positive when *more* of the actuator is needed):
+
+* **batch loop** — throughput error → batch: ``e_b = max(r − y, 0)`` (tok/s) while the plant
+  is saturated (else 0: the throughput is then the offered load and a larger batch would not
+  help), r the throughput target (the measured demand when the setpoint has none), y the
+  measured generated throughput. Gains ``kp_batch_per_tok_s`` (sequences per tok/s) and
+  ``ki_batch_per_tok`` (sequences per token). A TPOT objective overrides: when the measured p90
+  TPOT exceeds it while saturated, ``e_b = −r · (tpot − slo)/slo`` (shrink the batch).
+* **margin loop** — throughput margin → cap: ``e_c = r · (1 + margin) − ŷ`` (tok/s) where ŷ
+  estimates the capacity of the configuration in force: the measured throughput when the plant is
+  saturated (requests waiting or batch limit reached), else ``y · batch / running`` (fewer
+  running sequences than allowed means spare capacity), clipped to ``[y, 4 y]``. Positive error
+  raises the cap. A p90 TPOT over the objective adds ``r · (tpot − slo)/slo`` (a faster clock
+  is what shortens the time per token). Gains ``kp_cap_w_per_tok_s`` (W per tok/s) and ``ki_cap_w_per_tok`` (W per
+  token), per GPU.
+* **budget loop** — power over budget → cap: ``e_p = (P_ref − P)/N`` (W per GPU), P_ref the
+  power target in power-target mode, else budget × (1 − budget_margin); P the measured total
+  power over N GPUs. Dimensionless gains ``kp_cap_budget`` (W/W) and ``ki_cap_budget_per_s``
+  (W/W per second). Only active in power-target mode or while power is above P_ref.
+
+The cap command is the minimum of the loops' candidates (a min-selector; every loop integrates
+from the applied cap, so the unselected loop does not wind up), then at most budget / N
+(feed-forward: a budget step is met in the next period), then clamped to the limits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from palsctl.controllers import common
+from palsctl.interfaces import Controller, ControllerConfig
+from palsctl.types import Action, Measurement, Setpoint
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PIConfig(ControllerConfig):
+    """Gains (units in the names) and options of `PIController`; see the module docstring for the
+    loops and their sign conventions. ``margin``: capacity headroom kept over the target
+    (fraction). ``budget_margin``: fraction of the budget kept free by the budget loop.
+    ``cap_loop``: False fixes the cap at its upper bound (budget / N or the maximum) — the
+    `batch-only` baseline. ``dt_s``: control period the gains were tuned for (None: any)."""
+
+    kp_batch_per_tok_s: float = 0.02
+    ki_batch_per_tok: float = 0.02
+    kp_cap_w_per_tok_s: float = 0.05
+    ki_cap_w_per_tok: float = 0.02
+    kp_cap_budget: float = 0.3
+    ki_cap_budget_per_s: float = 0.5
+    margin: float = 0.10
+    budget_margin: float = 0.02
+    cap_loop: bool = True
+    dt_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("kp_batch_per_tok_s", "ki_batch_per_tok", "kp_cap_w_per_tok_s",
+                     "ki_cap_w_per_tok", "kp_cap_budget", "ki_cap_budget_per_s"):
+            common.check_number(getattr(self, name), name, lo=0)
+        common.check_number(self.margin, "margin", lo=0, hi=2)
+        common.check_number(self.budget_margin, "budget_margin", lo=0, hi=0.5)
+        if not isinstance(self.cap_loop, bool):
+            raise common.ConfigError("must be true or false", key="controller.cap_loop",
+                                     value=self.cap_loop)
+        common.check_number(self.dt_s, "dt_s", lo=0, lo_open=True, allow_none=True)
+
+
+class PIController(Controller):
+    """Velocity-form PI on batch (throughput error) and cap (throughput margin, budget).
+
+    >>> PIController(kp_batch_per_tok_s=0.01).config.kp_batch_per_tok_s
+    0.01
+    """
+
+    Config = PIConfig
+    name = "pi"
+
+    def __init__(self, config: PIConfig | None = None, /, **params: Any) -> None:
+        super().__init__(config, **params)
+        self.reset()
+
+    def reset(self) -> None:
+        self._e_prev: dict[str, float | None] = {"batch": None, "cap": None, "budget": None}
+        self._batch: float | None = None  # continuous batch state (rounded on output)
+        self._cap_w: float | None = None
+        self._diag: dict[str, Any] = {}
+
+    def _increment(self, loop: str, e: float | None, kp: float, ki: float, dt: float) -> float:
+        """Velocity-form increment; a loop that is inactive (e None) forgets its last error so
+        that it re-enters without a kick (bumpless)."""
+        if e is None or not math.isfinite(e):
+            self._e_prev[loop] = None
+            return 0.0
+        prev = self._e_prev[loop]
+        if prev is None:
+            prev = e
+        self._e_prev[loop] = e
+        return kp * (e - prev) + ki * dt * e
+
+    def step(self, measurement: Measurement, setpoint: Setpoint) -> Action:
+        lim = self.limits
+        if lim is None:
+            raise RuntimeError("PIController.step() called before setup()")
+        cfg, m, n = self.config, measurement, lim.num_gpus
+        dt = float(self.dt_s or m.window_s or 1.0)
+
+        # the knobs in force (bumpless start; anti-windup through the applied values)
+        cap_now = m.power_cap_w if m.power_cap_w is not None else (
+            self._cap_w if self._cap_w is not None else lim.power_cap_default_w)
+        b_now = float(m.max_batch) if m.max_batch is not None else (
+            self._batch if self._batch is not None else float(lim.max_batch_max))
+        if self._batch is None or abs(round(self._batch) - b_now) >= 1:
+            self._batch = b_now  # overridden from outside: continue from what is in force
+
+        budget = setpoint.power_budget_w
+        ceiling = lim.power_cap_max_w if budget is None else min(lim.power_cap_max_w, budget / n)
+
+        if m.stale:  # hold; the guard reacts to stale data
+            cap = lim.clamp_cap_w(min(cap_now, ceiling))
+            self._cap_w = cap
+            self._diag = {"held": True}
+            return Action(power_cap_w=cap, max_batch=lim.clamp_batch(round(self._batch)))
+
+        r = setpoint.throughput_tok_s if setpoint.throughput_tok_s is not None else m.demand_tok_s
+        y = m.throughput_tok_s
+        saturated = common.is_saturated(m, b_now)
+
+        # batch loop: throughput error -> batch (only informative while saturated); a TPOT
+        # objective overrides and shrinks the batch
+        slo, tpot = setpoint.tpot_slo_s, m.tpot_p90_s
+        over_slo = bool(slo) and tpot is not None and tpot > slo
+        e_b = None
+        if r is not None:
+            e_b = max(r - y, 0.0) if saturated else 0.0
+            if over_slo and saturated:
+                e_b = -r * (tpot - slo) / slo
+        db = self._increment("batch", e_b, cfg.kp_batch_per_tok_s, cfg.ki_batch_per_tok, dt)
+        self._batch = min(max(self._batch + db, lim.max_batch_min), lim.max_batch_max)
+
+        # margin loop: estimated capacity vs target -> cap
+        cand_margin = ceiling
+        e_c = None
+        if cfg.cap_loop and r is not None:
+            if saturated or m.running <= 0:
+                y_cap = y if saturated else 4 * y
+            else:
+                y_cap = min(max(y * b_now / m.running, y), 4 * y)
+            e_c = r * (1 + cfg.margin) - y_cap
+            if over_slo:  # too slow per token: a faster clock is what helps
+                e_c = max(e_c, 0.0) + r * (tpot - slo) / slo
+            cand_margin = cap_now + self._increment("cap", e_c, cfg.kp_cap_w_per_tok_s,
+                                                    cfg.ki_cap_w_per_tok, dt)
+        else:
+            self._increment("cap", None, 0, 0, dt)
+        # budget / power-target loop -> cap
+        cand_budget = math.inf
+        e_p = None
+        if setpoint.power_target_w is not None:
+            p_ref = setpoint.power_target_w
+        elif budget is not None and m.power_w > budget * (1 - cfg.budget_margin):
+            p_ref = budget * (1 - cfg.budget_margin)
+        else:
+            p_ref = None
+        if p_ref is not None:
+            e_p = (p_ref - m.power_w) / n
+            cand_budget = cap_now + self._increment("budget", e_p, cfg.kp_cap_budget,
+                                                    cfg.ki_cap_budget_per_s, dt)
+        else:
+            self._increment("budget", None, 0, 0, dt)
+
+        if not cfg.cap_loop and setpoint.power_target_w is None:
+            cand_margin = ceiling
+        cap_cmd = min(cand_margin, cand_budget, ceiling)
+        cap = lim.clamp_cap_w(cap_cmd)
+        self._cap_w = cap
+        batch = lim.clamp_batch(round(self._batch))
+        self._diag = {"e_batch_tok_s": e_b, "e_cap_tok_s": e_c, "e_budget_w": e_p,
+                      "batch_continuous": self._batch, "cap_margin_w": _finite(cand_margin),
+                      "cap_budget_w": _finite(cand_budget), "saturated": saturated,
+                      "selected": "budget" if cand_budget < cand_margin else "margin"}
+        return Action(power_cap_w=cap, max_batch=batch)
+
+    def diagnostics(self) -> dict[str, Any]:
+        return dict(self._diag)
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
