@@ -91,3 +91,182 @@ class CapToBudgetController(Controller):
 
     def diagnostics(self) -> dict:
         return {"cap_w": self._cap_w}
+
+
+# -- zeus ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ZeusConfig(ControllerConfig):
+    """Zeus's GlobalPowerLimitOptimizer (NSDI'23), re-implemented from its description.
+
+    ``eta``: energy/time trade-off η in the cost η·E + (1 − η)·MaxPower·T (0.5 by default);
+    ``power_limit_step_w``: profiling step from the maximum limit downwards (25 W);
+    ``warmup_s`` / ``profile_s``: settling time discarded and measuring time per limit;
+    ``max_batch``: the fixed batch (Zeus does not touch it; vLLM's default 256)."""
+
+    eta: float = 0.5
+    power_limit_step_w: float = 25.0
+    warmup_s: float = 2.0
+    profile_s: float = 8.0
+    max_batch: int = 256
+
+    def __post_init__(self) -> None:
+        import math as _math
+
+        for key, lo in (("eta", 0.0), ("power_limit_step_w", 0.0), ("warmup_s", 0.0),
+                        ("profile_s", 0.0)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _math.isfinite(v) \
+                    or v < lo or (key in ("power_limit_step_w", "profile_s") and v <= 0):
+                raise ConfigError("must be a finite number >= 0 (> 0 for steps and windows)",
+                                  key=f"controller.{key}", value=v)
+        if self.eta > 1:
+            raise ConfigError("must be in [0, 1]", key="controller.eta", value=self.eta)
+        _check_batch(self.max_batch, "controller.max_batch")
+
+
+class ZeusController(Controller):
+    """Profile every power limit from the maximum down in ``power_limit_step_w`` steps (each for
+    ``warmup_s`` + ``profile_s``), measuring energy and time per generated token, then hold the
+    limit minimising η·E_tok + (1 − η)·MaxPower·T_tok (MaxPower = maximum limit × GPUs). The
+    batch stays fixed. A power budget only clamps the limit (the guard would anyway)."""
+
+    Config = ZeusConfig
+    name = "zeus"
+
+    def __init__(self, config: ZeusConfig | None = None, /, **params) -> None:
+        super().__init__(config, **params)
+        self.reset()
+
+    def reset(self) -> None:
+        self._limits_w: list[float] = []
+        self._i = 0
+        self._t_in_limit_s = 0.0
+        self._energy_j = 0.0
+        self._tokens = 0.0
+        self._time_s = 0.0
+        self._costs: dict[float, float] = {}
+        self._chosen_w: float | None = None
+        if self.limits is not None:
+            lim, step = self.limits, self.config.power_limit_step_w
+            c = lim.power_cap_max_w
+            while c >= lim.power_cap_min_w - 1e-9:
+                self._limits_w.append(lim.clamp_cap_w(c))
+                c -= step
+            if not self._limits_w:
+                self._limits_w = [lim.power_cap_max_w]
+
+    def _cost(self) -> float:
+        if self._tokens <= 0:
+            return float("inf")
+        lim = self.limits
+        e_tok = self._energy_j / self._tokens
+        t_tok = self._time_s / self._tokens
+        eta = self.config.eta
+        return eta * e_tok + (1 - eta) * lim.power_cap_max_w * lim.num_gpus * t_tok
+
+    def step(self, measurement: Measurement, setpoint: Setpoint) -> Action:
+        lim, cfg, m = self.limits, self.config, measurement
+        if lim is None:
+            return Action(max_batch=cfg.max_batch)
+        dt = float(self.dt_s or m.window_s or 1.0)
+        if self._chosen_w is None:
+            self._t_in_limit_s += dt
+            if self._t_in_limit_s > cfg.warmup_s + 1e-9 and not m.stale:
+                self._energy_j += m.power_w * m.window_s
+                self._tokens += m.throughput_tok_s * m.window_s
+                self._time_s += m.window_s
+            if self._t_in_limit_s >= cfg.warmup_s + cfg.profile_s - 1e-9:
+                self._costs[self._limits_w[self._i]] = self._cost()
+                self._i += 1
+                self._t_in_limit_s = self._energy_j = self._tokens = self._time_s = 0.0
+                if self._i >= len(self._limits_w):
+                    self._chosen_w = min(self._costs, key=lambda c: (self._costs[c], -c))
+        cap = self._chosen_w if self._chosen_w is not None else self._limits_w[self._i]
+        total = setpoint.power_budget_w
+        if total is not None:
+            cap = min(cap, total / lim.num_gpus)
+        return Action(power_cap_w=lim.clamp_cap_w(cap), max_batch=lim.clamp_batch(cfg.max_batch))
+
+    def diagnostics(self) -> dict:
+        phase = "optimal" if self._chosen_w is not None else "profiling"
+        d = {"phase": phase, "chosen_w": self._chosen_w, "profiled_limits": len(self._costs)}
+        if self._chosen_w is not None and self._costs.get(self._chosen_w) is not None:
+            d["cost"] = self._costs[self._chosen_w]
+        return d
+
+
+# -- batch-only ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchOnlyConfig(ControllerConfig):
+    """Batch feedback at full power (the cap stays at the maximum limit, or budget / GPUs).
+
+    Velocity-form PI on the capacity margin ``e = r·(1 + margin) − ŷ`` (tok/s; ŷ the capacity
+    estimate of `palsctl.controllers.common.capacity_estimate`, r the target or the measured
+    demand): the smallest batch that keeps the margin. ``kp_batch_per_tok_s`` (sequences per
+    tok/s), ``ki_batch_per_tok`` (sequences per token); a p90 TPOT over the objective shrinks the
+    batch. Without a target or demand the batch stays at ``max_batch``."""
+
+    kp_batch_per_tok_s: float = 0.01
+    ki_batch_per_tok: float = 0.01
+    margin: float = 0.10
+    max_batch: int = 256
+
+    def __post_init__(self) -> None:
+        import math as _math
+
+        for key in ("kp_batch_per_tok_s", "ki_batch_per_tok", "margin"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _math.isfinite(v) \
+                    or v < 0:
+                raise ConfigError("must be a finite number >= 0", key=f"controller.{key}",
+                                  value=v)
+        _check_batch(self.max_batch, "controller.max_batch")
+
+
+class BatchOnlyController(Controller):
+    """Batch-size feedback at full cap (see `BatchOnlyConfig`)."""
+
+    Config = BatchOnlyConfig
+    name = "batch-only"
+
+    def __init__(self, config: BatchOnlyConfig | None = None, /, **params) -> None:
+        super().__init__(config, **params)
+        self.reset()
+
+    def reset(self) -> None:
+        self._batch: float | None = None
+        self._e_prev: float | None = None
+        self._diag: dict = {}
+
+    def step(self, measurement: Measurement, setpoint: Setpoint) -> Action:
+        from palsctl.controllers.common import capacity_estimate
+
+        lim, cfg, m = self.limits, self.config, measurement
+        if lim is None:
+            return Action(max_batch=cfg.max_batch)
+        dt = float(self.dt_s or m.window_s or 1.0)
+        hi = float(lim.clamp_batch(cfg.max_batch))
+        b_now = float(m.max_batch) if m.max_batch is not None else (
+            self._batch if self._batch is not None else hi)
+        if self._batch is None or abs(round(self._batch) - b_now) >= 1:
+            self._batch = b_now  # bumpless: continue from what is in force
+        r = setpoint.throughput_tok_s if setpoint.throughput_tok_s is not None else m.demand_tok_s
+        e = None
+        if r is not None and not m.stale:
+            e = r * (1 + cfg.margin) - capacity_estimate(m, b_now)
+            slo, tpot = setpoint.tpot_slo_s, m.tpot_p90_s
+            if slo and tpot is not None and tpot > slo:
+                e = min(e, -r * (tpot - slo) / slo)
+            prev = e if self._e_prev is None else self._e_prev
+            self._batch += cfg.kp_batch_per_tok_s * (e - prev) + cfg.ki_batch_per_tok * dt * e
+            self._batch = min(max(self._batch, float(lim.max_batch_min)), hi)
+        self._e_prev = e
+        cap = lim.power_cap_max_w
+        if setpoint.power_budget_w is not None:
+            cap = min(cap, setpoint.power_budget_w / lim.num_gpus)
+        self._diag = {"e_tok_s": e, "batch_continuous": self._batch}
+        return Action(power_cap_w=lim.clamp_cap_w(cap),
+                      max_batch=lim.clamp_batch(round(self._batch)))
+
+    def diagnostics(self) -> dict:
+        return dict(self._diag)

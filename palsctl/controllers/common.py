@@ -137,6 +137,19 @@ def is_saturated(m: Measurement, batch_in_force: float | None) -> bool:
     return batch_in_force is not None and m.running >= max(1.0, 0.95 * batch_in_force)
 
 
+def capacity_estimate(m: Measurement, batch_in_force: float | None) -> float:
+    """Generated tokens/s the configuration in force could deliver, from one measurement: the
+    measured throughput when saturated, else ``throughput × batch / running`` (free batch slots
+    mean spare capacity; optimistic since time per token grows with the batch), clipped to
+    ``[y, 4 y]`` (4 y when nothing runs)."""
+    y = m.throughput_tok_s
+    if is_saturated(m, batch_in_force):
+        return y
+    if m.running <= 0 or batch_in_force is None:
+        return 4 * y
+    return min(max(y * batch_in_force / m.running, y), 4 * y)
+
+
 class Residuals:
     """EWMA of the measured/predicted ratio per output (throughput, power, p90 ITL), clipped to
     ``[1/bound, bound]``. Throughput and latency are only informative when the plant is

@@ -49,8 +49,7 @@ class PIConfig(ControllerConfig):
     """Gains (units in the names) and options of `PIController`; see the module docstring for the
     loops and their sign conventions. ``margin``: capacity headroom kept over the target
     (fraction). ``budget_margin``: fraction of the budget kept free by the budget loop.
-    ``cap_loop``: False fixes the cap at its upper bound (budget / N or the maximum) — the
-    `batch-only` baseline. ``dt_s``: control period the gains were tuned for (None: any)."""
+    ``dt_s``: control period the gains were tuned for (None: any)."""
 
     kp_batch_per_tok_s: float = 0.02
     ki_batch_per_tok: float = 0.02
@@ -60,7 +59,6 @@ class PIConfig(ControllerConfig):
     ki_cap_budget_per_s: float = 0.5
     margin: float = 0.10
     budget_margin: float = 0.02
-    cap_loop: bool = True
     dt_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -69,9 +67,6 @@ class PIConfig(ControllerConfig):
             common.check_number(getattr(self, name), name, lo=0)
         common.check_number(self.margin, "margin", lo=0, hi=2)
         common.check_number(self.budget_margin, "budget_margin", lo=0, hi=0.5)
-        if not isinstance(self.cap_loop, bool):
-            raise common.ConfigError("must be true or false", key="controller.cap_loop",
-                                     value=self.cap_loop)
         common.check_number(self.dt_s, "dt_s", lo=0, lo_open=True, allow_none=True)
 
 
@@ -150,11 +145,8 @@ class PIController(Controller):
         # margin loop: estimated capacity vs target -> cap
         cand_margin = ceiling
         e_c = None
-        if cfg.cap_loop and r is not None:
-            if saturated or m.running <= 0:
-                y_cap = y if saturated else 4 * y
-            else:
-                y_cap = min(max(y * b_now / m.running, y), 4 * y)
+        if r is not None:
+            y_cap = common.capacity_estimate(m, b_now)
             e_c = r * (1 + cfg.margin) - y_cap
             if over_slo:  # too slow per token: a faster clock is what helps
                 e_c = max(e_c, 0.0) + r * (tpot - slo) / slo
@@ -178,8 +170,6 @@ class PIController(Controller):
         else:
             self._increment("budget", None, 0, 0, dt)
 
-        if not cfg.cap_loop and setpoint.power_target_w is None:
-            cand_margin = ceiling
         cap_cmd = min(cand_margin, cand_budget, ceiling)
         cap = lim.clamp_cap_w(cap_cmd)
         self._cap_w = cap
