@@ -14,9 +14,11 @@ Definitions (``P`` window-mean power of all GPUs, ``B`` budget, ``X`` generated 
   ``time_over_budget_s = Σ w`` over such windows; ``energy_over_budget_j = Σ (P - B)·w`` over
   the same windows (the whole excess above the budget, counted only outside the band).
 * A window has a **throughput shortfall** when a target is set, ``X < T·(1 - throughput_tolerance)``
-  and the demand exists: requests were waiting at the end of the window, or the measured demand
-  ``demand_tok_s ≥ T``. (A plant with nothing queued that serves all it is offered is not in
-  violation.)
+  and the demand exists: requests were waiting at the end of the window, or the offered demand
+  (``demand_tok_s``: output tokens of the requests that arrived, per second) averaged over the
+  trailing ``demand_window_s`` (30 s; arrivals are bursty and a request's tokens are generated
+  over many seconds) is at least ``T``. A plant with nothing queued that serves all it is
+  offered is not in violation.
 * A window has a **latency violation** when an SLO is set and the window's p90 TPOT / TTFT
   exceeds it. ``qos_violation_rate`` = fraction of windows with a shortfall or a latency
   violation.
@@ -69,8 +71,29 @@ def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
+def trailing_demand(steps: list[StepRecord], window_s: float) -> list[float | None]:
+    """Mean measured demand (tok/s) over the windows ending in ``(t_i - window_s, t_i]``
+    (weighted by window length; None where no demand was measured)."""
+    out: list[float | None] = []
+    acc_d = acc_w = 0.0
+    j = 0
+    for i, s in enumerate(steps):
+        m = s.measurement
+        if m.demand_tok_s is not None:
+            acc_d += m.demand_tok_s * m.window_s
+            acc_w += m.window_s
+        while steps[j].t_s <= s.t_s - window_s:
+            mj = steps[j].measurement
+            if mj.demand_tok_s is not None:
+                acc_d -= mj.demand_tok_s * mj.window_s
+                acc_w -= mj.window_s
+            j += 1
+        out.append(acc_d / acc_w if acc_w > 1e-12 else None)
+    return out
+
+
 def summarize(record: RunRecord, *, budget_tolerance: float = 0.01,
-              throughput_tolerance: float = 0.05) -> dict[str, Any]:
+              throughput_tolerance: float = 0.05, demand_window_s: float = 30.0) -> dict[str, Any]:
     """Every metric of a run as a JSON-serialisable dict (definitions in the module doc)."""
     steps = record.steps
     sps = window_setpoints(steps)
@@ -89,6 +112,7 @@ def summarize(record: RunRecord, *, budget_tolerance: float = 0.01,
     latency_bad = np.zeros(n, dtype=bool)
     track_err: list[float] = []
     track_tgt: list[float] = []
+    demand = trailing_demand(steps, demand_window_s)
     for i, (s, sp) in enumerate(zip(steps, sps)):
         m = s.measurement
         if sp.power_budget_w is not None and m.power_w > sp.power_budget_w * (1 + budget_tolerance):
@@ -96,8 +120,8 @@ def summarize(record: RunRecord, *, budget_tolerance: float = 0.01,
             excess_j += (m.power_w - sp.power_budget_w) * m.window_s
         if sp.throughput_tok_s is not None and \
                 m.throughput_tok_s < sp.throughput_tok_s * (1 - throughput_tolerance):
-            demand_exists = m.waiting > 0 or (m.demand_tok_s is not None
-                                              and m.demand_tok_s >= sp.throughput_tok_s)
+            demand_exists = m.waiting > 0 or (demand[i] is not None
+                                              and demand[i] >= sp.throughput_tok_s)
             shortfall[i] = demand_exists
         if (sp.tpot_slo_s is not None and m.tpot_p90_s is not None and m.tpot_p90_s > sp.tpot_slo_s) \
                 or (sp.ttft_slo_s is not None and m.ttft_p90_s is not None

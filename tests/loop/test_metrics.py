@@ -99,3 +99,15 @@ def test_slo_attainment_and_tracking_and_latency_percentiles():
     assert s["power_tracking_rel_error"] == pytest.approx(200.0 / 3 / 500.0)
     assert s["step_latency_p50_s"] == pytest.approx(2e-4)
     assert s["mean_power_cap_w"] == 300.0 and s["mean_max_batch"] == 8.0
+
+
+def test_demand_is_averaged_over_a_trailing_window():
+    sp = Setpoint(throughput_tok_s=100.0)
+    # spiky arrivals: demand 300 every third window, 0 otherwise (mean 100 over any 3 s);
+    # throughput 80, nothing waiting
+    demand = [300.0, 0.0, 0.0] * 4
+    r = record([500.0] * 12, [80.0] * 12, [sp] * 12, demand=demand)
+    s3 = summarize(r, demand_window_s=3.0)  # trailing mean is 100 >= target: all short
+    assert s3["throughput_shortfall_rate"] == 1.0
+    s2 = summarize(r, demand_window_s=2.0)  # [300,0]->150, [0,0]->0, [0,300]->150
+    assert s2["throughput_shortfall_rate"] == pytest.approx(8 / 12)
