@@ -21,7 +21,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +156,12 @@ def run_loop(plant: Plant, controller: Controller, *, duration_s: float | None,
         n_steps = max(1, round(duration_s / dt))
 
     ctl = _make_guard(controller, guard)
-    ctl.setup(limits=plant.limits, dt_s=dt, plant_info=plant.info)
+    info = plant.info
+    if workload is not None and info is not None and info.prompt_tokens_mean is None:
+        # tell the controller the offered load's mean lengths (for its models)
+        info = replace(info, prompt_tokens_mean=float(workload.mean_prompt_tokens),
+                       output_tokens_mean=float(workload.mean_output_tokens))
+    ctl.setup(limits=plant.limits, dt_s=dt, plant_info=info)
     is_guard = isinstance(ctl, SafetyGuard)
     steps: list[StepRecord] = []
     requests: list[RequestResult] = []
@@ -209,11 +214,10 @@ def run_loop(plant: Plant, controller: Controller, *, duration_s: float | None,
             raise  # only an unbounded wall-clock run ends on Ctrl-C with its record
     inner = ctl.controller if is_guard else ctl
     return RunRecord(steps=steps, requests=requests, limits=plant.limits, dt_s=dt,
-                     plant_info=plant.info, controller=getattr(inner, "name", type(inner).__name__),
+                     plant_info=info, controller=getattr(inner, "name", type(inner).__name__),
                      meta={"simulated": simulated,
                            "guard_faults": ctl.faults if is_guard else 0})
 
 
 def _shift(r, offset_s: float):
-    from dataclasses import replace
     return replace(r, arrival_s=r.arrival_s + offset_s)

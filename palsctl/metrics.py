@@ -26,8 +26,10 @@ Definitions (``P`` window-mean power of all GPUs, ``B`` budget, ``X`` generated 
   in force at their arrival (None when no SLO is ever set or no request completed).
 * **Settling time** after a step — a change of the budget or of the target by more than 1 %
   between consecutive windows' setpoints, at the start ``t_e`` of the first window under the
-  new setpoint: a window is *out of spec* when it is over budget or has a throughput shortfall.
-  The settling time is ``end of the last out-of-spec window in [t_e, next step) - t_e`` (0 when
+  new setpoint: a window is *out of spec* when the means over the trailing ``settle_window_s``
+  (10 s, only windows since ``t_e``) of power and throughput are over budget or short of the
+  target (same tolerances; the demand test as for shortfalls, on that window's end state).
+  Averaging keeps sensor noise and single-second bursts from counting. The settling time is ``end of the last out-of-spec window in [t_e, next step) - t_e`` (0 when
   none). When the segment's final window is still out of spec the step never settled: it gets
   the segment's length and is counted in ``unsettled_steps``. ``settling_time_s`` is the worst
   (largest) over all steps, ``settling_times_s`` the list; None when the run has no step.
@@ -93,7 +95,8 @@ def trailing_demand(steps: list[StepRecord], window_s: float) -> list[float | No
 
 
 def summarize(record: RunRecord, *, budget_tolerance: float = 0.01,
-              throughput_tolerance: float = 0.05, demand_window_s: float = 30.0) -> dict[str, Any]:
+              throughput_tolerance: float = 0.05, demand_window_s: float = 30.0,
+              settle_window_s: float = 10.0) -> dict[str, Any]:
     """Every metric of a run as a JSON-serialisable dict (definitions in the module doc)."""
     steps = record.steps
     sps = window_setpoints(steps)
@@ -132,7 +135,32 @@ def summarize(record: RunRecord, *, budget_tolerance: float = 0.01,
             track_tgt.append(sp.power_target_w)
 
     # settling after each budget / target step
-    out_of_spec = over | shortfall
+    t_end = np.array([s.t_s for s in steps], dtype=float)
+    budget_w = np.array([np.nan if sp.power_budget_w is None else sp.power_budget_w for sp in sps])
+    target = np.array([np.nan if sp.throughput_tok_s is None else sp.throughput_tok_s
+                       for sp in sps])
+    has_demand = np.array([s.measurement.waiting > 0 or (d is not None and tg == tg and d >= tg)
+                           for s, d, tg in zip(steps, demand, target)], dtype=bool)
+
+    def out_of_spec(e: int, end: int) -> np.ndarray:
+        # trailing means within the segment [e, end)
+        bad = np.zeros(end - e, dtype=bool)
+        cw = np.concatenate([[0.0], np.cumsum(w[e:end])])
+        ce = np.concatenate([[0.0], np.cumsum((p * w)[e:end])])
+        cx = np.concatenate([[0.0], np.cumsum((x * w)[e:end])])
+        lo = 0
+        for k in range(end - e):
+            while t_end[e + lo] <= t_end[e + k] - settle_window_s:
+                lo += 1
+            span = cw[k + 1] - cw[lo]
+            pm = (ce[k + 1] - ce[lo]) / span
+            xm = (cx[k + 1] - cx[lo]) / span
+            i = e + k
+            b, tg = budget_w[i], target[i]
+            bad[k] = (b == b and pm > b * (1 + budget_tolerance)) or \
+                (tg == tg and xm < tg * (1 - throughput_tolerance) and has_demand[i])
+        return bad
+
     events = [i for i in range(1, n)
               if _changed(sps[i].power_budget_w, sps[i - 1].power_budget_w)
               or _changed(sps[i].throughput_tok_s, sps[i - 1].throughput_tok_s)]
@@ -141,7 +169,7 @@ def summarize(record: RunRecord, *, budget_tolerance: float = 0.01,
     for j, e in enumerate(events):
         end = events[j + 1] if j + 1 < len(events) else n
         t_e = steps[e].t_s - steps[e].measurement.window_s
-        bad = [i for i in range(e, end) if out_of_spec[i]]
+        bad = [e + k for k in np.flatnonzero(out_of_spec(e, end))]
         if not bad:
             settling.append(0.0)
         else:
