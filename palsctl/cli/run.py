@@ -1,0 +1,130 @@
+"""``palsctl run [CONFIG]``: run one experiment in closed loop and write its report."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "run an experiment (TOML; none: the embedded default) and write steps.csv, summary.json, timeline.png"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", metavar="CONFIG",
+                        help="experiment TOML file (default: the embedded default experiment)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="output folder (default: results/<name>)")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the summary JSON to PATH ('-' for stdout)")
+    parser.add_argument("--controller", metavar="NAME",
+                        help="override the configured controller (defaults for its parameters)")
+    parser.add_argument("--seed", type=int, metavar="N", help="override the experiment's seed")
+    parser.add_argument("--duration-s", type=float, metavar="S",
+                        help="override the experiment's duration (simulated seconds)")
+    parser.add_argument("--no-plot", action="store_true", help="skip timeline.png")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress bar and no table")
+    parser.add_argument("--show-default", action="store_true",
+                        help="print the default experiment's TOML and exit")
+
+
+def main(args: argparse.Namespace) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    from palsctl.config import DEFAULT_EXPERIMENT_TOML, load_experiment, run_experiment
+    from palsctl.errors import ConfigError
+    from palsctl.metrics import summarize
+
+    if args.show_default:
+        sys.stdout.write(DEFAULT_EXPERIMENT_TOML)
+        return 0
+    cfg = load_experiment(args.config)
+    if args.duration_s is not None:
+        if not (args.duration_s >= cfg.dt_s):
+            raise ConfigError(f"must be at least dt_s ({cfg.dt_s:g} s)", key="--duration-s",
+                              value=args.duration_s)
+        cfg = cfg.with_overrides(duration_s=args.duration_s)
+    if args.seed is not None:
+        if args.seed < 0:
+            raise ConfigError("must be >= 0", key="--seed", value=args.seed)
+        cfg = cfg.with_overrides(seed=args.seed)
+    out = Path(args.out) if args.out else Path("results") / cfg.name
+
+    if args.quiet:
+        record = run_experiment(cfg, controller=args.controller)
+    else:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                      TextColumn("{task.completed:>6.0f}/{task.total:.0f} s simulated"),
+                      TimeElapsedColumn(), transient=True) as bar:
+            task = bar.add_task(f"{cfg.name}: {args.controller or cfg.controller_name}",
+                                total=cfg.duration_s)
+
+            def progress(done: int, total: int) -> None:
+                if done % 20 == 0 or done == total:
+                    bar.update(task, completed=done * cfg.dt_s)
+
+            record = run_experiment(cfg, controller=args.controller, progress=progress)
+
+    summary = summarize(record)
+    summary["experiment"] = cfg.name
+    summary["workload"] = record.meta.get("workload")
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_csv(out / "steps.csv")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    written = [out / "steps.csv", out / "summary.json"]
+    if not args.no_plot:
+        from palsctl.plotting import plot_timeline
+
+        written.append(plot_timeline(record, out / "timeline.png"))
+    if args.json:
+        text = json.dumps(summary, indent=2) + "\n"
+        if args.json == "-":
+            sys.stdout.write(text)
+        else:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(text)
+            written.append(Path(args.json))
+    if not args.quiet:
+        _print_table(cfg, summary, written)
+    return 0
+
+
+def _print_table(cfg, s: dict, written) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def f(v, fmt="{:.3g}", unit=""):
+        return "—" if v is None else fmt.format(v) + unit
+
+    wl = s.get("workload") or {}
+    t = Table(title=f"{cfg.name}: controller {s['controller']}", show_header=False)
+    t.add_column("metric", style="bold")
+    t.add_column("value", justify="right")
+    rows = [
+        ("tokens per joule", f(s["tokens_per_joule"], "{:.4g}", " tok/J")),
+        ("energy", f(s["energy_j"] and s["energy_j"] / 1e3, "{:.1f}", " kJ")),
+        ("generated tokens", f(s["generated_tokens"], "{:,.0f}")),
+        ("mean power", f(s["mean_power_w"], "{:.0f}", " W")),
+        ("mean throughput", f(s["mean_throughput_tok_s"], "{:.0f}", " tok/s")),
+        ("offered demand", f(wl.get("demand_tok_s"), "{:.0f}", " tok/s")),
+        ("QoS violation rate", f(s["qos_violation_rate"], "{:.1%}")),
+        ("SLO attainment", f(s["slo_attainment"], "{:.1%}")),
+        ("time over budget", f(s["time_over_budget_s"], "{:.0f}", " s")),
+        ("energy over budget", f(s["energy_over_budget_j"], "{:.0f}", " J")),
+        ("settling time (worst)", f(s["settling_time_s"], "{:.0f}", " s")
+         + (f"  ({s['unsettled_steps']} unsettled)" if s.get("unsettled_steps") else "")),
+        ("request TTFT p90", f(s["request_ttft_p90_s"], "{:.3f}", " s")),
+        ("request TPOT p90", f(s["request_tpot_p90_s"], "{:.3f}", " s")),
+        ("guard interventions", f"{s['guard_interventions']} / {s['steps']} steps"),
+        ("controller step p50 / p99", f"{f(s['step_latency_p50_s'] and s['step_latency_p50_s'] * 1e6, '{:.0f}')}"
+         f" / {f(s['step_latency_p99_s'] and s['step_latency_p99_s'] * 1e6, '{:.0f}')} µs"),
+        ("duration", f(s["duration_s"], "{:.0f}", " s simulated")),
+    ]
+    if s.get("power_tracking_mae_w") is not None:
+        rows.insert(10, ("power tracking MAE", f(s["power_tracking_mae_w"], "{:.1f}", " W")))
+    for r in rows:
+        t.add_row(*r)
+    console = Console()
+    console.print(t)
+    console.print("wrote " + ", ".join(str(p) for p in written))

@@ -1,0 +1,66 @@
+"""Figures of a recorded run (matplotlib, Agg backend, imported only when plotting)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from palsctl.loop import RunRecord
+from palsctl.metrics import window_setpoints
+
+
+def plot_timeline(record: RunRecord, path: str | Path, *, title: str | None = None) -> Path:
+    """Three stacked panels over time: power vs budget (and power target), throughput vs
+    target and demand, cap and batch applied. Writes a PNG and returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = record.steps
+    sps = window_setpoints(steps)
+    t = [s.t_s for s in steps]
+    m = [s.measurement for s in steps]
+    fig, axes = plt.subplots(3, 1, figsize=(11, 8), sharex=True, constrained_layout=True)
+
+    ax = axes[0]
+    ax.plot(t, [x.power_w for x in m], lw=0.8, label="power (all GPUs)")
+    if any(sp.power_budget_w is not None for sp in sps):
+        ax.step(t, [sp.power_budget_w for sp in sps], where="pre", color="C3", lw=1.5,
+                label="budget")
+    if any(sp.power_target_w is not None for sp in sps):
+        ax.step(t, [sp.power_target_w for sp in sps], where="pre", color="C2", lw=1.2, ls="--",
+                label="power target")
+    ax.set_ylabel("power (W)")
+    ax.legend(loc="lower left", fontsize=8)
+
+    ax = axes[1]
+    ax.plot(t, [x.throughput_tok_s for x in m], lw=0.8, label="throughput")
+    if any(x.demand_tok_s is not None for x in m):
+        ax.plot(t, [x.demand_tok_s for x in m], lw=0.5, alpha=0.4, color="C7", label="demand")
+    if any(sp.throughput_tok_s is not None for sp in sps):
+        ax.step(t, [sp.throughput_tok_s for sp in sps], where="pre", color="C3", lw=1.5,
+                label="target")
+    ax.set_ylabel("generated tok/s")
+    ax.legend(loc="lower left", fontsize=8)
+
+    ax = axes[2]
+    ax.step(t, [s.applied.power_cap_w for s in steps], where="post", color="C0",
+            label="cap per GPU")
+    ax.set_ylabel("power cap (W)")
+    ax.set_xlabel("time (s)")
+    ax2 = ax.twinx()
+    ax2.step(t, [s.applied.max_batch for s in steps], where="post", color="C1", label="max batch")
+    ax2.plot(t, [x.running for x in m], lw=0.5, color="C1", alpha=0.4, label="running")
+    ax2.set_ylabel("batch (sequences)")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="lower left", fontsize=8)
+
+    info = record.plant_info
+    head = title or (f"{record.controller} — {info.model} on {info.num_gpus} × {info.gpu}"
+                     if info else record.controller)
+    fig.suptitle(head)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
