@@ -1,0 +1,373 @@
+"""A vLLM-like continuous-batching engine on a simulated GPU group, with firmware power capping.
+
+Scheduling follows vLLM V1: every step first serves the running sequences (one decode token
+each, then the prefill chunks of partly prefilled ones, in admission order) and then admits
+waiting requests in FIFO order while fewer than ``max_batch`` run, the chunked-prefill token
+budget lasts and the KV cache has room. When the KV cache cannot hold the next decode tokens
+the most recently admitted sequence is preempted (recompute: it goes back to the front of the
+waiting queue and re-prefills its prompt plus the tokens it had generated).
+
+Speed: between events (an arrival that could be admitted, a sequence finishing, the KV cache
+filling up, the end of the simulated interval, a power-cap change settling) all engine steps
+are identical pure-decode steps whose context grows by one token per sequence per step, so
+their times form an arithmetic sequence. The engine leaps over such runs in closed form
+instead of stepping one iteration at a time.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from bisect import bisect_left
+from collections import deque
+
+from palsctl.plants.sim.gpu import GroupModel
+from palsctl.types import Request, RequestResult
+
+__all__ = ["Engine", "Histogram", "TTFT_BUCKETS_S", "ITL_BUCKETS_S", "E2E_BUCKETS_S"]
+
+# vLLM's Prometheus histogram boundaries (seconds)
+TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                  5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                 7.5, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS_S = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+CAP_SETTLE_TAU_S = 0.1     # time constant of the firmware's response to a new power limit
+_DEC, _PREF, _WAIT, _PENDING, _DONE = 0, 1, 2, 3, 4
+
+
+class Histogram:
+    """Prometheus-style histogram: per-bucket counts (+Inf last), sum, count."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float, n: int = 1) -> None:
+        self.counts[bisect_left(self.bounds, value)] += n
+        self.sum += value * n
+        self.count += n
+
+    def cumulative(self) -> tuple[int, ...]:
+        out, acc = [], 0
+        for c in self.counts:
+            acc += c
+            out.append(acc)
+        return tuple(out)
+
+
+class _Seq:
+    __slots__ = ("rid", "arrival_s", "prompt", "output", "need", "done", "gen", "d0", "first_s",
+                 "preempt", "fin", "state")
+
+    def __init__(self, r: Request) -> None:
+        self.rid = r.request_id
+        self.arrival_s = float(r.arrival_s)
+        self.prompt = int(r.prompt_tokens)
+        self.output = int(r.output_tokens)
+        self.need = self.prompt        # tokens to prefill (prompt, + generated after preemption)
+        self.done = 0                  # tokens prefilled so far
+        self.gen = 0                   # tokens generated (as of decode step d0 when decoding)
+        self.d0 = 0
+        self.first_s: float | None = None
+        self.preempt = 0
+        self.fin = 0
+        self.state = _PENDING
+
+
+class Engine:
+    """The engine and the GPU group's clock, energy and counters (ground truth, no noise)."""
+
+    def __init__(self, gm: GroupModel, *, max_batch: int, power_cap_w: float,
+                 max_num_batched_tokens: int = 8192) -> None:
+        self.gm = gm
+        self.n_gpus = gm.num_gpus
+        self.max_batch = int(max_batch)
+        self.cap_set_w = float(power_cap_w)
+        self.cap_eff_w = float(power_cap_w)
+        self.mnbt = int(max_num_batched_tokens)
+        self.kv_cap = gm.kv_capacity_tokens
+        self.t = 0.0                    # engine clock: end of the last simulated segment
+        self.seg_start = 0.0            # start of the last segment
+        self.seg_power_w = gm.idle_w * self.n_gpus   # total power during the last segment
+        self.seg_clock = gm.r_min
+        self.energy_j = 0.0             # cumulative, through self.t
+        self.clock_int = 0.0            # ∫ r dt
+        self.gen_tokens = 0
+        self.prompt_tokens = 0
+        self.arrived = 0
+        self.finished = 0
+        self.rejected = 0
+        self._order = 0
+        self._pending: list = []        # heap (arrival_s, order, seq)
+        self.waiting: deque[_Seq] = deque()
+        self.running: dict[int, _Seq] = {}   # admission order
+        self._pref: dict[int, _Seq] = {}     # running, prefilling
+        self.dstep = 0
+        self.dec_n = 0
+        self._dec_ctx_base = 0
+        self._kv_pref = 0
+        self._fin_heap: list = []
+        self.seqs: dict[int, _Seq] = {}
+        self.done_tokens: dict[int, int] = {}
+        self.results: list[RequestResult] = []
+        self.first_token_events: list[tuple[float, float]] = []   # (time, ttft)
+        self.ttft_hist = Histogram(TTFT_BUCKETS_S)
+        self.itl_hist = Histogram(ITL_BUCKETS_S)
+        self.tpot_hist = Histogram(ITL_BUCKETS_S)
+        self.e2e_hist = Histogram(E2E_BUCKETS_S)
+        self.preemptions = 0
+        # energy history for windowed averages: (t_end, energy_end, t_start, power)
+        self._hist: deque = deque()
+
+    # ---- state -------------------------------------------------------------------------
+    @property
+    def kv_used(self) -> int:
+        return self._dec_ctx_base + self.dec_n * self.dstep + self._kv_pref
+
+    def submit(self, req: Request) -> bool:
+        """Queue a request; False (rejected) when it can never fit the KV cache."""
+        if req.request_id in self.seqs or req.request_id in self.done_tokens:
+            raise ValueError(f"duplicate request_id {req.request_id}")
+        s = _Seq(req)
+        if s.prompt + s.output > self.kv_cap:
+            self.rejected += 1
+            return False
+        self.seqs[s.rid] = s
+        self._order += 1
+        heapq.heappush(self._pending, (s.arrival_s, self._order, s))
+        return True
+
+    def progress(self, rid: int) -> tuple[int, bool]:
+        if rid in self.done_tokens:
+            return self.done_tokens[rid], True
+        s = self.seqs[rid]
+        if s.state == _DEC:
+            return s.gen + self.dstep - s.d0, False
+        return s.gen, False
+
+    def energy_at(self, t: float) -> float:
+        """Cumulative energy (J, all GPUs) at time ``t`` ≤ engine clock (piecewise linear)."""
+        if t >= self.t:
+            return self.energy_j
+        e_end, t_end = self.energy_j, self.t
+        for (te, ee, ts, p) in reversed(self._hist):
+            if t >= ts:
+                return ee - p * (te - t)
+            e_end, t_end = ee - p * (te - ts), ts
+        return max(0.0, e_end - self.gm.idle_w * self.n_gpus * (t_end - t))
+
+    def clock_at(self, t: float) -> float:
+        """∫ r dt at time ``t`` ≤ engine clock."""
+        return self.clock_int - self.seg_clock * max(0.0, self.t - max(t, self.seg_start))
+
+    # ---- simulation ----------------------------------------------------------------------
+    def _segment(self, dt: float, power_w: float, r: float) -> None:
+        self.seg_start = self.t
+        self.t += dt
+        self.energy_j += power_w * dt
+        self.clock_int += r * dt
+        self.seg_power_w, self.seg_clock = power_w, r
+        h = self._hist
+        h.append((self.t, self.energy_j, self.seg_start, power_w))
+        while len(h) > 2 and h[1][0] < self.t - 2.5:
+            h.popleft()
+        if self.cap_eff_w != self.cap_set_w:
+            d = (self.cap_eff_w - self.cap_set_w) * math.exp(-dt / CAP_SETTLE_TAU_S)
+            self.cap_eff_w = self.cap_set_w if abs(d) < 0.5 else self.cap_set_w + d
+
+    def _arrive(self) -> None:
+        p, t = self._pending, self.t
+        while p and p[0][0] <= t:
+            s = heapq.heappop(p)[2]
+            s.state = _WAIT
+            self.waiting.append(s)
+            self.arrived += 1
+
+    def _enter_decode(self, s: _Seq) -> None:
+        s.state = _DEC
+        s.d0 = self.dstep
+        s.fin = self.dstep + (s.output - s.gen)
+        self.dec_n += 1
+        self._dec_ctx_base += s.prompt + s.gen - s.d0
+        heapq.heappush(self._fin_heap, (s.fin, s.rid, s))
+
+    def _finish(self, s: _Seq) -> None:
+        s.state = _DONE
+        del self.running[s.rid]
+        del self.seqs[s.rid]
+        self.done_tokens[s.rid] = s.output
+        self.finished += 1
+        now = self.t
+        res = RequestResult(request_id=s.rid, arrival_s=s.arrival_s, prompt_tokens=s.prompt,
+                            output_tokens=s.output, first_token_s=s.first_s, finish_s=now,
+                            preemptions=s.preempt)
+        self.results.append(res)
+        self.e2e_hist.observe(now - s.arrival_s)
+        if s.output > 1:
+            self.tpot_hist.observe(res.tpot_s)
+
+    def _process_finishes(self) -> None:
+        h, d = self._fin_heap, self.dstep
+        while h and h[0][0] <= d:
+            fin, _, s = heapq.heappop(h)
+            if s.state != _DEC or s.fin != fin:
+                continue
+            self.dec_n -= 1
+            self._dec_ctx_base -= s.prompt + s.gen - s.d0
+            s.gen = s.output
+            self._finish(s)
+
+    def _preempt_last(self) -> None:
+        rid = next(reversed(self.running))
+        s = self.running.pop(rid)
+        if s.state == _DEC:
+            g = s.gen + self.dstep - s.d0
+            self.dec_n -= 1
+            self._dec_ctx_base -= s.prompt + s.gen - s.d0
+            s.gen = g
+        else:
+            del self._pref[rid]
+            self._kv_pref -= s.done
+        s.need = s.prompt + s.gen
+        s.done = 0
+        s.state = _WAIT
+        s.preempt += 1
+        self.preemptions += 1
+        self.waiting.appendleft(s)
+
+    def _firmware_clock(self, cost) -> float:
+        return self.gm.clock_for_cap(cost, self.cap_eff_w)
+
+    def _general_step(self) -> bool:
+        """One engine step with prefill/admission; False when there is nothing to do."""
+        preempted = False
+        while self.running and self.kv_used + self.dec_n > self.kv_cap:
+            self._preempt_last()
+            preempted = True
+        budget = self.mnbt - self.dec_n
+        free = self.kv_cap - self.kv_used - self.dec_n
+        chunks: list[tuple[_Seq, int]] = []
+        for s in self._pref.values():
+            if budget <= 0 or free <= 0:
+                break
+            c = min(s.need - s.done, budget, free)
+            chunks.append((s, c))
+            budget -= c
+            free -= c
+        if not preempted:
+            w = self.waiting
+            while w and len(self.running) < self.max_batch and budget > 0 and free > 0:
+                s = w.popleft()
+                s.state = _PREF
+                self.running[s.rid] = s
+                self._pref[s.rid] = s
+                c = min(s.need, budget, free)
+                chunks.append((s, c))
+                budget -= c
+                free -= c
+        n_dec = self.dec_n
+        if not n_dec and not chunks:
+            return False
+        n_pref = pattn = pkv = 0
+        for s, c in chunks:
+            n_pref += c
+            pattn += c * s.done + c * (c + 1) // 2
+            pkv += s.done + c
+        gm = self.gm
+        cost = gm.step_cost(n_dec, self._dec_ctx_base + n_dec * self.dstep, n_pref, pattn, pkv,
+                            len(chunks))
+        r = self._firmware_clock(cost)
+        dt = gm.step_time(cost, r)
+        self._segment(dt, gm.power_per_gpu(cost, r) * self.n_gpus, r)
+        self.dstep += 1
+        self.gen_tokens += n_dec
+        self.prompt_tokens += n_pref
+        if n_dec:
+            self.itl_hist.observe(dt, n_dec)
+        now = self.t
+        for s, c in chunks:
+            s.done += c
+            self._kv_pref += c
+            if s.done >= s.need:
+                del self._pref[s.rid]
+                self._kv_pref -= s.done
+                s.done = 0
+                if s.first_s is None:
+                    s.first_s = now
+                    self.first_token_events.append((now, now - s.arrival_s))
+                    self.ttft_hist.observe(now - s.arrival_s)
+                s.gen += 1
+                self.gen_tokens += 1
+                if s.gen >= s.output:
+                    self._finish(s)
+                else:
+                    self._enter_decode(s)
+        self._process_finishes()
+        return True
+
+    def _leap(self, t_limit: float) -> bool:
+        """Leap over identical decode steps; False when the state does not allow it."""
+        n = self.dec_n
+        if self._pref or not n:
+            return False
+        w = self.waiting
+        if w and len(self.running) < self.max_batch and self.kv_cap - self.kv_used - n > 0:
+            return False       # an admission would happen at the next step
+        k_max = self._fin_heap[0][0] - self.dstep
+        k_kv = (self.kv_cap - self.kv_used) // n
+        if k_kv < k_max:
+            k_max = k_kv
+        if k_max < 2:
+            return False
+        if self._pending and len(self.running) < self.max_batch and self._pending[0][0] < t_limit:
+            t_limit = self._pending[0][0]
+        if self.cap_eff_w != self.cap_set_w:
+            t_limit = min(t_limit, self.t + 0.25 * CAP_SETTLE_TAU_S)
+        T = t_limit - self.t
+        gm = self.gm
+        ctx0 = self._dec_ctx_base + n * self.dstep
+        c0 = gm.step_cost(n, ctx0)
+        c1 = gm.step_cost(n, ctx0 + n * (k_max - 1))
+        r = min(self._firmware_clock(c0), self._firmware_clock(c1))
+        t0 = gm.step_time(c0, r)
+        slope = (gm.step_time(c1, r) - t0) / (k_max - 1)
+        # smallest k with k*t0 + slope*k*(k-1)/2 >= T  (the step crossing T ends the leap)
+        if T <= t0:
+            k = 1
+        elif slope <= 1e-15:
+            k = math.ceil(T / t0)
+        else:
+            a, b = 0.5 * slope, t0 - 0.5 * slope
+            k = math.ceil((-b + math.sqrt(b * b + 4.0 * a * T)) / (2.0 * a))
+        if k > k_max:
+            k = k_max
+        if k < 1:
+            k = 1
+        dur = k * t0 + slope * k * (k - 1) * 0.5
+        cm = gm.step_cost(n, ctx0 + n * 0.5 * (k - 1))
+        self._segment(dur, gm.power_per_gpu(cm, r) * self.n_gpus, r)
+        self.dstep += k
+        self.gen_tokens += n * k
+        self.itl_hist.observe(dur / k, n * k)
+        self._process_finishes()
+        return True
+
+    def run_until(self, t_target: float) -> None:
+        """Simulate until the engine clock reaches ``t_target`` (the last step may end later)."""
+        while self.t < t_target:
+            self._arrive()
+            if self._leap(t_target):
+                continue
+            if self._general_step():
+                continue
+            # nothing runnable: idle until the next arrival or the target
+            t_next = t_target
+            if self._pending and self._pending[0][0] < t_next:
+                t_next = self._pending[0][0]
+            self._segment(max(t_next - self.t, 1e-9), self.gm.idle_w * self.n_gpus, self.gm.r_min)

@@ -1,0 +1,262 @@
+"""`SimPlant`: the simulated GPU group + vLLM engine behind palsctl's `SimulatedPlant` interface.
+
+Sensors behave like the real ones: ``read()`` reports the window since the previous read with
+the mean power computed from the (monotonic, cumulative) energy counter, like NVML's energy
+counter differenced by a controller; ``counters()`` gives a snapshot for a vLLM ``/metrics``
+and NVML stand-in (instant and 1 s-averaged power per GPU, energy per GPU, token counters,
+vLLM's latency histograms). Measurement noise is seeded; the engine itself is deterministic,
+so two plants with different seeds differ only in their noise.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from palsctl.errors import ConfigError
+from palsctl.interfaces import SimulatedPlant
+from palsctl.plants.sim.engine import Engine, Histogram
+from palsctl.plants.sim.gpu import PlantConstants
+from palsctl.plants.sim.specs import GPUSpec, ModelSpec, get_gpu, get_model
+from palsctl.plants.sim.steady import MAX_NUM_BATCHED_TOKENS, group_model
+from palsctl.types import Action, Limits, Measurement, PlantInfo, Request, RequestResult
+
+__all__ = ["SimPlant", "PlantCounters", "HistogramSnapshot"]
+
+POWER_NOISE_FRAC = 0.01   # 1-sigma relative noise of a power reading
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HistogramSnapshot:
+    """Cumulative Prometheus histogram: ``bounds_s`` upper bounds (+Inf implied last),
+    ``cumulative_counts`` one per bound plus +Inf, ``sum_s``, ``count``."""
+
+    bounds_s: tuple[float, ...]
+    cumulative_counts: tuple[int, ...]
+    sum_s: float
+    count: int
+
+    @classmethod
+    def of(cls, h: Histogram) -> "HistogramSnapshot":
+        return cls(bounds_s=h.bounds, cumulative_counts=h.cumulative(), sum_s=h.sum, count=h.count)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PlantCounters:
+    """Snapshot of the plant's cumulative counters and gauges at ``t_s`` (per-GPU tuples)."""
+
+    t_s: float
+    generation_tokens_total: int
+    prompt_tokens_total: int
+    requests_finished_total: int
+    requests_running: int
+    requests_waiting: int
+    preemptions_total: int
+    kv_usage: float
+    power_instant_w: tuple[float, ...]
+    power_avg_1s_w: tuple[float, ...]
+    energy_j: tuple[float, ...]
+    power_cap_w: float
+    max_batch: int
+    sm_clock_mhz: float
+    ttft_s: HistogramSnapshot
+    itl_s: HistogramSnapshot
+    tpot_s: HistogramSnapshot
+    e2e_s: HistogramSnapshot
+
+
+def _p90(values: list[float]) -> float | None:
+    if not values:
+        return None
+    return float(np.percentile(np.asarray(values, dtype=float), 90.0))
+
+
+class SimPlant(SimulatedPlant):
+    """Simulated ``num_gpus`` × ``gpu`` tensor-parallel group serving ``model`` with vLLM-like
+    continuous batching. Defaults: cap = the GPU's default limit (TDP), batch =
+    ``max_batch_launch``."""
+
+    def __init__(self, model: str | ModelSpec = "mixtral-8x7b", gpu: str | GPUSpec = "a100-sxm4-80gb",
+                 num_gpus: int = 1, *, dt_s: float = 1.0, seed: int = 0,
+                 max_batch_launch: int = 256, power_cap_w: float | None = None,
+                 max_batch: int | None = None, noise: bool = True,
+                 constants: PlantConstants | None = None,
+                 max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS) -> None:
+        m = get_model(model)
+        g = get_gpu(gpu)
+        if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 1:
+            raise ConfigError("num_gpus must be an integer >= 1", key="num_gpus", value=num_gpus)
+        if not (isinstance(dt_s, (int, float)) and math.isfinite(dt_s) and dt_s > 0):
+            raise ConfigError("dt_s must be a positive number of seconds", key="dt_s", value=dt_s)
+        if isinstance(max_batch_launch, bool) or not isinstance(max_batch_launch, int) \
+                or max_batch_launch < 1:
+            raise ConfigError("max_batch_launch must be an integer >= 1", key="max_batch_launch",
+                              value=max_batch_launch)
+        if m.weight_bytes / num_gpus > 0.9 * g.mem_bytes - 2.0e9:
+            raise ConfigError(f"{m.name} ({m.weight_bytes / 1e9:.0f} GB of weights) does not fit on "
+                              f"{num_gpus} × {g.name}", key="num_gpus", value=num_gpus)
+        self.limits = Limits(power_cap_min_w=g.min_cap_w, power_cap_max_w=g.tdp_w,
+                             power_cap_default_w=g.tdp_w, power_cap_step_w=1.0, max_batch_min=1,
+                             max_batch_max=max_batch_launch, num_gpus=num_gpus)
+        if power_cap_w is None:
+            cap = g.tdp_w
+        else:
+            cap = float(power_cap_w)
+            if not (math.isfinite(cap) and g.min_cap_w <= cap <= g.tdp_w):
+                raise ConfigError(f"power cap outside the limits of {g.name} "
+                                  f"[{g.min_cap_w:g}, {g.tdp_w:g}] W", key="power_cap_w",
+                                  value=power_cap_w)
+        if max_batch is None:
+            batch = max_batch_launch
+        else:
+            if isinstance(max_batch, bool) or not isinstance(max_batch, int) \
+                    or not 1 <= max_batch <= max_batch_launch:
+                raise ConfigError(f"max_batch must be an integer in [1, {max_batch_launch}]",
+                                  key="max_batch", value=max_batch)
+            batch = max_batch
+        self.dt_s = float(dt_s)
+        self.model, self.gpu, self.num_gpus = m, g, num_gpus
+        self.seed = int(seed)
+        self.noise = bool(noise)
+        self._gm = group_model(m, g, num_gpus, constants)
+        self._eng = Engine(self._gm, max_batch=batch, power_cap_w=cap,
+                           max_num_batched_tokens=max_num_batched_tokens)
+        self.info = PlantInfo(model=m.name, gpu=g.name, num_gpus=num_gpus, simulated=True,
+                              extra={"kv_capacity_tokens": self._gm.kv_capacity_tokens,
+                                     "max_num_batched_tokens": int(max_num_batched_tokens)})
+        self._rng = np.random.default_rng([self.seed, 0])
+        self._rng_counters = np.random.default_rng([self.seed, 1])
+        self._now = 0.0
+        self._last_t = 0.0
+        self._last_e = 0.0
+        self._last_clock = 0.0
+        self._last_gen = 0
+        self._last_prompt = 0
+        self._read_res = 0
+        self._read_ttft = 0
+        self._done_idx = 0
+        self._demand: list[tuple[float, int]] = []
+
+    # ---- SimulatedPlant ------------------------------------------------------------------
+    @property
+    def now_s(self) -> float:
+        return self._now
+
+    @property
+    def engine(self) -> Engine:
+        """The ground-truth engine (for tests and the oracle; controllers must not use it)."""
+        return self._eng
+
+    def submit(self, requests: Sequence[Request]) -> None:
+        for r in requests:
+            if r.prompt_tokens < 1 or r.output_tokens < 1:
+                raise ConfigError("a request needs prompt_tokens >= 1 and output_tokens >= 1",
+                                  key=f"request {r.request_id}",
+                                  value=(r.prompt_tokens, r.output_tokens))
+            if not math.isfinite(r.arrival_s):
+                raise ConfigError("arrival_s must be finite", key=f"request {r.request_id}",
+                                  value=r.arrival_s)
+            try:
+                accepted = self._eng.submit(r)
+            except ValueError as exc:
+                raise ConfigError(str(exc), key="request_id", value=r.request_id) from None
+            if accepted:
+                heapq.heappush(self._demand, (float(r.arrival_s), int(r.output_tokens)))
+
+    def advance(self, dt_s: float) -> None:
+        if not (math.isfinite(dt_s) and dt_s >= 0):
+            raise ConfigError("advance needs a finite dt_s >= 0", key="dt_s", value=dt_s)
+        target = self._now + dt_s
+        self._eng.run_until(target)
+        self._now = target
+
+    def read(self) -> Measurement:
+        eng = self._eng
+        now = self._now
+        window = now - self._last_t
+        e_now = eng.energy_at(now)
+        clk = eng.clock_at(now)
+        gen, prompt = eng.gen_tokens, eng.prompt_tokens
+        demand_tok = 0
+        d = self._demand
+        while d and d[0][0] < now:
+            demand_tok += heapq.heappop(d)[1]
+        ttfts = [x[1] for x in eng.first_token_events[self._read_ttft:]]
+        self._read_ttft = len(eng.first_token_events)
+        tpots = [r.tpot_s for r in eng.results[self._read_res:] if r.output_tokens > 1]
+        self._read_res = len(eng.results)
+        if window > 0:
+            power = (e_now - self._last_e) / window
+            thr = (gen - self._last_gen) / window
+            pthr = (prompt - self._last_prompt) / window
+            dem = demand_tok / window
+            clock = (clk - self._last_clock) / window * self.gpu.max_sm_clock_mhz
+        else:
+            power = eng.seg_power_w
+            thr = pthr = dem = 0.0
+            clock = eng.seg_clock * self.gpu.max_sm_clock_mhz
+        if self.noise:
+            power *= 1.0 + POWER_NOISE_FRAC * float(self._rng.standard_normal())
+        self._last_t, self._last_e, self._last_clock = now, e_now, clk
+        self._last_gen, self._last_prompt = gen, prompt
+        return Measurement(
+            t_s=now, window_s=window, power_w=max(0.0, power), energy_j=e_now,
+            throughput_tok_s=thr, prompt_tok_s=pthr, demand_tok_s=dem,
+            running=len(eng.running), waiting=len(eng.waiting),
+            kv_usage=min(1.0, eng.kv_used / eng.kv_cap) if eng.kv_cap else 0.0,
+            ttft_p90_s=_p90(ttfts), tpot_p90_s=_p90(tpots), power_cap_w=eng.cap_set_w,
+            max_batch=eng.max_batch, sm_clock_mhz=clock)
+
+    def apply(self, action: Action) -> Action:
+        eng = self._eng
+        if action.power_cap_w is not None:
+            if not math.isfinite(action.power_cap_w):
+                raise ConfigError("power_cap_w must be finite", key="power_cap_w",
+                                  value=action.power_cap_w)
+            eng.cap_set_w = float(self.limits.clamp_cap_w(action.power_cap_w))
+        if action.max_batch is not None:
+            eng.max_batch = self.limits.clamp_batch(action.max_batch)
+        return Action(power_cap_w=eng.cap_set_w, max_batch=eng.max_batch)
+
+    def completed(self) -> list[RequestResult]:
+        res = self._eng.results[self._done_idx:]
+        self._done_idx = len(self._eng.results)
+        return res
+
+    def progress(self, request_id: int) -> tuple[int, bool]:
+        """(tokens generated so far, finished?) of a submitted request."""
+        try:
+            return self._eng.progress(request_id)
+        except KeyError:
+            raise KeyError(f"unknown request_id {request_id!r}") from None
+
+    def counters(self) -> PlantCounters:
+        eng = self._eng
+        n = self.num_gpus
+        now = self._now
+        e_now = eng.energy_at(now)
+        span = min(1.0, now) if now > 0 else 0.0
+        avg_total = (e_now - eng.energy_at(now - span)) / span if span > 0 else eng.seg_power_w
+        inst_total = eng.seg_power_w
+        if self.noise:
+            z = self._rng_counters.standard_normal(2 * n)
+            inst = tuple(max(0.0, inst_total / n * (1 + POWER_NOISE_FRAC * float(z[i])))
+                         for i in range(n))
+            avg = tuple(max(0.0, avg_total / n * (1 + 0.3 * POWER_NOISE_FRAC * float(z[n + i])))
+                        for i in range(n))
+        else:
+            inst = (inst_total / n,) * n
+            avg = (avg_total / n,) * n
+        return PlantCounters(
+            t_s=now, generation_tokens_total=eng.gen_tokens, prompt_tokens_total=eng.prompt_tokens,
+            requests_finished_total=eng.finished, requests_running=len(eng.running),
+            requests_waiting=len(eng.waiting), preemptions_total=eng.preemptions,
+            kv_usage=min(1.0, eng.kv_used / eng.kv_cap) if eng.kv_cap else 0.0,
+            power_instant_w=inst, power_avg_1s_w=avg, energy_j=(e_now / n,) * n,
+            power_cap_w=eng.cap_set_w, max_batch=eng.max_batch,
+            sm_clock_mhz=eng.seg_clock * self.gpu.max_sm_clock_mhz,
+            ttft_s=HistogramSnapshot.of(eng.ttft_hist), itl_s=HistogramSnapshot.of(eng.itl_hist),
+            tpot_s=HistogramSnapshot.of(eng.tpot_hist), e2e_s=HistogramSnapshot.of(eng.e2e_hist))

@@ -1,0 +1,175 @@
+"""Saturated steady state of the simulated plant, in closed form (deterministic, no noise).
+
+With ``max_batch`` requests always in flight, each of ``prompt_tokens`` prompt and
+``output_tokens`` generated tokens, one request finishes — and a new one is admitted and
+prefilled — every ``output_tokens / batch`` steps. A fraction of the engine steps therefore
+carries a prefill chunk (a "mixed" step); the others are pure decode steps whose sequences
+hold on average ``prompt + output/2`` tokens of context. Each kind of step runs at the highest
+clock the power cap allows for it (the firmware reacts within a step). This is the same
+physics as `SimPlant` (`palsctl.plants.sim.gpu.GroupModel`); the plant's saturated runs agree
+with it within a few per cent.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from statistics import NormalDist
+
+from palsctl.errors import ConfigError
+from palsctl.plants.sim.gpu import GroupModel, PlantConstants, default_constants
+from palsctl.plants.sim.specs import GPUSpec, ModelSpec, get_gpu, get_model
+
+__all__ = ["SteadyState", "steady_state", "group_model", "MAX_NUM_BATCHED_TOKENS"]
+
+MAX_NUM_BATCHED_TOKENS = 8192  # vLLM's chunked-prefill token budget per step
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SteadyState:
+    """Saturated steady state of one configuration (totals over the plant's GPUs)."""
+
+    throughput_tok_s: float       # generated tokens per second
+    power_w: float                # mean power, all GPUs
+    tokens_per_joule: float
+    itl_median_s: float           # median inter-token latency
+    itl_p90_s: float
+    sm_clock_mhz: float           # time-weighted mean SM clock
+    batch: float                  # sequences in flight (≤ max_batch; less when KV-limited)
+    kv_limited: bool              # KV-cache capacity, not max_batch, bounds the batch
+    power_per_gpu_w: float
+    decode_step_s: float          # pure decode step at mean context
+    mixed_step_s: float           # step carrying a prefill chunk
+    mixed_step_fraction: float    # fraction of steps that carry prefill
+    ttft_s: float                 # time to first token once admitted (prefill steps)
+    request_latency_s: float      # admission to last token
+
+
+@lru_cache(maxsize=256)
+def group_model(model: ModelSpec, gpu: GPUSpec, num_gpus: int,
+                constants: PlantConstants | None = None) -> GroupModel:
+    """Cached `GroupModel` (constants None = the committed calibration)."""
+    return GroupModel(model, gpu, num_gpus, constants or default_constants())
+
+
+def _mix_points(n: float, q: float) -> list[tuple[float, float]]:
+    """(count, weight) points of a Binomial(n, q) distribution: exact pmf terms while the mean
+    is small, 21 equal-weight normal quantiles otherwise."""
+    lam = n * q
+    if q >= 1.0:
+        return [(float(n), 1.0)]
+    if lam <= 20.0:
+        out, j, nn = [], 0, int(n)
+        pmf = math.exp(nn * math.log1p(-q))
+        ratio = q / (1.0 - q)
+        jmax = min(nn, int(lam + 6.0 * math.sqrt(lam) + 3))
+        while j <= jmax:
+            if pmf > 1e-4 or j <= lam:
+                out.append((float(j), pmf))
+            pmf *= (nn - j) / (j + 1) * ratio
+            j += 1
+        return out
+    sd = math.sqrt(lam * (1.0 - q))
+    return [(min(n, max(0.0, lam + sd * z)), 1.0) for z in _Z21]
+
+
+_Z21 = tuple(NormalDist().inv_cdf((i + 0.5) / 21) for i in range(21))
+
+
+def _wquantile(pairs: list[tuple[float, float]], q: float) -> float:
+    """Weighted quantile of sorted (value, weight) pairs."""
+    total = sum(w for _, w in pairs)
+    if total <= 0:
+        return pairs[0][0]
+    acc = 0.0
+    for v, w in pairs:
+        acc += w
+        if acc >= q * total:
+            return v
+    return pairs[-1][0]
+
+
+def _check_int(name: str, v: object, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or int(v) < lo:
+        raise ConfigError(f"{name} must be an integer >= {lo}", key=name, value=v)
+    return int(v)
+
+
+def steady_state(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int, max_batch: int,
+                 power_cap_w: float | None = None, prompt_tokens: float = 512,
+                 output_tokens: float = 256, *, constants: PlantConstants | None = None,
+                 max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS) -> SteadyState:
+    """The plant's saturated steady state with ``max_batch`` requests always in flight.
+
+    ``power_cap_w`` is per GPU (None = the GPU's default limit, its TDP) and must lie within
+    the GPU's limits. ``prompt_tokens``/``output_tokens`` are per request (means).
+    """
+    m = get_model(model)
+    g = get_gpu(gpu)
+    n = _check_int("num_gpus", num_gpus, 1)
+    b = _check_int("max_batch", max_batch, 1)
+    if power_cap_w is None:
+        cap = g.tdp_w
+    else:
+        cap = float(power_cap_w)
+        if not (math.isfinite(cap) and g.min_cap_w - 1e-9 <= cap <= g.tdp_w + 1e-9):
+            raise ConfigError(f"power cap outside the limits of {g.name} "
+                              f"[{g.min_cap_w:g}, {g.tdp_w:g}] W", key="power_cap_w", value=power_cap_w)
+    p = float(prompt_tokens)
+    o = float(output_tokens)
+    if not (math.isfinite(p) and p >= 1):
+        raise ConfigError("prompt_tokens must be >= 1", key="prompt_tokens", value=prompt_tokens)
+    if not (math.isfinite(o) and o >= 1):
+        raise ConfigError("output_tokens must be >= 1", key="output_tokens", value=output_tokens)
+    gm = group_model(m, g, n, constants)
+    if gm.kv_capacity_tokens < p + o:
+        raise ConfigError(f"{m.name} on {n} × {g.name} leaves KV-cache room for "
+                          f"{gm.kv_capacity_tokens} tokens, less than one request",
+                          key="num_gpus", value=num_gpus)
+    ctx_mean = p + 0.5 * o
+    batch = float(min(b, max(1, math.floor(gm.kv_capacity_tokens / ctx_mean))))
+    kv_limited = batch < b
+    # `batch / o` requests finish per step and as many are admitted; the number admitted in one
+    # step is ~Binomial (output lengths vary), each bringing `p` prompt tokens (chunked by the
+    # token budget). Average step time and energy over that distribution.
+    budget = max(1.0, max_num_batched_tokens - batch)
+    pref_steps = max(1, math.ceil(p / budget))       # steps to prefill one prompt
+    span = p / pref_steps                             # prompt tokens per sequence per step
+    points = _mix_points(batch, min(1.0, pref_steps / o))
+    rows = []   # (weight, step time, power per gpu, clock ratio, decode tokens)
+    for j, wgt in points:
+        j = min(j, batch)
+        chunk = min(j * span, budget)
+        nd = batch - j
+        if j > 0:
+            c = gm.step_cost(nd, nd * ctx_mean, chunk, chunk * 0.5 * p,
+                             j * 0.5 * (p + span), j)
+        else:
+            c = gm.step_cost(nd, nd * ctx_mean)
+        r = gm.clock_for_cap(c, cap)
+        rows.append((wgt, gm.step_time(c, r), gm.power_per_gpu(c, r), r, nd))
+    wsum = sum(x[0] for x in rows)
+    t_mean = sum(x[0] * x[1] for x in rows) / wsum
+    energy_gpu = sum(x[0] * x[1] * x[2] for x in rows) / wsum
+    power_gpu = energy_gpu / t_mean
+    clock = sum(x[0] * x[1] * x[3] for x in rows) / wsum / t_mean * g.max_sm_clock_mhz
+    # one request: o tokens over (o - 1) decode steps + its prefill steps
+    thr = batch * o / (o - 1.0 + pref_steps) / t_mean
+    # inter-token latency: each decode token observes its step's time
+    by_time = sorted((x[1], x[0] * x[4]) for x in rows)
+    itl_med = _wquantile(by_time, 0.5)
+    itl_p90 = _wquantile(by_time, 0.9)
+    c90 = gm.step_cost(batch, batch * (p + 0.9 * o))
+    itl_p90 = max(itl_p90, gm.step_time(c90, gm.clock_for_cap(c90, cap)) if
+                  by_time[0][0] == rows[0][1] and rows[0][0] / wsum > 0.9 else 0.0)
+    t_d = rows[0][1] if points[0][0] == 0 else gm.step_time(
+        gm.step_cost(batch, batch * ctx_mean), 1.0)
+    t_m = max(x[1] for x in rows)
+    frac = sum(x[0] for x in rows if x[4] < batch) / wsum
+    power = power_gpu * n
+    return SteadyState(
+        throughput_tok_s=thr, power_w=power, tokens_per_joule=thr / power,
+        itl_median_s=itl_med, itl_p90_s=itl_p90, sm_clock_mhz=clock, batch=batch,
+        kv_limited=kv_limited, power_per_gpu_w=power_gpu, decode_step_s=t_d, mixed_step_s=t_m,
+        mixed_step_fraction=frac, ttft_s=pref_steps * t_mean,
+        request_latency_s=pref_steps * t_m + (o - 1.0) * t_mean)
