@@ -1,0 +1,162 @@
+import json
+import tomllib
+
+import pytest
+
+from palsctl.cli import main
+from palsctl.config import (DEFAULT_EXPERIMENT_TOML, build_schedule, build_workload,
+                            experiment_from_dict, full_power_capacity_req_s, load_experiment,
+                            run_experiment)
+from palsctl.errors import ConfigError
+from palsctl.metrics import SUMMARY_KEYS, summarize
+
+SHORT = """
+name = "short"
+duration_s = 30.0
+dt_s = 1.0
+seed = 3
+[plant]
+model = "llama-3.1-8b"
+gpu = "h100-sxm"
+num_gpus = 1
+max_batch_launch = 64
+[workload]
+kind = "poisson"
+rate_req_s = 4.0
+prompt_tokens_mean = 300
+output_tokens_mean = 120
+output_tokens_sigma = 0.5
+[setpoint]
+throughput_tok_s = "demand"
+power_budget_w = { steps = [[0, 700], [10, 400]] }
+[controller]
+name = "cap-to-budget"
+max_batch = 32
+"""
+
+
+def write(tmp_path, text, name="exp.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_default_experiment_matches_the_issue():
+    cfg = load_experiment()
+    assert cfg.plant["model"] == "mixtral-8x7b" and cfg.plant["gpu"] == "a100-sxm4-80gb"
+    assert cfg.plant["num_gpus"] == 4 and cfg.duration_s == 1200.0 and cfg.dt_s == 1.0
+    assert cfg.controller_name == "static"
+    sched = build_schedule(cfg, build_workload(cfg))
+    assert [sched(t).power_budget_w for t in (0, 479, 480, 839, 840, 1199)] == \
+        [1400, 1400, 900, 900, 1400, 1400]
+    # ~70 % of the replica's full-power capacity (saturated steady state)
+    w = build_workload(cfg)
+    cap = full_power_capacity_req_s(cfg, w.mean_prompt_tokens, w.mean_output_tokens)
+    assert w.rate_req_s == pytest.approx(0.7 * cap)
+    assert sched(0).throughput_tok_s == pytest.approx(w.demand_tok_s)
+
+
+def test_default_run_shortened(tmp_path):
+    out = tmp_path / "out"
+    rc = main(["run", "--duration-s", "90", "--out", str(out), "--json", str(tmp_path / "s.json"),
+               "-q"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(SUMMARY_KEYS) <= set(summary)
+    assert summary["duration_s"] == pytest.approx(90.0) and summary["controller"] == "static"
+    assert summary["energy_j"] > 0 and summary["generated_tokens"] > 0
+    assert json.loads((tmp_path / "s.json").read_text()) == summary
+    lines = (out / "steps.csv").read_text().splitlines()
+    assert len(lines) == 91 and lines[0].startswith("t_s,window_s,power_w")
+    assert (out / "timeline.png").stat().st_size > 10_000
+
+
+def test_same_workload_for_every_controller_and_seed_override(tmp_path):
+    cfg = load_experiment(write(tmp_path, SHORT))
+    a = run_experiment(cfg)
+    b = run_experiment(cfg, controller="static")
+    c = run_experiment(cfg, seed=4)
+    assert a.controller == "cap-to-budget" and b.controller == "static"
+    dem = [s.measurement.demand_tok_s for s in a.steps]
+    assert dem == [s.measurement.demand_tok_s for s in b.steps]
+    assert dem != [s.measurement.demand_tok_s for s in c.steps]
+    assert [s.applied.max_batch for s in a.steps] == [32] * 30  # configured parameter
+    assert [s.applied.power_cap_w for s in a.steps][12:] == [400.0] * 18
+    assert summarize(a)["settling_times_s"] is not None
+
+
+def test_trace_and_grid_config(tmp_path, shared_data):
+    text = SHORT.replace("""kind = "poisson"
+rate_req_s = 4.0
+prompt_tokens_mean = 300
+output_tokens_mean = 120
+output_tokens_sigma = 0.5""", f"""kind = "trace"
+path = "azure-llm-2023/AzureLLMInferenceTrace_code.csv"
+start_s = 60.0
+window_s = 600.0
+load = 0.5""").replace("power_budget_w = { steps = [[0, 700], [10, 400]] }",
+                       'power_budget_w = { grid = "vessim-grid/solar_example.csv", '
+                       'column = "Sydney", min_w = 300, max_w = 700, speedup = 600 }')
+    cfg = load_experiment(write(tmp_path, text))
+    rec = run_experiment(cfg)
+    budgets = {s.setpoint.power_budget_w for s in rec.steps}
+    assert len(budgets) > 3 and min(budgets) >= 300 and max(budgets) <= 700
+    assert rec.meta["workload"]["kind"] == "trace"
+
+
+BAD = [
+    ("name = 'x'\nduration_s = 10\nbogus = 1\n[controller]\nname='static'\n", "bogus", None),
+    ("name = 'x'\nduration_s = 'long'\n[controller]\nname='static'\n", "duration_s", "'long'"),
+    ("name = 'x'\nduration_s = -5\n[controller]\nname='static'\n", "duration_s", "-5"),
+    ("name = 'x'\nduration_s = 10\n[plant]\nnum_gpus = 2.5\n[controller]\nname='static'\n",
+     "plant.num_gpus", "2.5"),
+    ("name = 'x'\nduration_s = 10\n[plant]\nmodel = 'gpt-9'\n[controller]\nname='static'\n",
+     "plant.model", "gpt-9"),
+    ("name = 'x'\nduration_s = 10\n[workload]\nkind = 'trace'\npath = 'no/such.csv'\n"
+     "[controller]\nname='static'\n", "workload.path", "no/such.csv"),
+    ("name = 'x'\nduration_s = 10\n[controller]\nname='nope'\n", "controller.name", "nope"),
+    ("name = 'x'\nduration_s = 10\n[controller]\nname='static'\nmax_btch = 3\n",
+     "controller.max_btch", None),
+    ("name = 'x'\nduration_s = 10\n[controller]\nname='static'\nmax_batch = 0\n",
+     "controller.max_batch", None),
+    ("name = 'x'\nduration_s = 10\n[setpoint]\npower_budget_w = { steps = [[5, 1]] }\n"
+     "[controller]\nname='static'\n", "setpoint.power_budget_w", None),
+    ("name = 'x'\nduration_s = 10\n[setpoint]\npower_budget = 3\n[controller]\nname='static'\n",
+     "setpoint.power_budget", None),
+    ("name = 'x'\nduration_s = 10\n[guard]\nmax_cap_change_w = -3\n[controller]\nname='static'\n",
+     "guard.max_cap_change_w", None),
+    ("name = 'x'\nduration_s = 10\n", "controller", None),
+    ("name = 'x'\nduration_s = = 10\n", "TOML", None),
+]
+
+
+@pytest.mark.parametrize("text,key,value", BAD)
+def test_config_errors_exit_2_with_one_line(tmp_path, capsys, text, key, value):
+    path = write(tmp_path, text)
+    rc = main(["run", str(path), "-q", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert str(path) in err and key in err
+    if value is not None:
+        assert value in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_config_file_and_bad_override(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "none.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "none.toml" in err and "not found" in err and len(err.strip().splitlines()) == 1
+    assert main(["run", "--controller", "nope", "--duration-s", "5", "-q",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_show_default_round_trips(capsys):
+    assert main(["run", "--show-default"]) == 0
+    text = capsys.readouterr().out
+    assert text == DEFAULT_EXPERIMENT_TOML
+    cfg = experiment_from_dict(tomllib.loads(text))
+    assert cfg.name == "default"
+    with pytest.raises(ConfigError, match="duration_s"):
+        experiment_from_dict({"controller": {"name": "static"}})
