@@ -69,13 +69,15 @@ def cap_values(limits: Limits, step_w: float) -> np.ndarray:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Grid:
     """Flattened (cap, batch) candidates with their *uncorrected* predictions (totals over the
-    plant's GPUs): ``throughput_tok_s``, ``power_w``, ``itl_p90_s`` (NaN when unknown)."""
+    plant's GPUs): ``throughput_tok_s``, ``power_w``, ``itl_p90_s`` (NaN when unknown).
+    Row-major over ``shape = (caps, batches)``: index = cap_index × batches + batch_index."""
 
     cap_w: np.ndarray
     batch: np.ndarray
     throughput_tok_s: np.ndarray
     power_w: np.ndarray
     itl_p90_s: np.ndarray
+    shape: tuple[int, int]
 
     def __len__(self) -> int:
         return int(self.cap_w.size)
@@ -113,7 +115,8 @@ def model_grid(model: Any, limits: Limits, *, cap_step_w: float,
         pred = model.predict(power_cap_w=cc, max_batch=bb)
     n = cc.size
     return Grid(cap_w=cc, batch=bb, throughput_tok_s=_field(pred, "throughput_tok_s", n),
-                power_w=_field(pred, "power_w", n), itl_p90_s=_field(pred, "itl_p90_s", n))
+                power_w=_field(pred, "power_w", n), itl_p90_s=_field(pred, "itl_p90_s", n),
+                shape=(caps.size, batches.size))
 
 
 def predict_point(model: Any, cap_w: float, batch: float) -> tuple[float, float, float]:
@@ -150,11 +153,23 @@ def capacity_estimate(m: Measurement, batch_in_force: float | None) -> float:
     return min(max(y * batch_in_force / m.running, y), 4 * y)
 
 
+def effective_batch(m: Measurement, batch_in_force: float | None) -> float:
+    """The batch the plant actually runs: the batch limit when saturated, else the running
+    count. The offline model predicts the saturated steady state for a batch limit, which is the
+    operating point of a plant running that many sequences — so comparing the measurement with
+    the prediction at the *effective* batch gives a residual at every step, not only under
+    saturation."""
+    if batch_in_force is None:
+        return float(max(m.running, 1))
+    if is_saturated(m, batch_in_force):
+        return float(batch_in_force)
+    return float(min(max(m.running, 1), batch_in_force))
+
+
 class Residuals:
     """EWMA of the measured/predicted ratio per output (throughput, power, p90 ITL), clipped to
-    ``[1/bound, bound]``. Throughput and latency are only informative when the plant is
-    saturated; power is updated when saturated, or when it exceeds the prediction (a lower-bound
-    observation that still says the model is optimistic)."""
+    ``[1/bound, bound]``. The prediction compared is the model's at the cap in force and the
+    *effective* batch (`effective_batch`). Nothing is learned from a window where nothing ran."""
 
     def __init__(self, alpha: float, bound: float) -> None:
         self.alpha, self.bound = alpha, bound
@@ -172,15 +187,14 @@ class Residuals:
         ratio = min(max(measured / predicted, 1.0 / self.bound), self.bound)
         return (1 - self.alpha) * old + self.alpha * ratio
 
-    def update(self, m: Measurement, predicted: tuple[float, float, float],
-               batch_in_force: float | None) -> None:
+    def update(self, m: Measurement, predicted: tuple[float, float, float]) -> None:
+        """``predicted``: (throughput, power, p90 ITL) at the cap in force and effective batch."""
+        if m.running <= 0 or m.throughput_tok_s <= 0:
+            return
         thr_p, pw_p, itl_p = predicted
-        sat = is_saturated(m, batch_in_force)
-        if sat:
-            self.throughput = self._mix(self.throughput, m.throughput_tok_s, thr_p)
-            self.itl = self._mix(self.itl, m.tpot_p90_s, itl_p)
-        if sat or (math.isfinite(pw_p) and m.power_w > pw_p * self.power):
-            self.power = self._mix(self.power, m.power_w, pw_p)
+        self.throughput = self._mix(self.throughput, m.throughput_tok_s, thr_p)
+        self.power = self._mix(self.power, m.power_w, pw_p)
+        self.itl = self._mix(self.itl, m.tpot_p90_s, itl_p)
 
     def as_dict(self) -> dict[str, float]:
         return {"residual_throughput": self.throughput, "residual_power": self.power,
@@ -192,10 +206,11 @@ class Residuals:
 
 def required_throughput(m: Measurement, sp: Setpoint, *, margin: float, drain_s: float,
                         output_tokens_mean: float | None) -> float | None:
-    """Generated tokens/s the configuration must sustain: the target (or, without one, the
-    measured demand) × (1 + margin), plus what drains the waiting queue in ``drain_s``.
+    """Generated tokens/s the configuration must be able to sustain: the target (or, without
+    one, the measured demand) × (1 + margin), plus what drains the waiting queue in ``drain_s``.
     None when neither a target nor a demand is known (then the fastest configuration that fits
-    the budget and the latency objective is chosen)."""
+    the budget and the latency objective is chosen). ``margin=0`` gives the expected operating
+    throughput."""
     base = sp.throughput_tok_s if sp.throughput_tok_s is not None else m.demand_tok_s
     if base is None or not math.isfinite(base):
         return None
@@ -207,49 +222,81 @@ def required_throughput(m: Measurement, sp: Setpoint, *, margin: float, drain_s:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Choice:
-    """The outcome of ranking: ``index`` into the grid, and which constraints were relaxed
-    (``mode``: ``ok``, ``relaxed_latency``, ``relaxed_throughput``, ``relaxed_budget``)."""
+    """The outcome of ranking: ``index`` into the grid, which constraints were relaxed
+    (``mode``: ``ok``, ``relaxed_latency``, ``relaxed_throughput``, ``relaxed_budget``), the
+    candidates acceptable in that mode and their scores (higher is better; -inf unacceptable),
+    and ``operating_index``: the candidate (same cap) whose batch just meets the requirement —
+    the predicted operating point."""
 
     index: int
     mode: str
     feasible: np.ndarray
     score: np.ndarray
+    operating_index: int | None = None
 
 
 def rank(grid_cap_w: np.ndarray, thr: np.ndarray, power: np.ndarray, itl: np.ndarray, *,
-         num_gpus: int, required_tok_s: float | None, budget_w: float | None,
-         tpot_slo_s: float | None) -> Choice:
-    """Pick the candidate with the highest predicted tokens/J subject to throughput ≥ required,
-    power ≤ budget (and cap × GPUs ≤ budget), p90 ITL ≤ SLO.
+         shape: tuple[int, int], num_gpus: int, required_tok_s: float | None,
+         budget_w: float | None, tpot_slo_s: float | None,
+         operating_tok_s: float | None = None) -> Choice:
+    """Choose a (cap, batch limit) from predicted saturated steady states on a cap × batch grid
+    (row-major ``shape = (caps, batches)``, batches increasing along a row).
 
-    When nothing is feasible the constraints are relaxed in a fixed order — the budget is kept
-    first, then throughput, then latency: (1) drop the latency objective; (2) drop the throughput
-    requirement and take the highest predicted throughput that fits the budget (latency still
-    preferred when some candidate meets it); (3) drop the budget and take the lowest-power
-    candidate (the safety guard then caps it)."""
-    tpj = np.where(power > 0, thr / np.maximum(power, 1e-9), 0.0)
-    ok_budget = np.ones_like(thr, dtype=bool)
+    A plant delivering ``operating`` tokens/s (default: ``required``) at cap c runs about b*(c)
+    sequences — the smallest batch whose saturated throughput reaches it — and draws
+    power(c, b*(c)): that operating point, not the saturated one at the batch limit, is what the
+    energy bill pays. So each cap is scored by its *operating* tokens/J,
+    ``operating / power(c, b*(c))``; every batch limit of that cap whose capacity meets the
+    (larger) requirement, the latency objective and the budget gets that score. The best cap
+    wins, with the largest such batch limit (headroom for bursts costs no energy in steady
+    state). Without a requirement the fastest candidate is chosen.
+
+    Constraints: predicted throughput (capacity at the batch limit) ≥ required, predicted power ≤ budget and cap × GPUs ≤
+    budget, predicted p90 ITL ≤ TPOT objective. **Degradation order** when nothing is feasible —
+    the budget is kept first, then throughput, then latency: (1) drop the latency objective;
+    (2) drop the throughput requirement and take the fastest candidate within the budget (those
+    meeting the latency objective preferred); (3) drop the budget and take the lowest-power
+    candidate (the safety guard then clamps the cap)."""
+    nc, nb = shape
+    ok_budget = np.ones(thr.shape, dtype=bool)
     if budget_w is not None:
         ok_budget = (power <= budget_w) & (grid_cap_w * num_gpus <= budget_w + 1e-6)
-    ok_thr = np.ones_like(ok_budget) if required_tok_s is None else thr >= required_tok_s
     ok_lat = np.ones_like(ok_budget) if tpot_slo_s is None else ~(itl > tpot_slo_s)
-    feas = ok_budget & ok_thr & ok_lat
-    if feas.any():
-        if required_tok_s is None:  # no requirement: the fastest, then the most efficient
-            score = np.where(feas, thr + 1e-6 * tpj, -np.inf)
-        else:
-            score = np.where(feas, tpj, -np.inf)
-        return Choice(index=int(np.argmax(score)), mode="ok", feasible=feas, score=score)
-    feas = ok_budget & ok_thr
-    if feas.any():
-        score = np.where(feas, tpj, -np.inf)
-        return Choice(index=int(np.argmax(score)), mode="relaxed_latency", feasible=feas,
-                      score=score)
+    tpj = np.where(power > 0, thr / np.maximum(power, 1e-9), 0.0)
+
+    def fastest(pool: np.ndarray, mode: str) -> Choice:
+        score = np.where(pool, thr + 1e-6 * tpj, -np.inf)
+        return Choice(index=int(np.argmax(score)), mode=mode, feasible=pool, score=score)
+
+    if required_tok_s is None:
+        pool = ok_budget & ok_lat
+        if pool.any():
+            return fastest(pool, "ok")
+    else:
+        op_tok_s = required_tok_s if operating_tok_s is None else min(operating_tok_s,
+                                                                       required_tok_s)
+        meets = thr >= required_tok_s
+        reach = (thr >= op_tok_s).reshape(nc, nb)
+        for mode, extra in (("ok", ok_lat), ("relaxed_latency", np.ones_like(ok_lat))):
+            pool = ok_budget & extra
+            feas = (meets & pool).reshape(nc, nb)
+            if not feas.any():
+                continue
+            # b*(c): first batch of each row reaching the operating throughput
+            first = np.where(feas.any(axis=1), reach.argmax(axis=1), -1)
+            rows = np.nonzero(first >= 0)[0]
+            p2 = power.reshape(nc, nb)
+            row_score = np.full(nc, -np.inf)
+            row_score[rows] = op_tok_s / np.maximum(p2[rows, first[rows]], 1e-9)
+            score2 = np.where(feas, row_score[:, None], -np.inf)
+            # pick the best row, then the largest acceptable batch of that row
+            best_row = int(np.argmax(row_score))
+            j = int(np.nonzero(feas[best_row])[0].max())
+            return Choice(index=best_row * nb + j, mode=mode, feasible=feas.ravel(),
+                          score=score2.ravel(), operating_index=best_row * nb + int(first[best_row]))
     if ok_budget.any():
         pool = ok_budget & ok_lat if (ok_budget & ok_lat).any() else ok_budget
-        score = np.where(pool, thr + 1e-6 * tpj, -np.inf)
-        return Choice(index=int(np.argmax(score)), mode="relaxed_throughput", feasible=pool,
-                      score=score)
+        return fastest(pool, "relaxed_throughput")
     score = -power
     return Choice(index=int(np.argmax(score)), mode="relaxed_budget",
                   feasible=np.zeros_like(ok_budget), score=score)

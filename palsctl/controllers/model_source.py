@@ -5,6 +5,7 @@ written by ``palsctl fit``), or — for experiment configs that name no model fi
 profiled offline on the simulator's presets for the plant's model/GPU/GPU count and the
 workload's mean prompt/output lengths (``palsctl.models.build_model_for``). Building that model
 is offline profiling done once before the run (and memoised), never inside a controller step.
+Controllers call `ensure_model` from ``setup`` when they have no model yet.
 """
 from __future__ import annotations
 
@@ -25,25 +26,44 @@ def load_model(path: str) -> Any:
     return PowerPerfModel.load(path)
 
 
+PROFILE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
 @functools.lru_cache(maxsize=16)
-def _built(model: str, gpu: str, num_gpus: int, prompt_tokens: float, output_tokens: float,
-           points: int) -> Any:
-    from palsctl.models import build_model_for
+def _built(model: str, gpu: str, num_gpus: int, prompt_tokens: int, output_tokens: int,
+           points: int, kind: str) -> Any:
+    """Profile ``points`` space-filling points of 7 caps × batches 1..256 (limited to the
+    plant's range) on the simulated plant and fit a `PowerPerfModel`. Unlike
+    ``build_model_for``'s default 1..64 batch grid, the profile spans the launch batch limit the
+    controllers choose from, so the model interpolates instead of extrapolating there."""
+    from palsctl.models.power_perf import PowerPerfModel
+    from palsctl.models.profile import default_grid, profile_plant, sample_points
+    from palsctl.plants.sim import SimPlant
 
-    return build_model_for(model, gpu, num_gpus, prompt_tokens=prompt_tokens,
-                           output_tokens=output_tokens, points=points)
+    def make(seed: int):
+        return SimPlant(model=model, gpu=gpu, num_gpus=num_gpus, seed=seed)
+
+    probe = make(0)
+    try:
+        caps, batches = default_grid(probe.limits, batches=PROFILE_BATCHES)
+    finally:
+        probe.close()
+    pts = sample_points(caps, batches, points, seed=0)
+    rows = profile_plant(make, pts, warmup_s=20.0, window_s=30.0, prompt_tokens=prompt_tokens,
+                         output_tokens=output_tokens, out_csv=None, seed=0)
+    return PowerPerfModel.fit(rows, kind=kind, seed=0, cv_folds=0)
 
 
-def model_for(plant_info: PlantInfo, *, points: int = 12) -> Any:
+def model_for(plant_info: PlantInfo, *, points: int = 16, kind: str = "parametric") -> Any:
     """An offline model for the plant described by ``plant_info``, profiled on the simulator's
-    presets (memoised per plant and workload lengths)."""
+    presets at the workload's mean prompt/output lengths (memoised per plant and lengths)."""
     if plant_info is None:
         raise ConfigError("a model-based controller needs a model: pass model=, set "
                           "controller.model_path, or run it on a plant whose model/GPU are known")
     prompt = plant_info.prompt_tokens_mean or DEFAULT_PROMPT_TOKENS
     output = plant_info.output_tokens_mean or DEFAULT_OUTPUT_TOKENS
     return _built(plant_info.model, plant_info.gpu, int(plant_info.num_gpus),
-                  float(round(prompt)), float(round(output)), int(points))
+                  max(1, int(round(prompt))), max(1, int(round(output))), int(points), kind)
 
 
 def ensure_model(controller: Any, plant_info: PlantInfo | None = None) -> Any:

@@ -212,7 +212,8 @@ class MPCController(Controller):
             self._linearize(cap_now, b_now)
         thr0, pw0, g_t, g_p = self._lin
         if not m.stale:
-            self._res.update(m, common.predict_point(self.model, cap_now, b_now), b_now)
+            b_eff = common.effective_batch(m, b_now)
+            self._res.update(m, common.predict_point(self.model, cap_now, b_eff))
         thr0c, pw0c = thr0 * self._res.throughput, pw0 * self._res.power
         g_tc, g_pc = g_t * self._res.throughput, g_p * self._res.power
 

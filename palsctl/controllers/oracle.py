@@ -3,7 +3,8 @@
 Simulated plants only (``plant_info.simulated`` must be True): at setup the ground-truth
 saturated steady state of the simulator (`palsctl.plants.sim.steady_state`) is evaluated for
 every (cap, batch) candidate (memoised per plant and workload). Each window it takes the
-candidate with the highest true tokens/J whose true throughput meets the window's requirement
+candidate with the highest true operating tokens/J (see `palsctl.controllers.common.rank`) whose
+true throughput meets the window's requirement
 (target, or the measured demand without one, × (1 + ``margin``), plus the queue-drain rate —
 the same requirement `search` uses), whose power and cap fit the budget and whose p90 ITL meets
 the TPOT objective; when nothing fits it degrades in the same order as `search`. No hysteresis,
@@ -30,7 +31,7 @@ class OracleConfig(ControllerConfig):
     ``cap_step_w``: grid spacing of per-GPU caps; ``drain_s``: queue-drain time;
     ``max_batch``: largest batch considered (None: the plant's launch limit)."""
 
-    margin: float = 0.05
+    margin: float = 0.15
     cap_step_w: float = 10.0
     drain_s: float = 30.0
     max_batch: int | None = None
@@ -73,7 +74,7 @@ def truth_grid(plant_info: PlantInfo, limits: Limits, *, cap_step_w: float = 10.
                           float(round(prompt)), float(round(output)))
     cc, bb = np.meshgrid(caps, batches, indexing="ij")
     return common.Grid(cap_w=cc.ravel(), batch=bb.ravel(), throughput_tok_s=thr, power_w=pw,
-                       itl_p90_s=itl)
+                       itl_p90_s=itl, shape=(caps.size, batches.size))
 
 
 class OracleController(Controller):
@@ -106,12 +107,15 @@ class OracleController(Controller):
         required = common.required_throughput(
             measurement, setpoint, margin=self.config.margin, drain_s=self.config.drain_s,
             output_tokens_mean=self.plant_info.output_tokens_mean)
+        operating = common.required_throughput(
+            measurement, setpoint, margin=0.0, drain_s=self.config.drain_s,
+            output_tokens_mean=self.plant_info.output_tokens_mean)
         budget = setpoint.power_budget_w
         if budget is None:
             budget = setpoint.power_target_w
         choice = common.rank(g.cap_w, g.throughput_tok_s, g.power_w, g.itl_p90_s,
-                             num_gpus=lim.num_gpus, required_tok_s=required, budget_w=budget,
-                             tpot_slo_s=setpoint.tpot_slo_s)
+                             shape=g.shape, num_gpus=lim.num_gpus, required_tok_s=required, budget_w=budget,
+                             tpot_slo_s=setpoint.tpot_slo_s, operating_tok_s=operating)
         i = choice.index
         cap = float(g.cap_w[i])
         if budget is not None:

@@ -65,7 +65,7 @@ class SearchConfig(ControllerConfig):
     """
 
     model_path: str | None = None
-    margin: float = 0.05
+    margin: float = 0.15
     budget_margin: float = 0.02
     cap_step_w: float = 10.0
     max_batch: int | None = None
@@ -144,7 +144,8 @@ class SearchController(Controller):
         b_now = m.max_batch if m.max_batch is not None else (
             g.batch[self._idx] if self._idx is not None else lim.max_batch_max)
         if not m.stale:
-            self._res.update(m, common.predict_point(self.model, cap_now, b_now), b_now)
+            b_eff = common.effective_batch(m, b_now)
+            self._res.update(m, common.predict_point(self.model, cap_now, b_eff))
 
         changed = common.setpoint_changed(self._sp, setpoint)
         if changed:
@@ -154,6 +155,8 @@ class SearchController(Controller):
         out_mean = self.plant_info.output_tokens_mean if self.plant_info is not None else None
         required = common.required_throughput(m, setpoint, margin=cfg.margin,
                                               drain_s=cfg.drain_s, output_tokens_mean=out_mean)
+        operating = common.required_throughput(m, setpoint, margin=0.0, drain_s=cfg.drain_s,
+                                               output_tokens_mean=out_mean)
         budget = setpoint.power_budget_w
         if budget is None and setpoint.power_target_w is not None:
             budget = setpoint.power_target_w  # power-target mode: treat the target as a ceiling
@@ -162,8 +165,8 @@ class SearchController(Controller):
         thr = g.throughput_tok_s * self._res.throughput
         pw = g.power_w * self._res.power
         itl = g.itl_p90_s * self._res.itl
-        choice = common.rank(g.cap_w, thr, pw, itl, num_gpus=n, required_tok_s=required,
-                             budget_w=budget_pred, tpot_slo_s=setpoint.tpot_slo_s)
+        choice = common.rank(g.cap_w, thr, pw, itl, shape=g.shape, num_gpus=n, required_tok_s=required,
+                             budget_w=budget_pred, tpot_slo_s=setpoint.tpot_slo_s, operating_tok_s=operating)
         best = choice.index
         idx = best
         cur = self._idx
@@ -195,11 +198,19 @@ class SearchController(Controller):
         cap = lim.clamp_cap_w(min(base_cap + self._trim_w, cap_ceiling))
         batch = lim.clamp_batch(int(round(g.batch[idx])))
 
+        op = choice.operating_index if choice.operating_index is not None else idx
+        if idx != best and required is not None and np.isfinite(choice.score[idx]):
+            # kept configuration: its operating point is the first feasible batch of its cap
+            row = idx // g.shape[1]
+            feas_row = np.nonzero(choice.feasible[row * g.shape[1]:(row + 1) * g.shape[1]])[0]
+            op = row * g.shape[1] + int(feas_row.min()) if feas_row.size else idx
         self._diag = {
             "mode": choice.mode, "cap_base_w": base_cap, "batch": batch,
             "trim_w": self._trim_w, "required_tok_s": required,
-            "pred_throughput_tok_s": float(thr[idx]), "pred_power_w": float(pw[idx]),
-            "pred_tokens_per_joule": float(thr[idx] / pw[idx]) if pw[idx] > 0 else None,
+            "pred_operating_batch": float(g.batch[op]),
+            "pred_throughput_tok_s": float(thr[idx]), "pred_power_w": float(pw[op]),
+            "pred_tokens_per_joule": (float(required / pw[op]) if required is not None
+                                      else float(thr[idx] / pw[idx])) if pw[op] > 0 else None,
             "feasible_candidates": int(np.count_nonzero(choice.feasible)),
             "switched": bool(switched), **self._res.as_dict(),
         }
