@@ -141,150 +141,215 @@ def _mape(pred: np.ndarray, true: np.ndarray) -> float:
 # Parametric backend
 # --------------------------------------------------------------------------------------------
 
-_POWER_PARAMS = ("p_idle", "p_dyn", "b_half", "g", "eta", "smooth")
-_THR_PARAMS = ("alpha", "m0", "m_moe", "b_moe", "m1", "kappa", "k1", "q", "rho", "lam")
+_POWER_PARAMS = ("p_idle", "d_full", "a_mem", "v0", "r_min", "eta", "f_max")
+_THR_PARAMS = ("m0", "m_moe", "b_moe", "m1", "k1", "s1", "f0", "rho", "lam")
 _ITL_PARAMS = ("a_itl", "d_itl")
-
-
-def _smooth_min(a, b, s):
-    return 0.5 * (a + b - np.sqrt((a - b) ** 2 + s * s))
+_ALL_PARAMS = _POWER_PARAMS + _THR_PARAMS
+_BISECT_STEPS = 7
+_CHUNK_TOKENS = 8192  # vLLM's default chunked-prefill token budget per step
+_MIX_MEM_SHARE = 1.0
+_UNKNOWN_PROMPT, _UNKNOWN_OUTPUT = 1.0, 1e9  # workload not recorded: no prefill steps
 
 
 class _Parametric:
+    """The physically shaped model (see the module docstring). Parameters per GPU, in seconds
+    and watts; ``f_max`` (MHz) is NaN when the profile did not record the SM clock."""
+
     kind = "parametric"
 
     def __init__(self, params: dict[str, float], *, num_gpus: int, workload_ref: dict[str, float]):
         self.params = {k: float(v) for k, v in params.items()}
         self.num_gpus = int(num_gpus)
         self.workload_ref = workload_ref
+        self._x = np.array([self.params[k] for k in _ALL_PARAMS])
 
     # physics ----------------------------------------------------------------------------------
     @staticmethod
-    def _power_gpu(pp, cap, b):
-        p_idle, p_dyn, b_half, g, eta, smooth = pp
-        bg = np.power(b, g)
-        p_nat = p_idle + p_dyn * bg / (bg + b_half ** g)
-        p_gpu = _smooth_min(p_nat, eta * cap, smooth)
-        return p_nat, p_gpu
-
-    @staticmethod
-    def _step_time(tp, b, p_idle, p_nat, p_gpu, prompt, output):
-        alpha, m0, m_moe, b_moe, m1, kappa, k1, q, rho, lam = tp
-        head = np.clip((p_gpu - p_idle) / np.maximum(p_nat - p_idle, 1e-9), 1e-3, 1.0)
-        phi = np.power(head, 1.0 / alpha)
-        inv = 1.0 / phi
+    def _step_parts(x, b, prompt, output):
+        """Clock-independent parts of one step: memory time, compute time and per-sequence
+        time at full clock (s)."""
+        m0, m_moe, b_moe, m1, k1, s1, _f0, rho, lam = x[7:]
         t_mem = (m0 + m_moe * (1.0 - np.exp(-b / b_moe))
                  + m1 * b * (1.0 + lam * (prompt + 0.5 * output) / 1000.0))
-        t_mem = t_mem * (1.0 + kappa * (inv - 1.0))
-        t_cmp = k1 * b * inv * (1.0 + rho * prompt / output)
-        # smooth maximum, computed stably
-        big = np.maximum(t_mem, t_cmp)
-        return big * np.power(np.power(t_mem / big, q) + np.power(t_cmp / big, q), 1.0 / q)
+        t_c1 = k1 * b * (1.0 + rho * prompt / output)
+        t_s1 = s1 * b
+        return t_mem, t_c1, t_s1
 
-    def _split(self):
-        p = self.params
-        return ([p[k] for k in _POWER_PARAMS], [p[k] for k in _THR_PARAMS],
-                [p[k] for k in _ITL_PARAMS])
+    @staticmethod
+    def _at_clock(x, r, t_mem, t_c1, t_s1):
+        """(step time s, per-GPU power W) at clock ratio ``r``: roofline kernel time (memory
+        or compute bound), per-sequence work and a fixed host overhead; the GPU's activity is
+        full while computing, ``a_mem`` while stalled on memory, nil during host overhead."""
+        p_idle, d_full, a_mem, v0 = x[0], x[1], x[2], x[3]
+        f0 = x[13]
+        inv = 1.0 / r
+        tc = t_c1 * inv
+        ts = t_s1 * inv
+        kern = np.maximum(t_mem, tc)
+        t = kern + ts + f0
+        busy = a_mem * (kern - tc) + tc + ts
+        v = np.maximum(r, v0)
+        return t, p_idle + d_full * r * v * v * busy / t
+
+    @classmethod
+    def _solve(cls, x, limit, t_mem, t_c1, t_s1):
+        """(clock ratio, step time, per-GPU power) of steps with the given parts: the firmware
+        runs at the highest clock ratio in [r_min, 1] whose power fits ``limit``."""
+        r_min = x[4]
+        t, power = cls._at_clock(x, 1.0, t_mem, t_c1, t_s1)
+        r = np.ones_like(t)
+        idx = np.nonzero(power > limit)[0]
+        if idx.size:
+            tm, tc1, ts1, lim = t_mem[idx], t_c1[idx], t_s1[idx], limit[idx]
+            lo = np.full(idx.size, r_min)
+            hi = np.ones(idx.size)
+            _, p_lo = cls._at_clock(x, lo, tm, tc1, ts1)
+            p_hi = power[idx]
+            for _ in range(_BISECT_STEPS):
+                mid = 0.5 * (lo + hi)
+                _, pm = cls._at_clock(x, mid, tm, tc1, ts1)
+                below = pm <= lim
+                lo[below], p_lo[below] = mid[below], pm[below]
+                above = ~below
+                hi[above], p_hi[above] = mid[above], pm[above]
+            # two false-position steps inside the bracket (keep r smooth in the parameters);
+            # at the clock floor the draw may exceed the cap
+            for _ in range(2):
+                frac = np.clip((lim - p_lo) / np.maximum(p_hi - p_lo, 1e-12), 0.0, 1.0)
+                rs = lo + frac * (hi - lo)
+                ts_, ps_ = cls._at_clock(x, rs, tm, tc1, ts1)
+                below = ps_ <= lim
+                lo[below], p_lo[below] = rs[below], ps_[below]
+                above = ~below
+                hi[above], p_hi[above] = rs[above], ps_[above]
+            r[idx], t[idx], power[idx] = rs, ts_, ps_
+        return r, t, power
+
+    @classmethod
+    def _core(cls, x, cap, b, prompt, output):
+        """(throughput_tok_s, per-GPU power W, mean clock ratio, mean step time s).
+
+        Saturated chunked-prefill serving: a request finishes every ``output/b`` steps and its
+        prompt is prefilled in a "mixed" step that carries the prompt tokens besides the ``b``
+        decodes; the other steps are pure decode. Each kind of step runs at its own clock."""
+        eta = x[5]
+        shape = np.broadcast_shapes(np.shape(cap), np.shape(b), np.shape(prompt), np.shape(output))
+        cap, b, prompt, output = (np.broadcast_to(np.asarray(v, float), shape).reshape(-1)
+                                  for v in (cap, b, prompt, output))
+        limit = eta * cap
+        pref = b * prompt / output                        # prefill tokens per step, mean
+        chunk = np.minimum(np.maximum(prompt, pref), _CHUNK_TOKENS)
+        mixed = np.minimum(1.0, pref / chunk)             # fraction of mixed steps
+        tm_d, tc_d, ts_d = cls._step_parts(x, b, prompt, output)
+        tm_m, tc_m, ts_m = cls._step_parts(x, b + chunk, prompt, output)
+        tm_m = tm_d + (tm_m - tm_d) * _MIX_MEM_SHARE      # prefill tokens read no KV history
+        ts_m = ts_d + ts_d / b                            # one more sequence in the step
+        n = b.size
+        r, t, p = cls._solve(x, np.concatenate([limit, limit]), np.concatenate([tm_d, tm_m]),
+                             np.concatenate([tc_d, tc_m]), np.concatenate([ts_d, ts_m]))
+        r_d, r_m, t_d, t_m, p_d, p_m = r[:n], r[n:], t[:n], t[n:], p[:n], p[n:]
+        wt_d, wt_m = (1.0 - mixed) * t_d, mixed * t_m
+        t_mean = wt_d + wt_m
+        power = (p_d * wt_d + p_m * wt_m) / t_mean
+        r_mean = (r_d * wt_d + r_m * wt_m) / t_mean
+        thr = b / t_mean
+        return (thr.reshape(shape), power.reshape(shape), r_mean.reshape(shape),
+                t_mean.reshape(shape))
 
     def predict(self, cap, b, prompt, output):
-        pp, tp, ip = self._split()
-        p_nat, p_gpu = self._power_gpu(pp, cap, b)
-        t = self._step_time(tp, b, pp[0], p_nat, p_gpu, prompt, output)
-        thr = b / t
-        itl = ip[0] * t + ip[1]
-        return thr, self.num_gpus * p_gpu, itl
+        thr, power, _r, t = self._core(self._x, cap, b, prompt, output)
+        itl = self.params["a_itl"] * t + self.params["d_itl"]
+        return thr, self.num_gpus * power, itl
 
     # fitting ----------------------------------------------------------------------------------
     @classmethod
     def fit(cls, X: dict[str, np.ndarray], Y: dict[str, np.ndarray], *, num_gpus: int,
-            workload_ref: dict[str, float], varies_workload: bool, seed: int = 0) -> "_Parametric":
+            workload_ref: dict[str, float], varies_workload: bool, seed: int = 0,
+            init: dict[str, float] | None = None) -> "_Parametric":
+        """Joint bounded least squares on log residuals of throughput, power and (when
+        recorded) the SM clock; several starts (only ``init`` when given)."""
         from scipy.optimize import least_squares
 
         cap, b = X["power_cap_w"], X["max_batch"]
         prompt, output = X["prompt_tokens"], X["output_tokens"]
         pw = Y["power_w"] / num_gpus
         thr = Y["throughput_tok_s"]
-        rng = np.random.default_rng(seed)
+        clock = Y.get("sm_clock_mhz")
+        has_clock = clock is not None and bool(np.all(np.isfinite(clock) & (clock > 0)))
+        log_pw, log_thr = np.log(pw), np.log(thr)
+        log_clk = np.log(clock) if has_clock else None
 
-        # --- power: p_idle, p_dyn, b_half, g, eta, smooth
-        pmax = float(np.max(pw))
-        pmin = float(np.min(pw))
-        cap_hi = float(np.max(cap))
-        lo_p = [0.0, 0.0, 0.05, 0.3, 0.7, 0.5]
-        hi_p = [max(pmax, 1.0) * 1.5, 4.0 * max(pmax, 1.0), 4096.0, 4.0, 1.1, 0.5 * cap_hi]
-
-        def res_p(x):
-            _, pg = cls._power_gpu(x, cap, b)
-            return np.log(np.maximum(pg, 1e-9)) - np.log(pw)
-
-        starts_p = [[0.6 * pmin, pmax - 0.6 * pmin, 4.0, 1.0, 1.0, 0.05 * cap_hi],
-                    [0.3 * pmin, 1.5 * pmax, 16.0, 0.7, 0.98, 0.02 * cap_hi],
-                    [0.8 * pmin, pmax, 2.0, 1.5, 0.95, 0.1 * cap_hi]]
-        for _ in range(3):
-            starts_p.append([rng.uniform(0.1, 0.9) * pmin, rng.uniform(0.5, 2.0) * pmax,
-                             float(np.exp(rng.uniform(0, np.log(128)))), rng.uniform(0.5, 2.0),
-                             rng.uniform(0.85, 1.05), rng.uniform(0.01, 0.2) * cap_hi])
-        best_p = None
-        for x0 in starts_p:
-            x0 = np.clip(x0, np.array(lo_p) + 1e-9, np.array(hi_p) - 1e-9)
-            r = least_squares(res_p, x0, bounds=(lo_p, hi_p), loss="soft_l1", f_scale=0.05,
-                              max_nfev=400)
-            if best_p is None or r.cost < best_p.cost:
-                best_p = r
-        pp = best_p.x
-        p_nat, p_gpu = cls._power_gpu(pp, cap, b)
-
-        # --- throughput: alpha, m0, m_moe, b_moe, m1, kappa, k1, q, rho, lam
+        pmin, pmax = float(np.min(pw)), float(np.max(pw))
         t_obs = b / thr
-        t_small = float(np.min(t_obs))
-        t_per_seq = float(np.min(t_obs / b))
-        lo_t = [0.5, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
-        hi_t = [6.0, 10 * float(np.max(t_obs)), 10 * float(np.max(t_obs)), 256.0,
-                10 * t_per_seq + 1e-9, 1.0, 10 * t_per_seq + 1e-9, 16.0,
-                50.0 if varies_workload else 1e-12, 10.0 if varies_workload else 1e-12]
+        tmin, tmax = float(np.min(t_obs)), float(np.max(t_obs))
+        tps = float(np.max(t_obs / b))
+        fmax_obs = float(np.max(clock)) if has_clock else 1.0
+        eps = 1e-12
+        w = 1.0 if varies_workload else 0.0
+        lo = np.array([0.0, 0.0, 0.0, 0.3, 0.02, 0.7, (0.8 * fmax_obs) if has_clock else 1.0,
+                       0.0, 0.0, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+        hi = np.array([pmin, 10.0 * pmax, 1.0, 1.0, 0.9, 1.1,
+                       (2.0 * fmax_obs) if has_clock else 1.0 + eps,
+                       10 * tmax, 10 * tmax, 512.0, 10 * tps, 10 * tps, 10 * tps, 10 * tmax,
+                       50.0 * w + eps, 10.0 * w + eps])
 
-        def res_t(x):
-            t = cls._step_time(x, b, pp[0], p_nat, p_gpu, prompt, output)
-            return np.log(np.maximum(b / t, 1e-12)) - np.log(thr)
+        def residuals(x):
+            t_pred, p_pred, r, _ = cls._core(x, cap, b, prompt, output)
+            parts = [np.log(np.maximum(t_pred, 1e-12)) - log_thr,
+                     np.log(np.maximum(p_pred, 1e-12)) - log_pw]
+            if has_clock:
+                parts.append(0.5 * (np.log(x[6] * r) - log_clk))
+            return np.concatenate(parts)
 
-        starts_t = [[2.0, 0.7 * t_small, 0.2 * t_small, 4.0, 0.2 * t_per_seq, 0.1,
-                     0.8 * t_per_seq, 4.0, 0.0, 0.0],
-                    [3.0, 0.9 * t_small, 0.0, 2.0, 0.05 * t_per_seq, 0.0, t_per_seq, 2.0, 0.0, 0.0],
-                    [1.5, 0.5 * t_small, 0.4 * t_small, 8.0, 0.5 * t_per_seq, 0.3,
-                     0.5 * t_per_seq, 8.0, 0.0, 0.0]]
-        for _ in range(4):
-            starts_t.append([rng.uniform(1.0, 4.0), rng.uniform(0.3, 1.0) * t_small,
-                             rng.uniform(0.0, 0.5) * t_small, rng.uniform(1.0, 16.0),
-                             rng.uniform(0.0, 0.7) * t_per_seq, rng.uniform(0.0, 0.5),
-                             rng.uniform(0.3, 1.2) * t_per_seq, rng.uniform(1.5, 10.0), 0.0, 0.0])
-        if varies_workload:
-            for s in starts_t:
-                s[8], s[9] = 0.1, 0.1
-        best_t = None
-        for x0 in starts_t:
-            x0 = np.clip(x0, np.array(lo_t), np.array(hi_t))
-            x0 = np.minimum(np.maximum(x0, np.array(lo_t) + 1e-15), np.array(hi_t) - 1e-15)
-            r = least_squares(res_t, x0, bounds=(lo_t, hi_t), loss="soft_l1", f_scale=0.05,
-                              max_nfev=600)
-            if best_t is None or r.cost < best_t.cost:
-                best_t = r
-        tp = best_t.x
+        def start(idle_frac, a_mem, v0, b_moe, mem_share, r_min=0.15):
+            return [idle_frac * pmin, 2.0 * pmax, a_mem, v0, r_min, 1.0,
+                    fmax_obs if has_clock else 1.0,
+                    mem_share * tmin, 0.3 * tmin, b_moe, 0.05 * tps, 0.5 * tps, 0.2 * tps,
+                    0.1 * tmin, 0.1 * w, 0.1 * w]
 
-        # --- itl_p90 = a * t_step + d  (linear least squares on relative residuals, a, d >= 0)
-        itl = Y.get("itl_p90_s")
+        rng = np.random.default_rng(seed)
+        if init is not None:
+            starts = [[init[k] for k in _ALL_PARAMS]]
+        else:
+            starts = [start(0.4, 0.5, 0.8, 4.0, 0.6), start(0.25, 0.3, 0.6, 2.0, 0.3),
+                      start(0.6, 0.8, 0.9, 8.0, 0.8)]
+            starts.append(start(rng.uniform(0.1, 0.8), rng.uniform(0.1, 0.9), rng.uniform(0.5, 1.0),
+                                rng.uniform(1.0, 16.0), rng.uniform(0.2, 0.9),
+                                rng.uniform(0.05, 0.4)))
+        best = None
+        for x0 in starts:
+            x0 = np.minimum(np.maximum(np.asarray(x0, float), lo), hi)
+            x0 = np.where(x0 <= lo, lo + 1e-6 * (hi - lo),
+                          np.where(x0 >= hi, hi - 1e-6 * (hi - lo), x0))
+            r = least_squares(residuals, x0, bounds=(lo, hi), x_scale="jac", loss="soft_l1",
+                              f_scale=0.05, diff_step=1e-6,
+                              max_nfev=200 if init is None else 60)
+            if best is None or r.cost < best.cost:
+                best = r
+        x = best.x
+        params = dict(zip(_ALL_PARAMS, map(float, x)))
+        if not has_clock:
+            params["f_max"] = math.nan
+
+        # itl_p90 = a * step_time + d  (least squares on relative residuals, a, d >= 0)
         a_itl, d_itl = math.nan, math.nan
-        if itl is not None and np.isfinite(itl).sum() >= 2:
+        itl = Y.get("itl_p90_s")
+        if itl is not None:
             ok = np.isfinite(itl) & (itl > 0)
-            t = cls._step_time(tp, b, pp[0], p_nat, p_gpu, prompt, output)[ok]
-            w = 1.0 / itl[ok]
-            r = least_squares(lambda x: (x[0] * t + x[1]) * w - 1.0, [1.0, 0.0],
-                              bounds=([0.0, 0.0], [np.inf, np.inf]))
-            a_itl, d_itl = float(r.x[0]), float(r.x[1])
-
-        params = dict(zip(_POWER_PARAMS, map(float, pp)))
-        params.update(zip(_THR_PARAMS, map(float, tp)))
+            if ok.sum() >= 2:
+                t = cls._core(x, cap, b, prompt, output)[3][ok]
+                wi = 1.0 / itl[ok]
+                r = least_squares(lambda z: (z[0] * t + z[1]) * wi - 1.0, [1.0, 0.0],
+                                  bounds=([0.0, 0.0], [np.inf, np.inf]))
+                a_itl, d_itl = float(r.x[0]), float(r.x[1])
         params.update(a_itl=a_itl, d_itl=d_itl)
         return cls(params, num_gpus=num_gpus, workload_ref=workload_ref)
+
+    def init_params(self) -> dict[str, float]:
+        p = dict(self.params)
+        if not math.isfinite(p["f_max"]):
+            p["f_max"] = 1.0
+        return p
 
     def to_json(self) -> dict[str, Any]:
         return {k: (None if not math.isfinite(v) else v) for k, v in self.params.items()}
@@ -294,7 +359,7 @@ class _Parametric:
         if not isinstance(data, Mapping):
             raise ModelFileError("field 'params' must be an object")
         params = {}
-        for k in _POWER_PARAMS + _THR_PARAMS + _ITL_PARAMS:
+        for k in _ALL_PARAMS + _ITL_PARAMS:
             if k not in data:
                 raise ModelFileError(f"missing field 'params.{k}'")
             v = data[k]
@@ -303,6 +368,9 @@ class _Parametric:
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise ModelFileError(f"field 'params.{k}' must be a number, got {v!r}")
             params[k] = float(v)
+        for k in _ALL_PARAMS:
+            if k != "f_max" and not math.isfinite(params[k]):
+                raise ModelFileError(f"field 'params.{k}' must be a finite number")
         return cls(params, num_gpus=num_gpus, workload_ref=workload_ref)
 
 
@@ -584,22 +652,29 @@ class PowerPerfModel:
         if varies and (not np.isfinite(prompt).all() or not np.isfinite(output).all()):
             raise PalsctlError("profile varies prompt/output lengths but some rows lack them")
         # constant workload: fill the reference (1 when unknown: the terms are then inert)
-        prompt = np.where(np.isfinite(prompt), prompt, np.nan_to_num(workload["prompt_tokens"], nan=1.0))
-        output = np.where(np.isfinite(output), output, np.nan_to_num(workload["output_tokens"], nan=1.0))
+        # unknown workload: no prefill steps (the prefill cost is absorbed in the constants)
+        prompt = np.where(np.isfinite(prompt), prompt,
+                          np.nan_to_num(workload["prompt_tokens"], nan=_UNKNOWN_PROMPT))
+        output = np.where(np.isfinite(output), output,
+                          np.nan_to_num(workload["output_tokens"], nan=_UNKNOWN_OUTPUT))
         features = list(BASE_FEATURES) + (list(WORKLOAD_FEATURES) if varies else [])
         X = {"power_cap_w": cap, "max_batch": b, "prompt_tokens": prompt, "output_tokens": output}
         ranges = {f: (float(np.min(X[f])), float(np.max(X[f]))) for f in features}
 
-        def build(idx):
+        clock = _column(rows, "sm_clock_mhz")
+
+        def build(idx, init=None):
             Xi = {k: v[idx] for k, v in X.items()}
             Yi = {k: v[idx] for k, v in Y.items()}
             if kind == "parametric":
+                Yi["sm_clock_mhz"] = clock[idx]
                 return _Parametric.fit(Xi, Yi, num_gpus=num_gpus, workload_ref=workload,
-                                       varies_workload=varies, seed=seed)
+                                       varies_workload=varies, seed=seed, init=init)
             return _Trees.fit(kind, Xi, Yi, features, workload, seed=seed)
 
         n = len(rows)
         backend = build(np.arange(n))
+        init = backend.init_params() if kind == "parametric" else None
         model = cls(kind=kind, backend=backend, num_gpus=num_gpus, features=features,
                     training_ranges=ranges, cv_mape={}, fit_mape={}, plant=plant,
                     workload=workload, n_points=n)
@@ -615,7 +690,7 @@ class PowerPerfModel:
                 train_idx = np.setdiff1d(order, test_idx)
                 if len(train_idx) < 4:
                     continue
-                sub = build(train_idx)
+                sub = build(train_idx, init)
                 out = sub.predict(cap[test_idx], b[test_idx], prompt[test_idx], output[test_idx])
                 for i, t in enumerate(TARGETS):
                     if t in cv_pred:
@@ -654,8 +729,8 @@ class PowerPerfModel:
             np.asarray(power_cap_w, dtype=float), np.asarray(max_batch, dtype=float),
             np.asarray(prompt_tokens, dtype=float), np.asarray(output_tokens, dtype=float))
         if not (np.isfinite(p).all() and np.isfinite(o).all()):
-            p = np.where(np.isfinite(p), p, 1.0)
-            o = np.where(np.isfinite(o), o, 1.0)
+            p = np.where(np.isfinite(p), p, _UNKNOWN_PROMPT)
+            o = np.where(np.isfinite(o), o, _UNKNOWN_OUTPUT)
         return cap, b, p, o
 
     def predict(self, *, power_cap_w, max_batch, prompt_tokens=None,
