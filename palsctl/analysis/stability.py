@@ -42,7 +42,7 @@ __all__ = [
     "FOPDT", "LoopAnalysis", "StepMetrics", "Margins", "StabilityMap", "Recommendation",
     "discrete_plant", "pi_tf", "loop_tf", "margins", "closed_loop_poles", "analyze_loop",
     "step_metrics", "closed_loop", "settling_time_of", "identify_fopdt", "simulate_fopdt_response", "stability_map",
-    "recommend_gains", "plot_stability_map", "critical_gain_scale",
+    "recommend_gains", "plot_stability_map", "critical_gain_scale", "input_excursion",
 ]
 
 #: Settling band of every settling time in this module (fraction of the step), as ct.step_info.
@@ -98,15 +98,18 @@ class FOPDT:
         return asdict(self)
 
 
-def discrete_plant(p: FOPDT) -> ct.StateSpace:
+def discrete_plant(p: FOPDT, *, method: str = "c2d") -> ct.StateSpace:
     """Exact discrete-time model of `FOPDT` ``p`` at ``p.dt_s`` (input held by a ZOH).
 
     Sample ``k`` of the output is the sensor reading taken at ``t = k·dt`` (the mean of the
     output over ``[k·dt − window_s, k·dt]``); input sample ``k`` is applied at ``t = k·dt``
     right after that reading. Built from ``ct.c2d(..., 'zoh')`` of the lag augmented with
     integrators of its output, one call per segment of the period in which the delayed input
-    and the averaging window are constant.
+    and the averaging window are constant. ``method="closed-form"`` computes the same ZOH maps
+    from their closed form (exact for a scalar lag; used inside fitting loops for speed).
     """
+    if method not in ("c2d", "closed-form"):
+        raise ValueError(f"method must be 'c2d' or 'closed-form', got {method!r}")
     T = p.dt_s
     # Continuous lag x' = -x/τ + K/τ · v, output x. τ = 0 is an instant gain: a lag far faster
     # than one period (e^{-T/τ} underflows to 0) has the same sampled behaviour.
@@ -126,12 +129,21 @@ def discrete_plant(p: FOPDT) -> ct.StateSpace:
     # Continuous state s = [x, Zf, Zp]: Zf integrates x over the whole period, Zp over its last
     # w seconds (switched on at T − w). Inputs of a segment: the (delayed) held input v.
     def seg(h: float, zp_on: bool) -> tuple[np.ndarray, np.ndarray]:
-        A = np.array([[a, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0 if zp_on else 0.0, 0.0, 0.0]])
-        B = np.array([[b], [0.0], [0.0]])
         if h <= 0:
             return np.eye(3), np.zeros((3, 1))
-        sysd = ct.c2d(ct.ss(A, B, np.eye(3), np.zeros((3, 1))), h, method="zoh")
-        return np.asarray(sysd.A), np.asarray(sysd.B)
+        if method == "c2d":
+            A = np.array([[a, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0 if zp_on else 0.0, 0.0, 0.0]])
+            B = np.array([[b], [0.0], [0.0]])
+            sysd = ct.c2d(ct.ss(A, B, np.eye(3), np.zeros((3, 1))), h, method="zoh")
+            return np.asarray(sysd.A), np.asarray(sysd.B)
+        # the same ZOH maps in closed form (a scalar lag): fast path for fitting loops
+        e = math.exp(a * h)
+        i1 = (1.0 - e) * tau          # ∫_0^h e^{aσ} dσ
+        on = 1.0 if zp_on else 0.0
+        Ph = np.array([[e, 0.0, 0.0], [i1, 1.0, 0.0], [on * i1, 0.0, 1.0]])
+        gx = p.gain * (1.0 - e)
+        gz = p.gain * (h - i1)
+        return Ph, np.array([[gx], [gz], [on * gz]])
 
     # Breakpoints in the period: θf (delayed input switches from u_{k-d-1} to u_{k-d}) and T − w.
     cuts = sorted({0.0, T, *(t for t in (theta_f, T - w if m else T) if 0.0 < t < T)})
@@ -188,12 +200,17 @@ def discrete_plant(p: FOPDT) -> ct.StateSpace:
     return ct.ss(A, B, C, D, T, inputs=p.input_name, outputs=p.output_name)
 
 
-def simulate_fopdt_response(p: FOPDT, u: np.ndarray) -> np.ndarray:
+def simulate_fopdt_response(p: FOPDT, u: np.ndarray, *, method: str = "c2d") -> np.ndarray:
     """Output samples of `discrete_plant` ``p`` (from rest) for input samples ``u``."""
-    sysd = discrete_plant(p)
-    t = np.arange(len(u)) * p.dt_s
-    resp = ct.forced_response(sysd, T=t, U=np.asarray(u, dtype=float))
-    return np.asarray(resp.outputs, dtype=float).reshape(-1)
+    sysd = discrete_plant(p, method=method)
+    A, B, C, D = (np.asarray(M, dtype=float) for M in (sysd.A, sysd.B, sysd.C, sysd.D))
+    u = np.asarray(u, dtype=float).reshape(-1)
+    x = np.zeros(A.shape[0])
+    y = np.empty(len(u))
+    for k, uk in enumerate(u):
+        y[k] = C[0] @ x + D[0, 0] * uk
+        x = A @ x + B[:, 0] * uk
+    return y
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,12 +432,16 @@ def step_metrics(T_cl: ct.TransferFunction, *, horizon_s: float | None = None,
 
 
 def settling_time_of(t_s: np.ndarray, y_normalised: np.ndarray) -> float:
-    """Settling time (±2 %, ``ct.step_info``'s definition) of a measured response already
-    normalised to go from 0 to 1; ``t_s`` counted from the setpoint step. nan if it never
-    settles within the record."""
-    info = ct.step_info(np.asarray(y_normalised, float), np.asarray(t_s, float), yfinal=1.0,
-                        SettlingTimeThreshold=SETTLING_THRESHOLD)
-    return float(info["SettlingTime"])
+    """Settling time of a measured response already normalised to go from 0 to 1, with
+    ``ct.step_info``'s definition (the time of the first sample after the last one outside
+    ±2 % of the final value 1), ``t_s`` counted from the setpoint step; nan if the record ends
+    outside the band. Unlike ``ct.step_info`` it also answers for a response that never reaches
+    90 % (no rise time)."""
+    y = np.asarray(y_normalised, dtype=float)
+    t = np.asarray(t_s, dtype=float)
+    outside = np.flatnonzero(~(np.abs(y - 1.0) < SETTLING_THRESHOLD))
+    settled = 0 if outside.size == 0 else int(outside[-1]) + 1
+    return float(t[settled]) if settled < len(t) else math.nan
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,6 +546,28 @@ def closed_loop(plant: FOPDT, *, kp: float, ki: float) -> ct.LTI:
     return ct.feedback(ct.series(discrete_plant(plant), pi_tf(kp, ki, plant.dt_s)), 1)
 
 
+def input_excursion(plant: FOPDT, *, kp: float, ki: float, horizon_s: float = 60.0
+                    ) -> tuple[float, float]:
+    """(min, max) of the controller's output (the knob) over the response to a unit setpoint
+    step, as deviations from the operating point (``U/R = C/(1 + C·G)``; the final value is
+    ``1/gain``). With a step of size ``s`` the knob moves within ``s·min .. s·max`` (for
+    ``s > 0``): the linear analysis holds only while that stays inside the actuator's range.
+    nan for an unstable loop."""
+    from scipy.signal import lfilter
+
+    num, den = _loop_polys(plant, kp, ki)
+    if _spectral_radius(ct.tf(num, den, plant.dt_s), 1.0) >= 1.0 - 1e-9:
+        return math.nan, math.nan
+    cn, cd = _polys(pi_tf(kp, ki, plant.dt_s))
+    gn, gd = _plant_polys(plant)
+    # U/R = C/(1 + C G) = cn·gd / (cd·gd + cn·gn)
+    un = np.polymul(cn, gd)
+    ud = np.polyadd(np.polymul(cd, gd), np.polymul(cn, gn))
+    n = int(math.ceil(horizon_s / plant.dt_s)) + 1
+    u = lfilter(un, ud, np.ones(n))
+    return float(min(0.0, u.min())), float(max(0.0, u.max()))
+
+
 # --------------------------------------------------------------------------------------------
 # Identification from a step test
 # --------------------------------------------------------------------------------------------
@@ -562,7 +605,7 @@ def identify_fopdt(y: np.ndarray, u: np.ndarray, *, dt_s: float, window_s: float
     def model(theta: np.ndarray) -> np.ndarray:
         K, tau, delay = theta
         p = FOPDT(gain=K, tau_s=tau, delay_s=delay, dt_s=T, window_s=window_s)
-        return simulate_fopdt_response(p, du)
+        return simulate_fopdt_response(p, du, method="closed-form")
 
     def resid(theta: np.ndarray) -> np.ndarray:
         return model(theta) - dy

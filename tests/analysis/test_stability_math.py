@@ -157,3 +157,22 @@ def test_fopdt_validates():
         FOPDT(gain=1.0, tau_s=-1.0, delay_s=0.0, dt_s=1.0, window_s=1.0)
     with pytest.raises(ValueError):
         FOPDT(gain=1.0, tau_s=1.0, delay_s=0.0, dt_s=0.0, window_s=1.0)
+
+
+@pytest.mark.parametrize("tau,delay,window", [(0.5, 0.0, 1.0), (0.3, 1.4, 0.6), (0.0, 0.5, 2.5)])
+def test_closed_form_zoh_maps_equal_c2d(tau, delay, window):
+    p = FOPDT(gain=-3.0, tau_s=tau, delay_s=delay, dt_s=1.0, window_s=window)
+    a, b = discrete_plant(p), discrete_plant(p, method="closed-form")
+    for m1, m2 in ((a.A, b.A), (a.B, b.B), (a.C, b.C)):
+        np.testing.assert_allclose(np.asarray(m1), np.asarray(m2), atol=1e-9)
+    u = np.r_[0.0, 1.0, 1.0, -2.0, 0.5, 0.5, 0.5]
+    ref = ct.forced_response(a, T=np.arange(len(u)) * 1.0, U=u).outputs
+    np.testing.assert_allclose(simulate_fopdt_response(p, u), np.ravel(ref), atol=1e-9)
+
+
+def test_settling_time_of_data_matches_ct_step_info():
+    from palsctl.analysis.stability import settling_time_of
+    t = np.arange(40) * 0.5
+    y = 1 - np.exp(-t / 2.0) * np.cos(1.3 * t)
+    assert settling_time_of(t, y) == pytest.approx(ct.step_info(y, t, yfinal=1.0)["SettlingTime"])
+    assert math.isnan(settling_time_of(t, 0.5 * y))       # never reaches the band
