@@ -36,7 +36,7 @@ COLUMNS = (
     "model", "gpu", "num_gpus", "simulated",
     "applied_power_cap_w", "applied_max_batch",
     "throughput_tok_s", "prompt_tok_s", "power_w", "energy_j", "tokens_per_joule",
-    "itl_p50_s", "itl_p90_s", "tpot_p50_s", "tpot_p90_s", "ttft_p50_s", "ttft_p90_s",
+    "itl_p90_s", "tpot_p50_s", "tpot_p90_s", "ttft_p50_s", "ttft_p90_s",
     "sm_clock_mhz", "running_mean", "waiting_mean", "requests_completed", "measured_s",
 )
 _TEXT_COLUMNS = {"model", "gpu", "simulated"}
@@ -213,6 +213,16 @@ def _pct(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else math.nan
 
 
+def _output_len(i: int, max_batch: int, output_tokens: int) -> int:
+    """Output length of the ``i``-th request of a point. The first cohort (``max_batch``
+    requests) gets lengths spread evenly over ``1..output_tokens`` so that completions — and
+    the prefills of their successors — are spread uniformly in time, as in a long-running
+    server, instead of marching in lock step; later requests have the configured length."""
+    if i < max_batch:
+        return max(1, int(round(output_tokens * (i + 1) / max_batch)))
+    return int(output_tokens)
+
+
 def _measure_point(plant, power_cap_w: float, max_batch: int, *, warmup_s: float,
                    window_s: float, prompt_tokens: int, output_tokens: int) -> dict[str, Any]:
     applied = plant.apply(Action(power_cap_w=float(power_cap_w), max_batch=int(max_batch)))
@@ -238,7 +248,8 @@ def _measure_point(plant, power_cap_w: float, max_batch: int, *, warmup_s: float
             if outstanding < target:
                 now = plant.now_s if simulated else 0.0
                 reqs = [Request(request_id=next_id + i, arrival_s=now,
-                                prompt_tokens=int(prompt_tokens), output_tokens=int(output_tokens))
+                                prompt_tokens=int(prompt_tokens),
+                                output_tokens=_output_len(next_id + i, max_batch, output_tokens))
                         for i in range(target - outstanding)]
                 try:
                     plant.submit(reqs)
@@ -291,7 +302,7 @@ def _measure_point(plant, power_cap_w: float, max_batch: int, *, warmup_s: float
         applied_max_batch=int(applied.max_batch) if applied.max_batch is not None else int(max_batch),
         throughput_tok_s=thr, prompt_tok_s=win["prompt"] / secs, power_w=power,
         energy_j=win["energy"], tokens_per_joule=thr / power if power > 0 else math.nan,
-        itl_p50_s=_pct(win["itl"], 50), itl_p90_s=_pct(win["itl"], 90),
+        itl_p90_s=float(np.median(win["itl"])) if win["itl"] else math.nan,
         tpot_p50_s=_pct(tpots, 50), tpot_p90_s=_pct(tpots, 90),
         ttft_p50_s=_pct(ttfts, 50), ttft_p90_s=_pct(ttfts, 90),
         sm_clock_mhz=win["clock_w"] / win["clock_s"] if win["clock_s"] > 0 else math.nan,
