@@ -34,6 +34,7 @@ E2E_BUCKETS_S = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
                  60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
 CAP_SETTLE_TAU_S = 0.1     # time constant of the firmware's response to a new power limit
+FW_WINDOW_S = 0.1          # the firmware keeps power averaged over this trailing window ≤ cap
 _DEC, _PREF, _WAIT, _PENDING, _DONE = 0, 1, 2, 3, 4
 
 
@@ -241,8 +242,36 @@ class Engine:
         self.preemptions += 1
         self.waiting.appendleft(s)
 
-    def _firmware_clock(self, cost) -> float:
-        return self.gm.clock_for_cap(cost, self.cap_eff_w)
+    def _firmware_clock(self, cost, n: int = 1) -> float:
+        """Clock ratio for the next ``n`` steps of cost ``cost``: the highest one that keeps the
+        power averaged over the trailing ``FW_WINDOW_S`` (including these steps) within the
+        limit in force. Short bursts above the cap borrow slack from a quieter recent past."""
+        gm = self.gm
+        cap = self.cap_eff_w
+        if gm.power_per_gpu(cost, 1.0) <= cap:
+            return 1.0
+        ws = self.t - FW_WINDOW_S
+        if ws < 0.0:
+            ws = 0.0
+        e_win = (self.energy_j - self.energy_at(ws)) / self.n_gpus
+        t_win = self.t - ws
+
+        def fits(r: float) -> bool:
+            t = gm.step_time(cost, r) * n
+            return e_win + gm.power_per_gpu(cost, r) * t <= cap * (t_win + t)
+
+        if fits(1.0):
+            return 1.0
+        lo, hi = gm.r_min, 1.0
+        if not fits(lo):
+            return lo
+        for _ in range(16):
+            mid = 0.5 * (lo + hi)
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo
 
     def _general_step(self) -> bool:
         """One engine step with prefill/admission; False when there is nothing to do."""
@@ -334,7 +363,7 @@ class Engine:
         ctx0 = self._dec_ctx_base + n * self.dstep
         c0 = gm.step_cost(n, ctx0)
         c1 = gm.step_cost(n, ctx0 + n * (k_max - 1))
-        r = min(self._firmware_clock(c0), self._firmware_clock(c1))
+        r = min(self._firmware_clock(c0, k_max), self._firmware_clock(c1, k_max))
         t0 = gm.step_time(c0, r)
         slope = (gm.step_time(c1, r) - t0) / (k_max - 1)
         # smallest k with k*t0 + slope*k*(k-1)/2 >= T  (the step crossing T ends the leap)

@@ -15,7 +15,7 @@ One engine step on ``N`` GPUs (tensor parallel; expert weights split evenly) cos
 Power per GPU: ``P = P_idle + P_dyn · r · V(r)² · A / t`` with ``V(r) = max(v_floor, r)``
 (voltage stops falling below a fraction of the max clock) and ``A`` the activity-weighted busy
 time: compute and per-sequence time count fully, memory-stalled time with weight
-``mem_activity``. The firmware runs at the highest clock whose power fits the cap.
+``mem_activity``; all-reduce waits and host overhead count as idle. The firmware runs at the highest clock whose power fits the cap.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class PlantConstants:
 @lru_cache(maxsize=1)
 def _committed_calibration() -> dict[str, Any]:
     try:
-        text = resources.files("palsctl.data").joinpath("calibration.json").read_text()
+        text = resources.files("palsctl").joinpath("data/calibration.json").read_text()
     except (FileNotFoundError, ModuleNotFoundError, OSError):
         return {}
     return json.loads(text)
@@ -184,7 +184,7 @@ class GroupModel:
             kern, act = c.t_mem_s, self._a * (c.t_mem_s - tc) + tc
         else:
             kern, act = tc, tc
-        act += ts + self._a * c.t_comm_s
+        act += ts   # all-reduce waits and host overhead: the GPU idles
         t = kern + ts + c.t_comm_s + c.t_fixed_s
         v = r if r > self._v0 else self._v0
         return self.idle_w + self.dyn_w * r * v * v * act / t

@@ -4,8 +4,9 @@ With ``max_batch`` requests always in flight, each of ``prompt_tokens`` prompt a
 ``output_tokens`` generated tokens, one request finishes — and a new one is admitted and
 prefilled — every ``output_tokens / batch`` steps. A fraction of the engine steps therefore
 carries a prefill chunk (a "mixed" step); the others are pure decode steps whose sequences
-hold on average ``prompt + output/2`` tokens of context. Each kind of step runs at the highest
-clock the power cap allows for it (the firmware reacts within a step). This is the same
+hold on average ``prompt + output/2`` tokens of context. All steps run at the highest
+clock the power cap allows for the mix: the firmware holds the power averaged over a short
+window (0.1 s) within the cap. This is the same
 physics as `SimPlant` (`palsctl.plants.sim.gpu.GroupModel`); the plant's saturated runs agree
 with it within a few per cent.
 """
@@ -76,6 +77,31 @@ def _mix_points(n: float, q: float) -> list[tuple[float, float]]:
 _Z21 = tuple(NormalDist().inv_cdf((i + 0.5) / 21) for i in range(21))
 
 
+def _mix_power(gm: GroupModel, costs, r: float) -> float:
+    e = t = 0.0
+    for w, c, _ in costs:
+        dt = gm.step_time(c, r)
+        e += w * dt * gm.power_per_gpu(c, r)
+        t += w * dt
+    return e / t
+
+
+def _mix_clock(gm: GroupModel, costs, cap_w: float) -> float:
+    """Highest clock ratio whose mean power over the step mix fits ``cap_w`` (per GPU)."""
+    if _mix_power(gm, costs, 1.0) <= cap_w:
+        return 1.0
+    lo, hi = gm.r_min, 1.0
+    if _mix_power(gm, costs, lo) >= cap_w:
+        return lo
+    for _ in range(16):
+        mid = 0.5 * (lo + hi)
+        if _mix_power(gm, costs, mid) <= cap_w:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def _wquantile(pairs: list[tuple[float, float]], q: float) -> float:
     """Weighted quantile of sorted (value, weight) pairs."""
     total = sum(w for _, w in pairs)
@@ -97,12 +123,16 @@ def _check_int(name: str, v: object, lo: int) -> int:
 
 def steady_state(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int, max_batch: int,
                  power_cap_w: float | None = None, prompt_tokens: float = 512,
-                 output_tokens: float = 256, *, constants: PlantConstants | None = None,
+                 output_tokens: float = 256, *, output_cv: float = 0.0,
+                 constants: PlantConstants | None = None,
                  max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS) -> SteadyState:
     """The plant's saturated steady state with ``max_batch`` requests always in flight.
 
     ``power_cap_w`` is per GPU (None = the GPU's default limit, its TDP) and must lie within
-    the GPU's limits. ``prompt_tokens``/``output_tokens`` are per request (means).
+    the GPU's limits. ``prompt_tokens``/``output_tokens`` are per request (means);
+    ``output_cv`` is the coefficient of variation of the output length (0 = all equal): the
+    sequences in flight are length-biased, so their mean context is
+    ``prompt + output · (1 + cv²) / 2``.
     """
     m = get_model(model)
     g = get_gpu(gpu)
@@ -126,7 +156,9 @@ def steady_state(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int, max_
         raise ConfigError(f"{m.name} on {n} × {g.name} leaves KV-cache room for "
                           f"{gm.kv_capacity_tokens} tokens, less than one request",
                           key="num_gpus", value=num_gpus)
-    ctx_mean = p + 0.5 * o
+    if not (math.isfinite(output_cv) and output_cv >= 0):
+        raise ConfigError("output_cv must be >= 0", key="output_cv", value=output_cv)
+    ctx_mean = p + 0.5 * o * (1.0 + output_cv * output_cv)
     batch = float(min(b, max(1, math.floor(gm.kv_capacity_tokens / ctx_mean))))
     kv_limited = batch < b
     # `batch / o` requests finish per step and as many are admitted; the number admitted in one
@@ -136,7 +168,7 @@ def steady_state(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int, max_
     pref_steps = max(1, math.ceil(p / budget))       # steps to prefill one prompt
     span = p / pref_steps                             # prompt tokens per sequence per step
     points = _mix_points(batch, min(1.0, pref_steps / o))
-    rows = []   # (weight, step time, power per gpu, clock ratio, decode tokens)
+    costs = []   # (weight, cost, decode tokens)
     for j, wgt in points:
         j = min(j, batch)
         chunk = min(j * span, budget)
@@ -146,8 +178,11 @@ def steady_state(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int, max_
                              j * 0.5 * (p + span), j)
         else:
             c = gm.step_cost(nd, nd * ctx_mean)
-        r = gm.clock_for_cap(c, cap)
-        rows.append((wgt, gm.step_time(c, r), gm.power_per_gpu(c, r), r, nd))
+        costs.append((wgt, c, nd))
+    # the firmware holds the power averaged over a short window within the cap: one clock for
+    # the whole mix of steps, the highest whose mean power fits
+    r = _mix_clock(gm, costs, cap)
+    rows = [(w, gm.step_time(c, r), gm.power_per_gpu(c, r), r, nd) for w, c, nd in costs]
     wsum = sum(x[0] for x in rows)
     t_mean = sum(x[0] * x[1] for x in rows) / wsum
     energy_gpu = sum(x[0] * x[1] * x[2] for x in rows) / wsum
@@ -159,11 +194,11 @@ def steady_state(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int, max_
     by_time = sorted((x[1], x[0] * x[4]) for x in rows)
     itl_med = _wquantile(by_time, 0.5)
     itl_p90 = _wquantile(by_time, 0.9)
-    c90 = gm.step_cost(batch, batch * (p + 0.9 * o))
-    itl_p90 = max(itl_p90, gm.step_time(c90, gm.clock_for_cap(c90, cap)) if
+    c90 = gm.step_cost(batch, batch * (ctx_mean + 0.4 * o))
+    itl_p90 = max(itl_p90, gm.step_time(c90, r) if
                   by_time[0][0] == rows[0][1] and rows[0][0] / wsum > 0.9 else 0.0)
     t_d = rows[0][1] if points[0][0] == 0 else gm.step_time(
-        gm.step_cost(batch, batch * ctx_mean), 1.0)
+        gm.step_cost(batch, batch * ctx_mean), r)
     t_m = max(x[1] for x in rows)
     frac = sum(x[0] for x in rows if x[4] < batch) / wsum
     power = power_gpu * n
