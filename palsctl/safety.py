@@ -87,6 +87,9 @@ def budget_cap_w(limits: Limits, power_budget_w: float | None) -> tuple[float, b
 
 
 def _finite(x: Any) -> bool:
+    t = type(x)
+    if t is float or t is int:  # fast path for the common case
+        return math.isfinite(x)
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
