@@ -307,25 +307,24 @@ class _Parametric:
                     mem_share * tmin, 0.3 * tmin, b_moe, 0.05 * tps, 0.5 * tps, 0.2 * tps,
                     0.1 * tmin, 0.1 * w, 0.1 * w]
 
-        rng = np.random.default_rng(seed)
         if init is not None:
             starts = [[init[k] for k in _ALL_PARAMS]]
         else:
             starts = [start(0.4, 0.5, 0.8, 4.0, 0.6), start(0.25, 0.3, 0.6, 2.0, 0.3),
                       start(0.6, 0.8, 0.9, 8.0, 0.8)]
-            starts.append(start(rng.uniform(0.1, 0.8), rng.uniform(0.1, 0.9), rng.uniform(0.5, 1.0),
-                                rng.uniform(1.0, 16.0), rng.uniform(0.2, 0.9),
-                                rng.uniform(0.05, 0.4)))
-        best = None
-        for x0 in starts:
+
+        def solve(x0, max_nfev):
             x0 = np.minimum(np.maximum(np.asarray(x0, float), lo), hi)
             x0 = np.where(x0 <= lo, lo + 1e-6 * (hi - lo),
                           np.where(x0 >= hi, hi - 1e-6 * (hi - lo), x0))
-            r = least_squares(residuals, x0, bounds=(lo, hi), x_scale="jac", loss="soft_l1",
-                              f_scale=0.05, diff_step=1e-6,
-                              max_nfev=200 if init is None else 60)
-            if best is None or r.cost < best.cost:
-                best = r
+            return least_squares(residuals, x0, bounds=(lo, hi), x_scale="jac", loss="soft_l1",
+                                 f_scale=0.05, diff_step=1e-6, ftol=1e-7, max_nfev=max_nfev)
+
+        # a short run from every start, then the best one refined
+        best = min((solve(x0, 200 if init is None else 80) for x0 in starts),
+                   key=lambda r: r.cost)
+        if init is None and best.status == 0:
+            best = solve(best.x, 200)
         x = best.x
         params = dict(zip(_ALL_PARAMS, map(float, x)))
         if not has_clock:
