@@ -1,0 +1,51 @@
+"""``palsctl emulate``: serve the simulated plant in real time behind vLLM's HTTP interface."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "serve the simulated GPU + vLLM plant in real time (OpenAI API, /metrics, power endpoint)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="llama-3.1-8b", help="model preset (default llama-3.1-8b)")
+    p.add_argument("--gpu", default="h100-sxm", help="GPU preset (default h100-sxm)")
+    p.add_argument("--gpus", type=int, default=1, help="tensor-parallel GPUs (default 1)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="name in /v1/models "
+                   "(default: the model preset)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="launch batch limit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-noise", action="store_true", help="noise-free power readings")
+    p.add_argument("--speedup", type=float, default=1.0, help="plant seconds per wall second")
+    p.add_argument("--batch-file", default=None, help="batch target control file (as read by "
+                   "the vLLM scheduler plugin)")
+    p.add_argument("--duration-s", type=float, default=None,
+                   help="stop after this many seconds (default: until SIGINT/SIGTERM)")
+
+
+def main(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from palsctl.emulator import EmulatorConfig, run_emulator
+    from palsctl.errors import ConfigError
+    from palsctl.plants.sim import SimPlant
+
+    plant = SimPlant(args.model, args.gpu, args.gpus, max_batch_launch=args.max_num_seqs,
+                     seed=args.seed, noise=not args.no_noise)
+    cfg = EmulatorConfig(served_model_name=args.served_model_name or plant.model.name,
+                         host=args.host, port=args.port, speedup=args.speedup,
+                         batch_file=args.batch_file)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    def ready(emu) -> None:
+        print(f"emulating {plant.model.name} on {args.gpus} x {plant.gpu.name} at {emu.url} "
+              f"(model name {cfg.served_model_name!r}; power at {emu.url}/palsctl/power)",
+              flush=True)
+
+    try:
+        asyncio.run(run_emulator(plant, cfg, duration_s=args.duration_s, ready=ready))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen: {exc}", key="--port", value=args.port) from None
+    return 0

@@ -1,0 +1,165 @@
+"""The command lines together, as a user runs them: `palsctl emulate`, `palsctl gateway`,
+`palsctl control` (bounded, dry run, and stopped by SIGTERM with settings restored)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+PALSCTL = [sys.executable, "-m", "palsctl"]
+
+
+def _start(args, pattern):
+    proc = subprocess.Popen(PALSCTL + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    line = proc.stdout.readline()
+    m = re.search(pattern, line)
+    if not m:
+        proc.kill()
+        raise AssertionError(f"unexpected first line {line!r}: {proc.stderr.read()[-2000:]}")
+    return proc, m
+
+
+def _get(url, token=None):
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture()
+def stack(tmp_path):
+    emu, m = _start(["emulate", "--model", "llama-3.1-8b", "--gpu", "h100-sxm", "--port", "0",
+                     "--max-num-seqs", "16", "--served-model-name", "m", "--duration-s", "60"],
+                    r"at (http://127\.0\.0\.1:\d+)")
+    emu_url = m.group(1)
+    token_file = tmp_path / "gw.token"
+    gw, m = _start(["gateway", "--upstream", emu_url, "--listen", "127.0.0.1:0", "--control",
+                    "127.0.0.1:0", "--max-concurrency", "16", "--token-file", str(token_file),
+                    "--duration-s", "60"],
+                   r"gateway (http://\S+) -> \S+; control (http://\S+)")
+    gw_url, ctl_url = m.group(1), m.group(2)
+    cfg = tmp_path / "control.toml"
+    cfg.write_text(f"""
+name = "e2e"
+dt_s = 0.5
+[serving]
+metrics_url = "{emu_url}/metrics"
+model_name = "m"
+power = "emulator"
+emulator_url = "{emu_url}"
+batch = "gateway"
+gateway_control_url = "{ctl_url}"
+gateway_token_file = "gw.token"
+max_batch_launch = 16
+[setpoint]
+power_budget_w = 400.0
+[controller]
+name = "cap-to-budget"
+max_batch = 3
+""")
+    yield dict(emu_url=emu_url, gw_url=gw_url, ctl_url=ctl_url, cfg=cfg,
+               token=token_file.read_text().strip(), tmp=tmp_path)
+    for p in (gw, emu):
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def test_control_bounded_run_applies_and_restores(stack):
+    out = stack["tmp"] / "out"
+    r = subprocess.run(PALSCTL + ["control", str(stack["cfg"]), "--duration-s", "1.5",
+                                  "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "3 steps" in r.stdout and "settings restored" in r.stdout
+    rows = (out / "steps.csv").read_text().splitlines()
+    assert len(rows) == 4
+    header = rows[0].split(",")
+    first = dict(zip(header, rows[1].split(",")))
+    assert float(first["applied_cap_w"]) == 400.0 and int(first["applied_batch"]) == 3
+    # restored
+    assert _get(stack["emu_url"] + "/palsctl/power")["gpus"][0]["power_limit_w"] == 700.0
+    assert _get(stack["ctl_url"] + "/control", stack["token"])["max_concurrency"] == 16
+
+
+def test_control_dry_run_changes_nothing(stack, caplog):
+    r = subprocess.run(PALSCTL + ["control", str(stack["cfg"]), "--duration-s", "1.0",
+                                  "--dry-run", "--out", str(stack["tmp"] / "dry")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "DRY RUN" in r.stderr and "dry run: would set" in r.stderr
+    assert _get(stack["emu_url"] + "/palsctl/power")["gpus"][0]["power_limit_w"] == 700.0
+    assert _get(stack["ctl_url"] + "/control", stack["token"])["max_concurrency"] == 16
+
+
+def test_control_sigterm_restores(stack):
+    proc = subprocess.Popen(PALSCTL + ["control", str(stack["cfg"]), "--out",
+                                       str(stack["tmp"] / "term")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # wait until the first step was applied (the cap changed at the emulator)
+        for line in proc.stderr:
+            if "gateway max_concurrency" in line or "controlling" in line:
+                break
+        for _ in range(5000):   # bounded poll until both knobs were applied
+            cap = _get(stack["emu_url"] + "/palsctl/power")["gpus"][0]["power_limit_w"]
+            batch = _get(stack["ctl_url"] + "/control", stack["token"])["max_concurrency"]
+            if (cap, batch) == (400.0, 3) or proc.poll() is not None:
+                break
+        assert (cap, batch) == (400.0, 3) and proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "settings restored" in out
+    assert _get(stack["emu_url"] + "/palsctl/power")["gpus"][0]["power_limit_w"] == 700.0
+    assert _get(stack["ctl_url"] + "/control", stack["token"])["max_concurrency"] == 16
+
+
+@pytest.mark.parametrize("body, words", [
+    ('name = "x"\n[controller]\nname = "static"\n', "serving"),
+    ('name = "x"\n[serving]\nmetrics_url = "http://127.0.0.1:9/metrics"\nbogus = 1\n'
+     '[controller]\nname = "static"\n', "serving.bogus"),
+    ('name = "x"\n[serving]\nmetrics_url = "http://127.0.0.1:9/metrics"\npower = "emulator"\n'
+     '[controller]\nname = "static"\n', "serving.emulator_url"),
+    ('name = "x"\n[serving]\nmetrics_url = "http://127.0.0.1:9/metrics"\nbatch = "scheduler"\n'
+     '[controller]\nname = "static"\n', "serving.batch_file"),
+    ('name = "x"\n[serving]\nmetrics_url = "ftp://x"\n[controller]\nname = "static"\n',
+     "must be an http"),
+    ('name = "x"\n[serving]\nmetrics_url = "http://127.0.0.1:9/metrics"\n'
+     '[controller]\nname = "nope"\n', "controller.name"),
+])
+def test_bad_control_config_is_one_line_exit_2(tmp_path, body, words):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(body)
+    r = subprocess.run(PALSCTL + ["control", str(cfg)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2
+    assert words in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_control_without_gpu_driver_is_actionable(tmp_path):
+    """power = "nvml" on a machine without a driver: one clear line, exit 2 (on a GPU machine
+    the metrics endpoint is unreachable instead, which is not an error at open)."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('name = "x"\nduration_s = 1.0\n[serving]\n'
+                   'metrics_url = "http://127.0.0.1:9/metrics"\n'
+                   '[controller]\nname = "static"\n')
+    r = subprocess.run(PALSCTL + ["control", str(cfg), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=60)
+    if r.returncode == 2:
+        assert "NVIDIA" in r.stderr or "GPU" in r.stderr
+        assert "Traceback" not in r.stderr
+    else:
+        assert r.returncode == 0 and "stale" in r.stdout
