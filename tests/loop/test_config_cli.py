@@ -160,3 +160,15 @@ def test_show_default_round_trips(capsys):
     assert cfg.name == "default"
     with pytest.raises(ConfigError, match="duration_s"):
         experiment_from_dict({"controller": {"name": "static"}})
+
+
+def test_readme_config_example_is_valid(tmp_path, shared_data):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    toml = re.search(r"```toml\n(.*?)```", readme, re.S).group(1)
+    cfg = load_experiment(write(tmp_path, toml))
+    assert cfg.controller_name == "cap-to-budget" and cfg.workload["kind"] == "trace"
+    sched = build_schedule(cfg, build_workload(cfg))
+    assert 400 <= sched(0).power_budget_w <= 700
