@@ -207,16 +207,21 @@ class Residuals:
 def required_throughput(m: Measurement, sp: Setpoint, *, margin: float, drain_s: float,
                         output_tokens_mean: float | None) -> float | None:
     """Generated tokens/s the configuration must be able to sustain: the target (or, without
-    one, the measured demand) × (1 + margin), plus what drains the waiting queue in ``drain_s``.
+    one, the measured demand) × (1 + margin), plus what drains the waiting queue in ``drain_s``
+    (at most half the target; only when the measured demand does not exceed the target).
     None when neither a target nor a demand is known (then the fastest configuration that fits
     the budget and the latency objective is chosen). ``margin=0`` gives the expected operating
     throughput."""
     base = sp.throughput_tok_s if sp.throughput_tok_s is not None else m.demand_tok_s
     if base is None or not math.isfinite(base):
         return None
-    req = max(base, 0.0) * (1.0 + margin)
-    if m.waiting > 0 and output_tokens_mean and drain_s > 0:
-        req += m.waiting * output_tokens_mean / drain_s
+    base = max(base, 0.0)
+    req = base * (1.0 + margin)
+    # drain the queue only when it can be drained: the offered load is not above the target
+    # (under a saturating load the target, not the queue, is what the operator asked for)
+    drainable = m.demand_tok_s is None or m.demand_tok_s <= base * (1.0 + max(margin, 0.05))
+    if m.waiting > 0 and output_tokens_mean and drain_s > 0 and drainable:
+        req += min(m.waiting * output_tokens_mean / drain_s, 0.5 * base)
     return req
 
 
@@ -248,8 +253,10 @@ def rank(grid_cap_w: np.ndarray, thr: np.ndarray, power: np.ndarray, itl: np.nda
     energy bill pays. So each cap is scored by its *operating* tokens/J,
     ``operating / power(c, b*(c))``; every batch limit of that cap whose capacity meets the
     (larger) requirement, the latency objective and the budget gets that score. The best cap
-    wins, with the largest such batch limit (headroom for bursts costs no energy in steady
-    state). Without a requirement the fastest candidate is chosen.
+    wins, with the smallest such batch limit: under a saturating load the plant runs at its
+    batch limit, so the limit is what bounds the energy; under a lighter load the margin between
+    the requirement and the operating throughput absorbs bursts. Without a requirement the
+    fastest candidate is chosen.
 
     Constraints: predicted throughput (capacity at the batch limit) ≥ required, predicted power ≤ budget and cap × GPUs ≤
     budget, predicted p90 ITL ≤ TPOT objective. **Degradation order** when nothing is feasible —
@@ -289,9 +296,9 @@ def rank(grid_cap_w: np.ndarray, thr: np.ndarray, power: np.ndarray, itl: np.nda
             row_score = np.full(nc, -np.inf)
             row_score[rows] = op_tok_s / np.maximum(p2[rows, first[rows]], 1e-9)
             score2 = np.where(feas, row_score[:, None], -np.inf)
-            # pick the best row, then the largest acceptable batch of that row
+            # pick the best row; its batch limit is the smallest that meets the requirement
             best_row = int(np.argmax(row_score))
-            j = int(np.nonzero(feas[best_row])[0].max())
+            j = int(np.nonzero(feas[best_row])[0].min())
             return Choice(index=best_row * nb + j, mode=mode, feasible=feas.ravel(),
                           score=score2.ravel(), operating_index=best_row * nb + int(first[best_row]))
     if ok_budget.any():
