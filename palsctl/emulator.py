@@ -206,7 +206,7 @@ class Emulator:
         self._wall_t0 = self._clock()
         self._plant_t0 = self.plant.now_s
         self._tick_event = asyncio.Event()
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
