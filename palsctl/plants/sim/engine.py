@@ -20,7 +20,7 @@ import math
 from bisect import bisect_left
 from collections import deque
 
-from palsctl.plants.sim.gpu import GroupModel
+from palsctl.plants.sim.gpu import GroupModel, StepCost
 from palsctl.types import Request, RequestResult
 
 __all__ = ["Engine", "Histogram", "TTFT_BUCKETS_S", "ITL_BUCKETS_S", "E2E_BUCKETS_S"]
@@ -273,6 +273,15 @@ class Engine:
                 hi = mid
         return lo
 
+    @staticmethod
+    def _chunk(s: _Seq, budget: int, free: int) -> int:
+        """Prefill tokens of ``s`` this step; a chunk that completes the prompt also needs a
+        KV slot for the first generated token."""
+        c = min(s.need - s.done, budget, free)
+        if s.done + c >= s.need and c >= free:
+            c = free - 1
+        return c
+
     def _general_step(self) -> bool:
         """One engine step with prefill/admission; False when there is nothing to do."""
         preempted = False
@@ -285,21 +294,25 @@ class Engine:
         for s in self._pref.values():
             if budget <= 0 or free <= 0:
                 break
-            c = min(s.need - s.done, budget, free)
+            c = self._chunk(s, budget, free)
+            if c <= 0:
+                break
             chunks.append((s, c))
             budget -= c
-            free -= c
+            free -= c + (s.done + c >= s.need)
         if not preempted:
             w = self.waiting
             while w and len(self.running) < self.max_batch and budget > 0 and free > 0:
+                c = self._chunk(w[0], budget, free)
+                if c <= 0:
+                    break
                 s = w.popleft()
                 s.state = _PREF
                 self.running[s.rid] = s
                 self._pref[s.rid] = s
-                c = min(s.need, budget, free)
                 chunks.append((s, c))
                 budget -= c
-                free -= c
+                free -= c + (s.done + c >= s.need)
         n_dec = self.dec_n
         if not n_dec and not chunks:
             return False
@@ -379,7 +392,8 @@ class Engine:
         if k < 1:
             k = 1
         dur = k * t0 + slope * k * (k - 1) * 0.5
-        cm = gm.step_cost(n, ctx0 + n * 0.5 * (k - 1))
+        f = 0.5 * (k - 1) / (k_max - 1)     # mid-leap cost (the cost is affine in context)
+        cm = StepCost(*(a + f * (b - a) for a, b in zip(c0, c1)))
         self._segment(dur, gm.power_per_gpu(cm, r) * self.n_gpus, r)
         self.dstep += k
         self.gen_tokens += n * k

@@ -24,7 +24,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from palsctl.errors import ConfigError
 from palsctl.plants.sim.specs import GPUSpec, ModelSpec
@@ -86,8 +86,7 @@ def default_constants() -> PlantConstants:
     return PlantConstants()
 
 
-@dataclass(frozen=True, slots=True)
-class StepCost:
+class StepCost(NamedTuple):
     """Clock-independent parts of one engine step on one GPU (seconds at max clock)."""
 
     t_mem_s: float

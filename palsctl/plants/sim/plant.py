@@ -69,9 +69,13 @@ class PlantCounters:
 
 
 def _p90(values: list[float]) -> float | None:
+    """90th percentile with linear interpolation (numpy's default method)."""
     if not values:
         return None
-    return float(np.percentile(np.asarray(values, dtype=float), 90.0))
+    v = sorted(values)
+    x = 0.9 * (len(v) - 1)
+    i = int(x)
+    return v[i] if i + 1 >= len(v) else v[i] + (v[i + 1] - v[i]) * (x - i)
 
 
 class SimPlant(SimulatedPlant):
