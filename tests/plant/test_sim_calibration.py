@@ -1,0 +1,134 @@
+"""The committed calibration meets its targets; the calibrate command; HF config parsing."""
+import json
+from importlib import resources
+
+import pytest
+
+from palsctl.cli import main as cli_main
+from palsctl.errors import ConfigError
+from palsctl.plants.sim import ModelSpec, PlantConstants, default_constants, get_model
+from palsctl.plants.sim import calibration as cal
+
+
+@pytest.fixture(scope="module")
+def rows(shared_data):
+    return cal.load_rows(shared_data / cal.DATA_RELATIVE)
+
+
+def test_default_plant_uses_committed_constants():
+    text = resources.files("palsctl").joinpath("data/calibration.json").read_text()
+    committed = json.loads(text)["constants"]
+    assert default_constants() == PlantConstants(**committed)
+    assert default_constants() != PlantConstants()
+
+
+def test_committed_calibration_meets_targets(rows):
+    report = cal.evaluate(default_constants(), rows)
+    assert report["h100"]["rows"] >= 150
+    assert cal.check_report(report) == []
+    assert report["h100"]["mape_throughput"] <= 0.10
+    assert report["h100"]["mape_power"] <= 0.10
+    assert report["h100"]["mape_itl"] <= 0.12
+
+
+@pytest.mark.slow
+def test_leave_one_family_out_within_20_percent(rows):
+    out = cal.leave_one_family_out(rows, default_constants())
+    assert set(out["lofo"]) >= {"llama", "qwen3", "qwen3-moe", "gpt-oss", "gemma3"}
+    for fam, v in out["lofo"].items():
+        for key in ("mape_throughput", "mape_power", "mape_itl"):
+            assert v[key] <= 0.20, (fam, key, v[key])
+
+
+def test_check_report_flags_a_bad_plant(rows):
+    bad = PlantConstants(bw_eff=0.4, flops_eff=0.9, dyn_power_frac=2.5, v_floor=0.95)
+    fails = cal.check_report(cal.evaluate(bad, rows))
+    assert any("H100" in f for f in fails) and any("A100" in f for f in fails)
+
+
+def test_cli_check_passes_and_writes_json(tmp_path, capsys, shared_data):
+    out = tmp_path / "report.json"
+    rc = cli_main(["calibrate", "--check", "--no-lofo", "--quiet", "--json", str(out),
+                   "--data", str(shared_data / cal.DATA_RELATIVE)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "all calibration targets met" in text and "H100" in text
+    rep = json.loads(out.read_text())
+    assert len(rep["rows_h100"]) == rep["h100"]["rows"]
+
+
+def test_cli_missing_data_file_is_one_line_error(tmp_path, capsys):
+    rc = cli_main(["calibrate", "--check", "--data", str(tmp_path / "nope.csv")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope.csv" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_wrong_csv_is_one_line_error(tmp_path, capsys):
+    f = tmp_path / "x.csv"
+    f.write_text("a,b\n1,2\n")
+    rc = cli_main(["calibrate", "--check", "--data", str(f)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "missing columns" in err
+
+
+# ---- Hugging Face configs ------------------------------------------------------------------
+MIXTRAL = {"architectures": ["MixtralForCausalLM"], "hidden_size": 4096,
+           "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
+           "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+           "vocab_size": 32000, "tie_word_embeddings": False, "model_type": "mixtral"}
+QWEN3_MOE = {"hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32,
+             "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
+             "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+             "vocab_size": 151936, "tie_word_embeddings": False}
+DEEPSEEK = {"hidden_size": 2048, "num_hidden_layers": 28, "num_attention_heads": 16,
+            "num_key_value_heads": 16, "intermediate_size": 10944,
+            "moe_intermediate_size": 1408, "n_routed_experts": 64, "num_experts_per_tok": 6,
+            "n_shared_experts": 2, "first_k_dense_replace": 1, "vocab_size": 102400}
+LLAMA8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+           "num_hidden_layers": 32, "num_key_value_heads": 8, "vocab_size": 128256}
+
+
+@pytest.mark.parametrize("cfg, preset, params_b", [
+    (MIXTRAL, "mixtral-8x7b", 46.7), (QWEN3_MOE, "qwen3-30b-a3b", 30.5),
+    (DEEPSEEK, "deepseek-moe-16b", 16.4), (LLAMA8B, "llama-3.1-8b", 8.03),
+])
+def test_from_hf_config_matches_presets_and_published_sizes(cfg, preset, params_b):
+    m = ModelSpec.from_hf_config(cfg, name="x")
+    p = get_model(preset)
+    for f in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+              "num_experts", "experts_per_token", "moe_intermediate_size",
+              "shared_intermediate_size", "num_dense_layers"):
+        assert getattr(m, f) == getattr(p, f), f
+    assert m.total_params / 1e9 == pytest.approx(params_b, rel=0.03)
+    assert m.weight_bytes == pytest.approx(2 * m.total_params)
+
+
+def test_published_active_params():
+    # published "activated" counts include the input embedding (a gather, not FLOPs)
+    def act(name):
+        m = get_model(name)
+        return (m.active_params + m.vocab_size * m.hidden_size) / 1e9
+    assert act("mixtral-8x7b") == pytest.approx(12.9, rel=0.03)
+    assert act("qwen3-30b-a3b") == pytest.approx(3.3, rel=0.03)
+    assert get_model("olmoe-1b-7b").total_params / 1e9 == pytest.approx(6.9, rel=0.03)
+    assert get_model("gpt-oss-20b").total_params / 1e9 == pytest.approx(20.9, rel=0.05)
+
+
+@pytest.mark.parametrize("missing", ["hidden_size", "num_hidden_layers", "num_attention_heads",
+                                     "vocab_size", "num_experts_per_tok"])
+def test_from_hf_config_missing_field_names_it(missing):
+    cfg = dict(MIXTRAL)
+    del cfg[missing]
+    with pytest.raises(ConfigError, match=missing):
+        ModelSpec.from_hf_config(cfg, name="mixtral")
+
+
+def test_from_hf_config_bad_values():
+    with pytest.raises(ConfigError, match="hidden_size"):
+        ModelSpec.from_hf_config({**LLAMA8B, "hidden_size": "big"}, name="x")
+    with pytest.raises(ConfigError, match="intermediate_size"):
+        ModelSpec.from_hf_config({k: v for k, v in LLAMA8B.items() if k != "intermediate_size"},
+                                 name="x")
+    with pytest.raises(ConfigError):
+        ModelSpec.from_hf_config([1, 2], name="x")
