@@ -77,13 +77,14 @@ class _Lazy(Workload):
         self.mean_prompt_tokens = prompt.mean()
         self.mean_output_tokens = output.mean()
 
-    def _more_times(self, n: int) -> np.ndarray:
+    def _more_times(self, n: int) -> tuple[np.ndarray, float]:
+        """At least ``n`` (for Poisson exactly ``n``) next arrival times after ``_t_gen``, and the
+        time up to which arrivals are now complete."""
         raise NotImplementedError
 
     def _extend(self, t_s: float) -> None:
         while self._t_gen <= t_s:
-            new = self._more_times(self._CHUNK)
-            self._t_gen = float(new[-1])
+            new, self._t_gen = self._more_times(self._CHUNK)
             self._times = np.concatenate([self._times, new])
             self._prompt = np.concatenate([self._prompt, self.prompt.sample(self._rng, len(new))])
             self._output = np.concatenate([self._output, self.output.sample(self._rng, len(new))])
@@ -108,8 +109,9 @@ class PoissonWorkload(_Lazy):
         super().__init__(prompt, output, seed)
         self.rate_req_s = float(rate_req_s)
 
-    def _more_times(self, n: int) -> np.ndarray:
-        return self._t_gen + np.cumsum(self._rng.exponential(1.0 / self.rate_req_s, n))
+    def _more_times(self, n: int) -> tuple[np.ndarray, float]:
+        times = self._t_gen + np.cumsum(self._rng.exponential(1.0 / self.rate_req_s, n))
+        return times, float(times[-1])
 
 
 class MMPPWorkload(_Lazy):
@@ -134,23 +136,26 @@ class MMPPWorkload(_Lazy):
         self._state = int(self._rng.choice(len(rates), p=np.array(dwell) / sum(dwell)))
         self._state_end = float(self._rng.exponential(dwell[self._state]))
 
-    def _more_times(self, n: int) -> np.ndarray:
-        out: list[float] = []
-        t = self._t_gen
+    def _more_times(self, n: int) -> tuple[np.ndarray, float]:
+        # one state sojourn at a time: given its length d, a Poisson process of rate r puts
+        # Poisson(r·d) arrivals uniformly in it (vectorised per sojourn)
         rng, rates, dwell = self._rng, self.rates_req_s, self.mean_dwell_s
-        while len(out) < n:
-            r = rates[self._state]
-            gap = rng.exponential(1.0 / r) if r > 0 else math.inf
-            if t + gap < self._state_end:
-                t += gap
-                out.append(t)
-            else:  # memoryless: restart the clock at the state change
-                t = self._state_end
-                if len(rates) > 1:
-                    nxt = int(rng.integers(len(rates) - 1))
-                    self._state = nxt if nxt < self._state else nxt + 1
-                self._state_end = t + float(rng.exponential(dwell[self._state]))
-        return np.array(out)
+        parts: list[np.ndarray] = []
+        count = 0
+        t = self._t_gen
+        while count < n:
+            end = self._state_end
+            if end > t:
+                k = int(rng.poisson(rates[self._state] * (end - t)))
+                if k:
+                    parts.append(t + np.sort(rng.uniform(0.0, end - t, k)))
+                    count += k
+            t = end
+            if len(rates) > 1:
+                nxt = int(rng.integers(len(rates) - 1))
+                self._state = nxt if nxt < self._state else nxt + 1
+            self._state_end = t + float(rng.exponential(dwell[self._state]))
+        return np.concatenate(parts), t
 
 
 @dataclass(frozen=True, kw_only=True)
