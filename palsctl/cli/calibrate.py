@@ -16,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write", metavar="PATH",
                         help="write the fitted constants file (the committed one is "
                              "palsctl/data/calibration.json)")
+    parser.add_argument("--plot", metavar="PATH", help="write a measured-vs-simulated PNG")
     parser.add_argument("--no-lofo", action="store_true",
                         help="skip the leave-one-family-out refits")
     parser.add_argument("--quiet", action="store_true", help="print the summary only, no row table")
@@ -75,6 +76,9 @@ def main(args: argparse.Namespace) -> int:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1)
             fh.write("\n")
+    if args.plot:
+        cal.plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
     if args.write:
         cal.save_constants(report, args.write)
         print(f"wrote {args.write}")

@@ -354,3 +354,48 @@ def save_constants(report: dict[str, Any], path: str | Path) -> None:
     keep["schema"] = 1
     keep["source"] = DATA_RELATIVE
     Path(path).write_text(json.dumps(keep, indent=2, sort_keys=True) + "\n")
+
+
+def plot_report(report: dict[str, Any], path: str | Path) -> None:
+    """Measured vs simulated (throughput, power, median ITL; H100 fitted, B200 reported) and the
+    A100 power-cap curves, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.4))
+    panels = (("thr", "throughput (tok/s)", 1.0), ("power", "power, all GPUs (W)", 1.0),
+              ("itl", "median ITL (ms)", 1e3))
+    for ax, (key, label, scale) in zip(axes[:3], panels):
+        for rows, color, name in ((report["rows_b200"], "tab:orange", "B200 (not fitted)"),
+                                  (report["rows_h100"], "tab:blue", "H100 (fitted)")):
+            xs = [r[f"{key}_meas"] * scale for r in rows]
+            ys = [r[f"{key}_sim"] * scale for r in rows]
+            ax.scatter(xs, ys, s=10, alpha=0.7, color=color, label=name)
+        lo = min(min(r[f"{key}_meas"], r[f"{key}_sim"]) for r in report["rows_h100"]) * scale
+        hi = max(max(r[f"{key}_meas"], r[f"{key}_sim"]) for r in report["rows_h100"]) * scale
+        ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+        ax.plot([lo, hi], [0.9 * lo, 0.9 * hi], "k:", lw=0.6)
+        ax.plot([lo, hi], [1.1 * lo, 1.1 * hi], "k:", lw=0.6)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"measured {label}")
+        ax.set_ylabel(f"simulated {label}")
+        ax.set_title(f"H100 median |err| {report['h100']['mape_' + {'thr': 'throughput', 'power': 'power', 'itl': 'itl'}[key]]:.1%}")
+    axes[0].legend(fontsize=8)
+    a = report["a100_caps"]
+    ax = axes[3]
+    if "b64_tokens_per_joule" in a:
+        base = a["b64_tokens_per_joule"][-1]
+        ax.plot(a["caps_w"], [v / base for v in a["b64_tokens_per_joule"]], "-", label="tokens/J (rel. 400 W)")
+        thr0 = a["b64_throughput_tok_s"][-1]
+        ax.plot(a["caps_w"], [v / thr0 for v in a["b64_throughput_tok_s"]], "--",
+                label="throughput (rel. 400 W)")
+        ax.axvline(a["peak_cap_w"], color="gray", lw=0.6)
+        ax.set_xlabel("power cap per GPU (W)")
+        ax.set_title("mixtral-8x7b, 4×A100, batch 64, 100/5 tokens")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

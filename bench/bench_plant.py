@@ -1,0 +1,112 @@
+"""Benchmarks of the simulated plant: steady_state latency and trace-replay speed.
+
+    python bench/bench_plant.py [--repeats 3]
+
+Prints medians; figures go to the "Plant" section of bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import statistics
+import time
+from datetime import datetime
+
+from palsctl.paths import data_file
+from palsctl.plants.sim import SimPlant, steady_state
+from palsctl.plants.sim.steady import group_model
+from palsctl.types import Request
+
+STEADY_CASES = [
+    ("llama-3.1-8b", "h100-sxm", 1, 8, None, 200, 600),
+    ("qwen3-30b-a3b", "h100-sxm", 2, 512, None, 200, 900),
+    ("mixtral-8x7b", "a100-sxm4-80gb", 4, 64, 200, 100, 5),
+    ("qwen3-32b", "h100-sxm", 2, 384, None, 1500, 250),
+]
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+    return f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}"
+
+
+def bench_steady(repeats: int) -> None:
+    for case in STEADY_CASES:
+        model, gpu, n, b, cap, p, o = case
+        steady_state(model, gpu, n, b, cap, p, o)  # warm the GroupModel cache
+        per_call = []
+        for _ in range(repeats):
+            k = 200
+            t0 = time.perf_counter()
+            for _ in range(k):
+                steady_state(model, gpu, n, b, cap, p, o)
+            per_call.append((time.perf_counter() - t0) / k)
+        # first call for a new configuration (GroupModel built, no cache)
+        cold = []
+        for _ in range(repeats):
+            group_model.cache_clear()
+            t0 = time.perf_counter()
+            steady_state(model, gpu, n, b, cap, p, o)
+            cold.append(time.perf_counter() - t0)
+        print(f"steady_state {model} {n}x{gpu} batch {b} cap {cap}: "
+              f"median {1e3 * statistics.median(per_call):.3f} ms/call "
+              f"(cold {1e3 * statistics.median(cold):.3f} ms)")
+
+
+def load_azure(name: str) -> list[Request]:
+    path = data_file(f"azure-llm-2023/AzureLLMInferenceTrace_{name}.csv")
+    out = []
+    t0 = None
+    with open(path, newline="") as fh:
+        for i, r in enumerate(csv.DictReader(fh)):
+            t = datetime.fromisoformat(r["TIMESTAMP"][:26]).timestamp()
+            t0 = t if t0 is None else t0
+            out.append(Request(request_id=i, arrival_s=t - t0,
+                               prompt_tokens=max(1, int(r["ContextTokens"])),
+                               output_tokens=max(1, int(r["GeneratedTokens"]))))
+    return out
+
+
+def bench_trace(repeats: int, model: str, gpu: str, n: int) -> None:
+    reqs = load_azure("conv")
+    duration = reqs[-1].arrival_s + 60.0
+    speed = []
+    for _ in range(repeats):
+        plant = SimPlant(model, gpu, n, seed=0)
+        t0 = time.perf_counter()
+        plant.submit(reqs)
+        t = 0.0
+        while t < duration:
+            plant.advance(1.0)
+            plant.read()
+            plant.completed()
+            t += 1.0
+        wall = time.perf_counter() - t0
+        speed.append(duration / wall)
+        done = plant.engine.finished
+    print(f"Azure conv trace ({len(reqs)} requests, {duration:.0f} s) on {model} {n}x{gpu}, "
+          f"1 s control loop: median {statistics.median(speed):.0f}x real time "
+          f"(runs: {', '.join(f'{s:.0f}' for s in speed)}; {done} finished)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    print(machine())
+    bench_steady(args.repeats)
+    bench_trace(args.repeats, "mixtral-8x7b", "a100-sxm4-80gb", 4)
+    bench_trace(args.repeats, "llama-3.1-70b", "h100-sxm", 4)
+
+
+if __name__ == "__main__":
+    main()
