@@ -187,3 +187,22 @@ def test_all_presets_construct_and_run():
         p.submit(_backlog(50, prompt=100, output=20))
         p.advance(2.0)
         assert p.read().throughput_tok_s > 0, name
+
+
+def test_request_longer_than_kv_cache_is_refused_not_lost():
+    p = SimPlant("llama-3.1-8b", "h100-sxm", 1, noise=False)
+    cap = p.engine.kv_cap
+    p.submit([Request(request_id=1, arrival_s=0.0, prompt_tokens=cap, output_tokens=10),
+              Request(request_id=2, arrival_s=0.0, prompt_tokens=10, output_tokens=10)])
+    p.advance(1.0)
+    assert p.rejected == 1 and p.progress(1) == (0, True)
+    assert [r.request_id for r in p.completed()] == [2]
+
+
+def test_submit_rejects_bad_requests():
+    p = SimPlant("llama-3.1-8b", "h100-sxm", 1)
+    with pytest.raises(ConfigError):
+        p.submit([Request(request_id=1, arrival_s=0.0, prompt_tokens=0, output_tokens=5)])
+    p.submit([Request(request_id=3, arrival_s=0.0, prompt_tokens=5, output_tokens=5)])
+    with pytest.raises(ConfigError, match="duplicate"):
+        p.submit([Request(request_id=3, arrival_s=1.0, prompt_tokens=5, output_tokens=5)])

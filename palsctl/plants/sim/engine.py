@@ -137,7 +137,8 @@ class Engine:
             raise ValueError(f"duplicate request_id {req.request_id}")
         s = _Seq(req)
         if s.prompt + s.output > self.kv_cap:
-            self.rejected += 1
+            self.rejected += 1                 # vLLM refuses a request longer than the cache
+            self.done_tokens[s.rid] = 0
             return False
         self.seqs[s.rid] = s
         self._order += 1

@@ -230,8 +230,14 @@ class SimPlant(SimulatedPlant):
         self._done_idx = len(self._eng.results)
         return res
 
+    @property
+    def rejected(self) -> int:
+        """Requests refused at submission because they can never fit the KV cache."""
+        return self._eng.rejected
+
     def progress(self, request_id: int) -> tuple[int, bool]:
-        """(tokens generated so far, finished?) of a submitted request."""
+        """(tokens generated so far, finished?) of a submitted request; a refused request
+        reports (0, True) and never appears in `completed`."""
         try:
             return self._eng.progress(request_id)
         except KeyError:
