@@ -93,6 +93,27 @@ class Grid:
         return int(np.argmin(d))
 
 
+    def interp(self, cap_w: float, batch: float) -> tuple[float, float, float]:
+        """(throughput, power, p90 ITL) at one configuration, bilinear in (cap, log batch)
+        between grid points (clamped to the grid): a few microseconds, no model call."""
+        nc, nb = self.shape
+        caps = self.cap_w[::nb]
+        lb = np.log(self.batch[:nb])
+        x, y = float(cap_w), math.log(max(float(batch), 1e-9))
+        i = int(min(max(np.searchsorted(caps, x) - 1, 0), nc - 2)) if nc > 1 else 0
+        j = int(min(max(np.searchsorted(lb, y) - 1, 0), nb - 2)) if nb > 1 else 0
+        fx = 0.0 if nc == 1 else min(max((x - caps[i]) / (caps[i + 1] - caps[i]), 0.0), 1.0)
+        fy = 0.0 if nb == 1 else min(max((y - lb[j]) / (lb[j + 1] - lb[j]), 0.0), 1.0)
+        out = []
+        for arr in (self.throughput_tok_s, self.power_w, self.itl_p90_s):
+            a = arr.reshape(nc, nb)
+            i1, j1 = min(i + 1, nc - 1), min(j + 1, nb - 1)
+            v = ((1 - fx) * (1 - fy) * a[i, j] + fx * (1 - fy) * a[i1, j]
+                 + (1 - fx) * fy * a[i, j1] + fx * fy * a[i1, j1])
+            out.append(float(v))
+        return out[0], out[1], out[2]
+
+
 def _field(pred: Any, name: str, n: int) -> np.ndarray:
     v = getattr(pred, name, None)
     if v is None:
@@ -243,7 +264,8 @@ class Choice:
 def rank(grid_cap_w: np.ndarray, thr: np.ndarray, power: np.ndarray, itl: np.ndarray, *,
          shape: tuple[int, int], num_gpus: int, required_tok_s: float | None,
          budget_w: float | None, tpot_slo_s: float | None,
-         operating_tok_s: float | None = None) -> Choice:
+         operating_tok_s: float | None = None, batch_headroom: float = 0.0,
+         batch_values: np.ndarray | None = None) -> Choice:
     """Choose a (cap, batch limit) from predicted saturated steady states on a cap × batch grid
     (row-major ``shape = (caps, batches)``, batches increasing along a row).
 
@@ -296,9 +318,15 @@ def rank(grid_cap_w: np.ndarray, thr: np.ndarray, power: np.ndarray, itl: np.nda
             row_score = np.full(nc, -np.inf)
             row_score[rows] = op_tok_s / np.maximum(p2[rows, first[rows]], 1e-9)
             score2 = np.where(feas, row_score[:, None], -np.inf)
-            # pick the best row; its batch limit is the smallest that meets the requirement
+            # pick the best row; its batch limit is the smallest that meets the requirement,
+            # raised by ``batch_headroom`` (fraction of the batch) within the acceptable ones
             best_row = int(np.argmax(row_score))
-            j = int(np.nonzero(feas[best_row])[0].min())
+            ok_j = np.nonzero(feas[best_row])[0]
+            j = int(ok_j.min())
+            if batch_headroom > 0 and batch_values is not None:
+                want = batch_values[best_row * nb + j] * (1.0 + batch_headroom)
+                cand = ok_j[batch_values[best_row * nb + ok_j] <= want + 1e-9]
+                j = int(cand.max()) if cand.size else j
             return Choice(index=best_row * nb + j, mode=mode, feasible=feas.ravel(),
                           score=score2.ravel(), operating_index=best_row * nb + int(first[best_row]))
     if ok_budget.any():

@@ -63,7 +63,7 @@ class MPCConfig(ControllerConfig):
     max_cap_rate_w_per_s: float = 50.0
     max_batch_rate_per_s: float = 32.0
     trust_region: float = 0.3
-    relinearize_tol: float = 0.01
+    relinearize_tol: float = 0.02
     solver: str = "OSQP"
     fallback_solver: str | None = "CLARABEL"
     residual_alpha: float = 0.2
@@ -100,44 +100,56 @@ class MPCConfig(ControllerConfig):
 
 
 class _QP:
-    """The parametrised QP, built once per (horizon, weights)."""
+    """The parametrised QP, built once per (horizon, weights). Knob trajectories ``xc`` (cap)
+    and ``xb`` (batch), scaled; moves ``dc``/``db`` as helper variables; every parameter enters
+    multiplied by a variable at most once (DPP). Bounds and trust region are merged in numpy into
+    one interval per knob."""
 
     def __init__(self, cfg: MPCConfig) -> None:
         import cvxpy as cp
 
         N = cfg.horizon
-        self.x = cp.Variable((N, 2), name="x")
+        self.xc = cp.Variable(N, name="cap")
+        self.xb = cp.Variable(N, name="batch")
+        self.dc = cp.Variable(N, name="cap_move")
+        self.db = cp.Variable(N, name="batch_move")
         self.s = cp.Variable(N, nonneg=True, name="shortfall")
-        self.d = cp.Variable((N, 2), name="move")
-        self.x_prev = cp.Parameter(2, name="x_prev")
-        self.center = cp.Parameter(2, name="trust_center")
-        self.g_t = cp.Parameter(2, name="g_throughput")   # normalised by r_ref
-        self.g_p = cp.Parameter(2, name="g_power")        # normalised by P_ref
+        self.prev_c = cp.Parameter(name="cap_prev")
+        self.prev_b = cp.Parameter(name="batch_prev")
+        self.gt_c = cp.Parameter(name="dthroughput_dcap")    # scaled, normalised by r_ref
+        self.gt_b = cp.Parameter(name="dthroughput_dbatch")
+        self.gp_c = cp.Parameter(name="dpower_dcap")         # scaled, normalised by P_ref
+        self.gp_b = cp.Parameter(name="dpower_dbatch")
         self.c_t = cp.Parameter(name="c_throughput")
         self.c_p = cp.Parameter(name="c_power")
-        self.req = cp.Parameter(name="required")          # required / r_ref
-        self.p_max = cp.Parameter(name="power_max")       # budget / P_ref
-        self.x_lo = cp.Parameter(2, name="x_lo")
-        self.x_hi = cp.Parameter(2, name="x_hi")
-        self.rate = cp.Parameter(2, nonneg=True, name="rate")
+        self.req = cp.Parameter(name="required")             # required / r_ref
+        self.p_max = cp.Parameter(name="power_max")          # budget / P_ref
+        self.lo_c = cp.Parameter(name="cap_lo")
+        self.hi_c = cp.Parameter(name="cap_hi")
+        self.lo_b = cp.Parameter(name="batch_lo")
+        self.hi_b = cp.Parameter(name="batch_hi")
+        self.rate_c = cp.Parameter(nonneg=True, name="cap_rate")
+        self.rate_b = cp.Parameter(nonneg=True, name="batch_rate")
         self.w_short = cp.Parameter(nonneg=True, name="w_short")  # 0 when there is no target
         self.w_short2 = cp.Parameter(nonneg=True, name="w_short2")
-        thr = self.c_t + self.x @ self.g_t
-        pw = self.c_p + self.x @ self.g_p
-        prev = cp.vstack([cp.reshape(self.x_prev, (1, 2), order="C"), self.x[:-1, :]]) \
-            if N > 1 else cp.reshape(self.x_prev, (1, 2), order="C")
+        shift = np.eye(N, k=-1)  # row k picks x_{k-1}
+        e0 = np.zeros(N)
+        e0[0] = 1.0
+        thr = self.c_t + self.gt_c * self.xc + self.gt_b * self.xb
+        pw = self.c_p + self.gp_c * self.xc + self.gp_b * self.xb
         cons = [
-            self.d == self.x - prev,
+            self.dc == self.xc - shift @ self.xc - e0 * self.prev_c,
+            self.db == self.xb - shift @ self.xb - e0 * self.prev_b,
             pw <= self.p_max,
             self.s >= self.req - thr,
-            self.x >= np.ones((N, 1)) @ cp.reshape(self.x_lo, (1, 2), order="C"),
-            self.x <= np.ones((N, 1)) @ cp.reshape(self.x_hi, (1, 2), order="C"),
-            cp.abs(self.d) <= np.ones((N, 1)) @ cp.reshape(self.rate, (1, 2), order="C"),
-            cp.abs(self.x - np.ones((N, 1)) @ cp.reshape(self.center, (1, 2), order="C"))
-            <= cfg.trust_region,
+            self.xc >= self.lo_c, self.xc <= self.hi_c,
+            self.xb >= self.lo_b, self.xb <= self.hi_b,
+            self.dc <= self.rate_c, -self.dc <= self.rate_c,
+            self.db <= self.rate_b, -self.db <= self.rate_b,
         ]
         cost = (cfg.w_energy * cp.sum(pw) + self.w_short * cp.sum(self.s)
-                + self.w_short2 * cp.sum_squares(self.s) + cfg.w_move * cp.sum_squares(self.d))
+                + self.w_short2 * cp.sum_squares(self.s)
+                + cfg.w_move * (cp.sum_squares(self.dc) + cp.sum_squares(self.db)))
         self.problem = cp.Problem(cp.Minimize(cost), cons)
 
 
@@ -166,8 +178,8 @@ class MPCController(Controller):
         ensure_model(self, plant_info)
         if self._qp is None:
             self._qp = _QP(self.config)
-        # the grid is only used to bound the batch by the latency objective
-        self._grid = common.model_grid(self.model, limits, cap_step_w=25.0)
+        # the grid bounds the batch by the latency objective and gives the residuals' reference
+        self._grid = common.model_grid(self.model, limits, cap_step_w=10.0)
         super().setup(limits=limits, dt_s=dt_s, plant_info=plant_info)
 
     def reset(self) -> None:
@@ -187,7 +199,7 @@ class MPCController(Controller):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             g = self.model.gradients(float(cap_w), float(batch))
-        thr, pw, _ = common.predict_point(self.model, cap_w, batch)
+        thr, pw, _ = self._grid.interp(cap_w, batch)
         cs, bs = self._scale()
         g_t = np.array([float(g.dthroughput_dcap) * cs, float(g.dthroughput_dbatch) * bs])
         g_p = np.array([float(g.dpower_dcap) * cs, float(g.dpower_dbatch) * bs])
@@ -207,13 +219,18 @@ class MPCController(Controller):
             self._last.power_cap_w if self._last is not None else lim.power_cap_default_w)
         b_now = float(m.max_batch) if m.max_batch is not None else (
             float(self._last.max_batch) if self._last is not None else float(lim.max_batch_max))
+        # a cap above what the GPUs draw does nothing: the *effective* cap is the drawn power
+        # (per GPU) when it is below the cap. Linearising there (left derivative) keeps the
+        # cap's sensitivities visible instead of a flat zero above the natural draw.
+        if not m.stale and m.power_w > 0:
+            cap_now = max(lim.power_cap_min_w, min(cap_now, 1.02 * m.power_w / n))
         x_now = np.array([cap_now / cs, b_now / bs])
         if self._u0 is None or np.max(np.abs(x_now - self._u0)) > cfg.relinearize_tol:
             self._linearize(cap_now, b_now)
         thr0, pw0, g_t, g_p = self._lin
         if not m.stale:
             b_eff = common.effective_batch(m, b_now)
-            self._res.update(m, common.predict_point(self.model, cap_now, b_eff))
+            self._res.update(m, self._grid.interp(cap_now, b_eff))
         thr0c, pw0c = thr0 * self._res.throughput, pw0 * self._res.power
         g_tc, g_pc = g_t * self._res.throughput, g_p * self._res.power
 
@@ -239,20 +256,23 @@ class MPCController(Controller):
         x_hi = np.array([cap_hi / cs, b_hi / bs])
         # moves are counted from the knobs in force brought inside the bounds: a budget step
         # down is met at once (the budget always wins over the rate limit)
-        qp.x_prev.value = np.clip(x_now, x_lo, x_hi)
-        qp.center.value = np.clip(u0, x_lo, x_hi)
-        qp.g_t.value = g_tc / r_ref
-        qp.g_p.value = g_pc / p_ref
+        x_prev = np.clip(x_now, x_lo, x_hi)
+        center = np.clip(u0, x_lo, x_hi)
+        lo = np.maximum(x_lo, center - cfg.trust_region)
+        hi = np.minimum(x_hi, center + cfg.trust_region)
+        qp.prev_c.value, qp.prev_b.value = float(x_prev[0]), float(x_prev[1])
+        qp.lo_c.value, qp.hi_c.value = float(lo[0]), float(hi[0])
+        qp.lo_b.value, qp.hi_b.value = float(lo[1]), float(hi[1])
+        gt, gp = g_tc / r_ref, g_pc / p_ref
+        qp.gt_c.value, qp.gt_b.value = float(gt[0]), float(gt[1])
+        qp.gp_c.value, qp.gp_b.value = float(gp[0]), float(gp[1])
         qp.c_t.value = float((thr0c - g_tc @ u0) / r_ref)
         qp.c_p.value = float((pw0c - g_pc @ u0) / p_ref)
         qp.req.value = float((required or 0.0) / r_ref)
         p_max = math.inf if budget is None else budget * (1 - cfg.budget_margin)
-        # power always fits when the cap times the GPUs does; keep the constraint feasible
         qp.p_max.value = float(min(max(p_max, 0.0), 10 * p_ref) / p_ref)
-        qp.x_lo.value = x_lo
-        qp.x_hi.value = x_hi
-        qp.rate.value = np.array([cfg.max_cap_rate_w_per_s * dt / cs,
-                                  cfg.max_batch_rate_per_s * dt / bs])
+        qp.rate_c.value = cfg.max_cap_rate_w_per_s * dt / cs
+        qp.rate_b.value = cfg.max_batch_rate_per_s * dt / bs
         qp.w_short.value = cfg.w_short if required is not None else 0.0
         qp.w_short2.value = cfg.w_short2 if required is not None else 0.0
 
@@ -266,15 +286,16 @@ class MPCController(Controller):
             except Exception as exc:  # solver errors are reported, never raised
                 status = f"error: {type(exc).__name__}"
             solver = name.upper()
-            if status in ("optimal", "optimal_inaccurate") and qp.x.value is not None:
+            if status in ("optimal", "optimal_inaccurate") and qp.xc.value is not None:
                 break
         solve_s = time.perf_counter() - t0
 
-        if status in ("optimal", "optimal_inaccurate") and qp.x.value is not None \
-                and np.all(np.isfinite(qp.x.value)):
-            x1 = qp.x.value[0]
-            cap = lim.clamp_cap_w(min(float(x1[0]) * cs, cap_hi))
-            batch = lim.clamp_batch(int(round(float(x1[1]) * bs)))
+        ok = status in ("optimal", "optimal_inaccurate") and qp.xc.value is not None \
+            and qp.xb.value is not None and np.isfinite(qp.xc.value[0]) \
+            and np.isfinite(qp.xb.value[0])
+        if ok:
+            cap = lim.clamp_cap_w(min(float(qp.xc.value[0]) * cs, cap_hi))
+            batch = lim.clamp_batch(int(round(float(qp.xb.value[0]) * bs)))
             held = False
         else:  # hold the last action (or what is in force), never above the budget
             cap = lim.clamp_cap_w(min(cap_now, cap_hi))

@@ -2,14 +2,15 @@
 
 Each control step:
 
-1. **Residual correction.** The offline model's prediction at the configuration in force is
-   compared with the measurement; an EWMA of measured/predicted per output (throughput, power,
-   p90 ITL) rescales every candidate's prediction. Throughput and latency residuals are only
-   learned while the plant is saturated (requests waiting or the batch limit reached): otherwise
-   the measured throughput is the offered load, not the configuration's capacity.
+1. **Residual correction.** The offline model's prediction at the cap in force and the
+   *effective* batch (the running count, or the batch limit when saturated — the model's
+   saturated steady state for that batch is the plant's operating point) is compared with the
+   measurement; an EWMA of measured/predicted per output (throughput, power, p90 ITL) rescales
+   every candidate's prediction.
 2. **Ranking.** Every (cap, batch) candidate of the grid (caps every ``cap_step_w`` between the
    plant's limits × batch limits 1..16 then coarser up to the launch limit) is ranked by
-   corrected predicted tokens/J subject to
+   corrected predicted *operating* tokens/J (the power at the batch where the cap just delivers
+   the target; see `palsctl.controllers.common.rank`) subject to
 
    * predicted throughput ≥ required = target × (1 + ``margin``) (+ the rate that drains the
      waiting queue within ``drain_s``); without a target the measured demand is used;
@@ -24,10 +25,12 @@ Each control step:
 3. **Hysteresis and dwell.** The configuration in use is kept while it stays feasible and its
    score is within ``hysteresis`` (relative) of the best, and for at least ``dwell_s`` after a
    switch unless it becomes infeasible or the setpoint changes.
-4. **Cap trim.** A small integral term on the relative throughput shortfall (measured below the
-   target while saturated) adds up to ``trim_max_w`` to the cap; it leaks away at
-   ``trim_leak_per_s`` when there is no shortfall, stops integrating when the cap is at its
-   upper bound (anti-windup) and resets to 0 on a setpoint change.
+4. **Cap trim.** An integral term on the relative throughput shortfall (measured below the
+   target while the demand exists: requests waiting or offered load ≥ target) adds up to
+   ``trim_max_w`` to the cap — a faster clock also shortens the prefill stalls that make
+   windows fall short under bursty arrivals. It leaks away at ``trim_leak_per_s`` when there is
+   no shortfall, stops integrating when the cap is at its upper bound (anti-windup) and resets
+   to 0 on a setpoint change.
 
 Vectorised: the grid is predicted once at ``setup``; a step is a handful of numpy operations over
 it (well under 1 ms for ~1,500 candidates).
@@ -60,8 +63,10 @@ class SearchConfig(ControllerConfig):
     trim integral gain, watts per second per unit relative shortfall; ``trim_max_w``: trim bound;
     ``trim_leak_per_s``: trim decay rate without shortfall. ``hysteresis``: relative score gain
     needed to leave the configuration in use; ``dwell_s``: minimum time between voluntary
-    switches. ``drain_s``: time to drain the waiting queue. ``dt_s``: control period it is tuned
-    for (None: any).
+    switches. ``drain_s``: time to drain the waiting queue. ``batch_headroom``: the batch limit
+    is the smallest meeting the requirement raised by this fraction (None: the largest batch of
+    the chosen cap that meets the latency objective and the budget — free burst headroom).
+    ``dt_s``: control period it is tuned for (None: any).
     """
 
     model_path: str | None = None
@@ -71,12 +76,13 @@ class SearchConfig(ControllerConfig):
     max_batch: int | None = None
     residual_alpha: float = 0.2
     residual_bound: float = 2.0
-    trim_gain_w_per_s: float = 40.0
-    trim_max_w: float = 60.0
+    trim_gain_w_per_s: float = 60.0
+    trim_max_w: float = 100.0
     trim_leak_per_s: float = 0.05
     hysteresis: float = 0.03
     dwell_s: float = 5.0
     drain_s: float = 30.0
+    batch_headroom: float | None = None
     dt_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -95,6 +101,7 @@ class SearchConfig(ControllerConfig):
         common.check_number(self.hysteresis, "hysteresis", lo=0, hi=1)
         common.check_number(self.dwell_s, "dwell_s", lo=0)
         common.check_number(self.drain_s, "drain_s", lo=0)
+        common.check_number(self.batch_headroom, "batch_headroom", lo=0, allow_none=True)
         common.check_number(self.dt_s, "dt_s", lo=0, lo_open=True, allow_none=True)
 
 
@@ -145,7 +152,7 @@ class SearchController(Controller):
             g.batch[self._idx] if self._idx is not None else lim.max_batch_max)
         if not m.stale:
             b_eff = common.effective_batch(m, b_now)
-            self._res.update(m, common.predict_point(self.model, cap_now, b_eff))
+            self._res.update(m, self._grid.interp(cap_now, b_eff))
 
         changed = common.setpoint_changed(self._sp, setpoint)
         if changed:
@@ -166,7 +173,9 @@ class SearchController(Controller):
         pw = g.power_w * self._res.power
         itl = g.itl_p90_s * self._res.itl
         choice = common.rank(g.cap_w, thr, pw, itl, shape=g.shape, num_gpus=n, required_tok_s=required,
-                             budget_w=budget_pred, tpot_slo_s=setpoint.tpot_slo_s, operating_tok_s=operating)
+                             budget_w=budget_pred, tpot_slo_s=setpoint.tpot_slo_s, operating_tok_s=operating,
+                             batch_headroom=math.inf if cfg.batch_headroom is None
+                             else cfg.batch_headroom, batch_values=g.batch)
         best = choice.index
         idx = best
         cur = self._idx
@@ -187,7 +196,9 @@ class SearchController(Controller):
         target = setpoint.throughput_tok_s
         base_cap = float(g.cap_w[idx])
         shortfall = 0.0
-        if target is not None and target > 0 and common.is_saturated(m, b_now) and not m.stale:
+        demand_exists = m.waiting > 0 or (m.demand_tok_s is not None and target is not None
+                                          and m.demand_tok_s >= target)
+        if target is not None and target > 0 and demand_exists and not m.stale:
             shortfall = max(0.0, (target - m.throughput_tok_s) / target)
         if shortfall > 0 and base_cap + self._trim_w < cap_ceiling:
             self._trim_w += cfg.trim_gain_w_per_s * dt * shortfall
