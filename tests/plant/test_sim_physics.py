@@ -172,9 +172,14 @@ def test_conservation_and_nothing_lost_on_preemption(seed, n, batch, dt):
     p.submit(reqs)
     eng = p.engine
     done = []
+    e_prev = 0.0
     for k in range(400):
+        if k < 100 and k % 7 == 0:   # the knobs move while requests are in flight
+            p.apply(Action(power_cap_w=rnd.uniform(100, 800), max_batch=rnd.randint(0, 64)))
         p.advance(dt if k < 100 else 20.0)
         m = p.read()
+        assert m.energy_j >= e_prev and m.power_w >= 0.999 * p.gpu.idle_w
+        e_prev = m.energy_j
         done += p.completed()
         assert eng.arrived == eng.finished + m.running + m.waiting
         assert eng.kv_used <= eng.kv_cap and 0 <= m.kv_usage <= 1
