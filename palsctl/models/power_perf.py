@@ -146,8 +146,8 @@ _THR_PARAMS = ("m0", "m_moe", "b_moe", "m1", "k1", "s1", "f0", "rho", "lam")
 _ITL_PARAMS = ("a_itl", "d_itl")
 _ALL_PARAMS = _POWER_PARAMS + _THR_PARAMS
 _BISECT_STEPS = 7
+_FALSE_POSITION_STEPS = 2
 _CHUNK_TOKENS = 8192  # vLLM's default chunked-prefill token budget per step
-_MIX_MEM_SHARE = 1.0
 _UNKNOWN_PROMPT, _UNKNOWN_OUTPUT = 1.0, 1e9  # workload not recorded: no prefill steps
 
 
@@ -192,47 +192,26 @@ class _Parametric:
         return t, p_idle + d_full * r * v * v * busy / t
 
     @classmethod
-    def _solve(cls, x, limit, t_mem, t_c1, t_s1):
-        """(clock ratio, step time, per-GPU power) of steps with the given parts: the firmware
-        runs at the highest clock ratio in [r_min, 1] whose power fits ``limit``."""
-        r_min = x[4]
-        t, power = cls._at_clock(x, 1.0, t_mem, t_c1, t_s1)
-        r = np.ones_like(t)
-        idx = np.nonzero(power > limit)[0]
-        if idx.size:
-            tm, tc1, ts1, lim = t_mem[idx], t_c1[idx], t_s1[idx], limit[idx]
-            lo = np.full(idx.size, r_min)
-            hi = np.ones(idx.size)
-            _, p_lo = cls._at_clock(x, lo, tm, tc1, ts1)
-            p_hi = power[idx]
-            for _ in range(_BISECT_STEPS):
-                mid = 0.5 * (lo + hi)
-                _, pm = cls._at_clock(x, mid, tm, tc1, ts1)
-                below = pm <= lim
-                lo[below], p_lo[below] = mid[below], pm[below]
-                above = ~below
-                hi[above], p_hi[above] = mid[above], pm[above]
-            # two false-position steps inside the bracket (keep r smooth in the parameters);
-            # at the clock floor the draw may exceed the cap
-            for _ in range(2):
-                frac = np.clip((lim - p_lo) / np.maximum(p_hi - p_lo, 1e-12), 0.0, 1.0)
-                rs = lo + frac * (hi - lo)
-                ts_, ps_ = cls._at_clock(x, rs, tm, tc1, ts1)
-                below = ps_ <= lim
-                lo[below], p_lo[below] = rs[below], ps_[below]
-                above = ~below
-                hi[above], p_hi[above] = rs[above], ps_[above]
-            r[idx], t[idx], power[idx] = rs, ts_, ps_
-        return r, t, power
+    def _mix_at(cls, x, r, parts, mixed):
+        """(mean step time s, mean per-GPU power W) of the step mix at clock ratio ``r``;
+        ``parts``: (t_mem, t_c1, t_s1), each stacked (decode steps, mixed steps) x points;
+        ``mixed``: fraction of mixed steps."""
+        t, p = cls._at_clock(x, r, *parts)
+        w_d = (1.0 - mixed) * t[0]
+        w_m = mixed * t[1]
+        tt = w_d + w_m
+        return tt, (p[0] * w_d + p[1] * w_m) / tt
 
     @classmethod
     def _core(cls, x, cap, b, prompt, output):
-        """(throughput_tok_s, per-GPU power W, mean clock ratio, mean step time s).
+        """(throughput_tok_s, per-GPU power W, clock ratio, mean step time s).
 
         Saturated chunked-prefill serving: a request finishes every ``output/b`` steps and its
-        prompt is prefilled in a "mixed" step that carries the prompt tokens besides the ``b``
-        decodes; the other steps are pure decode. Each kind of step runs at its own clock."""
-        eta = x[5]
+        prompt is prefilled in a "mixed" step that carries the prompt tokens besides the
+        decodes; the other steps are pure decode. The firmware holds the power averaged over
+        its window within the cap: one clock for the mix, the highest in [r_min, 1] whose mean
+        power fits ``eta * cap`` (at the clock floor the draw may exceed the cap)."""
+        r_min, eta = x[4], x[5]
         shape = np.broadcast_shapes(np.shape(cap), np.shape(b), np.shape(prompt), np.shape(output))
         cap, b, prompt, output = (np.broadcast_to(np.asarray(v, float), shape).reshape(-1)
                                   for v in (cap, b, prompt, output))
@@ -241,20 +220,42 @@ class _Parametric:
         chunk = np.minimum(np.maximum(prompt, pref), _CHUNK_TOKENS)
         mixed = np.minimum(1.0, pref / chunk)             # fraction of mixed steps
         tm_d, tc_d, ts_d = cls._step_parts(x, b, prompt, output)
-        tm_m, tc_m, ts_m = cls._step_parts(x, b + chunk, prompt, output)
-        tm_m = tm_d + (tm_m - tm_d) * _MIX_MEM_SHARE      # prefill tokens read no KV history
-        ts_m = ts_d + ts_d / b                            # one more sequence in the step
-        n = b.size
-        r, t, p = cls._solve(x, np.concatenate([limit, limit]), np.concatenate([tm_d, tm_m]),
-                             np.concatenate([tc_d, tc_m]), np.concatenate([ts_d, ts_m]))
-        r_d, r_m, t_d, t_m, p_d, p_m = r[:n], r[n:], t[:n], t[n:], p[:n], p[n:]
-        wt_d, wt_m = (1.0 - mixed) * t_d, mixed * t_m
-        t_mean = wt_d + wt_m
-        power = (p_d * wt_d + p_m * wt_m) / t_mean
-        r_mean = (r_d * wt_d + r_m * wt_m) / t_mean
-        thr = b / t_mean
-        return (thr.reshape(shape), power.reshape(shape), r_mean.reshape(shape),
-                t_mean.reshape(shape))
+        tm_m, tc_m, _ = cls._step_parts(x, b + chunk, prompt, output)
+        # mixed steps: the chunk's tokens add compute (and experts); one more sequence
+        parts = (np.stack([tm_d, tm_m]), np.stack([tc_d, tc_m]), np.stack([ts_d, ts_d + ts_d / b]))
+        t, power = cls._mix_at(x, 1.0, parts, mixed)
+        r = np.ones_like(t)
+        idx = np.nonzero(power > limit)[0]
+        if idx.size:
+            ps = tuple(v[:, idx] for v in parts)
+            mx, lim = mixed[idx], limit[idx]
+            lo = np.full(idx.size, r_min)
+            hi = np.ones(idx.size)
+            _, p_lo = cls._mix_at(x, lo, ps, mx)
+            p_hi = power[idx]
+            for _ in range(_BISECT_STEPS):
+                mid = 0.5 * (lo + hi)
+                _, pm = cls._mix_at(x, mid, ps, mx)
+                below = pm <= lim
+                np.copyto(lo, mid, where=below)
+                np.copyto(p_lo, pm, where=below)
+                np.logical_not(below, out=below)
+                np.copyto(hi, mid, where=below)
+                np.copyto(p_hi, pm, where=below)
+            # two false-position steps inside the bracket (keep r smooth in the parameters)
+            for _ in range(_FALSE_POSITION_STEPS):
+                frac = np.clip((lim - p_lo) / np.maximum(p_hi - p_lo, 1e-12), 0.0, 1.0)
+                rs = lo + frac * (hi - lo)
+                ts_, ps_ = cls._mix_at(x, rs, ps, mx)
+                below = ps_ <= lim
+                np.copyto(lo, rs, where=below)
+                np.copyto(p_lo, ps_, where=below)
+                np.logical_not(below, out=below)
+                np.copyto(hi, rs, where=below)
+                np.copyto(p_hi, ps_, where=below)
+            r[idx], t[idx], power[idx] = rs, ts_, ps_
+        thr = b / t
+        return thr.reshape(shape), power.reshape(shape), r.reshape(shape), t.reshape(shape)
 
     def predict(self, cap, b, prompt, output):
         thr, power, _r, t = self._core(self._x, cap, b, prompt, output)

@@ -1,0 +1,57 @@
+"""Accuracy targets of the offline model on the simulated plant, against the plant's
+deterministic steady state over the full 7 caps x 7 batches grid. The model sees only 12
+*measured* profile points (noisy sensors, finite windows), never the steady state."""
+import numpy as np
+import pytest
+
+from palsctl.models import build_model_for
+from palsctl.models.profile import default_grid
+from palsctl.plants.sim import SimPlant, steady_state
+
+PROMPT, OUTPUT = 512, 256
+PLANTS = [("mixtral-8x7b", "a100-sxm4-80gb", 4), ("llama-3.1-8b", "h100-sxm", 1)]
+TARGET_FRACTIONS = (0.3, 0.5, 0.7, 0.85)
+
+
+def choose(pred_thr, pred_tpj, target):
+    """Index of the candidate with the best predicted tokens/J among those predicted to meet
+    the throughput target (the PALS search rule)."""
+    ok = pred_thr >= target
+    assert ok.any()
+    return int(np.argmax(np.where(ok, pred_tpj, -np.inf)))
+
+
+@pytest.fixture(scope="module", params=PLANTS, ids=[p[0] for p in PLANTS])
+def case(request):
+    model, gpu, n = request.param
+    caps, batches = default_grid(SimPlant(model=model, gpu=gpu, num_gpus=n).limits)
+    assert len(caps) == 7 and len(batches) == 7
+    C, B = (a.ravel() for a in np.meshgrid(caps, batches, indexing="ij"))
+    truth = [steady_state(model, gpu, n, int(b), float(c), PROMPT, OUTPUT) for c, b in zip(C, B)]
+    T = np.array([s.throughput_tok_s for s in truth])
+    P = np.array([s.power_w for s in truth])
+    m = build_model_for(model, gpu, n, prompt_tokens=PROMPT, output_tokens=OUTPUT, points=12,
+                        seed=0, cv_folds=0)
+    assert m.n_points == 12
+    return m, C, B, T, P
+
+
+def test_parametric_mape_on_full_grid_at_most_8_percent(case):
+    m, C, B, T, P = case
+    p = m.predict(power_cap_w=C, max_batch=B)
+    mape_t = np.mean(np.abs(p.throughput_tok_s / T - 1))
+    mape_p = np.mean(np.abs(p.power_w / P - 1))
+    assert mape_t <= 0.08, mape_t
+    assert mape_p <= 0.08, mape_p
+
+
+@pytest.mark.parametrize("frac", TARGET_FRACTIONS)
+def test_best_tokens_per_joule_within_3_percent(case, frac):
+    m, C, B, T, P = case
+    p = m.predict(power_cap_w=C, max_batch=B)
+    target = frac * T.max()
+    i = choose(p.throughput_tok_s, p.tokens_per_joule, target)
+    tpj = T / P
+    best = tpj[T >= target].max()
+    assert tpj[i] >= 0.97 * best, (C[i], B[i], tpj[i], best)
+    assert T[i] >= 0.97 * target, (C[i], B[i], T[i], target)  # and really meets the target
