@@ -70,7 +70,7 @@ load = 0.7
 
 [setpoint]
 throughput_tok_s = "demand"
-tpot_slo_s = 0.1
+tpot_slo_s = 0.15
 ttft_slo_s = 2.0
 power_budget_w = { steps = [[0.0, 1400.0], [480.0, 900.0], [840.0, 1400.0]] }
 

@@ -13,12 +13,15 @@ Definitions (``P`` window-mean power of all GPUs, ``B`` budget, ``X`` generated 
 * A window is **over budget** when ``P > B·(1 + budget_tolerance)`` (1 % band by default).
   ``time_over_budget_s = Σ w`` over such windows; ``energy_over_budget_j = Σ (P - B)·w`` over
   the same windows (the whole excess above the budget, counted only outside the band).
-* A window has a **throughput shortfall** when a target is set, ``X < T·(1 - throughput_tolerance)``
-  and the demand exists: requests were waiting at the end of the window, or the offered demand
-  (``demand_tok_s``: output tokens of the requests that arrived, per second) averaged over the
-  trailing ``demand_window_s`` (30 s; arrivals are bursty and a request's tokens are generated
-  over many seconds) is at least ``T``. A plant with nothing queued that serves all it is
-  offered is not in violation.
+* A window has a **throughput shortfall** when a target ``T`` is set and the plant does not
+  deliver what it is asked for and offered: with ``X̄`` and ``D̄`` the generated-token
+  throughput and the offered demand (``demand_tok_s``: output tokens of the requests that
+  arrived, per second) averaged over the trailing ``qos_window_s`` (30 s — arrivals are bursty,
+  a request's tokens are generated over many seconds after it arrives, and an engine step with
+  a long prefill makes one-second throughput jumpy), the window is short when
+  ``X̄ < (1 - throughput_tolerance)·min(T, D̄)``. When the plant reports no demand, it is short
+  when ``X̄ < (1 - throughput_tolerance)·T`` while requests are waiting. A plant that serves
+  all it is offered is never in violation.
 * A window has a **latency violation** when an SLO is set and the window's p90 TPOT / TTFT
   exceeds it. ``qos_violation_rate`` = fraction of windows with a shortfall or a latency
   violation.
@@ -26,9 +29,9 @@ Definitions (``P`` window-mean power of all GPUs, ``B`` budget, ``X`` generated 
   in force at their arrival (None when no SLO is ever set or no request completed).
 * **Settling time** after a step — a change of the budget or of the target by more than 1 %
   between consecutive windows' setpoints, at the start ``t_e`` of the first window under the
-  new setpoint: a window is *out of spec* when the means over the trailing ``settle_window_s``
-  (10 s, only windows since ``t_e``) of power and throughput are over budget or short of the
-  target (same tolerances; the demand test as for shortfalls, on that window's end state).
+  new setpoint: a window is *out of spec* when the mean power over the trailing
+  ``settle_window_s`` (10 s, only windows since ``t_e``) is over budget, or when the window has
+  a throughput shortfall.
   Averaging keeps sensor noise and single-second bursts from counting. The settling time is ``end of the last out-of-spec window in [t_e, next step) - t_e`` (0 when
   none). When the segment's final window is still out of spec the step never settled: it gets
   the segment's length and is counted in ``unsettled_steps``. ``settling_time_s`` is the worst
@@ -73,29 +76,32 @@ def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def trailing_demand(steps: list[StepRecord], window_s: float) -> list[float | None]:
-    """Mean measured demand (tok/s) over the windows ending in ``(t_i - window_s, t_i]``
-    (weighted by window length; None where no demand was measured)."""
+def trailing_means(steps: list[StepRecord], window_s: float,
+                   field: str) -> list[float | None]:
+    """Mean of a measurement field over the windows ending in ``(t_i - window_s, t_i]`` for each
+    step ``i`` (weighted by window length; None where the field was never measured)."""
     out: list[float | None] = []
-    acc_d = acc_w = 0.0
+    acc = acc_w = 0.0
     j = 0
-    for i, s in enumerate(steps):
+    for s in steps:
         m = s.measurement
-        if m.demand_tok_s is not None:
-            acc_d += m.demand_tok_s * m.window_s
+        v = getattr(m, field)
+        if v is not None:
+            acc += v * m.window_s
             acc_w += m.window_s
         while steps[j].t_s <= s.t_s - window_s:
             mj = steps[j].measurement
-            if mj.demand_tok_s is not None:
-                acc_d -= mj.demand_tok_s * mj.window_s
+            vj = getattr(mj, field)
+            if vj is not None:
+                acc -= vj * mj.window_s
                 acc_w -= mj.window_s
             j += 1
-        out.append(acc_d / acc_w if acc_w > 1e-12 else None)
+        out.append(acc / acc_w if acc_w > 1e-12 else None)
     return out
 
 
 def summarize(record: RunRecord, *, budget_tolerance: float = 0.01,
-              throughput_tolerance: float = 0.05, demand_window_s: float = 30.0,
+              throughput_tolerance: float = 0.05, qos_window_s: float = 30.0,
               settle_window_s: float = 10.0) -> dict[str, Any]:
     """Every metric of a run as a JSON-serialisable dict (definitions in the module doc)."""
     steps = record.steps
@@ -115,17 +121,19 @@ def summarize(record: RunRecord, *, budget_tolerance: float = 0.01,
     latency_bad = np.zeros(n, dtype=bool)
     track_err: list[float] = []
     track_tgt: list[float] = []
-    demand = trailing_demand(steps, demand_window_s)
+    demand = trailing_means(steps, qos_window_s, "demand_tok_s")
+    x_mean = trailing_means(steps, qos_window_s, "throughput_tok_s")
     for i, (s, sp) in enumerate(zip(steps, sps)):
         m = s.measurement
         if sp.power_budget_w is not None and m.power_w > sp.power_budget_w * (1 + budget_tolerance):
             over[i] = True
             excess_j += (m.power_w - sp.power_budget_w) * m.window_s
-        if sp.throughput_tok_s is not None and \
-                m.throughput_tok_s < sp.throughput_tok_s * (1 - throughput_tolerance):
-            demand_exists = m.waiting > 0 or (demand[i] is not None
-                                              and demand[i] >= sp.throughput_tok_s)
-            shortfall[i] = demand_exists
+        if sp.throughput_tok_s is not None:
+            tol = 1 - throughput_tolerance
+            if demand[i] is None:
+                shortfall[i] = m.waiting > 0 and x_mean[i] < tol * sp.throughput_tok_s
+            else:
+                shortfall[i] = x_mean[i] < tol * min(sp.throughput_tok_s, demand[i])
         if (sp.tpot_slo_s is not None and m.tpot_p90_s is not None and m.tpot_p90_s > sp.tpot_slo_s) \
                 or (sp.ttft_slo_s is not None and m.ttft_p90_s is not None
                     and m.ttft_p90_s > sp.ttft_slo_s):
@@ -137,28 +145,21 @@ def summarize(record: RunRecord, *, budget_tolerance: float = 0.01,
     # settling after each budget / target step
     t_end = np.array([s.t_s for s in steps], dtype=float)
     budget_w = np.array([np.nan if sp.power_budget_w is None else sp.power_budget_w for sp in sps])
-    target = np.array([np.nan if sp.throughput_tok_s is None else sp.throughput_tok_s
-                       for sp in sps])
-    has_demand = np.array([s.measurement.waiting > 0 or (d is not None and tg == tg and d >= tg)
-                           for s, d, tg in zip(steps, demand, target)], dtype=bool)
 
     def out_of_spec(e: int, end: int) -> np.ndarray:
         # trailing means within the segment [e, end)
         bad = np.zeros(end - e, dtype=bool)
         cw = np.concatenate([[0.0], np.cumsum(w[e:end])])
         ce = np.concatenate([[0.0], np.cumsum((p * w)[e:end])])
-        cx = np.concatenate([[0.0], np.cumsum((x * w)[e:end])])
         lo = 0
         for k in range(end - e):
             while t_end[e + lo] <= t_end[e + k] - settle_window_s:
                 lo += 1
             span = cw[k + 1] - cw[lo]
             pm = (ce[k + 1] - ce[lo]) / span
-            xm = (cx[k + 1] - cx[lo]) / span
             i = e + k
-            b, tg = budget_w[i], target[i]
-            bad[k] = (b == b and pm > b * (1 + budget_tolerance)) or \
-                (tg == tg and xm < tg * (1 - throughput_tolerance) and has_demand[i])
+            b = budget_w[i]
+            bad[k] = (b == b and pm > b * (1 + budget_tolerance)) or shortfall[i]
         return bad
 
     events = [i for i in range(1, n)

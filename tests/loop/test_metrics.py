@@ -57,12 +57,20 @@ def test_qos_violation_needs_demand_and_counts_latency():
     r = record([500.0] * 5, [100.0, 90.0, 90.0, 96.0, 100.0], [sp] * 5,
                waiting=[0, 3, 0, 5, 0], demand=[None, None, 80.0, None, None],
                tpot=[0.05, 0.05, 0.05, 0.05, 0.2])
-    s = summarize(r)
-    # window 2: short and requests waiting -> violation; window 3: short but demand 80 < 100
-    # and nothing waiting -> not; window 4: 96 within the 5 % tolerance; window 5: TPOT > SLO
+    s = summarize(r, qos_window_s=1.0)
+    # window 2: short, no demand measured, requests waiting -> violation; window 3: offered
+    # only 80 tok/s and served 90 -> not; window 4: 96 within the 5 % tolerance; window 5:
+    # TPOT over the SLO
     assert s["throughput_shortfall_rate"] == pytest.approx(1 / 5)
     assert s["latency_violation_rate"] == pytest.approx(1 / 5)
     assert s["qos_violation_rate"] == pytest.approx(2 / 5)
+
+
+def test_shortfall_against_min_of_target_and_demand():
+    sp = Setpoint(throughput_tok_s=100.0)
+    r = record([1.0] * 4, [50.0, 70.0, 90.0, 120.0], [sp] * 4, demand=[60.0, 80.0, 200.0, 200.0])
+    # effective targets 60, 80, 100, 100; 95 % of them: 57, 76, 95, 95 -> 50, 70, 90 short
+    assert summarize(r, qos_window_s=1.0)["throughput_shortfall_rate"] == pytest.approx(3 / 4)
 
 
 def test_settling_time_after_budget_steps():
@@ -104,13 +112,13 @@ def test_slo_attainment_and_tracking_and_latency_percentiles():
     assert s["mean_power_cap_w"] == 300.0 and s["mean_max_batch"] == 8.0
 
 
-def test_demand_is_averaged_over_a_trailing_window():
+def test_throughput_and_demand_are_averaged_over_a_trailing_window():
     sp = Setpoint(throughput_tok_s=100.0)
-    # spiky arrivals: demand 300 every third window, 0 otherwise (mean 100 over any 3 s);
-    # throughput 80, nothing waiting
+    # bursty arrivals served one window later: demand 300, 0, 0, ... throughput 0, 300, 0, ...
     demand = [300.0, 0.0, 0.0] * 4
-    r = record([500.0] * 12, [80.0] * 12, [sp] * 12, demand=demand)
-    s3 = summarize(r, demand_window_s=3.0)  # trailing mean is 100 >= target: all short
-    assert s3["throughput_shortfall_rate"] == 1.0
-    s2 = summarize(r, demand_window_s=2.0)  # [300,0]->150, [0,0]->0, [0,300]->150
-    assert s2["throughput_shortfall_rate"] == pytest.approx(8 / 12)
+    tput = [0.0, 300.0, 0.0] * 4
+    r = record([500.0] * 12, tput, [sp] * 12, demand=demand)
+    # per window, every burst window looks short (served 0 of the 100 asked)
+    assert summarize(r, qos_window_s=1.0)["throughput_shortfall_rate"] == pytest.approx(4 / 12)
+    # over 3 s only the very first window is behind (D 300, X 0); then X = D = 150, 100, ...
+    assert summarize(r, qos_window_s=3.0)["throughput_shortfall_rate"] == pytest.approx(1 / 12)
