@@ -131,10 +131,10 @@ def test_gradients_match_the_known_function(model, cap, batch):
     scale_t = float(truth(np.float64(cap), np.float64(batch))[0])
     scale_p = float(truth(np.float64(cap), np.float64(batch))[1])
     # sensitivities relative to the level: per 100 W of cap and per doubling of the batch
-    assert g.dthroughput_dcap * 100 / scale_t == pytest.approx(dtc * 100 / scale_t, abs=0.03)
-    assert g.dthroughput_dbatch * batch / scale_t == pytest.approx(dtb * batch / scale_t, abs=0.05)
-    assert g.dpower_dcap * 100 / scale_p == pytest.approx(dpc * 100 / scale_p, abs=0.03)
-    assert g.dpower_dbatch * batch / scale_p == pytest.approx(dpb * batch / scale_p, abs=0.03)
+    assert g.dthroughput_dcap * 100 / scale_t == pytest.approx(dtc * 100 / scale_t, rel=0.1, abs=0.03)
+    assert g.dthroughput_dbatch * batch / scale_t == pytest.approx(dtb * batch / scale_t, rel=0.1, abs=0.05)
+    assert g.dpower_dcap * 100 / scale_p == pytest.approx(dpc * 100 / scale_p, rel=0.1, abs=0.03)
+    assert g.dpower_dbatch * batch / scale_p == pytest.approx(dpb * batch / scale_p, rel=0.1, abs=0.03)
 
 
 def test_gradients_vectorised_and_consistent_with_predict(model):
@@ -153,8 +153,8 @@ def test_gradients_vectorised_and_consistent_with_predict(model):
 
 
 @pytest.mark.parametrize("kind", ["parametric", "gbt", "forest"])
-def test_save_load_round_trip(tmp_path, rows12, kind):
-    m = PowerPerfModel.fit(rows12, kind=kind, cv_folds=3)
+def test_save_load_round_trip(tmp_path, rows12, model, kind):
+    m = model if kind == "parametric" else PowerPerfModel.fit(rows12, kind=kind, cv_folds=2)
     path = tmp_path / "model.json"
     m.save(path)
     data = json.loads(path.read_text())
