@@ -93,6 +93,7 @@ class Engine:
         self.cap_eff_w = float(power_cap_w)
         self.mnbt = int(max_num_batched_tokens)
         self.kv_cap = gm.kv_capacity_tokens
+        self.kv_watermark = int(0.01 * self.kv_cap)   # free KV kept back when admitting
         self.t = 0.0                    # engine clock: end of the last simulated segment
         self.seg_start = 0.0            # start of the last segment
         self.seg_power_w = gm.idle_w * self.n_gpus   # total power during the last segment
@@ -303,7 +304,13 @@ class Engine:
             free -= c + (s.done + c >= s.need)
         if not preempted:
             w = self.waiting
+            reserve = self.kv_watermark
             while w and len(self.running) < self.max_batch and budget > 0 and free > 0:
+                # admit only when the whole prompt fits above a watermark (as vLLM's block
+                # manager does); admitting into the last free slots only to preempt the
+                # newcomer at the next decode step would thrash
+                if w[0].need - w[0].done + 1 > free - reserve:
+                    break
                 c = self._chunk(w[0], budget, free)
                 if c <= 0:
                     break
