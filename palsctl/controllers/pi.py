@@ -17,11 +17,11 @@ Loops and sign conventions (all errors positive when *more* of the actuator is n
   measured generated throughput. Gains ``kp_batch_per_tok_s`` (sequences per tok/s) and
   ``ki_batch_per_tok`` (sequences per token). A TPOT objective overrides: when the measured p90
   TPOT exceeds it while saturated, ``e_b = −r · (tpot − slo)/slo`` (shrink the batch).
-* **margin loop** — throughput margin → cap: ``e_c = r · (1 + margin) − ŷ`` (tok/s) where ŷ
-  estimates the capacity of the configuration in force: the measured throughput when the plant is
-  saturated (requests waiting or batch limit reached), else ``y · batch / running`` (fewer
-  running sequences than allowed means spare capacity), clipped to ``[y, 4 y]``. Positive error
-  raises the cap. A p90 TPOT over the objective adds ``r · (tpot − slo)/slo`` (a faster clock
+* **margin loop** — throughput margin → cap (tok/s): with a backlog (requests waiting)
+  ``e_c = r · (1 + margin) − y``; in a window short of the target while the offered load was at
+  least the target, ``e_c = r − y``; otherwise (everything offered was served)
+  ``e_c = −margin · r``: the cap drifts down, probing for the lowest clock that still keeps up. The capacity of the configuration is not observable below
+  saturation, so the margin sets the trade-off between energy and shortfall windows. A p90 TPOT over the objective adds ``r · (tpot − slo)/slo`` (a faster clock
   is what shortens the time per token). Gains ``kp_cap_w_per_tok_s`` (W per tok/s) and ``ki_cap_w_per_tok`` (W per
   token), per GPU.
 * **budget loop** — power over budget → cap: ``e_p = (P_ref − P)/N`` (W per GPU), P_ref the
@@ -53,11 +53,11 @@ class PIConfig(ControllerConfig):
 
     kp_batch_per_tok_s: float = 0.02
     ki_batch_per_tok: float = 0.02
-    kp_cap_w_per_tok_s: float = 0.05
-    ki_cap_w_per_tok: float = 0.02
+    kp_cap_w_per_tok_s: float = 0.002
+    ki_cap_w_per_tok: float = 0.005
     kp_cap_budget: float = 0.3
     ki_cap_budget_per_s: float = 0.5
-    margin: float = 0.10
+    margin: float = 0.03
     budget_margin: float = 0.02
     dt_s: float | None = None
 
@@ -146,8 +146,12 @@ class PIController(Controller):
         cand_margin = ceiling
         e_c = None
         if r is not None:
-            y_cap = common.capacity_estimate(m, b_now)
-            e_c = r * (1 + cfg.margin) - y_cap
+            if m.waiting > 0:  # backlog: capacity is what is measured
+                e_c = r * (1 + cfg.margin) - y
+            elif y < r and m.demand_tok_s is not None and m.demand_tok_s >= r:
+                e_c = r - y  # a window short of the target while the demand was there
+            else:
+                e_c = -cfg.margin * r
             if over_slo:  # too slow per token: a faster clock is what helps
                 e_c = max(e_c, 0.0) + r * (tpot - slo) / slo
             cand_margin = cap_now + self._increment("cap", e_c, cfg.kp_cap_w_per_tok_s,

@@ -88,7 +88,7 @@ def _closed_loop(name, model, params, plant_kwargs, setpoint, rate_req_s, durati
 
 def check_controller(name: str, *, model: Any = None, params: dict[str, Any] | None = None,
                      plant_kwargs: dict[str, Any] | None = None, max_examples: int = 40,
-                     duration_s: float = 150.0, cap_tol_w: float = 10.0,
+                     duration_s: float = 240.0, cap_tol_w: float = 10.0,
                      seed: int = 0) -> CheckReport:
     """Run the conformance checks on the controller registered as ``name``; raise
     `AssertionError` naming the failed check, else return a `CheckReport`.
