@@ -105,6 +105,7 @@ class Engine:
         self.arrived = 0
         self.finished = 0
         self.rejected = 0
+        self.rejected_ids: set[int] = set()
         self._order = 0
         self._pending: list = []        # heap (arrival_s, order, seq)
         self.waiting: deque[_Seq] = deque()
@@ -134,12 +135,13 @@ class Engine:
 
     def submit(self, req: Request) -> bool:
         """Queue a request; False (rejected) when it can never fit the KV cache."""
-        if req.request_id in self.seqs or req.request_id in self.done_tokens:
+        if req.request_id in self.seqs or req.request_id in self.done_tokens \
+                or req.request_id in self.rejected_ids:
             raise ValueError(f"duplicate request_id {req.request_id}")
         s = _Seq(req)
         if s.prompt + s.output > self.kv_cap:
             self.rejected += 1                 # vLLM refuses a request longer than the cache
-            self.done_tokens[s.rid] = 0
+            self.rejected_ids.add(s.rid)
             return False
         self.seqs[s.rid] = s
         self._order += 1

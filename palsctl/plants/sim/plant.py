@@ -236,11 +236,14 @@ class SimPlant(SimulatedPlant):
         return self._eng.rejected
 
     def progress(self, request_id: int) -> tuple[int, bool]:
-        """(tokens generated so far, finished?) of a submitted request; a refused request
-        reports (0, True) and never appears in `completed`."""
+        """(tokens generated so far, finished?) of a submitted request. `KeyError` for an
+        unknown request and for one refused at submission (longer than the KV cache)."""
         try:
             return self._eng.progress(request_id)
         except KeyError:
+            if request_id in self._eng.rejected_ids:
+                raise KeyError(f"request_id {request_id!r} was refused: prompt + output exceed "
+                               f"the KV cache ({self._eng.kv_cap} tokens)") from None
             raise KeyError(f"unknown request_id {request_id!r}") from None
 
     def counters(self) -> PlantCounters:
