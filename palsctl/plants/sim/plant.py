@@ -99,6 +99,10 @@ class SimPlant(SimulatedPlant):
                 or max_batch_launch < 1:
             raise ConfigError("max_batch_launch must be an integer >= 1", key="max_batch_launch",
                               value=max_batch_launch)
+        if max_batch_launch > max_num_batched_tokens:
+            raise ConfigError(f"max_batch_launch must not exceed max_num_batched_tokens "
+                              f"({max_num_batched_tokens}), as in vLLM", key="max_batch_launch",
+                              value=max_batch_launch)
         if m.weight_bytes / num_gpus > 0.9 * g.mem_bytes - 2.0e9:
             raise ConfigError(f"{m.name} ({m.weight_bytes / 1e9:.0f} GB of weights) does not fit on "
                               f"{num_gpus} × {g.name}", key="num_gpus", value=num_gpus)

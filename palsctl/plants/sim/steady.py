@@ -138,6 +138,9 @@ def steady_state(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int, max_
     g = get_gpu(gpu)
     n = _check_int("num_gpus", num_gpus, 1)
     b = _check_int("max_batch", max_batch, 1)
+    if b > max_num_batched_tokens:
+        raise ConfigError(f"max_batch must not exceed the token budget per step "
+                          f"({max_num_batched_tokens})", key="max_batch", value=max_batch)
     if power_cap_w is None:
         cap = g.tdp_w
     else:
@@ -194,9 +197,11 @@ def steady_state(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int, max_
     by_time = sorted((x[1], x[0] * x[4]) for x in rows)
     itl_med = _wquantile(by_time, 0.5)
     itl_p90 = _wquantile(by_time, 0.9)
-    c90 = gm.step_cost(batch, batch * (ctx_mean + 0.4 * o))
-    itl_p90 = max(itl_p90, gm.step_time(c90, r) if
-                  by_time[0][0] == rows[0][1] and rows[0][0] / wsum > 0.9 else 0.0)
+    if points[0][0] == 0 and rows[0][0] * rows[0][4] / sum(w for _, w in by_time) > 0.9:
+        # nearly all tokens come from pure decode steps: their p90 is set by the spread of
+        # context lengths (ages uniform over the output), not by prefill
+        c90 = gm.step_cost(batch, batch * (ctx_mean + 0.4 * o))
+        itl_p90 = max(itl_p90, gm.step_time(c90, r))
     t_d = rows[0][1] if points[0][0] == 0 else gm.step_time(
         gm.step_cost(batch, batch * ctx_mean), r)
     t_m = max(x[1] for x in rows)
