@@ -89,20 +89,24 @@ class FakePlant:
         self.energy_j = 0.0
 
     def step(self, demand_tok_s: float, dt_s: float = 1.0) -> Measurement:
-        thr_cap, pw_full, itl = (float(v) for v in self.truth._eval(self.cap_w, self.batch))
+        """Serve for one window: capacity is the truth's saturated throughput at (cap, batch);
+        below it the plant runs the batch whose saturated throughput equals what it serves
+        (that batch's power and latency)."""
+        thr_cap = float(self.truth._eval(self.cap_w, self.batch)[0])
         offered = self.backlog_tok + demand_tok_s * dt_s
         served = min(offered, thr_cap * dt_s)
         self.backlog_tok = offered - served
-        util = served / max(thr_cap * dt_s, 1e-9)
-        idle = self.truth.num_gpus * self.truth.idle_w
-        power = idle + (pw_full - idle) * util
+        bs = np.arange(1, self.batch + 1, dtype=float)
+        thr_b, pw_b, itl_b = self.truth._eval(np.full_like(bs, self.cap_w), bs)
+        k = int(min(np.searchsorted(thr_b, served / dt_s), self.batch - 1))
+        running = k + 1 if served > 0 else 0
+        power = float(pw_b[k]) if served > 0 else self.truth.num_gpus * self.truth.idle_w
         self.t_s += dt_s
         self.energy_j += power * dt_s
-        running = int(round(self.batch * util))
         waiting = int(self.backlog_tok / 256)
         return Measurement(t_s=self.t_s, window_s=dt_s, power_w=power, energy_j=self.energy_j,
                            throughput_tok_s=served / dt_s, demand_tok_s=demand_tok_s,
-                           running=running, waiting=waiting, tpot_p90_s=itl,
+                           running=running, waiting=waiting, tpot_p90_s=float(itl_b[k]),
                            power_cap_w=self.cap_w, max_batch=self.batch)
 
     def apply(self, action) -> None:

@@ -1,0 +1,108 @@
+"""`pi`: velocity-form increments, bumpless start, anti-windup, budget feed-forward, signs."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import limits4, plant_info4
+from palsctl.controllers.pi import PIController
+from palsctl.errors import ConfigError
+from palsctl.types import Measurement, Setpoint
+
+
+def _m(cap=250.0, batch=64, thr=1000.0, power=800.0, running=64, waiting=0, demand=None,
+       tpot=None):
+    return Measurement(t_s=1.0, window_s=1.0, power_w=power, energy_j=0.0, throughput_tok_s=thr,
+                       running=running, waiting=waiting, demand_tok_s=demand, tpot_p90_s=tpot,
+                       power_cap_w=cap, max_batch=batch)
+
+
+def _pi(**kw):
+    c = PIController(**kw)
+    c.setup(limits=limits4(), dt_s=1.0, plant_info=plant_info4())
+    return c
+
+
+def test_config_names_units_and_validation():
+    cfg = PIController().config
+    for name in ("kp_batch_per_tok_s", "ki_batch_per_tok", "kp_cap_w_per_tok_s", "ki_cap_w_per_tok",
+                 "kp_cap_budget", "ki_cap_budget_per_s", "dt_s"):
+        assert hasattr(cfg, name)
+    with pytest.raises(ConfigError, match="kp_batch_per_tok_s"):
+        PIController(kp_batch_per_tok_s=-1.0)
+    with pytest.raises(ConfigError, match="unknown"):
+        PIController(kp=1.0)
+
+
+def test_velocity_form_batch_increment():
+    kp, ki = 0.02, 0.05
+    c = _pi(kp_batch_per_tok_s=kp, ki_batch_per_tok=ki, kp_cap_w_per_tok_s=0.0,
+            ki_cap_w_per_tok=0.0)
+    sp = Setpoint(throughput_tok_s=1000.0)
+    a1 = c.step(_m(thr=900.0, waiting=5), sp)          # e1 = 100, first step: no P kick
+    assert a1.max_batch == round(64 + ki * 1.0 * 100)
+    a2 = c.step(_m(batch=a1.max_batch, thr=800.0, waiting=5), sp)   # e2 = 200
+    expected = c.diagnostics()["batch_continuous"]
+    assert expected == pytest.approx(64 + ki * 100 + kp * (200 - 100) + ki * 200)
+    assert a2.max_batch == round(expected)
+
+
+def test_bumpless_start_holds_the_knobs_in_force():
+    c = _pi()
+    a = c.step(_m(cap=237.0, batch=77, thr=1000.0, demand=900.0, waiting=0),
+               Setpoint(throughput_tok_s=1000.0))
+    # no shortfall, no backlog: only the slow downward probe of the margin loop moves the cap
+    assert a.max_batch == 77
+    assert 230.0 <= a.power_cap_w <= 237.0
+
+
+def test_cap_rises_on_backlog_and_falls_when_everything_is_served():
+    c = _pi(kp_cap_w_per_tok_s=0.0, ki_cap_w_per_tok=0.01)
+    sp = Setpoint(throughput_tok_s=1000.0)
+    up = c.step(_m(cap=200.0, thr=500.0, waiting=50), sp)
+    assert up.power_cap_w > 200.0
+    c.reset()
+    down = c.step(_m(cap=200.0, thr=990.0, waiting=0, demand=900.0), sp)
+    assert down.power_cap_w < 200.0
+
+
+def test_antiwindup_at_the_ceiling_no_delay_when_the_error_reverses():
+    c = _pi(kp_cap_w_per_tok_s=0.0, ki_cap_w_per_tok=0.1)
+    sp = Setpoint(throughput_tok_s=1000.0)
+    for _ in range(50):  # huge sustained shortfall: the cap saturates at the maximum
+        a = c.step(_m(cap=400.0, thr=100.0, waiting=100), sp)
+        assert a.power_cap_w == 400.0
+    # served again: the very next step moves the cap down (nothing wound up)
+    a = c.step(_m(cap=400.0, thr=1000.0, waiting=0, demand=900.0), sp)
+    assert a.power_cap_w < 400.0
+
+
+def test_budget_feedforward_and_budget_loop():
+    c = _pi()
+    a = c.step(_m(cap=400.0, power=1500.0), Setpoint(throughput_tok_s=1000.0,
+                                                     power_budget_w=900.0))
+    assert a.power_cap_w * 4 <= 900.0
+    assert c.diagnostics()["e_budget_w"] is not None and c.diagnostics()["e_budget_w"] < 0
+
+
+def test_power_target_mode_tracks_the_target():
+    c = _pi(kp_cap_budget=0.0, ki_cap_budget_per_s=0.5)
+    a = c.step(_m(cap=300.0, power=1000.0), Setpoint(power_target_w=800.0))
+    assert a.power_cap_w == pytest.approx(300.0 + 0.5 * (800.0 - 1000.0) / 4, abs=1.0)
+
+
+def test_tpot_over_objective_shrinks_batch_when_saturated_and_raises_cap():
+    c = _pi()
+    sp = Setpoint(throughput_tok_s=1000.0, tpot_slo_s=0.05)
+    a = c.step(_m(cap=200.0, batch=128, running=128, thr=1000.0, tpot=0.1, waiting=3), sp)
+    a = c.step(_m(cap=a.power_cap_w, batch=a.max_batch, running=a.max_batch, thr=1000.0,
+                  tpot=0.1, waiting=3), sp)
+    assert a.max_batch < 128
+    assert a.power_cap_w > 200.0
+
+
+def test_stale_measurement_holds():
+    c = _pi()
+    m = Measurement(t_s=1.0, window_s=1.0, power_w=0.0, energy_j=0.0, throughput_tok_s=0.0,
+                    power_cap_w=250.0, max_batch=64, stale=True)
+    a = c.step(m, Setpoint(throughput_tok_s=1000.0))
+    assert (a.power_cap_w, a.max_batch) == (250.0, 64)

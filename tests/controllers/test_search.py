@@ -1,0 +1,175 @@
+"""`search`: ranking against a brute-force grid optimum, degradation order, hysteresis, trim."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conftest import AnalyticModel, FakePlant, limits4, plant_info4
+from palsctl.controllers import common
+from palsctl.controllers.search import SearchController
+from palsctl.errors import ConfigError
+from palsctl.types import Measurement, Setpoint
+
+
+def _meas(cap=400.0, batch=256, thr=0.0, power=0.0, running=0, waiting=0, demand=None):
+    return Measurement(t_s=1.0, window_s=1.0, power_w=power, energy_j=0.0,
+                       throughput_tok_s=thr, running=running, waiting=waiting,
+                       demand_tok_s=demand, power_cap_w=cap, max_batch=batch)
+
+
+def _ctl(**kw):
+    c = SearchController(model=AnalyticModel(), **kw)
+    c.setup(limits=limits4(), dt_s=1.0, plant_info=plant_info4())
+    return c
+
+
+def brute_force(model, limits, cap_step_w, target, budget, slo):
+    """Independent reference: for every cap, the smallest batch whose predicted throughput meets
+    the target (within budget and SLO) — the plant then runs there — scored by target / power
+    at that batch; the best cap wins (ties: the first)."""
+    caps = common.cap_values(limits, cap_step_w)
+    batches = common.batch_values(limits.max_batch_min, limits.max_batch_max)
+    best = None
+    for c in caps:
+        if budget is not None and c * limits.num_gpus > budget + 1e-6:
+            continue
+        for b in batches:
+            p = model.predict(power_cap_w=float(c), max_batch=float(b))
+            if p.throughput_tok_s < target:
+                continue
+            if budget is not None and p.power_w > budget:
+                continue
+            if slo is not None and p.itl_p90_s > slo:
+                continue
+            score = target / p.power_w
+            if best is None or score > best[0] + 1e-12:
+                best = (score, c, b)
+            break
+    return best
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(frac=st.floats(0.05, 0.95), budget=st.none() | st.floats(600, 1600),
+       slo=st.none() | st.floats(0.03, 0.2))
+def test_perfect_model_picks_grid_optimum(frac, budget, slo):
+    model = AnalyticModel()
+    lim = limits4()
+    target = frac * model.predict(power_cap_w=400.0, max_batch=256.0).throughput_tok_s
+    ctl = SearchController(model=model, margin=0.0, budget_margin=0.0, batch_headroom=0.0,
+                           trim_gain_w_per_s=0.0, residual_alpha=0.0)
+    ctl.setup(limits=lim, dt_s=1.0, plant_info=plant_info4())
+    a = ctl.step(_meas(), Setpoint(throughput_tok_s=target, power_budget_w=budget,
+                                   tpot_slo_s=slo))
+    ref = brute_force(model, lim, ctl.config.cap_step_w, target, budget, slo)
+    if ref is None:
+        assert ctl.diagnostics()["mode"] != "ok"
+        return
+    assert ctl.diagnostics()["mode"] == "ok"
+    p = model.predict(power_cap_w=float(a.power_cap_w), max_batch=float(a.max_batch))
+    assert p.throughput_tok_s >= target
+    chosen_op = ctl.diagnostics()["pred_operating_batch"]
+    op_power = model.predict(power_cap_w=float(a.power_cap_w), max_batch=chosen_op).power_w
+    assert target / op_power == pytest.approx(ref[0], rel=1e-9)
+    assert a.power_cap_w == ref[1] and a.max_batch == ref[2]
+
+
+def test_degradation_order_budget_then_throughput_then_latency():
+    model = AnalyticModel()
+    full = model.predict(power_cap_w=400.0, max_batch=256.0)
+    ctl = _ctl(margin=0.0, trim_gain_w_per_s=0.0, budget_margin=0.0)
+    # latency impossible, throughput possible: latency is relaxed first
+    ctl.step(_meas(), Setpoint(throughput_tok_s=0.5 * full.throughput_tok_s, tpot_slo_s=1e-4))
+    assert ctl.diagnostics()["mode"] == "relaxed_latency"
+    # throughput impossible within the budget: the fastest candidate within the budget
+    ctl.reset()
+    a = ctl.step(_meas(), Setpoint(throughput_tok_s=10 * full.throughput_tok_s,
+                                   power_budget_w=800.0))
+    assert ctl.diagnostics()["mode"] == "relaxed_throughput"
+    assert a.power_cap_w * 4 <= 800.0
+    pool = [model.predict(power_cap_w=c, max_batch=float(b)).throughput_tok_s
+            for c, b in itertools.product(common.cap_values(limits4(), 10.0),
+                                          common.batch_values(1, 256)) if c * 4 <= 800.0]
+    got = model.predict(power_cap_w=a.power_cap_w, max_batch=float(a.max_batch))
+    assert got.throughput_tok_s == pytest.approx(max(pool), rel=1e-6)
+    # budget below the minimum caps: the lowest-power candidate, said so
+    ctl.reset()
+    a = ctl.step(_meas(), Setpoint(throughput_tok_s=1000.0, power_budget_w=100.0))
+    assert ctl.diagnostics()["mode"] == "relaxed_budget"
+    assert a.power_cap_w == limits4().power_cap_min_w
+
+
+def test_hysteresis_and_dwell_keep_the_configuration():
+    ctl = _ctl(hysteresis=0.5, dwell_s=1000.0)
+    sp = Setpoint(throughput_tok_s=1000.0)
+    a1 = ctl.step(_meas(), sp)
+    # a slightly different target (< 1 %: not a setpoint change) must not move it
+    for _ in range(5):
+        a = ctl.step(_meas(cap=a1.power_cap_w, batch=a1.max_batch), Setpoint(throughput_tok_s=1005.0))
+        assert (a.power_cap_w, a.max_batch) == (a1.power_cap_w, a1.max_batch)
+    # a real setpoint change switches at once
+    a3 = ctl.step(_meas(cap=a1.power_cap_w, batch=a1.max_batch), Setpoint(throughput_tok_s=2000.0))
+    assert (a3.power_cap_w, a3.max_batch) != (a1.power_cap_w, a1.max_batch)
+
+
+def test_trim_integrates_shortfall_with_antiwindup_and_resets_on_setpoint_change():
+    ctl = _ctl(trim_gain_w_per_s=50.0, trim_max_w=30.0, trim_leak_per_s=0.0, residual_alpha=0.0,
+               drain_s=0.0)
+    sp = Setpoint(throughput_tok_s=1000.0)
+    a0 = ctl.step(_meas(), sp)
+    base = ctl.diagnostics()["cap_base_w"]
+    trims = []
+    for _ in range(20):  # 50 % short with a backlog: trim rises, bounded by trim_max_w
+        ctl.step(_meas(cap=a0.power_cap_w, batch=a0.max_batch, thr=500.0, waiting=10,
+                       running=a0.max_batch), sp)
+        trims.append(ctl.diagnostics()["trim_w"])
+    assert trims[0] == pytest.approx(25.0)
+    assert max(trims) == pytest.approx(30.0) and all(t <= 30.0 + 1e-9 for t in trims)
+    assert ctl.diagnostics()["cap_base_w"] == base
+    ctl.step(_meas(), Setpoint(throughput_tok_s=1500.0))
+    assert ctl.diagnostics()["trim_w"] == 0.0
+
+
+def test_trim_never_pushes_the_cap_over_the_budget():
+    ctl = _ctl(trim_gain_w_per_s=1000.0, trim_max_w=300.0)
+    sp = Setpoint(throughput_tok_s=100000.0, power_budget_w=800.0)
+    for _ in range(10):
+        a = ctl.step(_meas(thr=10.0, waiting=100), sp)
+        assert a.power_cap_w * 4 <= 800.0
+
+
+def test_closed_loop_residual_learns_model_bias_and_meets_target():
+    truth = AnalyticModel(scale=0.8, power_scale=1.1)   # plant slower and hungrier than the model
+    lim = limits4()
+    plant = FakePlant(truth, lim)
+    ctl = SearchController(model=AnalyticModel(), residual_alpha=0.3)
+    ctl.setup(limits=lim, dt_s=1.0, plant_info=plant_info4())
+    target = 1200.0
+    sp = Setpoint(throughput_tok_s=target)
+    served = []
+    for _ in range(120):
+        m = plant.step(target)
+        served.append(m.throughput_tok_s)
+        plant.apply(ctl.step(m, sp))
+    d = ctl.diagnostics()
+    assert d["residual_throughput"] == pytest.approx(0.8, abs=0.08)
+    assert d["residual_power"] == pytest.approx(1.1, abs=0.1)
+    assert np.mean(served[-30:]) >= 0.97 * target
+    assert plant.backlog_tok < 5 * target
+
+
+def test_unknown_key_and_bad_values_raise_config_error():
+    with pytest.raises(ConfigError, match="no_such"):
+        SearchController(model=AnalyticModel(), no_such=1)
+    with pytest.raises(ConfigError, match="controller.margin"):
+        SearchController(model=AnalyticModel(), margin=-1)
+    with pytest.raises(ConfigError, match="cap_step_w"):
+        SearchController(model=AnalyticModel(), cap_step_w=math.nan)
+
+
+def test_step_before_setup_is_an_error():
+    with pytest.raises(RuntimeError):
+        SearchController(model=AnalyticModel()).step(_meas(), Setpoint())
