@@ -208,3 +208,22 @@ def test_submit_rejects_bad_requests():
     p.submit([Request(request_id=3, arrival_s=0.0, prompt_tokens=5, output_tokens=5)])
     with pytest.raises(ConfigError, match="duplicate"):
         p.submit([Request(request_id=3, arrival_s=1.0, prompt_tokens=5, output_tokens=5)])
+
+
+def test_gpu_presets_rank_as_datasheets_say():
+    from palsctl.plants.sim import steady_state
+    thr = {g: steady_state("llama-3.1-8b", g, 1, 16, prompt_tokens=200, output_tokens=400)
+           .throughput_tok_s for g in ("a100-sxm4-40gb", "a100-sxm4-80gb", "h100-sxm", "h200",
+                                       "b200")}
+    # memory-bound decode: throughput follows HBM bandwidth
+    assert thr["a100-sxm4-40gb"] < thr["a100-sxm4-80gb"] < thr["h100-sxm"] < thr["h200"] \
+        < thr["b200"]
+    for g in GPU_PRESETS.values():
+        assert g.idle_w < g.min_cap_w < g.tdp_w and g.min_sm_clock_mhz < g.max_sm_clock_mhz
+
+
+def test_more_gpus_split_the_work():
+    from palsctl.plants.sim import steady_state
+    one = steady_state("qwen3-32b", "h100-sxm", 1, 8, prompt_tokens=200, output_tokens=400)
+    two = steady_state("qwen3-32b", "h100-sxm", 2, 8, prompt_tokens=200, output_tokens=400)
+    assert two.itl_median_s < one.itl_median_s and two.power_w > one.power_w
