@@ -42,6 +42,11 @@ def test_contract_limits_info_and_defaults():
     assert applied.power_cap_w == 400 and applied.max_batch == 256
 
 
+def test_default_plant_is_valid():
+    p = SimPlant()
+    assert p.info.model == "mixtral-8x7b" and p.info.num_gpus == 4
+
+
 def test_idle_plant_draws_idle_power():
     p = SimPlant("llama-3.1-8b", "h100-sxm", 1, noise=False)
     p.advance(5.0)

@@ -80,11 +80,11 @@ def _p90(values: list[float]) -> float | None:
 
 class SimPlant(SimulatedPlant):
     """Simulated ``num_gpus`` × ``gpu`` tensor-parallel group serving ``model`` with vLLM-like
-    continuous batching. Defaults: cap = the GPU's default limit (TDP), batch =
-    ``max_batch_launch``."""
+    continuous batching. Defaults: Mixtral-8x7B on 4 × A100-SXM4-80GB (tensor parallel), cap =
+    the GPU's default limit (TDP), batch = ``max_batch_launch``."""
 
     def __init__(self, model: str | ModelSpec = "mixtral-8x7b", gpu: str | GPUSpec = "a100-sxm4-80gb",
-                 num_gpus: int = 1, *, dt_s: float = 1.0, seed: int = 0,
+                 num_gpus: int = 4, *, dt_s: float = 1.0, seed: int = 0,
                  max_batch_launch: int = 256, power_cap_w: float | None = None,
                  max_batch: int | None = None, noise: bool = True,
                  constants: PlantConstants | None = None,
