@@ -2,11 +2,10 @@
 
 1. The default experiment (20 simulated minutes): wall time of ``run_experiment`` (build +
    loop) and of the whole ``palsctl run`` command (process start, imports, CSV, JSON, PNG).
-2. Loop overhead per control step beyond plant and controller, measured inside the default
-   experiment: the plant's methods and the controller's ``step`` are timed with
-   ``perf_counter`` and subtracted from the loop's total; what remains is the loop itself
-   (workload arrivals, schedule, safety guard, recording), reported with and without the
-   workload's request generation (timed the same way).
+2. Loop overhead per control step beyond plant and controller, in CPU time (the machine is
+   shared): (a) around a null plant and the static controller (20,000 steps), and (b) inside the
+   default experiment, as the difference between ``run_loop`` and a bare loop making the same
+   plant, controller and workload calls. The workload's request generation is timed apart.
 
 Run: ``python bench/bench_loop.py [--repeat N]``. Prints medians.
 """
@@ -35,84 +34,46 @@ def machine() -> str:
     return f"nproc {os.cpu_count()}, {cpu}, Python {platform.python_version()}"
 
 
-class Timed:
-    """Wraps a plant or controller; accumulates the time spent in the named methods."""
-
-    def __init__(self, inner, methods):
-        object.__setattr__(self, "_inner", inner)
-        object.__setattr__(self, "total_s", 0.0)
-        for name in methods:
-            fn = getattr(inner, name)
-
-            def wrapped(*a, _fn=fn, **k):
-                t0 = time.perf_counter()
-                try:
-                    return _fn(*a, **k)
-                finally:
-                    object.__setattr__(self, "total_s", self.total_s + time.perf_counter() - t0)
-            object.__setattr__(self, name, wrapped)
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
-def run_default_instrumented():
+def loop_ab(repeat: int) -> dict:
+    """The default experiment twice per repetition, CPU time (``process_time``, so other
+    processes on a shared machine do not count): (a) ``run_loop`` — guard, schedule, recording,
+    progress bookkeeping; (b) a bare loop making the same plant, controller and workload calls
+    and nothing else. Same seeds, same plant work. (a) - (b) per step = the loop's own cost."""
     from palsctl import config as C
-    from palsctl.interfaces import Controller, SimulatedPlant
     from palsctl.loop import run_loop
 
     cfg = C.load_experiment()
-    t0 = time.perf_counter()
-    ctl = C.build_controller(cfg)
-    plant = C.build_plant(cfg)
-    workload = C.build_workload(cfg)
-    schedule = C.build_schedule(cfg, workload)
-    t_build = time.perf_counter() - t0
+    n = round(cfg.duration_s / cfg.dt_s)
+    full, bare, wl = [], [], []
+    for _ in range(repeat):
+        ctl, plant, w = C.build_controller(cfg), C.build_plant(cfg), C.build_workload(cfg)
+        sched = C.build_schedule(cfg, w)
+        t0 = time.process_time()
+        rec = run_loop(plant, ctl, duration_s=cfg.duration_s, schedule=sched, workload=w,
+                       guard=cfg.guard)
+        full.append((time.process_time() - t0) / n)
+        actions = [s.applied for s in rec.steps]  # replayed so the plant does the same work
 
-    tplant = Timed(plant, ["advance", "read", "apply", "submit", "completed"])
-    # run_loop needs isinstance(plant, SimulatedPlant): a thin subclass forwarding to the timers
-    class PlantProxy(SimulatedPlant):
-        limits, dt_s, info = plant.limits, plant.dt_s, plant.info
-        now_s = property(lambda self: plant.now_s)
-        advance = staticmethod(tplant.advance)
-        read = staticmethod(tplant.read)
-        apply = staticmethod(tplant.apply)
-        submit = staticmethod(tplant.submit)
-        completed = staticmethod(tplant.completed)
+        ctl, plant, w = C.build_controller(cfg), C.build_plant(cfg), C.build_workload(cfg)
+        ctl.setup(limits=plant.limits, dt_s=plant.dt_s, plant_info=plant.info)
+        sp = sched(0.0)
+        t0 = time.process_time()
+        for k in range(n):
+            plant.submit(w.requests_between(k * cfg.dt_s, (k + 1) * cfg.dt_s))
+            plant.advance(cfg.dt_s)
+            ctl.step(plant.read(), sp)
+            plant.apply(actions[k])
+            plant.completed()
+        bare.append((time.process_time() - t0) / n)
 
-    ctl_time = {"s": 0.0}
-    inner_step = ctl.step
-
-    def timed_step(m, sp):
-        t = time.perf_counter()
-        try:
-            return inner_step(m, sp)
-        finally:
-            ctl_time["s"] += time.perf_counter() - t
-    ctl.step = timed_step  # instance attribute shadows the method
-    wl_time = {"s": 0.0}
-    inner_between = workload.requests_between
-
-    def timed_between(t0_s, t1_s):
-        t = time.perf_counter()
-        try:
-            return inner_between(t0_s, t1_s)
-        finally:
-            wl_time["s"] += time.perf_counter() - t
-    workload.requests_between = timed_between
-    assert isinstance(ctl, Controller)
-    t1 = time.perf_counter()
-    rec = run_loop(PlantProxy(), ctl, duration_s=cfg.duration_s, schedule=schedule,
-                   workload=workload, guard=cfg.guard)
-    t_loop = time.perf_counter() - t1
-    n = len(rec.steps)
-    # the timing wrappers themselves cost ~2 perf_counter calls per wrapped call; that cost
-    # lands partly outside the timed spans and is (conservatively) left in the overhead
-    overhead = (t_loop - tplant.total_s - ctl_time["s"]) / n
-    return {"build_s": t_build, "loop_s": t_loop, "plant_s": tplant.total_s,
-            "controller_s": ctl_time["s"], "steps": n, "overhead_per_step_s": overhead,
-            "workload_per_step_s": wl_time["s"] / n,
-            "overhead_excl_workload_per_step_s": overhead - wl_time["s"] / n}
+        w = C.build_workload(cfg)
+        t0 = time.process_time()
+        for k in range(n):
+            w.requests_between(k * cfg.dt_s, (k + 1) * cfg.dt_s)
+        wl.append((time.process_time() - t0) / n)
+    return {"full_s": statistics.median(full), "bare_s": statistics.median(bare),
+            "overhead_s": statistics.median(f - b for f, b in zip(full, bare)),
+            "workload_s": statistics.median(wl)}
 
 
 def loop_microbench(n_steps: int = 20000) -> dict:
@@ -151,17 +112,17 @@ def loop_microbench(n_steps: int = 20000) -> dict:
     sched = SetpointSchedule(power_budget_w=Steps([(0, 1400.0), (480, 900.0), (840, 1400.0)]))
     plant, ctl = NullPlant(), StaticController()
     ctl.setup(limits=plant.limits, dt_s=1.0, plant_info=plant.info)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for _ in range(n_steps):
         plant.advance(1.0)
         mm = plant.read()
         a = ctl.step(mm, None)
         plant.apply(a)
         plant.completed()
-    direct = (time.perf_counter() - t0) / n_steps
-    t0 = time.perf_counter()
+    direct = (time.process_time() - t0) / n_steps
+    t0 = time.process_time()
     run_loop(plant, StaticController(), duration_s=float(n_steps), schedule=sched)
-    looped = (time.perf_counter() - t0) / n_steps
+    looped = (time.process_time() - t0) / n_steps
     return {"direct_s": direct, "loop_s": looped, "overhead_s": looped - direct}
 
 
@@ -193,19 +154,15 @@ def main() -> int:
           f"(runs: {', '.join(f'{x:.2f}' for x in cli)})")
     micro = [loop_microbench() for _ in range(args.repeat)]
     runs = ", ".join(f"{r['overhead_s'] * 1e6:.1f}" for r in micro)
-    print(f"loop overhead per step, null plant + static controller, default guard, step budget "
-          f"schedule, no workload: median {statistics.median(r['overhead_s'] for r in micro) * 1e6:.1f}"
+    print(f"loop overhead per step (CPU), null plant + static controller, default guard, step "
+          f"budget schedule, no workload: median {statistics.median(r['overhead_s'] for r in micro) * 1e6:.1f}"
           f" µs (runs: {runs})")
-    inst = [run_default_instrumented() for _ in range(args.repeat)]
-    med = {k: statistics.median(r[k] for r in inst) for k in inst[0]}
-    print(f"instrumented: loop {med['loop_s']:.2f} s = plant {med['plant_s']:.2f} s + controller "
-          f"{med['controller_s'] * 1e3:.1f} ms + loop overhead; {med['steps']:.0f} steps")
-    runs = ", ".join(f"{r['overhead_per_step_s'] * 1e6:.1f}" for r in inst)
-    print(f"loop overhead per step (workload arrivals, schedule, guard, recording): median "
-          f"{med['overhead_per_step_s'] * 1e6:.1f} µs (runs: {runs})")
-    print(f"  of which generating the workload's requests: median "
-          f"{med['workload_per_step_s'] * 1e6:.1f} µs; the loop without it (schedule, guard, "
-          f"recording): median {med['overhead_excl_workload_per_step_s'] * 1e6:.1f} µs")
+    ab = loop_ab(args.repeat)
+    print(f"default experiment, CPU time per step: run_loop {ab['full_s'] * 1e6:.0f} µs, bare loop "
+          f"(same plant/controller/workload calls, same actions) {ab['bare_s'] * 1e6:.0f} µs; loop's own cost "
+          f"(guard, schedule, recording): median {ab['overhead_s'] * 1e6:.1f} µs per step")
+    print(f"  generating the workload's requests (in both): median {ab['workload_s'] * 1e6:.1f} µs "
+          f"per step")
     return 0
 
 

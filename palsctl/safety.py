@@ -112,6 +112,7 @@ class SafetyGuard(Controller):
         self._last_cap_w: float | None = None
         self._last_batch: int | None = None
         self._last_energy_j: float | None = None
+        self._fit_cache: tuple | None = None
 
     @property
     def expected_dt_s(self) -> float | None:
@@ -128,6 +129,7 @@ class SafetyGuard(Controller):
         self._last_cap_w = None
         self._last_batch = None
         self._last_energy_j = None
+        self._fit_cache = None
 
     def diagnostics(self) -> dict[str, Any]:
         return self.controller.diagnostics()
@@ -138,7 +140,12 @@ class SafetyGuard(Controller):
             raise RuntimeError("SafetyGuard.setup() must be called before step()")
         lim = self.limits
         notes: list[str] = []
-        cap_fit_w, feasible = budget_cap_w(lim, setpoint.power_budget_w)
+        budget = setpoint.power_budget_w
+        if self._fit_cache is not None and self._fit_cache[0] == budget:
+            cap_fit_w, feasible = self._fit_cache[1]
+        else:
+            cap_fit_w, feasible = budget_cap_w(lim, budget)
+            self._fit_cache = (budget, (cap_fit_w, feasible))
         if not feasible:
             notes.append(f"budget {setpoint.power_budget_w:g} W below {lim.num_gpus} x min cap "
                          f"{lim.power_cap_min_w:g} W: min cap")
