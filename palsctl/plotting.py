@@ -4,12 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from palsctl.loop import RunRecord
-from palsctl.metrics import window_setpoints
+from palsctl.metrics import trailing_means, window_setpoints
 
 
-def plot_timeline(record: RunRecord, path: str | Path, *, title: str | None = None) -> Path:
+def plot_timeline(record: RunRecord, path: str | Path, *, title: str | None = None,
+                  qos_window_s: float = 30.0) -> Path:
     """Three stacked panels over time: power vs budget (and power target), throughput vs
-    target and demand, cap and batch applied. Writes a PNG and returns its path."""
+    target and offered demand (also as the trailing means the QoS metric uses), cap and batch
+    applied. Writes a PNG and returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,14 +35,18 @@ def plot_timeline(record: RunRecord, path: str | Path, *, title: str | None = No
     ax.legend(loc="lower left", fontsize=8)
 
     ax = axes[1]
-    ax.plot(t, [x.throughput_tok_s for x in m], lw=0.8, label="throughput")
+    ax.plot(t, [x.throughput_tok_s for x in m], lw=0.5, alpha=0.35, color="C0",
+            label="throughput (per window)")
+    ax.plot(t, trailing_means(steps, qos_window_s, "throughput_tok_s"), lw=1.3, color="C0",
+            label=f"throughput ({qos_window_s:g} s mean)")
     if any(x.demand_tok_s is not None for x in m):
-        ax.plot(t, [x.demand_tok_s for x in m], lw=0.5, alpha=0.4, color="C7", label="demand")
+        ax.plot(t, trailing_means(steps, qos_window_s, "demand_tok_s"), lw=1.0, color="C7",
+                label=f"offered demand ({qos_window_s:g} s mean)")
     if any(sp.throughput_tok_s is not None for sp in sps):
         ax.step(t, [sp.throughput_tok_s for sp in sps], where="pre", color="C3", lw=1.5,
                 label="target")
     ax.set_ylabel("generated tok/s")
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper left", fontsize=7, ncol=4, framealpha=0.8)
 
     ax = axes[2]
     ax.step(t, [s.applied.power_cap_w for s in steps], where="post", color="C0",
