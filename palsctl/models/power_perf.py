@@ -294,7 +294,18 @@ class _Parametric:
                        10 * tmax, 10 * tmax, 512.0, 10 * tps, 10 * tps, 10 * tps, 10 * tmax,
                        50.0 * w + eps, 10.0 * w + eps])
 
-        def residuals(x):
+        # parameters pinned by their bounds (workload terms of a constant workload, f_max
+        # without clock readings) stay out of the optimisation
+        free = (hi - lo) > 1e-9
+        base = lo.copy()
+
+        def full(z):
+            x = base.copy()
+            x[free] = z
+            return x
+
+        def residuals(z):
+            x = full(z)
             t_pred, p_pred, r, _ = cls._core(x, cap, b, prompt, output)
             parts = [np.log(np.maximum(t_pred, 1e-12)) - log_thr,
                      np.log(np.maximum(p_pred, 1e-12)) - log_pw]
@@ -318,14 +329,17 @@ class _Parametric:
             x0 = np.minimum(np.maximum(np.asarray(x0, float), lo), hi)
             x0 = np.where(x0 <= lo, lo + 1e-6 * (hi - lo),
                           np.where(x0 >= hi, hi - 1e-6 * (hi - lo), x0))
-            return least_squares(residuals, x0, bounds=(lo, hi), x_scale="jac", loss="soft_l1",
-                                 f_scale=0.05, diff_step=1e-6, ftol=1e-7, max_nfev=max_nfev)
+            res = least_squares(residuals, x0[free], bounds=(lo[free], hi[free]), x_scale="jac",
+                                loss="soft_l1", f_scale=0.05, diff_step=1e-6, ftol=1e-7,
+                                max_nfev=max_nfev)
+            res.x = full(res.x)
+            return res
 
         # a short run from every start, then the best one refined
-        best = min((solve(x0, 200 if init is None else 80) for x0 in starts),
+        best = min((solve(x0, 100 if init is None else 60) for x0 in starts),
                    key=lambda r: r.cost)
         if init is None and best.status == 0:
-            best = solve(best.x, 200)
+            best = solve(best.x, 150)
         x = best.x
         params = dict(zip(_ALL_PARAMS, map(float, x)))
         if not has_clock:

@@ -395,11 +395,12 @@ def default_grid(limits, *, n_caps: int = 7, batches: Sequence[int] = (1, 2, 4, 
 
 def build_model_for(model: str, gpu: str, num_gpus: int, *, prompt_tokens: int,
                     output_tokens: int, points: int = 12, kind: str = "parametric", seed: int = 0,
-                    warmup_s: float = 20.0, window_s: float = 30.0, cv_folds: int = 5):
+                    warmup_s: float = 20.0, window_s: float = 30.0, cv_folds: int = 0):
     """Profile ``points`` space-filling points of the default 7-cap x 7-batch grid on the
     *simulated* plant (``palsctl.plants.sim.SimPlant``) through `profile_plant` and fit a
     `PowerPerfModel` of ``kind``. The profile is measured (noise, windows), not read from the
-    simulator's steady state, so the model carries honest errors."""
+    simulator's steady state, so the model carries honest errors. ``cv_folds`` > 0 also
+    reports k-fold CV errors in ``model.cv_mape`` (slower: one more fit per fold)."""
     from palsctl.models.power_perf import PowerPerfModel
     from palsctl.plants.sim import SimPlant
 
