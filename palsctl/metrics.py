@@ -227,6 +227,8 @@ def summarize(record: RunRecord, *, budget_tolerance: float = 0.01,
         "mean_power_cap_w": float(np.mean(caps)) if caps else None,
         "mean_max_batch": float(np.mean(batches)) if batches else None,
         "guard_interventions": sum(1 for s in steps if s.guard_note),
+        # steps where the guard held a safe action (stale/invalid data, controller failure)
+        "safe_holds": sum(1 for s in steps if "hold safe cap" in s.guard_note),
         "stale_steps": sum(1 for s in steps if s.measurement.stale),
         "step_latency_p50_s": _pct(lat, 50),
         "step_latency_p99_s": _pct(lat, 99),

@@ -123,6 +123,9 @@ def _print_table(cfg, s: dict, written) -> None:
     ]
     if s.get("power_tracking_mae_w") is not None:
         rows.insert(10, ("power tracking MAE", f(s["power_tracking_mae_w"], "{:.1f}", " W")))
+    if s.get("safe_holds"):
+        rows.insert(-2, ("[red]safe holds[/red]",
+                         f"[red]{s['safe_holds']} steps (stale data or controller failure)[/red]"))
     for r in rows:
         t.add_row(*r)
     console = Console()
