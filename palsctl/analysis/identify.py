@@ -93,37 +93,14 @@ def _read_output(m, output: str, num_gpus: int) -> float:
     return m.power_w / num_gpus if output == "power_per_gpu" else m.throughput_tok_s
 
 
-def step_test(make_plant: Callable[..., SimulatedPlant], *, loop: str, power_cap_w: float,
-              max_batch: int, step: float, warmup_s: float = 20.0, record_s: float = 10.0,
-              pre_s: float = 3.0, prompt_tokens: int = 200, output_tokens: int = 400,
-              seed: int = 0) -> StepTest:
-    """Run a step test on a fresh plant from ``make_plant(power_cap_w=..., max_batch=...)``.
-
-    The plant gets a backlog large enough for the whole test, runs ``warmup_s`` at the
-    operating point, then records ``pre_s`` before and ``record_s`` after stepping the loop's
-    knob by ``step`` (W per GPU or sequences)."""
-    spec = _loop(loop)
+def _record(make_plant, spec: LoopSpec, *, power_cap_w: float, max_batch: int, u1: float | None,
+            n_warm: int, n_pre: int, n_rec: int, requests) -> tuple[list, list, list, float]:
     plant = make_plant(power_cap_w=power_cap_w, max_batch=max_batch)
     try:
         dt = float(plant.dt_s)
         n_gpus = plant.limits.num_gpus
-        total_s = warmup_s + pre_s + record_s
-        # enough requests for the whole test at a generous bound on the token rate
-        n_req = int(max(4 * max_batch, 64 + max_batch * total_s / max(1.0, output_tokens * 0.002)))
-        plant.submit(backlog(n_req, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                             seed=seed))
-        n_warm = int(round(warmup_s / dt))
-        n_pre = max(2, int(round(pre_s / dt)))
-        n_rec = max(3, int(round(record_s / dt)))
+        plant.submit(requests)
         u0 = float(power_cap_w if spec.knob == "cap" else max_batch)
-        u1 = u0 + step
-        if spec.knob == "batch":
-            u1 = float(plant.limits.clamp_batch(round(u1)))
-        else:
-            u1 = float(plant.limits.clamp_cap_w(u1))
-        if u1 == u0:
-            raise ConfigError("the step test's step is lost in the actuator's limits/rounding",
-                              key="step", value=step)
         for _ in range(n_warm):
             plant.advance(dt)
             plant.read()
@@ -131,7 +108,7 @@ def step_test(make_plant: Callable[..., SimulatedPlant], *, loop: str, power_cap
         for k in range(n_pre + n_rec):
             plant.advance(dt)
             m = plant.read()
-            u = u0 if k < n_pre - 1 else u1
+            u = u0 if (u1 is None or k < n_pre - 1) else u1
             if spec.knob == "cap":
                 applied = plant.apply(Action(power_cap_w=u)).power_cap_w
             else:
@@ -139,12 +116,62 @@ def step_test(make_plant: Callable[..., SimulatedPlant], *, loop: str, power_cap
             ts.append(m.t_s)
             us.append(float(applied))
             ys.append(_read_output(m, spec.output, n_gpus))
-        window = float(dt)
     finally:
         plant.close()
-    return StepTest(loop=loop, t_s=np.asarray(ts), u=np.asarray(us), y=np.asarray(ys),
-                    dt_s=dt, window_s=window, power_cap_w=float(power_cap_w),
-                    max_batch=int(max_batch))
+    return ts, us, ys, dt
+
+
+def step_test(make_plant: Callable[..., SimulatedPlant], *, loop: str, power_cap_w: float,
+              max_batch: int, step: float, warmup_s: float = 20.0, record_s: float | None = None,
+              pre_s: float = 3.0, prompt_tokens: int = 200, output_tokens: int = 400,
+              seed: int = 0, paired: bool | None = None) -> StepTest:
+    """Run a step test on a fresh plant from ``make_plant(power_cap_w=..., max_batch=...)``.
+
+    The plant gets a backlog large enough for the whole test, runs ``warmup_s`` at the
+    operating point, then records ``pre_s`` before and ``record_s`` after stepping the loop's
+    knob by ``step`` (W per GPU or sequences).
+
+    ``paired`` (default: for the throughput loops) runs the same deterministic plant a second
+    time without the step and records the *difference* (plus the pre-step level): the
+    throughput of a continuous-batching engine swings with the admission and completion of
+    requests far more than a small step moves it, and the paired run removes the part of that
+    swing the step does not change. The plant must be deterministic (noise off) for this.
+    ``record_s`` defaults to 10 s (power) or 30 s (throughput loops, for the gain).
+    """
+    spec = _loop(loop)
+    if paired is None:
+        paired = spec.output == "throughput"
+    if record_s is None:
+        record_s = 30.0 if spec.output == "throughput" else 10.0
+    probe = make_plant(power_cap_w=power_cap_w, max_batch=max_batch)
+    dt = float(probe.dt_s)
+    limits = probe.limits
+    probe.close()
+    total_s = warmup_s + pre_s + record_s
+    # enough requests for the whole test at a generous bound on the token rate
+    n_req = int(max(4 * max_batch, 64 + max_batch * total_s / max(1.0, output_tokens * 0.002)))
+    requests = backlog(n_req, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                       seed=seed)
+    n_warm = int(round(warmup_s / dt))
+    n_pre = max(2, int(round(pre_s / dt)))
+    n_rec = max(3, int(round(record_s / dt)))
+    u0 = float(power_cap_w if spec.knob == "cap" else max_batch)
+    u1 = u0 + step
+    u1 = float(limits.clamp_batch(round(u1))) if spec.knob == "batch" else \
+        float(limits.clamp_cap_w(u1))
+    if u1 == u0:
+        raise ConfigError("the step test's step is lost in the actuator's limits/rounding",
+                          key="step", value=step)
+    kw = dict(power_cap_w=power_cap_w, max_batch=max_batch, n_warm=n_warm, n_pre=n_pre,
+              n_rec=n_rec, requests=requests)
+    ts, us, ys, dt = _record(make_plant, spec, u1=u1, **kw)
+    y = np.asarray(ys)
+    if paired:
+        _, _, ys_ref, _ = _record(make_plant, spec, u1=None, **kw)
+        ref = np.asarray(ys_ref)
+        y = y - ref + float(np.mean(ref[:n_pre]))
+    return StepTest(loop=loop, t_s=np.asarray(ts), u=np.asarray(us), y=y, dt_s=dt,
+                    window_s=dt, power_cap_w=float(power_cap_w), max_batch=int(max_batch))
 
 
 def identify_from_step_test(test: StepTest) -> FOPDT:

@@ -202,15 +202,11 @@ def discrete_plant(p: FOPDT, *, method: str = "c2d") -> ct.StateSpace:
 
 def simulate_fopdt_response(p: FOPDT, u: np.ndarray, *, method: str = "c2d") -> np.ndarray:
     """Output samples of `discrete_plant` ``p`` (from rest) for input samples ``u``."""
+    from scipy.signal import lfilter, ss2tf
+
     sysd = discrete_plant(p, method=method)
-    A, B, C, D = (np.asarray(M, dtype=float) for M in (sysd.A, sysd.B, sysd.C, sysd.D))
-    u = np.asarray(u, dtype=float).reshape(-1)
-    x = np.zeros(A.shape[0])
-    y = np.empty(len(u))
-    for k, uk in enumerate(u):
-        y[k] = C[0] @ x + D[0, 0] * uk
-        x = A @ x + B[:, 0] * uk
-    return y
+    num, den = ss2tf(*(np.asarray(M, dtype=float) for M in (sysd.A, sysd.B, sysd.C, sysd.D)))
+    return lfilter(np.ravel(num), den, np.asarray(u, dtype=float).reshape(-1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,6 +253,15 @@ def _spectral_radius(L: ct.TransferFunction, k: float) -> float:
     return float(np.max(np.abs(p))) if p.size else 0.0
 
 
+def _padd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    n = max(len(a), len(b))
+    return np.pad(a, (n - len(a), 0)) + np.pad(b, (n - len(b), 0))
+
+
+def _psub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return _padd(a, -np.asarray(b))
+
+
 def _reciprocal(p: np.ndarray) -> np.ndarray:
     """Coefficients of ``z^n · p(1/z)`` (same degree n)."""
     return p[::-1].copy()
@@ -264,7 +269,8 @@ def _reciprocal(p: np.ndarray) -> np.ndarray:
 
 def _unit_circle_roots(poly: np.ndarray) -> np.ndarray:
     """Frequencies ω in [0, π] (rad/sample) of the roots of ``poly`` on the unit circle."""
-    poly = np.trim_zeros(poly, "f")
+    nz = np.flatnonzero(poly)
+    poly = poly[nz[0]:] if nz.size else poly[:0]
     if poly.size <= 1:
         return np.array([])
     r = np.roots(poly)
@@ -301,23 +307,93 @@ def _crossing_gains(L: ct.TransferFunction) -> list[tuple[float, float]]:
     """(gain factor k > 0, ω rad/sample) where ``1 + k·L(e^{jω}) = 0`` for some ω ∈ [0, π].
 
     ``L(e^{jω})`` is real where ``num(z)·den(1/z) − num(1/z)·den(z) = 0``; multiplied by
-    ``z^n`` that is a polynomial whose unit-circle roots are the candidates. The integrator's
-    pole at ``z = 1`` gives ``k = 0`` (L infinite) and is excluded.
+    ``z^n`` that is a polynomial whose unit-circle roots are the candidates (taken loosely and
+    refined: roots of such polynomials are ill-conditioned), together with the sign changes of
+    ``Im L`` over a dense sweep, refined with ``brentq``; ``z = −1`` is always checked exactly.
+    The integrator's pole at ``z = 1`` gives ``k = 0`` (L infinite) and is excluded.
     """
+    from scipy.optimize import brentq
+
     num, den = _polys(L)
-    poly = np.polysub(np.polymul(num, _reciprocal(den)), np.polymul(_reciprocal(num), den))
-    cands = list(_unit_circle_roots(poly))
-    cands += [0.0, math.pi]   # always check z = 1 and z = -1 exactly
+
+    def im(w: float) -> float:
+        z = np.exp(1j * w)
+        # Im(L) has the sign of Im(num·conj(den)); no division (den may vanish at z = 1)
+        return float((np.polyval(num, z) * np.conj(np.polyval(den, z))).imag)
+
+    cands = [math.pi]
+    w = np.concatenate([np.geomspace(1e-6, 0.5, 1500), np.linspace(0.5, math.pi, 1500)[1:]])
+    z = np.exp(1j * w)
+    g = (np.polyval(num, z) * np.conj(np.polyval(den, z))).imag
+    for i in np.flatnonzero(np.sign(g[:-1]) * np.sign(g[1:]) < 0):
+        cands.append(brentq(im, w[i], w[i + 1], xtol=1e-14))
+    poly = _psub(np.convolve(num, _reciprocal(den)), np.convolve(_reciprocal(num), den))
+    nz = np.flatnonzero(poly)
+    if nz.size and len(poly) - nz[0] > 1:
+        r = np.roots(poly[nz[0]:])
+        for rv in r[np.abs(np.abs(r) - 1.0) < 1e-2]:
+            w0 = abs(float(np.angle(rv)))
+            if w0 < 1e-9:
+                continue
+            lo, hi = w0 * 0.98, min(w0 * 1.02, math.pi)
+            if np.sign(im(lo)) * np.sign(im(hi)) < 0:
+                cands.append(brentq(im, lo, hi, xtol=1e-14))
+            else:
+                cands.append(w0)
     out = []
-    for wv in sorted(set(round(c, 10) for c in cands)):
-        z = np.exp(1j * wv)
-        nv, dv = np.polyval(num, z), np.polyval(den, z)
+    for wv in sorted(set(round(c, 12) for c in cands)):
+        zv = np.exp(1j * wv)
+        nv, dv = np.polyval(num, zv), np.polyval(den, zv)
         if abs(nv) < 1e-12 * max(1.0, abs(dv)):
             continue
         k = -dv / nv
         if abs(k.imag) <= 1e-6 * max(1.0, abs(k.real)) and k.real > 1e-9:
             out.append((float(k.real), float(wv)))
     return out
+
+
+def _gain_crossings(num: np.ndarray, den: np.ndarray, pm_poly: np.ndarray) -> list[float]:
+    """Frequencies ω in (0, π] where ``|L(e^{jω})| = 1``, refined by a root finder.
+
+    Candidates: the unit-circle roots of ``pm_poly`` (loosely: roots near ``z = 1`` of an
+    integrator loop are ill-conditioned) and the sign changes of ``log|L|`` over a dense
+    log-spaced sweep; each is refined with ``brentq`` on ``log|L|``."""
+    from scipy.optimize import brentq
+
+    def f(w: float) -> float:
+        z = np.exp(1j * w)
+        d = abs(np.polyval(den, z))
+        nv = abs(np.polyval(num, z))
+        if d == 0:
+            return math.inf
+        if nv == 0:
+            return -math.inf
+        return math.log(nv / d)
+
+    w = np.concatenate([np.geomspace(1e-6, 0.5, 1500), np.linspace(0.5, math.pi, 1500)[1:]])
+    z = np.exp(1j * w)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        g = np.log(np.abs(np.polyval(num, z))) - np.log(np.abs(np.polyval(den, z)))
+    out = []
+    idx = np.flatnonzero(np.isfinite(g[:-1]) & np.isfinite(g[1:]) & (np.sign(g[:-1]) != np.sign(g[1:])))
+    for i in idx:
+        out.append(brentq(f, w[i], w[i + 1], xtol=1e-14))
+    poly = pm_poly
+    nz = np.flatnonzero(poly)
+    if nz.size and len(poly) - nz[0] > 1:
+        r = np.roots(poly[nz[0]:])
+        for rv in r[np.abs(np.abs(r) - 1.0) < 1e-2]:
+            w0 = abs(float(np.angle(rv)))
+            if w0 < 1e-9:
+                continue
+            lo, hi = w0 * 0.98, min(w0 * 1.02, math.pi)
+            if np.isfinite(f(lo)) and np.isfinite(f(hi)) and np.sign(f(lo)) != np.sign(f(hi)):
+                out.append(brentq(f, lo, hi, xtol=1e-14))
+            elif abs(f(w0)) < 1e-9:
+                out.append(w0)
+    if abs(f(math.pi)) < 1e-12:
+        out.append(math.pi)
+    return sorted(set(round(x, 12) for x in out))
 
 
 def margins(L: ct.TransferFunction) -> Margins:
@@ -347,14 +423,12 @@ def margins(L: ct.TransferFunction) -> Margins:
         gm, wgm = max(lows) if lows else (math.nan, math.nan)
         gml = math.nan
     num, den = _polys(L)
-    pm_poly = np.polysub(np.polymul(num, _reciprocal(num)), np.polymul(den, _reciprocal(den)))
+    pm_poly = _psub(np.convolve(num, _reciprocal(num)), np.convolve(den, _reciprocal(den)))
     pm, wpm = math.inf, math.nan
-    for wv in _unit_circle_roots(pm_poly):
-        if wv < 1e-9:
-            continue
+    for wv in _gain_crossings(num, den, pm_poly):
         z = np.exp(1j * wv)
         Lv = np.polyval(num, z) / np.polyval(den, z)
-        if abs(abs(Lv) - 1.0) > 1e-4:
+        if abs(abs(Lv) - 1.0) > 1e-6:
             continue
         ph = math.degrees(np.angle(Lv))          # in (-180, 180]
         pmv = 180.0 + ph if ph <= 0 else ph - 180.0
@@ -516,7 +590,7 @@ def _loop_polys(plant: FOPDT, kp: float, ki: float) -> tuple[np.ndarray, np.ndar
     gn, gd = _plant_polys(plant)
     C = pi_tf(kp, ki, plant.dt_s)
     cn, cd = _polys(C)
-    return np.polymul(cn, gn), np.polymul(cd, gd)
+    return np.convolve(cn, gn), np.convolve(cd, gd)
 
 
 def analyze_loop(plant: FOPDT, *, kp: float, ki: float, min_gm_db: float = 6.0,
@@ -530,7 +604,7 @@ def analyze_loop(plant: FOPDT, *, kp: float, ki: float, min_gm_db: float = 6.0,
     """
     num, den = _loop_polys(plant, kp, ki)
     L = ct.tf(num, den, plant.dt_s)
-    char = np.polyadd(den, num)
+    char = _padd(den, num)
     poles = closed_loop_poles(L)
     rho = float(np.max(np.abs(poles))) if poles.size else 0.0
     stable = rho < 1.0 - 1e-9
@@ -561,8 +635,8 @@ def input_excursion(plant: FOPDT, *, kp: float, ki: float, horizon_s: float = 60
     cn, cd = _polys(pi_tf(kp, ki, plant.dt_s))
     gn, gd = _plant_polys(plant)
     # U/R = C/(1 + C G) = cn·gd / (cd·gd + cn·gn)
-    un = np.polymul(cn, gd)
-    ud = np.polyadd(np.polymul(cd, gd), np.polymul(cn, gn))
+    un = np.convolve(cn, gd)
+    ud = _padd(np.convolve(cd, gd), np.convolve(cn, gn))
     n = int(math.ceil(horizon_s / plant.dt_s)) + 1
     u = lfilter(un, ud, np.ones(n))
     return float(min(0.0, u.min())), float(max(0.0, u.max()))

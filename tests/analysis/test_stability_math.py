@@ -176,3 +176,26 @@ def test_settling_time_of_data_matches_ct_step_info():
     y = 1 - np.exp(-t / 2.0) * np.cos(1.3 * t)
     assert settling_time_of(t, y) == pytest.approx(ct.step_info(y, t, yfinal=1.0)["SettlingTime"])
     assert math.isnan(settling_time_of(t, 0.5 * y))       # never reaches the band
+
+
+def test_margins_on_random_loops_match_brute_force_sweeps():
+    """PM against a dense frequency sweep, GM against a gain sweep on the poles."""
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(80):
+        p = FOPDT(gain=rng.uniform(0.1, 100), tau_s=rng.uniform(0, 2), delay_s=rng.uniform(0, 2),
+                  dt_s=1.0, window_s=float(rng.choice([0.5, 1.0, 2.0])))
+        kp, ki = rng.uniform(0, 1.5) / p.gain, rng.uniform(0.001, 1.5) / p.gain
+        r = analyze_loop(p, kp=kp, ki=ki)
+        if not r.stable:
+            continue
+        checked += 1
+        L = loop_tf(p, pi_tf(kp, ki, 1.0))
+        w = np.concatenate([np.geomspace(1e-7, 0.5, 20000), np.linspace(0.5, np.pi, 20000)])
+        Lv = L(np.exp(1j * w))
+        cross = np.flatnonzero(np.diff(np.sign(np.abs(Lv) - 1)))
+        ph = np.degrees(np.angle(Lv[cross]))
+        pm_ref = min(np.where(ph <= 0, 180 + ph, ph - 180)) if cross.size else math.inf
+        assert r.phase_margin_deg == pytest.approx(pm_ref, abs=0.5)
+        assert r.margins.gain_margin == pytest.approx(critical_gain_scale(L), rel=1e-5)
+    assert checked >= 15
