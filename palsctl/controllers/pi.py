@@ -17,13 +17,14 @@ Loops and sign conventions (all errors positive when *more* of the actuator is n
   measured generated throughput. Gains ``kp_batch_per_tok_s`` (sequences per tok/s) and
   ``ki_batch_per_tok`` (sequences per token). A TPOT objective overrides: when the measured p90
   TPOT exceeds it while saturated, ``e_b = −r · (tpot − slo)/slo`` (shrink the batch).
-* **margin loop** — throughput margin → cap (tok/s): with a backlog (requests waiting)
-  ``e_c = r · (1 + margin) − y``; in a window short of the target while the offered load was at
-  least the target, ``e_c = r − y``; otherwise (everything offered was served)
-  ``e_c = −margin · r``: the cap drifts down, probing for the lowest clock that still keeps up. The capacity of the configuration is not observable below
-  saturation, so the margin sets the trade-off between energy and shortfall windows. A p90 TPOT over the objective adds ``r · (tpot − slo)/slo`` (a faster clock
-  is what shortens the time per token). Gains ``kp_cap_w_per_tok_s`` (W per tok/s) and ``ki_cap_w_per_tok`` (W per
-  token), per GPU.
+* **margin loop** — throughput margin → cap (tok/s): below saturation the capacity margin shows
+  as free batch slots, so the loop tracks a utilisation ``u = running / batch`` of
+  ``utilisation_ref``: ``e_c = r · (u − u_ref) / u_ref`` (too many sequences in flight means
+  tokens come too slowly: raise the cap; few means spare speed: lower it — the running count
+  integrates the arrivals, Little's law, so it is a smooth signal); with a backlog (requests
+  waiting) ``e_c = max(e_c, r · (1 + margin) − y)``. A p90 TPOT over the objective adds
+  ``r · (tpot − slo)/slo`` (a faster clock is what shortens the time per token). Gains
+  ``kp_cap_w_per_tok_s`` (W per tok/s) and ``ki_cap_w_per_tok`` (W per token), per GPU.
 * **budget loop** — power over budget → cap: ``e_p = (P_ref − P)/N`` (W per GPU), P_ref the
   power target in power-target mode, else budget × (1 − budget_margin); P the measured total
   power over N GPUs. Dimensionless gains ``kp_cap_budget`` (W/W) and ``ki_cap_budget_per_s``
@@ -48,7 +49,8 @@ from palsctl.types import Action, Measurement, Setpoint
 class PIConfig(ControllerConfig):
     """Gains (units in the names) and options of `PIController`; see the module docstring for the
     loops and their sign conventions. ``margin``: capacity headroom kept over the target
-    (fraction). ``budget_margin``: fraction of the budget kept free by the budget loop.
+    under a backlog (fraction). ``utilisation_ref``: running sequences / batch limit the margin
+    loop holds. ``budget_margin``: fraction of the budget kept free by the budget loop.
     ``dt_s``: control period the gains were tuned for (None: any)."""
 
     kp_batch_per_tok_s: float = 0.02
@@ -57,7 +59,8 @@ class PIConfig(ControllerConfig):
     ki_cap_w_per_tok: float = 0.005
     kp_cap_budget: float = 0.3
     ki_cap_budget_per_s: float = 0.5
-    margin: float = 0.03
+    margin: float = 0.1
+    utilisation_ref: float = 0.15
     budget_margin: float = 0.02
     dt_s: float | None = None
 
@@ -66,6 +69,7 @@ class PIConfig(ControllerConfig):
                      "ki_cap_w_per_tok", "kp_cap_budget", "ki_cap_budget_per_s"):
             common.check_number(getattr(self, name), name, lo=0)
         common.check_number(self.margin, "margin", lo=0, hi=2)
+        common.check_number(self.utilisation_ref, "utilisation_ref", lo=0.01, hi=1.0)
         common.check_number(self.budget_margin, "budget_margin", lo=0, hi=0.5)
         common.check_number(self.dt_s, "dt_s", lo=0, lo_open=True, allow_none=True)
 
@@ -146,12 +150,11 @@ class PIController(Controller):
         cand_margin = ceiling
         e_c = None
         if r is not None:
-            if m.waiting > 0:  # backlog: capacity is what is measured
-                e_c = r * (1 + cfg.margin) - y
-            elif y < r and m.demand_tok_s is not None and m.demand_tok_s >= r:
-                e_c = r - y  # a window short of the target while the demand was there
-            else:
-                e_c = -cfg.margin * r
+            # spare capacity shows as free batch slots: track a utilisation of the batch limit
+            u = m.running / max(b_now, 1.0)
+            e_c = r * (u - cfg.utilisation_ref) / cfg.utilisation_ref
+            if m.waiting > 0:  # backlog: the capacity itself is measured
+                e_c = max(e_c, r * (1 + cfg.margin) - y)
             if over_slo:  # too slow per token: a faster clock is what helps
                 e_c = max(e_c, 0.0) + r * (tpot - slo) / slo
             cand_margin = cap_now + self._increment("cap", e_c, cfg.kp_cap_w_per_tok_s,

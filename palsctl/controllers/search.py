@@ -22,9 +22,10 @@ Each control step:
    first; if still infeasible the fastest candidate within the budget is taken; only when not
    even the lowest cap fits the budget is the lowest-power candidate taken (the safety guard
    then clamps it).
-3. **Hysteresis and dwell.** The configuration in use is kept while it stays feasible and its
-   score is within ``hysteresis`` (relative) of the best, and for at least ``dwell_s`` after a
-   switch unless it becomes infeasible or the setpoint changes.
+3. **Hysteresis and dwell.** The configuration in use is kept while it stays within the budget
+   and the latency objective, its predicted throughput is within ``hysteresis`` (relative) of
+   the requirement and its score within ``hysteresis`` of the best — and for at least
+   ``dwell_s`` after a switch — unless the setpoint changes.
 4. **Cap trim.** An integral term on the relative throughput shortfall (measured below the
    target while the demand exists: requests waiting or offered load ≥ target) adds up to
    ``trim_max_w`` to the cap — a faster clock also shortens the prefill stalls that make
@@ -74,13 +75,13 @@ class SearchConfig(ControllerConfig):
     budget_margin: float = 0.02
     cap_step_w: float = 10.0
     max_batch: int | None = None
-    residual_alpha: float = 0.2
+    residual_alpha: float = 0.1
     residual_bound: float = 2.0
     trim_gain_w_per_s: float = 60.0
     trim_max_w: float = 100.0
     trim_leak_per_s: float = 0.05
     hysteresis: float = 0.03
-    dwell_s: float = 5.0
+    dwell_s: float = 30.0
     drain_s: float = 30.0
     batch_headroom: float | None = None
     dt_s: float | None = None
@@ -179,12 +180,22 @@ class SearchController(Controller):
         best = choice.index
         idx = best
         cur = self._idx
-        if cur is not None and not changed and choice.feasible[cur] and choice.mode != \
-                "relaxed_budget":
-            s_cur, s_best = choice.score[cur], choice.score[best]
-            within = s_cur >= s_best - cfg.hysteresis * abs(s_best)
-            if within or self._since_switch_s < cfg.dwell_s:
-                idx = cur
+        if cur is not None and not changed and choice.mode == "ok":
+            # the configuration in use stays while it is still (nearly: within the hysteresis)
+            # feasible and (nearly) as good as the best, or while the dwell time runs
+            fits_budget = budget_pred is None or (
+                pw[cur] <= budget_pred and g.cap_w[cur] * n <= budget_pred / (1 - cfg.budget_margin)
+                + 1e-6)
+            fits_lat = setpoint.tpot_slo_s is None or not itl[cur] > setpoint.tpot_slo_s
+            fits_thr = required is None or thr[cur] >= required * (1.0 - cfg.hysteresis)
+            if fits_budget and fits_lat and fits_thr:
+                s_best = choice.score[best]
+                s_cur = s_best if not np.isfinite(choice.score[cur]) else choice.score[cur]
+                if not choice.feasible[cur]:  # nearly feasible: score its operating point
+                    s_cur = s_best * (1.0 - cfg.hysteresis) if required is not None else s_cur
+                within = s_cur >= s_best - cfg.hysteresis * abs(s_best)
+                if within or self._since_switch_s < cfg.dwell_s:
+                    idx = cur
         switched = idx != cur
         self._since_switch_s = 0.0 if switched else self._since_switch_s + dt
         self._idx = idx

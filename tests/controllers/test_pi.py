@@ -48,11 +48,12 @@ def test_velocity_form_batch_increment():
 
 def test_bumpless_start_holds_the_knobs_in_force():
     c = _pi()
-    a = c.step(_m(cap=237.0, batch=77, thr=1000.0, demand=900.0, waiting=0),
+    u_ref = c.config.utilisation_ref
+    a = c.step(_m(cap=237.0, batch=80, running=round(u_ref * 80), thr=1000.0, demand=900.0),
                Setpoint(throughput_tok_s=1000.0))
-    # no shortfall, no backlog: only the slow downward probe of the margin loop moves the cap
-    assert a.max_batch == 77
-    assert 230.0 <= a.power_cap_w <= 237.0
+    # at the reference utilisation, no backlog: nothing moves
+    assert a.max_batch == 80
+    assert a.power_cap_w == 237.0
 
 
 def test_cap_rises_on_backlog_and_falls_when_everything_is_served():
@@ -61,8 +62,11 @@ def test_cap_rises_on_backlog_and_falls_when_everything_is_served():
     up = c.step(_m(cap=200.0, thr=500.0, waiting=50), sp)
     assert up.power_cap_w > 200.0
     c.reset()
-    down = c.step(_m(cap=200.0, thr=990.0, waiting=0, demand=900.0), sp)
+    down = c.step(_m(cap=200.0, batch=256, running=5, thr=990.0, waiting=0, demand=900.0), sp)
     assert down.power_cap_w < 200.0
+    c.reset()
+    busy = c.step(_m(cap=200.0, batch=256, running=200, thr=990.0, waiting=0), sp)
+    assert busy.power_cap_w > 200.0
 
 
 def test_antiwindup_at_the_ceiling_no_delay_when_the_error_reverses():
@@ -72,7 +76,7 @@ def test_antiwindup_at_the_ceiling_no_delay_when_the_error_reverses():
         a = c.step(_m(cap=400.0, thr=100.0, waiting=100), sp)
         assert a.power_cap_w == 400.0
     # served again: the very next step moves the cap down (nothing wound up)
-    a = c.step(_m(cap=400.0, thr=1000.0, waiting=0, demand=900.0), sp)
+    a = c.step(_m(cap=400.0, batch=256, running=5, thr=1000.0, waiting=0, demand=900.0), sp)
     assert a.power_cap_w < 400.0
 
 

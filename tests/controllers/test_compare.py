@@ -1,0 +1,104 @@
+"""`palsctl compare`: JSON keys, aggregation, versus_static, errors, and the example scenarios."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from palsctl.cli import main
+from palsctl.cli.compare import aggregate
+from palsctl.config import load_experiment
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
+
+TINY = """
+name = "tiny"
+duration_s = 30.0
+dt_s = 1.0
+seed = 0
+[plant]
+kind = "sim"
+model = "mixtral-8x7b"
+gpu = "a100-sxm4-80gb"
+num_gpus = 4
+[workload]
+kind = "poisson"
+load = 0.4
+[setpoint]
+throughput_tok_s = "demand"
+power_budget_w = { steps = [[0.0, 1600.0], [15.0, 900.0]] }
+[controller]
+name = "search"
+"""
+
+
+def test_aggregate_means_stds_and_ratios():
+    s = {"static": [{"tokens_per_joule": 1.0, "x": None}, {"tokens_per_joule": 2.0, "x": None}],
+         "a": [{"tokens_per_joule": 1.5, "x": None}, {"tokens_per_joule": 3.0, "x": None}]}
+    r = aggregate(s)
+    assert r["a"]["tokens_per_joule"] == pytest.approx(2.25)
+    assert r["a"]["tokens_per_joule_std"] == pytest.approx(0.75)
+    assert r["a"]["gain_vs_static"] == pytest.approx(1.5)
+    assert r["a"]["oracle_fraction"] is None and r["a"]["x"] is None
+
+
+def test_compare_cli_writes_json_and_plots(tmp_path, capsys):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY)
+    out_json = tmp_path / "cmp.json"
+    rc = main(["compare", str(cfg), "--controllers", "search,cap-to-budget", "--seeds", "2",
+               "--json", str(out_json), "--out", str(tmp_path / "plots"), "-q"])
+    assert rc == 0
+    data = json.loads(out_json.read_text())
+    assert set(data) == {"search", "cap-to-budget", "static", "oracle"}
+    from palsctl.metrics import SUMMARY_KEYS
+    for name, agg in data.items():
+        for k in SUMMARY_KEYS:
+            assert k in agg
+        for k in ("tokens_per_joule_std", "gain_vs_static", "oracle_fraction",
+                  "step_latency_p99_s"):
+            assert k in agg
+        assert agg["seeds"] == 2
+    assert data["static"]["gain_vs_static"] == pytest.approx(1.0)
+    assert data["oracle"]["oracle_fraction"] == pytest.approx(1.0)
+    assert (tmp_path / "plots" / "timeline_all.png").stat().st_size > 0
+
+
+def test_compare_unknown_controller_is_one_line_exit_2(tmp_path, capsys):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY)
+    assert main(["compare", str(cfg), "--controllers", "nope", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0]
+
+
+def test_versus_static_runs_both_on_the_same_workload():
+    from palsctl.cli.compare import versus_static
+    from palsctl.config import experiment_from_dict
+    import tomllib
+
+    cfg = experiment_from_dict(tomllib.loads(TINY))
+    a, b = versus_static(cfg, "search")
+    assert a["generated_tokens"] > 0 and b["generated_tokens"] > 0
+    assert a["tokens_per_joule"] > b["tokens_per_joule"]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_scenarios_load(path):
+    cfg = load_experiment(path)
+    assert cfg.controller_name == "search"
+
+
+def test_compare_controllers_example_runs_headless(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "compare_controllers.py"),
+                        "--duration-s", "40", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={"MPLBACKEND": "Agg", "PATH": "/usr/bin:/bin",
+                            **{k: v for k, v in __import__("os").environ.items()
+                               if k.startswith("PALSCTL")}})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "search" in r.stdout
