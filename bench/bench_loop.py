@@ -34,46 +34,73 @@ def machine() -> str:
     return f"nproc {os.cpu_count()}, {cpu}, Python {platform.python_version()}"
 
 
-def loop_ab(repeat: int) -> dict:
-    """The default experiment twice per repetition, CPU time (``process_time``, so other
-    processes on a shared machine do not count): (a) ``run_loop`` — guard, schedule, recording,
-    progress bookkeeping; (b) a bare loop making the same plant, controller and workload calls
-    and nothing else. Same seeds, same plant work. (a) - (b) per step = the loop's own cost."""
+def loop_replay(repeat: int) -> dict:
+    """The default experiment's recorded steps replayed through ``run_loop`` by a plant that
+    only hands back the recorded measurements and applied actions (real workload arrivals,
+    schedule, static controller, default guard, recording), minus the same plant, controller and
+    workload calls made directly. CPU time (``process_time``): the loop's own cost per step with
+    the default experiment's data, free of the simulator's run-to-run variance."""
     from palsctl import config as C
+    from palsctl.interfaces import SimulatedPlant
     from palsctl.loop import run_loop
 
     cfg = C.load_experiment()
-    n = round(cfg.duration_s / cfg.dt_s)
-    full, bare, wl = [], [], []
+    rec = C.run_experiment(cfg)
+    meas = [s.measurement for s in rec.steps]
+    acts = [s.applied for s in rec.steps]
+    n = len(meas)
+    sim = C.build_plant(cfg)
+
+    class ReplayPlant(SimulatedPlant):
+        limits, dt_s, info = sim.limits, sim.dt_s, sim.info
+
+        def __init__(self):
+            self.k = -1
+            self.t = 0.0
+
+        @property
+        def now_s(self):
+            return self.t
+
+        def submit(self, requests):
+            pass
+
+        def advance(self, dt_s):
+            self.k += 1
+            self.t += dt_s
+
+        def read(self):
+            return meas[self.k]
+
+        def apply(self, action):
+            return acts[self.k]
+
+        def completed(self):
+            return []
+
+    looped, direct = [], []
     for _ in range(repeat):
-        ctl, plant, w = C.build_controller(cfg), C.build_plant(cfg), C.build_workload(cfg)
+        plant, ctl = ReplayPlant(), C.build_controller(cfg)
+        w = C.build_workload(cfg)
         sched = C.build_schedule(cfg, w)
         t0 = time.process_time()
-        rec = run_loop(plant, ctl, duration_s=cfg.duration_s, schedule=sched, workload=w,
-                       guard=cfg.guard)
-        full.append((time.process_time() - t0) / n)
-        actions = [s.applied for s in rec.steps]  # replayed so the plant does the same work
-
-        ctl, plant, w = C.build_controller(cfg), C.build_plant(cfg), C.build_workload(cfg)
+        run_loop(plant, ctl, duration_s=cfg.duration_s, schedule=sched, workload=w,
+                 guard=cfg.guard)
+        looped.append((time.process_time() - t0) / n)
+        plant, ctl = ReplayPlant(), C.build_controller(cfg)
         ctl.setup(limits=plant.limits, dt_s=plant.dt_s, plant_info=plant.info)
+        w = C.build_workload(cfg)
         sp = sched(0.0)
         t0 = time.process_time()
         for k in range(n):
             plant.submit(w.requests_between(k * cfg.dt_s, (k + 1) * cfg.dt_s))
             plant.advance(cfg.dt_s)
             ctl.step(plant.read(), sp)
-            plant.apply(actions[k])
+            plant.apply(acts[k])
             plant.completed()
-        bare.append((time.process_time() - t0) / n)
-
-        w = C.build_workload(cfg)
-        t0 = time.process_time()
-        for k in range(n):
-            w.requests_between(k * cfg.dt_s, (k + 1) * cfg.dt_s)
-        wl.append((time.process_time() - t0) / n)
-    return {"full_s": statistics.median(full), "bare_s": statistics.median(bare),
-            "overhead_s": statistics.median(f - b for f, b in zip(full, bare)),
-            "workload_s": statistics.median(wl)}
+        direct.append((time.process_time() - t0) / n)
+    return {"loop_s": statistics.median(looped), "direct_s": statistics.median(direct),
+            "overhead_s": statistics.median(a - b for a, b in zip(looped, direct))}
 
 
 def loop_microbench(n_steps: int = 20000) -> dict:
@@ -157,12 +184,11 @@ def main() -> int:
     print(f"loop overhead per step (CPU), null plant + static controller, default guard, step "
           f"budget schedule, no workload: median {statistics.median(r['overhead_s'] for r in micro) * 1e6:.1f}"
           f" µs (runs: {runs})")
-    ab = loop_ab(args.repeat)
-    print(f"default experiment, CPU time per step: run_loop {ab['full_s'] * 1e6:.0f} µs, bare loop "
-          f"(same plant/controller/workload calls, same actions) {ab['bare_s'] * 1e6:.0f} µs; loop's own cost "
-          f"(guard, schedule, recording): median {ab['overhead_s'] * 1e6:.1f} µs per step")
-    print(f"  generating the workload's requests (in both): median {ab['workload_s'] * 1e6:.1f} µs "
-          f"per step")
+    rp = loop_replay(args.repeat * 4)
+    print(f"default experiment replayed (recorded measurements, real workload arrivals, CPU time "
+          f"per step): run_loop {rp['loop_s'] * 1e6:.1f} µs, the same plant/controller/workload "
+          f"calls alone {rp['direct_s'] * 1e6:.1f} µs; loop's own cost: median "
+          f"{rp['overhead_s'] * 1e6:.1f} µs per step")
     return 0
 
 
