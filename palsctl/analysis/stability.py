@@ -806,9 +806,13 @@ def plot_stability_map(smap: StabilityMap, path: str, *, title: str = "",
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
     KP, KI = np.meshgrid(smap.kp, smap.ki)
     ts = np.where(smap.stable, smap.settling_time_s, np.nan)
-    if np.any(np.isfinite(ts)):
-        cs = ax.pcolormesh(KP, KI, ts, shading="auto", cmap="viridis_r")
-        fig.colorbar(cs, ax=ax, label="predicted settling time (s)")
+    if np.any(np.isfinite(ts) & (ts > 0)):
+        from matplotlib.colors import LogNorm
+
+        pos = ts[np.isfinite(ts) & (ts > 0)]
+        cs = ax.pcolormesh(KP, KI, np.where(ts > 0, ts, np.nan), shading="auto", cmap="viridis_r",
+                           norm=LogNorm(vmin=float(pos.min()), vmax=float(max(pos.max(), pos.min() * 1.01))))
+        fig.colorbar(cs, ax=ax, label="predicted settling time (s, log scale)")
     ax.contourf(KP, KI, (~smap.stable).astype(float), levels=[0.5, 1.5], colors=["#d62728"],
                 alpha=0.35)
     for arr, lvl, style, lab in ((smap.gain_margin_db, min_gm_db, "--", f"GM = {min_gm_db:g} dB"),
@@ -826,7 +830,7 @@ def plot_stability_map(smap: StabilityMap, path: str, *, title: str = "",
         ax.legend(loc="upper right", fontsize=8)
     p = smap.plant
     ax.set_xlabel(f"Kp ({p.input_name} per {p.output_name})")
-    ax.set_ylabel(f"Ki ({p.input_name} per {p.output_name}·s)")
+    ax.set_ylabel(f"Ki ({p.input_name} per {p.output_name} per s)")
     ax.set_title(title or f"stability map (red: unstable), K={p.gain:.3g}, "
                           f"τ={p.tau_s:.2f}s, θ={p.delay_s:.2f}s", fontsize=9)
     fig.tight_layout()

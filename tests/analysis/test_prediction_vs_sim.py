@@ -15,8 +15,9 @@ Regime, and why:
   boundary the settling time of a lightly damped loop changes by ±50 % for a ±10 % error in the
   identified lag), and the predicted settling time is at least 10 control periods (settling
   times are whole periods: below that one or two periods of difference exceed 30 % by
-  themselves). The simulated settling time is measured about the response's own final value: the plant rounds the cap down to whole watts and the PI integrates from the applied
-  cap, which leaves a steady offset of at most ``cap_step / (Ki·dt)`` — checked separately.
+  themselves). The simulated settling time is measured about the response's own final value:
+  the plant rounds the cap down to whole watts and the PI integrates from the applied cap,
+  which leaves a steady offset of at most ``cap_step / (Ki·dt)`` — checked separately.
 """
 import functools
 import math
