@@ -192,7 +192,8 @@ def test_margins_on_random_loops_match_brute_force_sweeps():
         checked += 1
         L = loop_tf(p, pi_tf(kp, ki, 1.0))
         w = np.concatenate([np.geomspace(1e-7, 0.5, 20000), np.linspace(0.5, np.pi, 20000)])
-        Lv = L(np.exp(1j * w))
+        z = np.exp(1j * w)
+        Lv = np.polyval(np.ravel(L.num[0][0]), z) / np.polyval(np.ravel(L.den[0][0]), z)
         cross = np.flatnonzero(np.diff(np.sign(np.abs(Lv) - 1)))
         ph = np.degrees(np.angle(Lv[cross]))
         pm_ref = min(np.where(ph <= 0, 180 + ph, ph - 180)) if cross.size else math.inf
