@@ -172,3 +172,39 @@ def test_readme_config_example_is_valid(tmp_path, shared_data):
     assert cfg.controller_name == "cap-to-budget" and cfg.workload["kind"] == "trace"
     sched = build_schedule(cfg, build_workload(cfg))
     assert 400 <= sched(0).power_budget_w <= 700
+
+
+def test_mmpp_ramp_and_unguarded_config(tmp_path):
+    text = """
+name = "mmpp"
+duration_s = 20.0
+[plant]
+model = "llama-3.1-8b"
+gpu = "h100-sxm"
+[workload]
+kind = "mmpp"
+rates_req_s = [1.0, 9.0]
+mean_dwell_s = [30.0, 10.0]
+load = 0.5
+output_tokens_mean = 100
+[setpoint]
+power_budget_w = { ramp = [[0, 700], [20, 300]] }
+power_target_w = 400
+[controller]
+name = "static"
+[guard]
+enabled = false
+"""
+    cfg = load_experiment(write(tmp_path, text))
+    w = build_workload(cfg)
+    cap = full_power_capacity_req_s(cfg, w.mean_prompt_tokens, w.mean_output_tokens)
+    assert w.rate_req_s == pytest.approx(0.5 * cap)
+    assert w.rates_req_s[1] / w.rates_req_s[0] == pytest.approx(9.0)
+    rec = run_experiment(cfg)
+    assert rec.steps[9].setpoint.power_budget_w == pytest.approx(500.0)
+    assert all(s.applied.power_cap_w == 700.0 for s in rec.steps)  # unguarded static
+    s = summarize(rec)
+    assert s["power_tracking_mae_w"] > 0 and s["time_over_budget_s"] > 0
+    bad = text.replace("load = 0.5", "load = 0.5\nrate_req_s = 3.0")
+    with pytest.raises(ConfigError, match="rate_req_s or load"):
+        load_experiment(write(tmp_path, bad, "bad.toml"))
