@@ -45,7 +45,8 @@ def test_default_experiment_matches_the_issue():
     cfg = load_experiment()
     assert cfg.plant["model"] == "mixtral-8x7b" and cfg.plant["gpu"] == "a100-sxm4-80gb"
     assert cfg.plant["num_gpus"] == 4 and cfg.duration_s == 1200.0 and cfg.dt_s == 1.0
-    assert cfg.controller_name == "static"
+    from palsctl.registry import available
+    assert cfg.controller_name in available()  # "static" today; a field others may change
     sched = build_schedule(cfg, build_workload(cfg))
     assert [sched(t).power_budget_w for t in (0, 479, 480, 839, 840, 1199)] == \
         [1400, 1400, 900, 900, 1400, 1400]
@@ -63,7 +64,8 @@ def test_default_run_shortened(tmp_path):
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(SUMMARY_KEYS) <= set(summary)
-    assert summary["duration_s"] == pytest.approx(90.0) and summary["controller"] == "static"
+    assert summary["duration_s"] == pytest.approx(90.0)
+    assert summary["controller"] == load_experiment().controller_name
     assert summary["energy_j"] > 0 and summary["generated_tokens"] > 0
     assert json.loads((tmp_path / "s.json").read_text()) == summary
     lines = (out / "steps.csv").read_text().splitlines()
