@@ -27,7 +27,8 @@ from palsctl.plants.sim import SimPlant  # noqa: E402
 
 MODEL, GPU, NUM_GPUS, BATCH = "llama-3.1-8b", "h100-sxm", 1, 64
 DT_S, CAP_W = 0.5, 330.0          # cap per GPU, below the plant's natural draw (it binds)
-KP, KI = 0.3, 0.5                  # the pi controller's budget-loop gains (kp_cap_budget, ki_cap_budget_per_s)
+# the pi controller's budget-loop gains (kp_cap_budget, ki_cap_budget_per_s)
+KP, KI = 0.3, 0.5
 
 
 def main(out_dir: Path) -> int:
@@ -43,9 +44,10 @@ def main(out_dir: Path) -> int:
 
     # 2. the configured gains
     res = analyze_loop(plant, kp=KP, ki=KI)
-    print(f"Kp = {KP}, Ki = {KI}/s: stable = {res.stable}, poles |max| = {res.spectral_radius:.3f}, "
-          f"GM = {res.gain_margin_db:.1f} dB, PM = {res.phase_margin_deg:.0f} deg, "
-          f"settling = {res.step.settling_time_s:.2f} s, overshoot = {res.step.overshoot_pct:.0f} %")
+    print(f"Kp = {KP}, Ki = {KI}/s: stable = {res.stable}, "
+          f"poles |max| = {res.spectral_radius:.3f}, GM = {res.gain_margin_db:.1f} dB, "
+          f"PM = {res.phase_margin_deg:.0f} deg, settling = {res.step.settling_time_s:.2f} s, "
+          f"overshoot = {res.step.overshoot_pct:.0f} %")
     for w in res.warnings():
         print("WARNING:", w)
 

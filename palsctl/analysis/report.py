@@ -22,14 +22,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from palsctl.analysis.identify import (LOOPS, fopdt_from_gradients, identify_from_step_test,
+from palsctl.analysis.identify import (fopdt_from_gradients, identify_from_step_test,
                                        step_test)
 from palsctl.analysis.stability import (FOPDT, LoopAnalysis, StabilityMap, analyze_loop,
                                        recommend_gains, stability_map)
 from palsctl.errors import ConfigError
 
 __all__ = ["OperatingPoint", "LoopReport", "AnalysisReport", "operating_points", "pi_gains",
-           "analyze_points", "plot_maps", "map_grid", "fmt", "LOAD_BATCH_FRACTION", "BUDGET_DRAW_FRACTION"]
+           "analyze_points", "plot_maps", "map_grid", "fmt", "LOAD_BATCH_FRACTION",
+           "BUDGET_DRAW_FRACTION"]
 
 LOAD_BATCH_FRACTION = {"low": 1 / 16, "medium": 1 / 4, "high": 1 / 2}
 BUDGET_DRAW_FRACTION = {"loose": 0.90, "tight": 0.65}

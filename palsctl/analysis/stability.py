@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import control as ct
@@ -41,8 +41,9 @@ import numpy as np
 __all__ = [
     "FOPDT", "LoopAnalysis", "StepMetrics", "Margins", "StabilityMap", "Recommendation",
     "discrete_plant", "pi_tf", "loop_tf", "margins", "closed_loop_poles", "analyze_loop",
-    "step_metrics", "closed_loop", "settling_time_of", "identify_fopdt", "simulate_fopdt_response", "stability_map",
-    "recommend_gains", "plot_stability_map", "critical_gain_scale", "input_excursion",
+    "step_metrics", "closed_loop", "settling_time_of", "identify_fopdt",
+    "simulate_fopdt_response", "stability_map", "recommend_gains", "plot_stability_map",
+    "critical_gain_scale", "input_excursion",
 ]
 
 #: Settling band of every settling time in this module (fraction of the step), as ct.step_info.
@@ -375,7 +376,8 @@ def _gain_crossings(num: np.ndarray, den: np.ndarray, pm_poly: np.ndarray) -> li
     with np.errstate(divide="ignore", invalid="ignore"):
         g = np.log(np.abs(np.polyval(num, z))) - np.log(np.abs(np.polyval(den, z)))
     out = []
-    idx = np.flatnonzero(np.isfinite(g[:-1]) & np.isfinite(g[1:]) & (np.sign(g[:-1]) != np.sign(g[1:])))
+    ok = np.isfinite(g[:-1]) & np.isfinite(g[1:])
+    idx = np.flatnonzero(ok & (np.sign(g[:-1]) != np.sign(g[1:])))
     for i in idx:
         out.append(brentq(f, w[i], w[i + 1], xtol=1e-14))
     poly = pm_poly
@@ -810,8 +812,9 @@ def plot_stability_map(smap: StabilityMap, path: str, *, title: str = "",
         from matplotlib.colors import LogNorm
 
         pos = ts[np.isfinite(ts) & (ts > 0)]
-        cs = ax.pcolormesh(KP, KI, np.where(ts > 0, ts, np.nan), shading="auto", cmap="viridis_r",
-                           norm=LogNorm(vmin=float(pos.min()), vmax=float(max(pos.max(), pos.min() * 1.01))))
+        norm = LogNorm(vmin=float(pos.min()), vmax=float(max(pos.max(), pos.min() * 1.01)))
+        cs = ax.pcolormesh(KP, KI, np.where(ts > 0, ts, np.nan), shading="auto",
+                           cmap="viridis_r", norm=norm)
         fig.colorbar(cs, ax=ax, label="predicted settling time (s, log scale)")
     ax.contourf(KP, KI, (~smap.stable).astype(float), levels=[0.5, 1.5], colors=["#d62728"],
                 alpha=0.35)

@@ -3,8 +3,8 @@
 
 Only the budget / power-target loop (cap → power) is isolated here: the run uses power-target
 mode with a throughput target no configuration reaches (the regime of a tight budget: the
-min-selector hands the cap to the budget loop, the margin loop only asks for more) and the batch
-loop's gains at zero, so the batch stays at the operating point. The run goes through `palsctl.loop.run_loop` without
+min-selector hands the cap to the budget loop, the margin loop only asks for more) and the
+batch loop's gains at zero, so the batch stays at the operating point. The run goes through `palsctl.loop.run_loop` without
 the safety guard (its rate limits are a further nonlinearity the linear analysis does not
 model).
 """

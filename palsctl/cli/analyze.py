@@ -16,7 +16,8 @@ HELP = "stability analysis (python-control) of the configured PI gains at severa
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", help="experiment TOML file")
-    parser.add_argument("--json", metavar="PATH", help="write the full report as JSON ('-': stdout)")
+    parser.add_argument("--json", metavar="PATH",
+                        help="write the full report as JSON ('-': stdout)")
     parser.add_argument("--plot", metavar="DIR",
                         help="write a (Kp, Ki) stability map PNG per loop and operating point")
     parser.add_argument("--model", metavar="PATH",
@@ -154,8 +155,8 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"    Kp = {fmt(a.kp)} {u[1]}, Ki = {fmt(a.ki)} {u[2]}: {state}; "
                       f"poles {_poles_text(a.poles)} (max |p| {fmt(a.spectral_radius, '.3f')})",
                       highlight=False)
-        console.print(f"    GM {fmt(a.gain_margin_db, '.1f')} dB, PM {fmt(a.phase_margin_deg, '.0f')}"
-                      f" deg; step: rise {fmt(a.step.rise_time_s)} s, overshoot "
+        console.print(f"    GM {fmt(a.gain_margin_db, '.1f')} dB, PM "
+                      f"{fmt(a.phase_margin_deg, '.0f')} deg; step: rise {fmt(a.step.rise_time_s)} s, overshoot "
                       f"{fmt(a.step.overshoot_pct, '.0f')} %, settling "
                       f"{fmt(a.step.settling_time_s)} s", highlight=False)
         if r.recommended_kp is not None:
