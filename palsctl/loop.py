@@ -56,7 +56,8 @@ class StepRecord:
 
 @dataclass(kw_only=True)
 class RunRecord:
-    """Everything a run produced; `palsctl.metrics.summarize` scores it."""
+    """Everything a run produced; `palsctl.metrics.summarize` scores it. Step and request
+    times are seconds since the start of the run."""
 
     steps: list[StepRecord]
     requests: list[RequestResult]
@@ -205,6 +206,10 @@ def run_loop(plant: Plant, controller: Controller, *, duration_s: float | None,
                                   step_latency_s=latency))
             done = plant.completed()
             if done:
+                if t0_plant:  # report times since the start of the run, like the steps
+                    done = [replace(r, arrival_s=r.arrival_s - t0_plant,
+                                    first_token_s=r.first_token_s - t0_plant,
+                                    finish_s=r.finish_s - t0_plant) for r in done]
                 requests.extend(done)
             k += 1
             if progress is not None:

@@ -173,3 +173,15 @@ def test_stale_and_crashing_controller_inside_the_loop():
     assert all("ZeroDivisionError" in s.guard_note for s in rec.steps)
     assert all(s.applied.power_cap_w <= 500 for s in rec.steps)
     assert rec.meta["guard_faults"] == 4 and math.isfinite(summarize(rec)["energy_j"])
+
+
+def test_a_plant_that_already_ran_is_driven_from_its_clock():
+    plant = SimPlant("llama-3.1-8b", "h100-sxm", 1, seed=3)
+    plant.advance(100.0)
+    plant.read()
+    rec = run_loop(plant, StaticController(), duration_s=20, schedule=SetpointSchedule(),
+                   workload=workload(rate=5.0))
+    assert plant.now_s == pytest.approx(120.0)
+    assert rec.steps[0].t_s == 1.0 and rec.steps[-1].t_s == 20.0
+    assert rec.requests and all(0 <= r.arrival_s < 20 and r.finish_s <= 20 + 1e-9
+                                for r in rec.requests)
