@@ -202,8 +202,9 @@ class SearchController(Controller):
 
         # cap trim on the throughput shortfall (integral with leak and anti-windup)
         cap_ceiling = lim.power_cap_max_w
-        if budget is not None:
-            cap_ceiling = min(cap_ceiling, budget / n)
+        if budget is not None:  # the trim stays under the budget with the same margin
+            cap_ceiling = max(lim.power_cap_min_w,
+                              min(cap_ceiling, budget * (1.0 - cfg.budget_margin) / n))
         target = setpoint.throughput_tok_s
         base_cap = float(g.cap_w[idx])
         shortfall = 0.0
