@@ -53,14 +53,15 @@ def test_solver_failure_holds_the_last_action_and_reports_it(monkeypatch):
     a = c.step(_m(cap=300.0, batch=64), Setpoint(throughput_tok_s=1000.0, power_budget_w=1000.0))
     d = c.diagnostics()
     assert d["held"] is True and d["status"].startswith("error")
-    assert (a.power_cap_w, a.max_batch) == (250.0, 64)   # held, never above budget / GPUs
+    # held, never above the budget (with its margin) / GPUs
+    assert (a.power_cap_w, a.max_batch) == (1000.0 * (1 - c.config.budget_margin) / 4, 64)
     assert "solve_time_s" in d
 
 
 def test_closed_loop_meets_target_with_less_power_than_full_cap():
     lim = limits4()
     plant = FakePlant(AnalyticModel(scale=0.9), lim)
-    c = MPCController(model=AnalyticModel())
+    c = MPCController(model=AnalyticModel(), margin=0.1)
     c.setup(limits=lim, dt_s=1.0, plant_info=plant_info4())
     target = 1200.0
     sp = Setpoint(throughput_tok_s=target)
