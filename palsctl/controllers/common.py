@@ -280,8 +280,8 @@ def rank(grid_cap_w: np.ndarray, thr: np.ndarray, power: np.ndarray, itl: np.nda
     the requirement and the operating throughput absorbs bursts. Without a requirement the
     fastest candidate is chosen.
 
-    Constraints: predicted throughput (capacity at the batch limit) ≥ required, predicted power ≤ budget and cap × GPUs ≤
-    budget, predicted p90 ITL ≤ TPOT objective. **Degradation order** when nothing is feasible —
+    Constraints: predicted throughput (capacity at the batch limit) ≥ required, predicted
+    power ≤ budget and cap × GPUs ≤ budget, predicted p90 ITL ≤ TPOT objective. **Degradation order** when nothing is feasible —
     the budget is kept first, then throughput, then latency: (1) drop the latency objective;
     (2) drop the throughput requirement and take the fastest candidate within the budget (those
     meeting the latency objective preferred); (3) drop the budget and take the lowest-power
@@ -328,7 +328,8 @@ def rank(grid_cap_w: np.ndarray, thr: np.ndarray, power: np.ndarray, itl: np.nda
                 cand = ok_j[batch_values[best_row * nb + ok_j] <= want + 1e-9]
                 j = int(cand.max()) if cand.size else j
             return Choice(index=best_row * nb + j, mode=mode, feasible=feas.ravel(),
-                          score=score2.ravel(), operating_index=best_row * nb + int(first[best_row]))
+                          score=score2.ravel(),
+                          operating_index=best_row * nb + int(first[best_row]))
     if ok_budget.any():
         pool = ok_budget & ok_lat if (ok_budget & ok_lat).any() else ok_budget
         return fastest(pool, "relaxed_throughput")

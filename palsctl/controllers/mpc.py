@@ -43,7 +43,8 @@ class MPCConfig(ControllerConfig):
     ``model_path``: model file (see `SearchConfig`). ``horizon``: steps N. ``margin``: throughput
     headroom over the target (fraction; 0.7 by default: the linearised saturated model has no
     notion of burst/prefill stalls, and this headroom kept its QoS violation rate within one
-    point of `static`'s on ``examples/moe_throughput_targets.toml``). ``budget_margin``: power kept below budget × (1 − it).
+    point of `static`'s on ``examples/moe_throughput_targets.toml``). ``budget_margin``: power
+    kept below budget × (1 − it).
     ``w_energy``: weight of power normalised by the plant's maximum power; ``w_short`` /
     ``w_short2``: linear / quadratic weights of the shortfall normalised by the target;
     ``w_move``: weight of squared scaled knob moves. ``max_cap_rate_w_per_s`` /

@@ -114,7 +114,8 @@ class OracleController(Controller):
         if budget is None:
             budget = setpoint.power_target_w
         choice = common.rank(g.cap_w, g.throughput_tok_s, g.power_w, g.itl_p90_s,
-                             shape=g.shape, num_gpus=lim.num_gpus, required_tok_s=required, budget_w=budget,
+                             shape=g.shape, num_gpus=lim.num_gpus, required_tok_s=required,
+                             budget_w=budget,
                              tpot_slo_s=setpoint.tpot_slo_s, operating_tok_s=operating)
         i = choice.index
         cap = float(g.cap_w[i])

@@ -173,10 +173,11 @@ class SearchController(Controller):
         thr = g.throughput_tok_s * self._res.throughput
         pw = g.power_w * self._res.power
         itl = g.itl_p90_s * self._res.itl
-        choice = common.rank(g.cap_w, thr, pw, itl, shape=g.shape, num_gpus=n, required_tok_s=required,
-                             budget_w=budget_pred, tpot_slo_s=setpoint.tpot_slo_s, operating_tok_s=operating,
-                             batch_headroom=math.inf if cfg.batch_headroom is None
-                             else cfg.batch_headroom, batch_values=g.batch)
+        headroom = math.inf if cfg.batch_headroom is None else cfg.batch_headroom
+        choice = common.rank(g.cap_w, thr, pw, itl, shape=g.shape, num_gpus=n,
+                             required_tok_s=required, budget_w=budget_pred,
+                             tpot_slo_s=setpoint.tpot_slo_s, operating_tok_s=operating,
+                             batch_headroom=headroom, batch_values=g.batch)
         best = choice.index
         idx = best
         cur = self._idx
@@ -184,8 +185,7 @@ class SearchController(Controller):
             # the configuration in use stays while it is still (nearly: within the hysteresis)
             # feasible and (nearly) as good as the best, or while the dwell time runs
             fits_budget = budget_pred is None or (
-                pw[cur] <= budget_pred and g.cap_w[cur] * n <= budget_pred / (1 - cfg.budget_margin)
-                + 1e-6)
+                pw[cur] <= budget_pred and g.cap_w[cur] * n <= budget_pred + 1e-6)
             fits_lat = setpoint.tpot_slo_s is None or not itl[cur] > setpoint.tpot_slo_s
             fits_thr = required is None or thr[cur] >= required * (1.0 - cfg.hysteresis)
             if fits_budget and fits_lat and fits_thr:
@@ -232,7 +232,7 @@ class SearchController(Controller):
             "trim_w": self._trim_w, "required_tok_s": required,
             "pred_operating_batch": float(g.batch[op]),
             "pred_throughput_tok_s": float(thr[idx]), "pred_power_w": float(pw[op]),
-            "pred_tokens_per_joule": (float(required / pw[op]) if required is not None
+            "pred_tokens_per_joule": (float(operating / pw[op]) if operating is not None
                                       else float(thr[idx] / pw[idx])) if pw[op] > 0 else None,
             "feasible_candidates": int(np.count_nonzero(choice.feasible)),
             "switched": bool(switched), **self._res.as_dict(),

@@ -31,7 +31,8 @@ class ConstantStream:
 
     def __init__(self, rate_req_s: float, prompt_tokens: int = 512, output_tokens: int = 256):
         self.rate_req_s, self.prompt, self.output = rate_req_s, prompt_tokens, output_tokens
-        self.mean_prompt_tokens, self.mean_output_tokens = float(prompt_tokens), float(output_tokens)
+        self.mean_prompt_tokens = float(prompt_tokens)
+        self.mean_output_tokens = float(output_tokens)
 
     def requests_between(self, t0_s: float, t1_s: float) -> list[Request]:
         k0 = math.ceil(t0_s * self.rate_req_s - 1e-9)

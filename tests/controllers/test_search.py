@@ -108,7 +108,8 @@ def test_hysteresis_and_dwell_keep_the_configuration():
     a1 = ctl.step(_meas(), sp)
     # a slightly different target (< 1 %: not a setpoint change) must not move it
     for _ in range(5):
-        a = ctl.step(_meas(cap=a1.power_cap_w, batch=a1.max_batch), Setpoint(throughput_tok_s=1005.0))
+        a = ctl.step(_meas(cap=a1.power_cap_w, batch=a1.max_batch),
+                     Setpoint(throughput_tok_s=1005.0))
         assert (a.power_cap_w, a.max_batch) == (a1.power_cap_w, a1.max_batch)
     # a real setpoint change switches at once
     a3 = ctl.step(_meas(cap=a1.power_cap_w, batch=a1.max_batch), Setpoint(throughput_tok_s=2000.0))
