@@ -27,7 +27,7 @@ import numpy as np
 from palsctl.errors import PalsctlError
 from palsctl.types import Action, Request
 
-__all__ = ["profile_plant", "sample_points", "grid_points", "parse_caps", "parse_batches",
+__all__ = ["profile_plant", "sample_points", "frontier_points", "grid_points", "parse_caps", "parse_batches",
            "point_seed", "build_model_for", "COLUMNS"]
 
 #: CSV columns, in order. Settings first (they identify a point), then measurements.
@@ -125,6 +125,43 @@ def sample_points(caps: Sequence[float], batches: Sequence[int], n: int, *,
                     best, best_key = (i, j), key
         chosen.append(best)
     return [(caps[i], batches[j]) for i, j in chosen]
+
+
+def frontier_points(model, caps: Sequence[float], batches: Sequence[int], n: int, *,
+                    exclude: Iterable[tuple[float, int]] = (),
+                    fractions: Sequence[float] = (0.3, 0.5, 0.7, 0.85, 0.95, 0.6, 0.4, 0.8)
+                    ) -> list[tuple[float, int]]:
+    """Up to ``n`` grid points where a fitted model says the decisions are: for throughput
+    targets at ``fractions`` of the model's top predicted throughput, the configuration it
+    ranks best by tokens/J among those predicted to meet the target (skipping points in
+    ``exclude`` and points already picked). Measuring them next (then refitting) puts the
+    profile where a PALS-style search will choose."""
+    import warnings
+
+    grid = [p for p in grid_points(caps, batches)]
+    taken = {_key(c, b) for c, b in exclude}
+    cand = [p for p in grid if _key(*p) not in taken]
+    if not cand or n <= 0:
+        return []
+    C = np.array([c for c, _ in cand])
+    B = np.array([b for _, b in cand], dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pred = model.predict(power_cap_w=C, max_batch=B)
+        top = float(np.max(model.predict(power_cap_w=np.array([c for c, _ in grid]),
+                                         max_batch=np.array([b for _, b in grid], float))
+                           .throughput_tok_s))
+    thr, tpj = np.asarray(pred.throughput_tok_s), np.asarray(pred.tokens_per_joule)
+    picked: list[int] = []
+    for f in fractions:
+        if len(picked) >= n:
+            break
+        score = np.where(thr >= f * top, tpj, -np.inf)
+        score[picked] = -np.inf
+        i = int(np.argmax(score))
+        if np.isfinite(score[i]):
+            picked.append(i)
+    return [cand[i] for i in picked]
 
 
 def point_seed(seed: int, power_cap_w: float, max_batch: int) -> int:
@@ -396,9 +433,11 @@ def default_grid(limits, *, n_caps: int = 7, batches: Sequence[int] = (1, 2, 4, 
 def build_model_for(model: str, gpu: str, num_gpus: int, *, prompt_tokens: int,
                     output_tokens: int, points: int = 12, kind: str = "parametric", seed: int = 0,
                     warmup_s: float = 20.0, window_s: float = 30.0, cv_folds: int = 0):
-    """Profile ``points`` space-filling points of the default 7-cap x 7-batch grid on the
-    *simulated* plant (``palsctl.plants.sim.SimPlant``) through `profile_plant` and fit a
-    `PowerPerfModel` of ``kind``. The profile is measured (noise, windows), not read from the
+    """Profile ``points`` points of the default 7-cap x 7-batch grid on the *simulated* plant
+    (``palsctl.plants.sim.SimPlant``) through `profile_plant` and fit a `PowerPerfModel` of
+    ``kind``. Two thirds of the points are space-filling (`sample_points`), the rest lie where
+    a first fit places the tokens/J-best configurations for a range of throughput targets
+    (`frontier_points`). The profile is measured (noise, windows), not read from the
     simulator's steady state, so the model carries honest errors. ``cv_folds`` > 0 also
     reports k-fold CV errors in ``model.cv_mape`` (slower: one more fit per fold)."""
     from palsctl.models.power_perf import PowerPerfModel
@@ -412,8 +451,16 @@ def build_model_for(model: str, gpu: str, num_gpus: int, *, prompt_tokens: int,
         caps, batches = default_grid(probe.limits)
     finally:
         probe.close()
-    pts = sample_points(caps, batches, points, seed=seed)
-    rows = profile_plant(make, pts, warmup_s=warmup_s, window_s=window_s,
-                         prompt_tokens=prompt_tokens, output_tokens=output_tokens, out_csv=None,
-                         seed=seed)
+    kw = dict(warmup_s=warmup_s, window_s=window_s, prompt_tokens=prompt_tokens,
+              output_tokens=output_tokens, out_csv=None, seed=seed)
+    # two thirds space-filling, then the rest where the first fit says the decisions are
+    n_first = points if points < 6 else points - points // 3
+    pts = sample_points(caps, batches, n_first, seed=seed)
+    rows = profile_plant(make, pts, **kw)
+    if n_first < points:
+        first = PowerPerfModel.fit(rows, kind="parametric", seed=seed, cv_folds=0)
+        more = frontier_points(first, caps, batches, points - n_first, exclude=pts)
+        more += [p for p in sample_points(caps, batches, len(caps) * len(batches), seed=seed)
+                 if p not in pts and p not in more][: points - n_first - len(more)]
+        rows += profile_plant(make, more, **kw)
     return PowerPerfModel.fit(rows, kind=kind, seed=seed, cv_folds=cv_folds)

@@ -291,3 +291,4 @@ def test_varying_workload_becomes_a_feature():
     short = m.predict(power_cap_w=300.0, max_batch=32, prompt_tokens=512, output_tokens=256)
     long = m.predict(power_cap_w=300.0, max_batch=32, prompt_tokens=2048, output_tokens=256)
     assert long.throughput_tok_s < short.throughput_tok_s
+
