@@ -7,27 +7,32 @@ p90 inter-token latency and tokens per joule.
 Two kinds:
 
 ``"parametric"``
-    A physically shaped model with a handful of parameters, fitted with
-    ``scipy.optimize.least_squares`` (bounded, relative residuals, several starts):
+    A physically shaped model with 14 parameters (per GPU; 16 when the profile varies the
+    workload), fitted jointly to throughput, power and — when recorded — the SM clock with
+    ``scipy.optimize.least_squares`` (bounded, log residuals, robust loss, a few deterministic
+    starts):
 
-    * per-GPU natural draw (cap not binding) saturating in batch:
-      ``p_nat(b) = p_idle + p_dyn * b**g / (b**g + b_half**g)``;
-    * the cap clips it (firmware lowers the clock until the draw fits), smoothly:
-      ``p_gpu = smooth_min(p_nat, eta * cap)``; ``power_w = num_gpus * p_gpu``;
-    * the relative SM clock follows from the power headroom:
-      ``phi = ((p_gpu - p_idle) / (p_nat - p_idle)) ** (1 / alpha)`` (1 when the cap does not bind);
-    * an engine step of ``b`` sequences takes a roofline-like time, the smooth maximum of a
-      memory part (weights, MoE experts touched, KV cache) and a compute part that slows with
-      the clock: ``t_mem = m0 + m_moe * (1 - exp(-b / b_moe)) + m1 * b`` (times
-      ``1 + kappa * (1/phi - 1)``), ``t_cmp = k1 * b / phi``,
-      ``t = (t_mem**q + t_cmp**q) ** (1/q)``; ``throughput_tok_s = b / t`` — saturating in batch
-      and in cap;
-    * ``itl_p90_s = a_itl * b / throughput + d_itl``.
+    * an engine step of ``n`` tokens from ``s`` sequences costs, at full clock, a memory time
+      ``t_mem = m0 + m_moe * (1 - exp(-n / b_moe)) + m1 * s`` (weights, MoE experts touched —
+      saturating in the tokens —, KV reads), a compute time ``k1 * n`` and per-sequence work
+      ``s1 * s``; at clock ratio ``r`` the step takes
+      ``t = max(t_mem, k1 n / r) + s1 s / r + f0`` (roofline + host overhead ``f0``);
+    * per-GPU power ``p_idle + d_full * r * max(r, v0)**2 * activity`` (dynamic power ~ f V^2
+      with a voltage floor ``v0``), the activity being 1 while computing, ``a_mem`` while
+      stalled on memory, 0 during host overhead;
+    * saturated chunked-prefill serving: a request finishes every ``output / b`` steps and its
+      prompt rides in a "mixed" step (``b`` decodes + the prompt's tokens); the rest are pure
+      decode steps;
+    * the power cap: the firmware holds the mean power of the step mix within ``eta * cap``
+      with one clock, the highest in ``[r_min, 1]`` (bisection + false position, vectorised);
+      at the clock floor the draw may exceed the cap;
+    * ``throughput_tok_s = b / t_mean`` (saturating in batch and in cap),
+      ``power_w = num_gpus * p_mean``, ``itl_p90_s = a_itl * t_mean + d_itl``.
 
-    When the profile varies the workload's prompt/output lengths, the compute part scales with
-    ``1 + rho * prompt/output`` (prefill work per generated token) and the per-sequence memory
-    part with ``1 + lam * (prompt + output/2) / 1000`` (KV cache reads); otherwise these terms are
-    absorbed into the other constants.
+    When the profile varies the prompt/output lengths, the compute part scales with
+    ``1 + rho * prompt/output`` and the per-sequence memory part with
+    ``1 + lam * (prompt + output/2) / 1000``; otherwise these are pinned to 0. Without prompt
+    and output columns there are no mixed steps (their cost is absorbed in the constants).
 
 ``"gbt"`` / ``"forest"``
     scikit-learn gradient-boosted trees / random forest on log-targets (as the PALS authors
