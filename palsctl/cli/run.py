@@ -69,21 +69,27 @@ def main(args: argparse.Namespace) -> int:
     summary = summarize(record)
     summary["experiment"] = cfg.name
     summary["workload"] = record.meta.get("workload")
-    out.mkdir(parents=True, exist_ok=True)
-    record.write_csv(out / "steps.csv")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    written = [out / "steps.csv", out / "summary.json"]
-    if not args.no_plot:
-        from palsctl.plotting import plot_timeline
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        record.write_csv(out / "steps.csv")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        written = [out / "steps.csv", out / "summary.json"]
+        if not args.no_plot:
+            from palsctl.plotting import plot_timeline
 
-        written.append(plot_timeline(record, out / "timeline.png"))
+            written.append(plot_timeline(record, out / "timeline.png"))
+    except OSError as exc:
+        raise ConfigError(f"cannot write the results: {exc}", key="--out", value=str(out)) from None
     if args.json:
         text = json.dumps(summary, indent=2) + "\n"
         if args.json == "-":
             sys.stdout.write(text)
         else:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(text)
+            try:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(text)
+            except OSError as exc:
+                raise ConfigError(f"cannot write: {exc}", key="--json", value=args.json) from None
             written.append(Path(args.json))
     if not args.quiet:
         _print_table(cfg, summary, written)

@@ -210,3 +210,11 @@ enabled = false
     bad = text.replace("load = 0.5", "load = 0.5\nrate_req_s = 3.0")
     with pytest.raises(ConfigError, match="rate_req_s or load"):
         load_experiment(write(tmp_path, bad, "bad.toml"))
+
+
+def test_unwritable_output_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc = main(["run", "--duration-s", "3", "-q", "--out", str(blocker / "sub")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--out" in err
