@@ -225,7 +225,8 @@ class Gateway:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(t, 10.0), sock_read=t),
-            auto_decompress=False, skip_auto_headers=("User-Agent",))
+            auto_decompress=False, skip_auto_headers=("User-Agent",),
+            cookie_jar=aiohttp.DummyCookieJar())
         proxy = web.Application(client_max_size=64 * 1024 * 1024)
         for path in ADMITTED_PATHS:
             proxy.router.add_post(path, self._admitted)

@@ -84,7 +84,12 @@ def main(args: argparse.Namespace) -> int:
             print(f"control token: {token}", flush=True)
 
     try:
-        asyncio.run(run_gateway(cfg, duration_s=args.duration_s, ready=ready))
+        import uvloop   # a faster event loop when installed (Linux/macOS)
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        runner(run_gateway(cfg, duration_s=args.duration_s, ready=ready))
     except OSError as exc:
         raise ConfigError(f"cannot listen: {exc}", key="--listen", value=args.listen) from None
     return 0
