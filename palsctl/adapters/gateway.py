@@ -237,15 +237,17 @@ class Gateway:
         control.router.add_get("/control", self._control_get)
         control.router.add_post("/control/max_concurrency", self._control_set)
         c = self.config
-        self.url = await self._serve(proxy, c.listen_host, c.listen_port)
+        # a client that disconnects while queued leaves the line (its handler is cancelled)
+        self.url = await self._serve(proxy, c.listen_host, c.listen_port,
+                                     handler_cancellation=True)
         self.control_url = await self._serve(control, c.control_host, c.control_port)
         log.info("gateway on %s -> %s (control %s, max_concurrency %d)", self.url,
                  self._upstream, self.control_url, self.gate.limit)
         return self
 
-    async def _serve(self, app: Any, host: str, port: int) -> str:
+    async def _serve(self, app: Any, host: str, port: int, **kw: Any) -> str:
         from aiohttp import web  # noqa: PLC0415
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, **kw)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()

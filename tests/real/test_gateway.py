@@ -229,6 +229,27 @@ def test_concurrency_after_drain_never_exceeds_new_limit():
     asyncio.run(_with_gateway(fn, limit=8))
 
 
+def test_client_that_leaves_the_queue_never_reaches_upstream():
+    async def fn(up, gw, s):
+        held = asyncio.create_task(_post(s, gw.url, "held"))
+        await up.arrived.get()
+        async with aiohttp.ClientSession() as s2:       # a second client, queued
+            queued = asyncio.create_task(_post(s2, gw.url, "gone"))
+            while gw.gate.waiting == 0:
+                await asyncio.sleep(0)
+            queued.cancel()
+            await asyncio.gather(queued, return_exceptions=True)
+        while gw.gate.waiting:                           # its handler was cancelled
+            await asyncio.sleep(0)
+        up.release(2)
+        assert (await held)[0] == 200
+        st, js = await _post(s, gw.url, "next")
+        assert st == 200 and up.seen == ["held", "next"]
+        assert gw.gate.in_flight == 0
+
+    asyncio.run(_with_gateway(fn, limit=1))
+
+
 def test_control_endpoint_token_loopback_and_client():
     up_holder = {}
     started = threading.Event()
