@@ -308,3 +308,76 @@ def test_upstream_down_gives_502_and_frees_the_slot():
             await gw.stop()
 
     asyncio.run(main())
+
+
+# ------------------------------------------------------------------ gate properties
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("arrive"), st.just(0)),
+    st.tuples(st.just("finish"), st.integers(0, 50)),
+    st.tuples(st.just("resize"), st.integers(1, 6)),
+    st.tuples(st.just("cancel"), st.integers(0, 50))), min_size=1, max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 6), ops)
+def test_gate_invariants_under_random_operations(limit0, operations):
+    """Admissions happen only below the limit in force, in FIFO order of the requests still
+    waiting; nothing is admitted twice; slots are never lost."""
+
+    class CheckedGate(AdmissionGate):
+        def _admit(self):
+            assert self._in_flight < self._limit
+            super()._admit()
+
+    async def main():
+        gate = CheckedGate(limit0)
+        admitted, waiting, holding, cancelled = [], [], {}, set()
+        next_id = 0
+
+        async def req(i):
+            await gate.acquire()
+            admitted.append(i)
+            ev = asyncio.Event()
+            holding[i] = ev
+            await ev.wait()
+            del holding[i]
+            gate.release()
+
+        tasks = {}
+        for op, arg in operations:
+            if op == "arrive":
+                tasks[next_id] = asyncio.create_task(req(next_id))
+                waiting.append(next_id)
+                next_id += 1
+            elif op == "finish" and holding:
+                list(holding.values())[arg % len(holding)].set()
+            elif op == "resize":
+                gate.set_limit(arg)
+            elif op == "cancel":
+                queued = [i for i in waiting if i not in admitted and i not in cancelled]
+                if queued:
+                    i = queued[arg % len(queued)]
+                    tasks[i].cancel()
+                    cancelled.add(i)
+            for _ in range(4):
+                await asyncio.sleep(0)
+            assert gate.in_flight == len(holding)
+        # admissions are FIFO among the requests that were not cancelled
+        order = [i for i in waiting if i in set(admitted)]
+        assert admitted == order
+        assert len(admitted) == len(set(admitted))
+        for ev in list(holding.values()):
+            ev.set()
+        gate.set_limit(100)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        for ev in list(holding.values()):
+            ev.set()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        assert gate.in_flight == 0 and gate.waiting == 0
+        assert set(admitted) | cancelled == set(range(next_id))
+
+    asyncio.run(main())
