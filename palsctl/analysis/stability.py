@@ -690,13 +690,13 @@ def identify_fopdt(y: np.ndarray, u: np.ndarray, *, dt_s: float, window_s: float
     scale_g = abs(gain0) if gain0 != 0 else 1.0
     lo = [-10 * scale_g - 1e-12, 0.0, 0.0]
     hi = [10 * scale_g + 1e-12, horizon / 2, max_delay]
-    for tau0 in (0.05 * T, 0.5 * T, 2 * T):
-        for d0 in (0.0, 0.5 * T, 1.5 * T):
+    for tau0 in (0.1 * T, T):
+        for d0 in (0.0, 0.6 * T):
             if d0 > max_delay:
                 continue
             x0 = np.clip([gain0, tau0, d0], lo, hi)
             r = least_squares(resid, x0, bounds=(lo, hi), x_scale=[scale_g, T, T],
-                              diff_step=1e-4)
+                              diff_step=1e-4, max_nfev=120)
             if best is None or r.cost < best.cost:
                 best = r
     K, tau, delay = (float(v) for v in best.x)
