@@ -228,37 +228,36 @@ class _Parametric:
         tm_m, tc_m, _ = cls._step_parts(x, b + chunk, prompt, output)
         # mixed steps: the chunk's tokens add compute (and experts); one more sequence
         parts = (np.stack([tm_d, tm_m]), np.stack([tc_d, tc_m]), np.stack([ts_d, ts_d + ts_d / b]))
-        t, power = cls._mix_at(x, 1.0, parts, mixed)
-        r = np.ones_like(t)
-        idx = np.nonzero(power > limit)[0]
-        if idx.size:
-            ps = tuple(v[:, idx] for v in parts)
-            mx, lim = mixed[idx], limit[idx]
-            lo = np.full(idx.size, r_min)
-            hi = np.ones(idx.size)
-            _, p_lo = cls._mix_at(x, lo, ps, mx)
-            p_hi = power[idx]
-            for _ in range(_BISECT_STEPS):
-                mid = 0.5 * (lo + hi)
-                _, pm = cls._mix_at(x, mid, ps, mx)
-                below = pm <= lim
-                np.copyto(lo, mid, where=below)
-                np.copyto(p_lo, pm, where=below)
-                np.logical_not(below, out=below)
-                np.copyto(hi, mid, where=below)
-                np.copyto(p_hi, pm, where=below)
-            # two false-position steps inside the bracket (keep r smooth in the parameters)
-            for _ in range(_FALSE_POSITION_STEPS):
-                frac = np.clip((lim - p_lo) / np.maximum(p_hi - p_lo, 1e-12), 0.0, 1.0)
-                rs = lo + frac * (hi - lo)
-                ts_, ps_ = cls._mix_at(x, rs, ps, mx)
-                below = ps_ <= lim
-                np.copyto(lo, rs, where=below)
-                np.copyto(p_lo, ps_, where=below)
-                np.logical_not(below, out=below)
-                np.copyto(hi, rs, where=below)
-                np.copyto(p_hi, ps_, where=below)
-            r[idx], t[idx], power[idx] = rs, ts_, ps_
+        t1, p1 = cls._mix_at(x, 1.0, parts, mixed)
+        # bracket [r_min, 1] where the cap binds, [1, 1] where it does not
+        binding = p1 > limit
+        lo = np.where(binding, r_min, 1.0)
+        hi = np.ones_like(lo)
+        p_lo = np.where(binding, cls._mix_at(x, lo, parts, mixed)[1], p1)
+        p_hi = p1.copy()
+        for _ in range(_BISECT_STEPS):
+            mid = 0.5 * (lo + hi)
+            _, pm = cls._mix_at(x, mid, parts, mixed)
+            below = pm <= limit
+            np.copyto(lo, mid, where=below)
+            np.copyto(p_lo, pm, where=below)
+            np.logical_not(below, out=below)
+            np.copyto(hi, mid, where=below)
+            np.copyto(p_hi, pm, where=below)
+        # false-position steps inside the bracket (keep r smooth in the parameters); at the
+        # clock floor the interpolation stays at r_min and the draw may exceed the cap
+        for _ in range(_FALSE_POSITION_STEPS):
+            frac = np.clip((limit - p_lo) / np.maximum(p_hi - p_lo, 1e-12), 0.0, 1.0)
+            r = lo + frac * (hi - lo)
+            t, power = cls._mix_at(x, r, parts, mixed)
+            below = power <= limit
+            np.copyto(lo, r, where=below)
+            np.copyto(p_lo, power, where=below)
+            np.logical_not(below, out=below)
+            np.copyto(hi, r, where=below)
+            np.copyto(p_hi, power, where=below)
+        if np.ndim(r_min):  # a batch of parameter vectors: (K, points)
+            return b / t, power, r, t
         thr = b / t
         return thr.reshape(shape), power.reshape(shape), r.reshape(shape), t.reshape(shape)
 
@@ -309,14 +308,29 @@ class _Parametric:
             x[free] = z
             return x
 
-        def residuals(z):
-            x = full(z)
+        def resid_of(x):
             t_pred, p_pred, r, _ = cls._core(x, cap, b, prompt, output)
             parts = [np.log(np.maximum(t_pred, 1e-12)) - log_thr,
                      np.log(np.maximum(p_pred, 1e-12)) - log_pw]
             if has_clock:
                 parts.append(0.5 * (np.log(x[6] * r) - log_clk))
-            return np.concatenate(parts)
+            return np.concatenate(parts, axis=-1)
+
+        def residuals(z):
+            return resid_of(full(z))
+
+        span = (hi - lo)[free]
+
+        def jacobian(z):
+            """Forward differences, all parameters perturbed in one batched evaluation."""
+            h = 1e-6 * np.maximum(np.abs(z), 1e-3 * span)
+            h = np.where(z + h > hi[free], -h, h)
+            Z = np.repeat(z[None, :], len(z) + 1, axis=0)
+            Z[1:] += np.diag(h)
+            X = np.repeat(base[None, :], len(Z), axis=0)
+            X[:, free] = Z
+            R = resid_of([X[:, i][:, None] for i in range(X.shape[1])])
+            return ((R[1:] - R[0]) / h[:, None]).T
 
         def start(idle_frac, a_mem, v0, b_moe, mem_share, r_min=0.15):
             return [idle_frac * pmin, 2.0 * pmax, a_mem, v0, r_min, 1.0,
@@ -334,8 +348,8 @@ class _Parametric:
             x0 = np.minimum(np.maximum(np.asarray(x0, float), lo), hi)
             x0 = np.where(x0 <= lo, lo + 1e-6 * (hi - lo),
                           np.where(x0 >= hi, hi - 1e-6 * (hi - lo), x0))
-            res = least_squares(residuals, x0[free], bounds=(lo[free], hi[free]), x_scale="jac",
-                                loss="soft_l1", f_scale=0.05, diff_step=1e-6, ftol=1e-7,
+            res = least_squares(residuals, x0[free], jac=jacobian, bounds=(lo[free], hi[free]),
+                                x_scale="jac", loss="soft_l1", f_scale=0.05, ftol=1e-7,
                                 max_nfev=max_nfev)
             res.x = full(res.x)
             return res
