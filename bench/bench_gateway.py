@@ -149,6 +149,15 @@ def start(cmd: list[str], pattern: str) -> tuple[subprocess.Popen, re.Match]:
     return proc, m
 
 
+def proc_cpu_s(pid: int) -> float | None:
+    """CPU time (user + system) of a process, from /proc (None elsewhere)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def machine() -> str:
     model = "unknown CPU"
     try:
@@ -202,9 +211,15 @@ def main() -> None:
         for r in range(args.repeat):
             for mode in ("staggered", "synchronized"):
                 for name, url in (("direct", up_url), ("gateway", gw_url)):
+                    c0 = proc_cpu_s(gw.pid)
                     lat, ttfb = run(stream_latencies(url, args.streams, args.rounds,
                                                      synchronized=mode == "synchronized",
                                                      seed=r))
+                    c1 = proc_cpu_s(gw.pid)
+                    if name == "gateway" and c0 is not None and c1 is not None:
+                        # includes the warm-up requests and each stream's request overhead
+                        rows.setdefault("gateway CPU per chunk us", []).append(
+                            1e6 * (c1 - c0) / len(lat))
                     for q in (50, 99):
                         rows.setdefault(f"{mode} {name} chunk p{q}", []).append(
                             float(np.percentile(lat, q)))
@@ -212,8 +227,13 @@ def main() -> None:
                             float(np.percentile(ttfb, q)))
                     rows.setdefault("samples", []).append(len(lat))
             for name, url in (("direct", up_url), ("gateway", gw_url)):
-                rows.setdefault(f"{name} req/s", []).append(
-                    run(throughput(url, args.clients, args.duration_s)))
+                c0 = proc_cpu_s(gw.pid)
+                rps = run(throughput(url, args.clients, args.duration_s))
+                c1 = proc_cpu_s(gw.pid)
+                rows.setdefault(f"{name} req/s", []).append(rps)
+                if name == "gateway" and c0 is not None and c1 is not None:
+                    rows.setdefault("gateway CPU per request us", []).append(
+                        1e6 * (c1 - c0) / (rps * args.duration_s))
             print(f"run {r + 1}/{args.repeat} done", flush=True)
         med = {k: statistics.median(v) for k, v in rows.items()}
         print(f"\n{args.streams} concurrent streams, {CHUNKS} chunks each every "
@@ -230,6 +250,12 @@ def main() -> None:
         print(f"\nnon-streaming, {args.clients} clients, {args.duration_s:g} s runs: "
               f"direct {med['direct req/s']:.0f} req/s, gateway {med['gateway req/s']:.0f} req/s "
               f"(gateway runs: {', '.join(f'{x:.0f}' for x in rows['gateway req/s'])})")
+        if "gateway CPU per request us" in med:
+            cpu_req = med["gateway CPU per request us"]
+            print(f"gateway process CPU: {cpu_req:.0f} us per non-streaming request "
+                  f"(= {1e6 / cpu_req:.0f} req/s per fully available core), "
+                  f"{med['gateway CPU per chunk us']:.0f} us per streamed chunk")
+        print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     finally:
         for p in (gw, up):
             p.terminate()
