@@ -178,9 +178,6 @@ def analyze_points(*, experiment: str, model: str, gpu: str, num_gpus: int,
                             plant={"model": model, "gpu": gpu, "num_gpus": num_gpus,
                                    "max_batch_launch": max_batch_launch},
                             dt_s=dt_s, gains=dict(gains))
-    report.notes.append("batch loop: the pi controller integrates only a throughput shortfall "
-                        "(e = max(r - y, 0)); the linear analysis describes its upward "
-                        "corrections")
     for pt in points:
         for loop in LOOPS_BY_BUDGET[pt.budget]:
             kp, ki = gains[loop]

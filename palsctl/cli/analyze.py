@@ -15,7 +15,8 @@ HELP = "stability analysis (python-control) of the configured PI gains at severa
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", metavar="CONFIG", help="experiment TOML file")
+    parser.add_argument("config", nargs="?", metavar="CONFIG",
+                        help="experiment TOML file (default: the embedded default experiment)")
     parser.add_argument("--json", metavar="PATH",
                         help="write the full report as JSON ('-': stdout)")
     parser.add_argument("--plot", metavar="DIR",

@@ -70,6 +70,7 @@ def test_analyze_warns_on_unstable_gains_and_strict_fails(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,needle", [
     (["--load", "huge"], "--load"),
+    (["--budget", ""], "--budget"),
     (["--min-gm-db", "nan"], "--min-gm-db"),
 ])
 def test_analyze_user_errors_are_one_line_exit_2(tmp_path, capsys, args, needle):
@@ -77,6 +78,14 @@ def test_analyze_user_errors_are_one_line_exit_2(tmp_path, capsys, args, needle)
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+def test_analyze_bad_model_file_is_exit_2(tmp_path, capsys):
+    bad = tmp_path / "model.json"
+    bad.write_text('{"x": 1}')
+    assert main(["analyze", _config(tmp_path), "--model", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--model" in err and len(err.splitlines()) == 1
 
 
 def test_analyze_missing_config_is_exit_2(tmp_path, capsys):
