@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -102,11 +103,19 @@ class MPCConfig(ControllerConfig):
         common.check_number(self.dt_s, "dt_s", lo=0, lo_open=True, allow_none=True)
 
 
+_THETA = ("cap_prev", "batch_prev", "dthroughput_dcap", "dthroughput_dbatch", "dpower_dcap",
+          "dpower_dbatch", "c_throughput", "c_power", "required", "power_max", "cap_lo", "cap_hi",
+          "batch_lo", "batch_hi", "cap_rate", "batch_rate", "w_short")
+_I = {name: i for i, name in enumerate(_THETA)}
+
+
 class _QP:
     """The parametrised QP, built once per (horizon, weights). Knob trajectories ``xc`` (cap)
-    and ``xb`` (batch), scaled; moves ``dc``/``db`` as helper variables; every parameter enters
-    multiplied by a variable at most once (DPP). Bounds and trust region are merged in numpy into
-    one interval per knob."""
+    and ``xb`` (batch), scaled; moves ``dc``/``db`` as helper variables. The per-step data are
+    one parameter vector ``theta`` (names in ``_THETA``; a parameter's value is validated on
+    every assignment, so one vector costs far less than seventeen scalars) and the nonnegative
+    quadratic shortfall weight. Every parameter enters multiplied by a variable at most once, and
+    every parameter-only expression is computed in numpy (DPP)."""
 
     def __init__(self, cfg: MPCConfig) -> None:
         import cvxpy as cp
@@ -117,43 +126,33 @@ class _QP:
         self.dc = cp.Variable(N, name="cap_move")
         self.db = cp.Variable(N, name="batch_move")
         self.s = cp.Variable(N, nonneg=True, name="shortfall")
-        self.prev_c = cp.Parameter(name="cap_prev")
-        self.prev_b = cp.Parameter(name="batch_prev")
-        self.gt_c = cp.Parameter(name="dthroughput_dcap")    # scaled, normalised by r_ref
-        self.gt_b = cp.Parameter(name="dthroughput_dbatch")
-        self.gp_c = cp.Parameter(name="dpower_dcap")         # scaled, normalised by P_ref
-        self.gp_b = cp.Parameter(name="dpower_dbatch")
-        self.c_t = cp.Parameter(name="c_throughput")
-        self.c_p = cp.Parameter(name="c_power")
-        self.req = cp.Parameter(name="required")             # required / r_ref
-        self.p_max = cp.Parameter(name="power_max")          # budget / P_ref
-        self.lo_c = cp.Parameter(name="cap_lo")
-        self.hi_c = cp.Parameter(name="cap_hi")
-        self.lo_b = cp.Parameter(name="batch_lo")
-        self.hi_b = cp.Parameter(name="batch_hi")
-        self.rate_c = cp.Parameter(nonneg=True, name="cap_rate")
-        self.rate_b = cp.Parameter(nonneg=True, name="batch_rate")
-        self.w_short = cp.Parameter(nonneg=True, name="w_short")  # 0 when there is no target
+        self.theta = cp.Parameter(len(_THETA), name="theta")
         self.w_short2 = cp.Parameter(nonneg=True, name="w_short2")
+        th = {name: self.theta[i] for name, i in _I.items()}
         shift = np.eye(N, k=-1)  # row k picks x_{k-1}
         e0 = np.zeros(N)
         e0[0] = 1.0
-        thr = self.c_t + self.gt_c * self.xc + self.gt_b * self.xb
-        pw = self.c_p + self.gp_c * self.xc + self.gp_b * self.xb
+        thr = th["c_throughput"] + th["dthroughput_dcap"] * self.xc \
+            + th["dthroughput_dbatch"] * self.xb
+        pw = th["c_power"] + th["dpower_dcap"] * self.xc + th["dpower_dbatch"] * self.xb
         cons = [
-            self.dc == self.xc - shift @ self.xc - e0 * self.prev_c,
-            self.db == self.xb - shift @ self.xb - e0 * self.prev_b,
-            pw <= self.p_max,
-            self.s >= self.req - thr,
-            self.xc >= self.lo_c, self.xc <= self.hi_c,
-            self.xb >= self.lo_b, self.xb <= self.hi_b,
-            self.dc <= self.rate_c, -self.dc <= self.rate_c,
-            self.db <= self.rate_b, -self.db <= self.rate_b,
+            self.dc == self.xc - shift @ self.xc - e0 * th["cap_prev"],
+            self.db == self.xb - shift @ self.xb - e0 * th["batch_prev"],
+            pw <= th["power_max"],
+            self.s >= th["required"] - thr,
+            self.xc >= th["cap_lo"], self.xc <= th["cap_hi"],
+            self.xb >= th["batch_lo"], self.xb <= th["batch_hi"],
+            self.dc <= th["cap_rate"], -self.dc <= th["cap_rate"],
+            self.db <= th["batch_rate"], -self.db <= th["batch_rate"],
         ]
-        cost = (cfg.w_energy * cp.sum(pw) + self.w_short * cp.sum(self.s)
+        cost = (cfg.w_energy * cp.sum(pw) + th["w_short"] * cp.sum(self.s)
                 + self.w_short2 * cp.sum_squares(self.s)
                 + cfg.w_move * (cp.sum_squares(self.dc) + cp.sum_squares(self.db)))
         self.problem = cp.Problem(cp.Minimize(cost), cons)
+
+    def set(self, values: dict[str, float], w_short2: float) -> None:
+        self.theta.value = np.array([float(values[k]) for k in _THETA])
+        self.w_short2.value = float(w_short2)
 
 
 class MPCController(Controller):
@@ -197,8 +196,6 @@ class MPCController(Controller):
         return lim.power_cap_max_w, float(lim.max_batch_max)
 
     def _linearize(self, cap_w: float, batch: float) -> None:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             g = self.model.gradients(float(cap_w), float(batch))
@@ -264,28 +261,29 @@ class MPCController(Controller):
         center = np.clip(u0, x_lo, x_hi)
         lo = np.maximum(x_lo, center - cfg.trust_region)
         hi = np.minimum(x_hi, center + cfg.trust_region)
-        qp.prev_c.value, qp.prev_b.value = float(x_prev[0]), float(x_prev[1])
-        qp.lo_c.value, qp.hi_c.value = float(lo[0]), float(hi[0])
-        qp.lo_b.value, qp.hi_b.value = float(lo[1]), float(hi[1])
         gt, gp = g_tc / r_ref, g_pc / p_ref
-        qp.gt_c.value, qp.gt_b.value = float(gt[0]), float(gt[1])
-        qp.gp_c.value, qp.gp_b.value = float(gp[0]), float(gp[1])
-        qp.c_t.value = float((thr0c - g_tc @ u0) / r_ref)
-        qp.c_p.value = float((pw0c - g_pc @ u0) / p_ref)
-        qp.req.value = float((required or 0.0) / r_ref)
         p_max = math.inf if budget is None else budget * (1 - cfg.budget_margin)
-        qp.p_max.value = float(min(max(p_max, 0.0), 10 * p_ref) / p_ref)
-        qp.rate_c.value = cfg.max_cap_rate_w_per_s * dt / cs
-        qp.rate_b.value = cfg.max_batch_rate_per_s * dt / bs
-        qp.w_short.value = cfg.w_short if required is not None else 0.0
-        qp.w_short2.value = cfg.w_short2 if required is not None else 0.0
+        qp.set({
+            "cap_prev": x_prev[0], "batch_prev": x_prev[1],
+            "dthroughput_dcap": gt[0], "dthroughput_dbatch": gt[1],
+            "dpower_dcap": gp[0], "dpower_dbatch": gp[1],
+            "c_throughput": (thr0c - g_tc @ u0) / r_ref, "c_power": (pw0c - g_pc @ u0) / p_ref,
+            "required": (required or 0.0) / r_ref,
+            "power_max": min(max(p_max, 0.0), 10 * p_ref) / p_ref,
+            "cap_lo": lo[0], "cap_hi": hi[0], "batch_lo": lo[1], "batch_hi": hi[1],
+            "cap_rate": cfg.max_cap_rate_w_per_s * dt / cs,
+            "batch_rate": cfg.max_batch_rate_per_s * dt / bs,
+            "w_short": cfg.w_short if required is not None else 0.0,
+        }, cfg.w_short2 if required is not None else 0.0)
 
         status, solver, t0 = "not_solved", None, time.perf_counter()
         for name in (cfg.solver, cfg.fallback_solver):
             if name is None:
                 continue
             try:
-                qp.problem.solve(solver=name.upper(), warm_start=True)
+                with warnings.catch_warnings():  # reported as status optimal_inaccurate
+                    warnings.filterwarnings("ignore", message="Solution may be inaccurate")
+                    qp.problem.solve(solver=name.upper(), warm_start=True)
                 status = qp.problem.status
             except Exception as exc:  # solver errors are reported, never raised
                 status = f"error: {type(exc).__name__}"
