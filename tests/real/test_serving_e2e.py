@@ -53,7 +53,7 @@ def test_closed_loop_gateway_shrink_exactly_once_and_sensor_matches_clients():
     assert not any(s.measurement.stale for s in steps)
     later = steps[2:]
     assert all(s.measurement.throughput_tok_s > 0 for s in later)
-    assert all(100 < s.measurement.power_w < 360 for s in later)   # capped at 350 W (+ noise)
+    assert all(0 < s.measurement.power_w < 350 * 1.05 for s in later)   # capped (+ noise)
     assert all(s.measurement.running <= 4 for s in later)
     assert all(s.measurement.tpot_p90_s is not None for s in later)
     # restored on close
