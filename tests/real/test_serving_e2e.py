@@ -92,3 +92,38 @@ def test_stale_measurement_when_server_goes_away():
     assert m2.stale and m2.power_w == m1.power_w and m2.power_cap_w == 300.0
     assert sp.failures == 1
     sp.close()   # restore fails quietly (logged): the server is gone
+
+
+def test_controller_crash_restores_cap_and_batch():
+    from palsctl.adapters.gateway import GatewayBatchActuator, GatewayControl
+    from palsctl.interfaces import Controller, ControllerConfig
+    from palsctl.types import Action
+
+    class Crashing(Controller):
+        Config = ControllerConfig
+
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def step(self, m, sp):
+            self.n += 1
+            if self.n == 2:
+                self.seen = (m.power_cap_w, m.max_batch)   # what step 1 set
+                raise RuntimeError("controller bug")
+            return Action(power_cap_w=250.0, max_batch=2)
+
+    plant = SimPlant("llama-3.1-8b", "h100-sxm", 1, max_batch_launch=16, seed=4)
+    with Harness(plant, clients=2, max_tokens=8, limit=16) as h:
+        power = EmulatorPower(h.emu.url)
+        batch = GatewayBatchActuator(GatewayControl(h.gw.control_url, TOKEN), launch_max=16)
+        ctl = Crashing()
+        with pytest.raises(RuntimeError, match="controller bug"):
+            with ServingPlant(metrics=VllmMetricsSensor(h.emu.url + "/metrics"), power=power,
+                              batch=batch, max_batch_launch=16, dt_s=0.2) as sp:
+                run_loop(sp, ctl, duration_s=2.0, schedule=lambda t: Setpoint(),
+                         guard=False)
+        assert ctl.seen == (250.0, 2)
+        assert batch.control.state()["max_concurrency"] == 16
+        assert EmulatorPower(h.emu.url).read()[0].power_limit_w == 700.0
+        assert plant.engine.cap_set_w == 700.0
