@@ -195,8 +195,12 @@ def _typed(row: dict[str, str]) -> dict[str, Any] | None:
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else repr(v)
+    if isinstance(v, (float, np.floating)):
+        return "" if math.isnan(v) else repr(float(v))  # repr: exact round trip
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v)).lower()
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
     return str(v)
 
 
