@@ -275,10 +275,11 @@ def rank(grid_cap_w: np.ndarray, thr: np.ndarray, power: np.ndarray, itl: np.nda
     energy bill pays. So each cap is scored by its *operating* tokens/J,
     ``operating / power(c, b*(c))``; every batch limit of that cap whose capacity meets the
     (larger) requirement, the latency objective and the budget gets that score. The best cap
-    wins, with the smallest such batch limit: under a saturating load the plant runs at its
-    batch limit, so the limit is what bounds the energy; under a lighter load the margin between
-    the requirement and the operating throughput absorbs bursts. Without a requirement the
-    fastest candidate is chosen.
+    wins, with the smallest such batch limit raised by ``batch_headroom`` (a fraction of that
+    batch, capped by the acceptable ones; ``inf``: the largest acceptable batch — what `search`
+    does by default, since free batch slots absorb bursts at no energy cost in steady state,
+    whereas under a saturating load the plant runs at its limit and a tight limit bounds the
+    energy). Without a requirement the fastest candidate is chosen.
 
     Constraints: predicted throughput (capacity at the batch limit) ≥ required, predicted
     power ≤ budget and cap × GPUs ≤ budget, predicted p90 ITL ≤ TPOT objective. **Degradation order** when nothing is feasible —
