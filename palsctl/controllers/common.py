@@ -140,16 +140,6 @@ def model_grid(model: Any, limits: Limits, *, cap_step_w: float,
                 shape=(caps.size, batches.size))
 
 
-def predict_point(model: Any, cap_w: float, batch: float) -> tuple[float, float, float]:
-    """(throughput_tok_s, power_w, itl_p90_s) predicted at one configuration."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        p = model.predict(power_cap_w=np.asarray([cap_w], float),
-                          max_batch=np.asarray([batch], float))
-    return (float(_field(p, "throughput_tok_s", 1)[0]), float(_field(p, "power_w", 1)[0]),
-            float(_field(p, "itl_p90_s", 1)[0]))
-
-
 # -- online residual correction --------------------------------------------------------------
 
 
