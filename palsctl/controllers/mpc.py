@@ -1,8 +1,10 @@
 """`mpc` — model predictive control on a linearisation of the offline power-performance model.
 
 Knobs are scaled to ``x = (cap / cap_max, batch / batch_max)``. Around an operating point u0
-(re-linearised when the applied knobs move more than ``relinearize_tol`` in scaled units) the
-model gives, after the online residual correction,
+(re-linearised with ``model.gradients`` when the knobs move more than ``relinearize_tol`` in
+scaled units; the cap coordinate is the *effective* cap — the drawn power per GPU when it is
+below the cap, since a cap above the natural draw has zero sensitivity) the model gives, after
+the online residual correction (`palsctl.controllers.common.Residuals`),
 
     throughput(x) ≈ c_t + g_t · x,      power(x) ≈ c_p + g_p · x     (c = y(u0) − g · u0)
 
@@ -11,7 +13,7 @@ Over a horizon of N steps the QP chooses x_1..x_N minimising
     Σ_k  w_energy · P_k / P_ref  +  w_short · s_k  +  w_short2 · s_k²  +  w_move · ‖x_k − x_{k−1}‖²
 
 subject to P_k ≤ budget (hard), s_k ≥ required/r_ref − T_k/r_ref, s_k ≥ 0, knob bounds (the cap
-bound also ≤ budget / N_gpus; the batch bound ≤ the largest batch whose predicted p90 ITL meets
+bound also ≤ budget × (1 − budget_margin) / N_gpus; the batch bound ≤ the largest batch whose predicted p90 ITL meets
 the TPOT objective), rate limits ``|x_k − x_{k−1}| ≤ rate · dt`` and a trust region around u0.
 The first move is applied. The cvxpy problem is built once with `Parameter`s (DPP: products of a
 parameter and a variable only; every parameter-only expression is computed in numpy) and
