@@ -288,6 +288,7 @@ class _Parametric:
         t_obs = b / thr
         tmin, tmax = float(np.min(t_obs)), float(np.max(t_obs))
         tps = float(np.max(t_obs / b))
+        tseq = float(np.min(t_obs / b))  # per-sequence step time at the largest batches
         fmax_obs = float(np.max(clock)) if has_clock else 1.0
         eps = 1e-12
         w = 1.0 if varies_workload else 0.0
@@ -335,7 +336,7 @@ class _Parametric:
         def start(idle_frac, a_mem, v0, b_moe, mem_share, r_min=0.15):
             return [idle_frac * pmin, 2.0 * pmax, a_mem, v0, r_min, 1.0,
                     fmax_obs if has_clock else 1.0,
-                    mem_share * tmin, 0.3 * tmin, b_moe, 0.05 * tps, 0.5 * tps, 0.2 * tps,
+                    mem_share * tmin, 0.3 * tmin, b_moe, 0.05 * tseq, 0.5 * tseq, 0.2 * tseq,
                     0.1 * tmin, 0.1 * w, 0.1 * w]
 
         if init is not None:
