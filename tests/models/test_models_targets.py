@@ -61,3 +61,34 @@ def test_best_tokens_per_joule_within_3_percent(case, frac):
     best = tpj[T >= 1.03 * target].max()
     assert tpj[i] >= 0.97 * best, (C[i], B[i], tpj[i], best)
     assert T[i] >= 0.97 * target, (C[i], B[i], T[i], target)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(bw_eff=0.65, flops_eff=0.45, dyn_power_frac=0.9, mem_activity=0.45, v_floor=0.7),
+    dict(bw_eff=0.9, flops_eff=0.75, step_overhead_s=4e-3, dyn_power_frac=1.3, v_floor=0.9),
+], ids=["slower-cooler", "faster-hotter"])
+def test_targets_hold_under_another_calibration(changes):
+    """The model is not tuned to one set of plant constants."""
+    import dataclasses
+
+    from palsctl.plants.sim.gpu import default_constants
+
+    consts = dataclasses.replace(default_constants(), **changes)
+    model, gpu, n = PLANTS[0]
+    caps, batches = default_grid(SimPlant(model=model, gpu=gpu, num_gpus=n).limits)
+    C, B = (a.ravel() for a in np.meshgrid(caps, batches, indexing="ij"))
+    truth = [steady_state(model, gpu, n, int(b), float(c), PROMPT, OUTPUT, constants=consts)
+             for c, b in zip(C, B)]
+    T = np.array([s.throughput_tok_s for s in truth])
+    P = np.array([s.power_w for s in truth])
+    m = build_model_for(model, gpu, n, prompt_tokens=PROMPT, output_tokens=OUTPUT,
+                        plant_kwargs={"constants": consts})
+    p = m.predict(power_cap_w=C, max_batch=B)
+    assert np.mean(np.abs(p.throughput_tok_s / T - 1)) <= 0.08
+    assert np.mean(np.abs(p.power_w / P - 1)) <= 0.08
+    tpj = T / P
+    for frac in TARGET_FRACTIONS:
+        target = frac * T.max()
+        i = choose(p.throughput_tok_s, p.tokens_per_joule, target)
+        assert tpj[i] >= 0.97 * tpj[T >= 1.03 * target].max(), (frac, C[i], B[i])
+        assert T[i] >= 0.97 * target, (frac, C[i], B[i])
