@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from palsctl.analysis.stability import FOPDT, identify_fopdt
-from palsctl.errors import ConfigError
+from palsctl.errors import ConfigError, PalsctlError
 from palsctl.interfaces import SimulatedPlant
 from palsctl.types import Action, Request
 
-__all__ = ["LOOPS", "LoopSpec", "StepTest", "backlog", "step_test", "identify_from_step_test",
-           "fopdt_from_gradients"]
+__all__ = ["LOOPS", "LoopSpec", "StepTest", "backlog", "backlog_size", "step_test",
+           "identify_from_step_test", "fopdt_from_gradients"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +89,14 @@ def backlog(n: int, *, prompt_tokens: int, output_tokens: int, seed: int = 0,
                     output_tokens=int(o)) for i, (p, o) in enumerate(zip(ps, os_))]
 
 
+def backlog_size(max_batch: int, duration_s: float, output_tokens: int) -> int:
+    """Requests enough to keep ``max_batch`` sequences running for ``duration_s``: a request
+    lasts ``output_tokens`` engine steps, taken here as at least 4 ms each, and outputs may be
+    50 % shorter than the mean. Step tests check that requests were still waiting at the end."""
+    min_request_s = max(0.5 * output_tokens * 4e-3, 1e-3)
+    return int(64 + max_batch * (1 + duration_s / min_request_s))
+
+
 def _read_output(m, output: str, num_gpus: int) -> float:
     return m.power_w / num_gpus if output == "power_per_gpu" else m.throughput_tok_s
 
@@ -108,6 +116,9 @@ def _record(make_plant, spec: LoopSpec, *, power_cap_w: float, max_batch: int, u
         for k in range(n_pre + n_rec):
             plant.advance(dt)
             m = plant.read()
+            if m.waiting == 0:
+                raise PalsctlError("step test: the backlog ran out (the plant was not "
+                                   "saturated); use more requests")
             u = u0 if (u1 is None or k < n_pre - 1) else u1
             if spec.knob == "cap":
                 applied = plant.apply(Action(power_cap_w=u)).power_cap_w
@@ -149,7 +160,7 @@ def step_test(make_plant: Callable[..., SimulatedPlant], *, loop: str, power_cap
     probe.close()
     total_s = warmup_s + pre_s + record_s
     # enough requests for the whole test at a generous bound on the token rate
-    n_req = int(max(4 * max_batch, 64 + max_batch * total_s / max(1.0, output_tokens * 0.002)))
+    n_req = backlog_size(max_batch, total_s, output_tokens)
     requests = backlog(n_req, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
                        seed=seed)
     n_warm = int(round(warmup_s / dt))

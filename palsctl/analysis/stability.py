@@ -43,7 +43,7 @@ __all__ = [
     "discrete_plant", "pi_tf", "loop_tf", "margins", "closed_loop_poles", "analyze_loop",
     "step_metrics", "closed_loop", "settling_time_of", "identify_fopdt",
     "simulate_fopdt_response", "stability_map", "recommend_gains", "plot_stability_map",
-    "critical_gain_scale", "input_excursion",
+    "critical_gain_scale", "input_excursion", "predicted_response",
 ]
 
 #: Settling band of every settling time in this module (fraction of the step), as ct.step_info.
@@ -507,15 +507,16 @@ def step_metrics(T_cl: ct.TransferFunction, *, horizon_s: float | None = None,
                        steady_state=float(info["SteadyStateValue"]))
 
 
-def settling_time_of(t_s: np.ndarray, y_normalised: np.ndarray) -> float:
+def settling_time_of(t_s: np.ndarray, y_normalised: np.ndarray, *,
+                     threshold: float = SETTLING_THRESHOLD) -> float:
     """Settling time of a measured response already normalised to go from 0 to 1, with
     ``ct.step_info``'s definition (the time of the first sample after the last one outside
-    ±2 % of the final value 1), ``t_s`` counted from the setpoint step; nan if the record ends
-    outside the band. Unlike ``ct.step_info`` it also answers for a response that never reaches
+    ±``threshold`` of the final value 1), ``t_s`` counted from the setpoint step; nan if the
+    record ends outside the band. Unlike ``ct.step_info`` it also answers for a response that never reaches
     90 % (no rise time)."""
     y = np.asarray(y_normalised, dtype=float)
     t = np.asarray(t_s, dtype=float)
-    outside = np.flatnonzero(~(np.abs(y - 1.0) < SETTLING_THRESHOLD))
+    outside = np.flatnonzero(~(np.abs(y - 1.0) < threshold))
     settled = 0 if outside.size == 0 else int(outside[-1]) + 1
     return float(t[settled]) if settled < len(t) else math.nan
 
@@ -620,6 +621,14 @@ def analyze_loop(plant: FOPDT, *, kp: float, ki: float, min_gm_db: float = 6.0,
 def closed_loop(plant: FOPDT, *, kp: float, ki: float) -> ct.LTI:
     """The closed loop from setpoint to measured output, ``ct.feedback(C·G, 1)``."""
     return ct.feedback(ct.series(discrete_plant(plant), pi_tf(kp, ki, plant.dt_s)), 1)
+
+
+def predicted_response(plant: FOPDT, *, kp: float, ki: float, n: int) -> np.ndarray:
+    """The first ``n`` samples of the closed loop's response to a unit setpoint step."""
+    from scipy.signal import lfilter
+
+    num, den = _loop_polys(plant, kp, ki)
+    return lfilter(num, _padd(den, num), np.ones(n))
 
 
 def input_excursion(plant: FOPDT, *, kp: float, ki: float, horizon_s: float = 60.0

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from palsctl.analysis.identify import backlog
+from palsctl.analysis.identify import backlog, backlog_size
 from palsctl.analysis.stability import SETTLING_THRESHOLD, settling_time_of
 from palsctl.interfaces import SimulatedPlant
 from palsctl.types import Setpoint
@@ -84,7 +84,7 @@ def run_power_step(make_plant: Callable[..., SimulatedPlant], *, kp: float, ki_p
         dt = float(plant.dt_s)
         n = plant.limits.num_gpus
         total_s = warmup_s + record_s
-        n_req = int(max(4 * max_batch, 64 + max_batch * total_s / max(1.0, output_tokens * 0.002)))
+        n_req = backlog_size(max_batch, total_s, output_tokens)
         plant.submit(backlog(n_req, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
                              seed=seed))
         r0 = n * float(power_cap_w)
