@@ -214,7 +214,9 @@ class Emulator:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/palsctl/power", self._power)
         app.router.add_post("/palsctl/power/cap", self._power_cap)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # on stop, in-flight requests get 2 s to finish, then their handlers are cancelled
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                     shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
         await site.start()
@@ -225,6 +227,9 @@ class Emulator:
         return self
 
     async def stop(self) -> None:
+        if self._runner is not None:       # the plant keeps running while requests drain
+            await self._runner.cleanup()
+            self._runner = None
         if self._task is not None:
             self._task.cancel()
             try:
@@ -232,9 +237,6 @@ class Emulator:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     # --------------------------------------------------------------- handlers
     async def _health(self, request: Any) -> Any:

@@ -247,7 +247,9 @@ class Gateway:
 
     async def _serve(self, app: Any, host: str, port: int, **kw: Any) -> str:
         from aiohttp import web  # noqa: PLC0415
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, **kw)
+        # on stop, in-flight requests get 5 s to finish before their handlers are cancelled
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0,
+                               **kw)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
