@@ -6,7 +6,8 @@ the workload's mean lengths), at
 * **load** low / medium / high: batch = 1/16, 1/4, 1/2 of the launch batch
   (``max_batch_launch``), at least 1;
 * **budget** loose / tight: the per-GPU cap at 90 % / 65 % of the plant's natural draw per GPU
-  at that batch (the saturated steady state at the default cap), clamped to the cap limits.
+  at that batch (the saturated steady state at the default cap), kept above the power floor
+  (the draw at the minimum cap) by 15 % of the range between them, within the cap limits.
   With a loose budget the cap binds a little: the PI's throughput loops (batch and margin) are
   the ones acting. With a tight budget the power target / budget governs: the budget loop.
 
@@ -39,7 +40,9 @@ LOOPS_BY_BUDGET = {"loose": ("batch", "margin"), "tight": ("budget",)}
 
 @dataclass(frozen=True, kw_only=True)
 class OperatingPoint:
-    """A saturated operating point: batch and per-GPU cap, with the natural draw at that batch."""
+    """A saturated operating point: batch and per-GPU cap, with the natural draw at that batch
+    (the draw at the default cap: a cap above it does not bind) and the power floor (the draw at
+    the minimum cap: the lowest clock; a cap below it changes nothing)."""
 
     name: str
     load: str
@@ -47,6 +50,7 @@ class OperatingPoint:
     max_batch: int
     power_cap_w: float
     natural_draw_per_gpu_w: float
+    power_floor_per_gpu_w: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +73,8 @@ class LoopReport:
     def to_dict(self) -> dict[str, Any]:
         return {"point": self.point.name, "load": self.point.load, "budget": self.point.budget,
                 "max_batch": self.point.max_batch, "power_cap_w": self.point.power_cap_w,
+                "natural_draw_per_gpu_w": self.point.natural_draw_per_gpu_w,
+                "power_floor_per_gpu_w": self.point.power_floor_per_gpu_w,
                 "loop": self.loop, "model_source": self.model_source,
                 **self.analysis.to_dict(),
                 "recommended": {"kp": self.recommended_kp, "ki": self.recommended_ki,
@@ -134,11 +140,17 @@ def operating_points(*, model: str, gpu: str, num_gpus: int, max_batch_launch: i
         ss = steady_state(model, gpu, num_gpus, max_batch=b, prompt_tokens=int(prompt_tokens),
                           output_tokens=int(output_tokens))
         draw = ss.power_w / num_gpus
+        floor = steady_state(model, gpu, num_gpus, max_batch=b, power_cap_w=cap_min_w,
+                             prompt_tokens=int(prompt_tokens),
+                             output_tokens=int(output_tokens)).power_w / num_gpus
         for budget, dfrac in BUDGET_DRAW_FRACTION.items():
-            cap = min(max(round(draw * dfrac), cap_min_w), cap_max_w)
+            # inside the range where the cap binds, clear of the floor
+            cap = max(round(draw * dfrac), math.ceil(floor + 0.15 * (draw - floor)))
+            cap = min(max(cap, cap_min_w), cap_max_w)
             out.append(OperatingPoint(name=f"{load}-load/{budget}-budget", load=load,
                                       budget=budget, max_batch=b, power_cap_w=float(cap),
-                                      natural_draw_per_gpu_w=float(draw)))
+                                      natural_draw_per_gpu_w=float(draw),
+                                      power_floor_per_gpu_w=float(floor)))
     return out
 
 

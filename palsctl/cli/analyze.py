@@ -144,7 +144,8 @@ def main(args: argparse.Namespace) -> int:
         if r.point.name != current:
             current = r.point.name
             console.print(f"\n[bold]{r.point.name}[/]: batch {r.point.max_batch}, cap "
-                          f"{r.point.power_cap_w:.0f} W per GPU (natural draw "
+                          f"{r.point.power_cap_w:.0f} W per GPU (the cap binds between the power floor "
+                          f"{r.point.power_floor_per_gpu_w:.0f} W and the natural draw "
                           f"{r.point.natural_draw_per_gpu_w:.0f} W per GPU)", highlight=False)
         u = units[r.loop]
         fit = "" if pl.fit_rms is None else f", fit RMS {fmt(pl.fit_rms)}"
