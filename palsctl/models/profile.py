@@ -437,7 +437,8 @@ def default_grid(limits, *, n_caps: int = 7, batches: Sequence[int] = (1, 2, 4, 
 def build_model_for(model: str, gpu: str, num_gpus: int, *, prompt_tokens: int,
                     output_tokens: int, points: int = 12, kind: str = "parametric", seed: int = 0,
                     warmup_s: float = 20.0, window_s: float = 30.0, cv_folds: int = 0,
-                    plant_kwargs: dict[str, Any] | None = None):
+                    plant_kwargs: dict[str, Any] | None = None,
+                    batches: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)):
     """Profile ``points`` points of the default 7-cap x 7-batch grid on the *simulated* plant
     (``palsctl.plants.sim.SimPlant``) through `profile_plant` and fit a `PowerPerfModel` of
     ``kind``. Two thirds of the points are space-filling (`sample_points`), the rest lie where
@@ -445,7 +446,8 @@ def build_model_for(model: str, gpu: str, num_gpus: int, *, prompt_tokens: int,
     (`frontier_points`). The profile is measured (noise, windows), not read from the
     simulator's steady state, so the model carries honest errors. ``cv_folds`` > 0 also
     reports k-fold CV errors in ``model.cv_mape`` (slower: one more fit per fold).
-    ``plant_kwargs`` go to ``SimPlant`` (e.g. ``constants`` of another calibration)."""
+    ``plant_kwargs`` go to ``SimPlant`` (e.g. ``constants`` of another calibration);
+    ``batches``: the batch levels of the grid (limited to the plant's launch batch)."""
     from palsctl.models.power_perf import PowerPerfModel
     from palsctl.plants.sim import SimPlant
 
@@ -454,7 +456,7 @@ def build_model_for(model: str, gpu: str, num_gpus: int, *, prompt_tokens: int,
 
     probe = make(seed)
     try:
-        caps, batches = default_grid(probe.limits)
+        caps, batches = default_grid(probe.limits, batches=batches)
     finally:
         probe.close()
     kw = dict(warmup_s=warmup_s, window_s=window_s, prompt_tokens=prompt_tokens,
