@@ -52,25 +52,44 @@ def test_window_uses_setpoint_in_force_during_it():
     assert s["time_over_budget_s"] == 1.0 and s["energy_over_budget_j"] == pytest.approx(300.0)
 
 
-def test_qos_violation_needs_demand_and_counts_latency():
+def test_qos_violation_needs_backlog_and_counts_latency():
     sp = Setpoint(throughput_tok_s=100.0, tpot_slo_s=0.1)
-    r = record([500.0] * 5, [100.0, 90.0, 90.0, 96.0, 100.0], [sp] * 5,
-               waiting=[0, 3, 0, 5, 0], demand=[None, None, 80.0, None, None],
+    r = record([500.0] * 5, [100.0, 90.0, 90.0, 96.0, 50.0], [sp] * 5,
+               waiting=[0, 3, 0, 5, 0], demand=[None, None, 80.0, None, 300.0],
                tpot=[0.05, 0.05, 0.05, 0.05, 0.2])
-    s = summarize(r, qos_window_s=1.0)
-    # window 2: short, no demand measured, requests waiting -> violation; window 3: offered
-    # only 80 tok/s and served 90 -> not; window 4: 96 within the 5 % tolerance; window 5:
-    # TPOT over the SLO
+    s = summarize(r, backlog_window_s=1.0)
+    # window 2: 90 < 95 with requests waiting -> short; window 3: 90 but nothing waits (the
+    # plant serves all it is offered) -> not; window 4: 96 within the 5 % tolerance; window 5:
+    # 50 tok/s with a large offered demand but no backlog -> not short, TPOT over the SLO
     assert s["throughput_shortfall_rate"] == pytest.approx(1 / 5)
     assert s["latency_violation_rate"] == pytest.approx(1 / 5)
     assert s["qos_violation_rate"] == pytest.approx(2 / 5)
 
 
-def test_shortfall_against_min_of_target_and_demand():
+def test_offered_demand_alone_is_not_a_shortfall():
+    # bursty arrivals whose output is generated over the following seconds: the offered demand
+    # (counted at arrival) is far above what was generated, but nothing waits -> no shortfall
     sp = Setpoint(throughput_tok_s=100.0)
-    r = record([1.0] * 4, [50.0, 70.0, 90.0, 120.0], [sp] * 4, demand=[60.0, 80.0, 200.0, 200.0])
-    # effective targets 60, 80, 100, 100; 95 % of them: 57, 76, 95, 95 -> 50, 70, 90 short
-    assert summarize(r, qos_window_s=1.0)["throughput_shortfall_rate"] == pytest.approx(3 / 4)
+    demand = [300.0, 0.0, 0.0] * 4
+    tput = [0.0, 50.0, 50.0] * 4
+    r = record([500.0] * 12, tput, [sp] * 12, demand=demand)
+    for w in (1.0, 3.0, 5.0):
+        assert summarize(r, backlog_window_s=w)["throughput_shortfall_rate"] == 0.0
+
+
+def test_shortfall_needs_a_backlog_through_the_trailing_window():
+    sp = Setpoint(throughput_tok_s=100.0)
+    tput = [80.0, 80.0, 80.0, 80.0, 120.0, 120.0, 80.0, 80.0]
+    waiting = [0, 2, 2, 2, 2, 2, 2, 0]
+    r = record([500.0] * 8, tput, [sp] * 8, waiting=waiting)
+    # 1 s windows: backlog in windows 2-7; short (80 < 95) in 2, 3, 4 and 7 -> 4 of 8
+    assert summarize(r, backlog_window_s=1.0)["throughput_shortfall_rate"] == pytest.approx(4 / 8)
+    # 3 s windows: a backlog through the whole window ending at windows 4, 5, 6, 7 (t = 4..7);
+    # their means: 80, 93.3 (short), 106.7, 106.7 -> 2 of 8
+    assert summarize(r, backlog_window_s=3.0)["throughput_shortfall_rate"] == pytest.approx(2 / 8)
+    # the default 5 s window: only t = 6 (2..6: 80, 80, 80, 120, 120 -> 96, within tolerance)
+    # and t = 7 (3..7 -> 96) have a full backlog; neither is short
+    assert summarize(r)["throughput_shortfall_rate"] == 0.0
 
 
 def test_settling_time_after_budget_steps():
@@ -110,15 +129,3 @@ def test_slo_attainment_and_tracking_and_latency_percentiles():
     assert s["power_tracking_rel_error"] == pytest.approx(200.0 / 3 / 500.0)
     assert s["step_latency_p50_s"] == pytest.approx(2e-4)
     assert s["mean_power_cap_w"] == 300.0 and s["mean_max_batch"] == 8.0
-
-
-def test_throughput_and_demand_are_averaged_over_a_trailing_window():
-    sp = Setpoint(throughput_tok_s=100.0)
-    # bursty arrivals served one window later: demand 300, 0, 0, ... throughput 0, 300, 0, ...
-    demand = [300.0, 0.0, 0.0] * 4
-    tput = [0.0, 300.0, 0.0] * 4
-    r = record([500.0] * 12, tput, [sp] * 12, demand=demand)
-    # per window, every burst window looks short (served 0 of the 100 asked)
-    assert summarize(r, qos_window_s=1.0)["throughput_shortfall_rate"] == pytest.approx(4 / 12)
-    # over 3 s only the very first window is behind (D 300, X 0); then X = D = 150, 100, ...
-    assert summarize(r, qos_window_s=3.0)["throughput_shortfall_rate"] == pytest.approx(1 / 12)
