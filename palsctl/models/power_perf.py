@@ -694,6 +694,10 @@ class PowerPerfModel:
         features = list(BASE_FEATURES) + (list(WORKLOAD_FEATURES) if varies else [])
         X = {"power_cap_w": cap, "max_batch": b, "prompt_tokens": prompt, "output_tokens": output}
         ranges = {f: (float(np.min(X[f])), float(np.max(X[f]))) for f in features}
+        for f in WORKLOAD_FEATURES:  # the profiled lengths, also when they are not features
+            col = _column(rows, f)
+            if f not in ranges and np.isfinite(col).all():
+                ranges[f] = (float(np.min(col)), float(np.max(col)))
 
         clock = _column(rows, "sm_clock_mhz")
 
@@ -776,8 +780,10 @@ class PowerPerfModel:
                                                output_tokens))
         cap, b, p, o = self._inputs(power_cap_w, max_batch, prompt_tokens, output_tokens)
         check = {"power_cap_w": cap, "max_batch": b}
-        if "prompt_tokens" in self.features:
-            check.update(prompt_tokens=p, output_tokens=o)
+        if prompt_tokens is not None or "prompt_tokens" in self.features:
+            check["prompt_tokens"] = p
+        if output_tokens is not None or "output_tokens" in self.features:
+            check["output_tokens"] = o
         self._check_range(check)
         thr, pw, itl = self._raw_predict(cap, b, p, o)
         tpj = thr / pw
@@ -879,7 +885,8 @@ class PowerPerfModel:
         if not isinstance(ranges, Mapping):
             raise ModelFileError("field 'training_ranges' must be an object")
         clean_ranges = {}
-        for f in features:
+        for f in list(features) + [w for w in WORKLOAD_FEATURES
+                                   if w not in features and w in ranges]:
             r = ranges.get(f)
             if (not isinstance(r, list) or len(r) != 2
                     or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in r)

@@ -292,3 +292,13 @@ def test_varying_workload_becomes_a_feature():
     long = m.predict(power_cap_w=300.0, max_batch=32, prompt_tokens=2048, output_tokens=256)
     assert long.throughput_tok_s < short.throughput_tok_s
 
+
+
+def test_warns_for_other_workload_lengths_than_profiled(rows12):
+    m = PowerPerfModel.fit(rows12, kind="parametric", cv_folds=0)
+    assert m.training_ranges["prompt_tokens"] == (PROMPT, PROMPT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.predict(power_cap_w=200.0, max_batch=8, prompt_tokens=PROMPT, output_tokens=OUTPUT)
+    with pytest.warns(ModelRangeWarning, match="prompt_tokens"):
+        m.predict(power_cap_w=200.0, max_batch=8, prompt_tokens=4 * PROMPT)
