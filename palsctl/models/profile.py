@@ -277,8 +277,7 @@ def _measure_point(plant, power_cap_w: float, max_batch: int, *, warmup_s: float
     plant.read()  # start a fresh window
     plant.completed()
     win = dict(tokens=0.0, prompt=0.0, seconds=0.0, energy=0.0, clock_w=0.0, clock_s=0.0,
-               running=0.0, waiting=0.0, itl=[], itl_w=[])
-    energy_start = None
+               running=0.0, waiting=0.0, itl=[])
     energy_prev = None
     tpots: list[float] = []
     ttfts: list[float] = []
@@ -309,11 +308,10 @@ def _measure_point(plant, power_cap_w: float, max_batch: int, *, warmup_s: float
         step_s = float(m.window_s) if m.window_s > 0 else dt_s
         elapsed += step_s
         in_window = elapsed > warmup_s + 1e-9
-        if not in_window:
-            energy_prev = m.energy_j
+        if not in_window or m.stale:  # warm-up, or a sensor that could not read
+            if not m.stale:
+                energy_prev = m.energy_j
             continue
-        if energy_start is None:
-            energy_start = energy_prev if energy_prev is not None else m.energy_j - m.power_w * step_s
         w = win
         w["tokens"] += m.throughput_tok_s * step_s
         w["prompt"] += m.prompt_tok_s * step_s
