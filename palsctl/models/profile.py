@@ -277,8 +277,9 @@ def _measure_point(plant, power_cap_w: float, max_batch: int, *, warmup_s: float
     plant.read()  # start a fresh window
     plant.completed()
     win = dict(tokens=0.0, prompt=0.0, seconds=0.0, energy=0.0, clock_w=0.0, clock_s=0.0,
-               running=0.0, waiting=0.0, itl=[])
+               running=0.0, waiting=0.0, itl=[], energy_s=0.0)
     energy_prev = None
+    stale_s = 0.0
     tpots: list[float] = []
     ttfts: list[float] = []
     completed_n = 0
@@ -308,9 +309,12 @@ def _measure_point(plant, power_cap_w: float, max_batch: int, *, warmup_s: float
         step_s = float(m.window_s) if m.window_s > 0 else dt_s
         elapsed += step_s
         in_window = elapsed > warmup_s + 1e-9
-        if not in_window or m.stale:  # warm-up, or a sensor that could not read
-            if not m.stale:
-                energy_prev = m.energy_j
+        if m.stale:  # the sensor could not read: the next energy delta spans this period too
+            stale_s += step_s
+            continue
+        if not in_window:
+            energy_prev = m.energy_j
+            stale_s = 0.0
             continue
         w = win
         w["tokens"] += m.throughput_tok_s * step_s
@@ -318,8 +322,11 @@ def _measure_point(plant, power_cap_w: float, max_batch: int, *, warmup_s: float
         w["seconds"] += step_s
         if energy_prev is not None and m.energy_j >= energy_prev:
             w["energy"] += m.energy_j - energy_prev
+            w["energy_s"] += step_s + stale_s
         else:  # counter reset or first read: fall back on the mean power
             w["energy"] += m.power_w * step_s
+            w["energy_s"] += step_s
+        stale_s = 0.0
         energy_prev = m.energy_j
         if m.sm_clock_mhz is not None and math.isfinite(m.sm_clock_mhz):
             w["clock_w"] += m.sm_clock_mhz * step_s
@@ -335,7 +342,7 @@ def _measure_point(plant, power_cap_w: float, max_batch: int, *, warmup_s: float
             ttfts.append(r.ttft_s)
     secs = max(win["seconds"], 1e-12)
     thr = win["tokens"] / secs
-    power = win["energy"] / secs
+    power = win["energy"] / max(win["energy_s"], 1e-12)
     return dict(
         applied_power_cap_w=float(applied.power_cap_w) if applied.power_cap_w is not None else math.nan,
         applied_max_batch=int(applied.max_batch) if applied.max_batch is not None else int(max_batch),

@@ -136,3 +136,33 @@ def test_plant_without_submit_is_measured_as_is():
     rows = profile_plant(lambda s: _ExternalLoadPlant(make(s)), [(250.0, 8)], out_csv=None, **KW)
     assert rows[0]["throughput_tok_s"] == 0.0  # no load came from outside: honest zero
     assert rows[0]["power_w"] > 0
+
+
+class _FlakySensorPlant(_ExternalLoadPlant):
+    """Every third reading is stale: it repeats the previous good values (energy counter
+    included), like a sensor that could not read."""
+
+    def __init__(self, plant):
+        super().__init__(plant)
+        self._n = 0
+        self._last = None
+
+    def submit(self, requests):
+        return self._p.submit(requests)
+
+    def read(self):
+        import dataclasses
+
+        m = self._p.read()
+        self._n += 1
+        if self._n % 3 == 0 and self._last is not None:
+            return dataclasses.replace(self._last, t_s=m.t_s, window_s=m.window_s, stale=True)
+        self._last = m
+        return m
+
+
+def test_stale_readings_do_not_bias_power():
+    cap, b = 250.0, 8
+    rows = profile_plant(lambda s: _FlakySensorPlant(make(s)), [(cap, b)], out_csv=None, **KW)
+    ss = steady_state(MODEL, GPU, N, b, cap, 512, 256)
+    assert rows[0]["power_w"] == pytest.approx(ss.power_w, rel=0.03)
