@@ -545,7 +545,8 @@ def run_experiment(cfg: ExperimentConfig, *, controller: Any = None, seed: int |
     """Build plant, workload, schedule and controller from ``cfg`` and run the closed loop.
 
     ``controller`` overrides the configured one (name or instance); ``seed`` the experiment's
-    seed. For one config and seed every controller sees the same workload and plant noise, so
+    seed. The experiment's guard wraps the controller unless its class declares
+    ``guarded = False`` and the plant is simulated (the `static` baseline runs unguarded). For one config and seed every controller sees the same workload and plant noise, so
     `palsctl compare` can score them side by side. Returns the `RunRecord`.
     """
     from palsctl.loop import run_loop
@@ -555,7 +556,13 @@ def run_experiment(cfg: ExperimentConfig, *, controller: Any = None, seed: int |
     plant = build_plant(cfg, seed=seed)
     workload = build_workload(cfg, seed=seed)
     schedule = build_schedule(cfg, workload)
-    guard = cfg.guard if cfg.guard_enabled else False
+    # A controller class may declare ``guarded = False`` (the `static` baseline: what users run
+    # today, with no power management and no safety layer); on the simulated plant it then runs
+    # without the SafetyGuard so the comparison shows what ignoring the budget costs. Real plants
+    # always keep the guard when the experiment enables it.
+    unguarded = getattr(type(ctl), "guarded", True) is False and bool(
+        getattr(getattr(plant, "info", None), "simulated", False))
+    guard = cfg.guard if cfg.guard_enabled and not unguarded else False
     try:
         record = run_loop(plant, ctl, duration_s=cfg.duration_s, schedule=schedule,
                           workload=workload, guard=guard, progress=progress)
@@ -570,7 +577,8 @@ def run_experiment(cfg: ExperimentConfig, *, controller: Any = None, seed: int |
     record.meta.update({
         "experiment": cfg.name, "source": cfg.source, "seed": seed,
         "duration_s": cfg.duration_s, "dt_s": cfg.dt_s, "plant": dict(cfg.plant),
-        "workload": _workload_meta(cfg, workload), "guard_enabled": cfg.guard_enabled,
+        "workload": _workload_meta(cfg, workload),
+        "guard_enabled": cfg.guard_enabled and not unguarded,
     })
     return record
 

@@ -1,7 +1,9 @@
 """Baseline controllers, re-implemented so every method is compared on the same runs.
 
 * `StaticController` (``static``): what vLLM users run today — the GPU's default power limit and
-  a fixed ``max_num_seqs`` (256), whatever the load or the budget.
+  a fixed ``max_num_seqs`` (256), whatever the load or the budget. It declares
+  ``guarded = False``: experiments on the simulated plant run it without the `SafetyGuard`
+  (see `palsctl.config.run_experiment`), so it shows what ignoring the budget costs.
 * `CapToBudgetController` (``cap-to-budget``): facility power capping — every GPU capped at
   ``budget / num_gpus`` (the default limit when no budget is set), fixed batch.
 
@@ -34,10 +36,16 @@ class StaticConfig(ControllerConfig):
 
 
 class StaticController(Controller):
-    """Default power limit and a fixed batch limit; ignores measurements and setpoints."""
+    """Default power limit and a fixed batch limit; ignores measurements and setpoints.
+
+    ``guarded = False``: a deployment without power management has no safety layer either, so
+    `palsctl.config.run_experiment` runs it unguarded on the simulated plant (a power budget is
+    then exceeded whenever the plant draws more than it). On a real plant the guard stays.
+    """
 
     Config = StaticConfig
     name = "static"
+    guarded = False
 
     def step(self, measurement: Measurement, setpoint: Setpoint) -> Action:
         lim = self.limits

@@ -87,6 +87,20 @@ def test_same_workload_for_every_controller_and_seed_override(tmp_path):
     assert summarize(a)["settling_times_s"] is not None
 
 
+def test_static_runs_unguarded_and_cap_to_budget_guarded(tmp_path):
+    # the guard is enabled in the experiment, but `static` (guarded = False) ignores the budget:
+    # cap at the default limit, over the 400 W budget; cap-to-budget is guarded and fits it
+    cfg = load_experiment(write(tmp_path, SHORT))
+    st = run_experiment(cfg, controller="static")
+    assert st.meta["guard_enabled"] is False
+    assert all(s.applied.power_cap_w == 700.0 for s in st.steps)
+    assert all(not s.guard_note for s in st.steps)
+    assert summarize(st)["time_over_budget_s"] > 0
+    cb = run_experiment(cfg)
+    assert cb.meta["guard_enabled"] is True
+    assert all(s.applied.power_cap_w <= s.setpoint.power_budget_w for s in cb.steps)
+
+
 def test_trace_and_grid_config(tmp_path, shared_data):
     text = SHORT.replace("""kind = "poisson"
 rate_req_s = 4.0
