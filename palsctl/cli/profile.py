@@ -20,6 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", type=int, metavar="N",
                         help="profile a space-filling subset of N grid points (corners, centre, "
                              "Latin-hypercube-like maximin fill)")
+    parser.add_argument("--refine", type=int, default=0, metavar="K",
+                        help="then fit a parametric model and profile K more grid points where "
+                             "it places the tokens/J-best configurations for a range of "
+                             "throughput targets (default 0)")
     parser.add_argument("--out", metavar="CSV", default="profile.csv",
                         help="output CSV; an existing file is resumed (default: profile.csv)")
     parser.add_argument("--warmup-s", type=float, default=30.0, metavar="S",
@@ -44,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     from palsctl.config import build_plant, build_workload, load_experiment
     from palsctl.errors import ConfigError
     from palsctl.models.profile import (default_grid, grid_points, parse_batches, parse_caps,
-                                        profile_plant, sample_points)
+                                        sample_points)
 
     cfg = load_experiment(args.config)
     seed = cfg.seed if args.seed is None else args.seed
@@ -92,27 +96,41 @@ def main(args: argparse.Namespace) -> int:
         points = sample_points(caps, batches, args.sample, seed=seed)
     else:
         points = grid_points(caps, batches)
+    if args.refine < 0:
+        raise ConfigError("must be >= 0", key="--refine", value=args.refine)
     out = Path(args.out)
     kw = dict(warmup_s=args.warmup_s, window_s=args.window_s, prompt_tokens=int(prompt),
               output_tokens=int(output), out_csv=out, seed=seed)
     desc = f"{cfg.plant.get('model', '?')} on {cfg.plant.get('num_gpus', '?')} x {cfg.plant.get('gpu', '?')}"
-    if args.quiet:
-        rows = profile_plant(make, points, **kw)
-    else:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+    rows = _sweep(make, points, kw, desc, args.quiet)
+    if args.refine:
+        from palsctl.models import PowerPerfModel
+        from palsctl.models.profile import frontier_points
 
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[last]}"), TimeElapsedColumn(),
-                      TextColumn("ETA"), TimeRemainingColumn(), transient=True) as bar:
-            task = bar.add_task(f"profile {desc}", total=len(points), last="")
-
-            def progress(done: int, total: int, row: dict) -> None:
-                bar.update(task, completed=done,
-                           last=f"{row['power_cap_w']:g} W x {row['max_batch']}: "
-                                f"{row['throughput_tok_s']:.0f} tok/s, {row['power_w']:.0f} W")
-
-            rows = profile_plant(make, points, progress=progress, **kw)
+        first = PowerPerfModel.fit(rows, kind="parametric", seed=seed, cv_folds=0)
+        more = frontier_points(first, caps, batches, args.refine, exclude=points)
+        rows += _sweep(make, more, kw, desc + " (refine)", args.quiet)
     print(f"profiled {len(rows)} points of {desc} (prompt {prompt}, output {output} tokens) "
           f"-> {out}")
     return 0
+
+
+def _sweep(make, points, kw, desc, quiet):
+    from palsctl.models.profile import profile_plant
+
+    if quiet:
+        return profile_plant(make, points, **kw)
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[last]}"), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task(f"profile {desc}", total=len(points), last="")
+
+        def progress(done: int, total: int, row: dict) -> None:
+            bar.update(task, completed=done,
+                       last=f"{row['power_cap_w']:g} W x {row['max_batch']}: "
+                            f"{row['throughput_tok_s']:.0f} tok/s, {row['power_w']:.0f} W")
+
+        return profile_plant(make, points, progress=progress, **kw)

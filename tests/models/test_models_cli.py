@@ -41,12 +41,25 @@ def test_profile_fit_plot(tmp_path, capsys):
     assert PowerPerfModel.load(tmp_path / "g.json").kind == "forest"
 
 
+def test_profile_refine_adds_frontier_points_and_resumes(tmp_path):
+    out = tmp_path / "p.csv"
+    args = ["profile", "--sample", "8", "--refine", "3", "--warmup-s", "15", "--window-s", "15",
+            "--prompt-tokens", "512", "--output-tokens", "256", "--out", str(out), "-q"]
+    assert main(args) == 0
+    rows = _rows(out)
+    assert len(rows) == 11 and len({(r["power_cap_w"], r["max_batch"]) for r in rows}) == 11
+    before = out.read_text()
+    assert main(args) == 0  # resumed: same points chosen, nothing measured again
+    assert out.read_text() == before
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["profile", "--caps", "50:100:10", "-q"], "--caps"),
     (["profile", "--caps", "abc", "-q"], "--caps"),
     (["profile", "--batches", "1,999", "-q"], "--batches"),
     (["profile", "--sample", "0", "-q"], "--sample"),
     (["profile", "--window-s", "0", "-q"], "--window-s"),
+    (["profile", "--refine", "-1", "-q"], "--refine"),
     (["profile", "missing.toml", "-q"], "missing.toml"),
     (["fit", "missing.csv"], "missing.csv"),
 ])
