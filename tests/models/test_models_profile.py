@@ -2,7 +2,6 @@
 the plant's steady state."""
 import math
 
-import numpy as np
 import pytest
 
 from palsctl.errors import PalsctlError
