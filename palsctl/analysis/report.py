@@ -217,7 +217,7 @@ def analyze_points(*, experiment: str, model: str, gpu: str, num_gpus: int,
             for p in plants:
                 res = analyze_loop(p, kp=kp, ki=ki, min_gm_db=min_gm_db, min_pm_deg=min_pm_deg)
                 rk = rki = rts = smap = None
-                pnotes = list(notes)
+                pnotes = list(notes) if p.source == "step-test" else []
                 if abs(p.gain) < 1e-12:
                     pnotes.append("the knob has no effect on the output here (gain 0): the "
                                   "loop only integrates")
