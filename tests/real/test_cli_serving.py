@@ -163,3 +163,38 @@ def test_control_without_gpu_driver_is_actionable(tmp_path):
         assert "Traceback" not in r.stderr
     else:
         assert r.returncode == 0 and "stale" in r.stdout
+
+
+def test_control_with_scheduler_batch_file_against_emulator(tmp_path):
+    bf = tmp_path / "batch"
+    emu, m = _start(["emulate", "--model", "llama-3.1-8b", "--gpu", "h100-sxm", "--port", "0",
+                     "--max-num-seqs", "32", "--served-model-name", "m", "--batch-file", str(bf),
+                     "--duration-s", "60"], r"at (http://127\.0\.0\.1:\d+)")
+    url = m.group(1)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+name = "sched"
+dt_s = 0.5
+duration_s = 1.0
+[serving]
+metrics_url = "{url}/metrics"
+power = "emulator"
+emulator_url = "{url}"
+batch = "scheduler"
+batch_file = "batch"
+max_batch_launch = 32
+[controller]
+name = "static"
+max_batch = 5
+""")
+    try:
+        r = subprocess.run(PALSCTL + ["control", str(cfg), "--out", str(tmp_path / "o")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+        rows = (tmp_path / "o" / "steps.csv").read_text().splitlines()
+        header = rows[0].split(",")
+        assert all(dict(zip(header, row.split(",")))["applied_batch"] == "5" for row in rows[1:])
+        assert bf.read_text() == "32\n"          # restored to the launch value on exit
+    finally:
+        emu.send_signal(signal.SIGTERM)
+        emu.wait(20)
