@@ -37,8 +37,7 @@ log = logging.getLogger(__name__)
 
 ADMITTED_PATHS = ("/v1/completions", "/v1/chat/completions")
 _HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                "trailers", "transfer-encoding", "upgrade", "content-length", "host",
-                "content-encoding"}
+                "trailers", "transfer-encoding", "upgrade", "content-length", "host"}
 
 
 class GatewayError(PalsctlError):
@@ -291,8 +290,10 @@ class Gateway:
                                              headers=self._forward_headers(request)) as up:
                 ctype = up.headers.get("Content-Type", "")
                 if ctype.startswith("text/event-stream"):
-                    resp = web.StreamResponse(status=up.status, headers={
-                        "Content-Type": ctype, "Cache-Control": "no-cache"})
+                    headers = {"Content-Type": ctype, "Cache-Control": "no-cache"}
+                    if "Content-Encoding" in up.headers:   # bytes pass through undecoded
+                        headers["Content-Encoding"] = up.headers["Content-Encoding"]
+                    resp = web.StreamResponse(status=up.status, headers=headers)
                     await resp.prepare(request)
                     async for chunk in up.content.iter_any():
                         await resp.write(chunk)

@@ -381,3 +381,31 @@ def test_gate_invariants_under_random_operations(limit0, operations):
         assert set(admitted) | cancelled == set(range(next_id))
 
     asyncio.run(main())
+
+
+def test_compressed_upstream_body_passes_through_with_its_encoding():
+    import gzip
+
+    async def main():
+        async def gz(request):
+            return web.Response(body=gzip.compress(b'{"id": "z"}'), headers={
+                "Content-Type": "application/json", "Content-Encoding": "gzip"})
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", gz)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = "http://127.0.0.1:%d" % site._server.sockets[0].getsockname()[1]
+        gw = await Gateway(GatewayConfig(upstream=url, token=TOKEN)).start()
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.post(gw.url + "/v1/completions", json={"prompt": "x"}) as r:
+                    assert r.headers["Content-Encoding"] == "gzip"
+                    assert (await r.json())["id"] == "z"      # the client decompresses
+        finally:
+            await gw.stop()
+            await runner.cleanup()
+
+    asyncio.run(main())
