@@ -80,7 +80,7 @@ def _well_conditioned(plant, kp: float, ki: float) -> bool:
     return all(math.isfinite(x) for x in ts) and ts[0] <= 1.3 * ts[2]
 
 
-def test_step_test_identifies_the_firmware_lag():
+def test_step_test_identifies_the_budget_loop():
     _, plant, _, _ = _setup()
     # the cap binds: 1 W of cap is 1 W of power per GPU; the firmware settles within a period
     # or so (its lag is a fraction of a second), and a first-order model fits the 50 W step
