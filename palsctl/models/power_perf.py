@@ -150,7 +150,7 @@ _POWER_PARAMS = ("p_idle", "d_full", "a_mem", "v0", "r_min", "eta", "f_max")
 _THR_PARAMS = ("m0", "m_moe", "b_moe", "m1", "k1", "s1", "f0", "rho", "lam")
 _ITL_PARAMS = ("a_itl", "d_itl")
 _ALL_PARAMS = _POWER_PARAMS + _THR_PARAMS
-_BISECT_STEPS = 7
+_BISECT_STEPS = 5
 _FALSE_POSITION_STEPS = 2
 _CHUNK_TOKENS = 8192  # vLLM's default chunked-prefill token budget per step
 _UNKNOWN_PROMPT, _UNKNOWN_OUTPUT = 1.0, 1e9  # workload not recorded: no prefill steps
@@ -256,6 +256,8 @@ class _Parametric:
             np.logical_not(below, out=below)
             np.copyto(hi, r, where=below)
             np.copyto(p_hi, power, where=below)
+        # where the cap binds above the clock floor the firmware holds the power at the limit
+        power = np.where(binding & (p_lo <= limit), limit, power)
         if np.ndim(r_min):  # a batch of parameter vectors: (K, points)
             return b / t, power, r, t
         thr = b / t
