@@ -27,7 +27,7 @@ Each control step:
    the requirement and its score within ``hysteresis`` of the best — and for at least
    ``dwell_s`` after a switch — unless the setpoint changes.
 4. **Cap trim.** An integral term on the relative throughput shortfall (measured below the
-   target while the demand exists: requests waiting or offered load ≥ target) adds up to
+   target while the demand exists: requests waiting for admission) adds up to
    ``trim_max_w`` to the cap — a faster clock also shortens the prefill stalls that make
    windows fall short under bursty arrivals. It leaks away at ``trim_leak_per_s`` when there is
    no shortfall, stops integrating when the cap is at its upper bound (anti-windup) and resets
@@ -58,6 +58,9 @@ class SearchConfig(ControllerConfig):
     ``model_path``: model file from ``palsctl fit`` (None: the model given at construction, or one
     profiled on the simulator's presets for the plant). ``margin``: throughput headroom over the
     target. ``budget_margin``: predicted power is kept below budget × (1 − budget_margin).
+    ``latency_margin``: the predicted p90 ITL must stay below the TPOT SLO × (1 − latency_margin)
+    (the steady-state p90 ITL misses the prefill stalls of bursty arrivals, which the windowed
+    p90 TPOT that QoS scores includes).
     ``cap_step_w``: grid spacing of per-GPU caps. ``max_batch``: largest batch limit considered
     (None: the plant's launch limit). ``residual_alpha``: EWMA weight of a new residual (0..1);
     ``residual_bound``: residual ratios clipped to [1/bound, bound]. ``trim_gain_w_per_s``: cap
@@ -73,6 +76,7 @@ class SearchConfig(ControllerConfig):
     model_path: str | None = None
     margin: float = 0.15
     budget_margin: float = 0.02
+    latency_margin: float = 0.0
     cap_step_w: float = 10.0
     max_batch: int | None = None
     residual_alpha: float = 0.1
@@ -92,6 +96,7 @@ class SearchConfig(ControllerConfig):
                                      value=self.model_path)
         common.check_number(self.margin, "margin", lo=0, hi=2)
         common.check_number(self.budget_margin, "budget_margin", lo=0, hi=0.5)
+        common.check_number(self.latency_margin, "latency_margin", lo=0, hi=0.9)
         common.check_number(self.cap_step_w, "cap_step_w", lo=0, lo_open=True)
         common.check_int(self.max_batch, "max_batch", allow_none=True)
         common.check_number(self.residual_alpha, "residual_alpha", lo=0, hi=1)
@@ -169,6 +174,8 @@ class SearchController(Controller):
         if budget is None and setpoint.power_target_w is not None:
             budget = setpoint.power_target_w  # power-target mode: treat the target as a ceiling
         budget_pred = None if budget is None else budget * (1.0 - cfg.budget_margin)
+        tpot_obj = None if setpoint.tpot_slo_s is None else \
+            setpoint.tpot_slo_s * (1.0 - cfg.latency_margin)
 
         thr = g.throughput_tok_s * self._res.throughput
         pw = g.power_w * self._res.power
@@ -176,7 +183,7 @@ class SearchController(Controller):
         headroom = math.inf if cfg.batch_headroom is None else cfg.batch_headroom
         choice = common.rank(g.cap_w, thr, pw, itl, shape=g.shape, num_gpus=n,
                              required_tok_s=required, budget_w=budget_pred,
-                             tpot_slo_s=setpoint.tpot_slo_s, operating_tok_s=operating,
+                             tpot_slo_s=tpot_obj, operating_tok_s=operating,
                              batch_headroom=headroom, batch_values=g.batch)
         best = choice.index
         idx = best
@@ -186,7 +193,7 @@ class SearchController(Controller):
             # feasible and (nearly) as good as the best, or while the dwell time runs
             fits_budget = budget_pred is None or (
                 pw[cur] <= budget_pred and g.cap_w[cur] * n <= budget_pred + 1e-6)
-            fits_lat = setpoint.tpot_slo_s is None or not itl[cur] > setpoint.tpot_slo_s
+            fits_lat = tpot_obj is None or not itl[cur] > tpot_obj
             fits_thr = required is None or thr[cur] >= required * (1.0 - cfg.hysteresis)
             if fits_budget and fits_lat and fits_thr:
                 s_best = choice.score[best]
@@ -208,8 +215,9 @@ class SearchController(Controller):
         target = setpoint.throughput_tok_s
         base_cap = float(g.cap_w[idx])
         shortfall = 0.0
-        demand_exists = m.waiting > 0 or (m.demand_tok_s is not None and target is not None
-                                          and m.demand_tok_s >= target)
+        # the demand exists when requests wait for admission (the plant is saturated): the
+        # same rule `palsctl.metrics` scores (an unsaturated plant serves all it is offered)
+        demand_exists = m.waiting > 0
         if target is not None and target > 0 and demand_exists and not m.stale:
             shortfall = max(0.0, (target - m.throughput_tok_s) / target)
         if shortfall > 0 and base_cap + self._trim_w < cap_ceiling:

@@ -89,3 +89,35 @@ def test_oracle_picks_the_cheapest_true_configuration_meeting_the_target():
     assert got.power_w < full.power_w
     a2 = o.step(_m(0.0, 0.0), Setpoint(throughput_tok_s=target, power_budget_w=600.0))
     assert a2.power_cap_w * 4 <= 600.0
+
+
+def test_oracle_is_search_on_the_ground_truth():
+    # the oracle runs search's rule (headroom, latency objective, residuals, trim, hysteresis)
+    # on the simulator's ground truth: search given a model that returns that truth acts alike
+    from types import SimpleNamespace
+
+    from palsctl.controllers.oracle import truth_grid
+    from palsctl.controllers.search import SearchController
+    from palsctl.plants.sim import SimPlant
+
+    plant = SimPlant(model="mixtral-8x7b", gpu="a100-sxm4-80gb", num_gpus=4, seed=0)
+    info = dataclasses.replace(plant.info, prompt_tokens_mean=512.0, output_tokens_mean=256.0)
+    g = truth_grid(info, plant.limits, cap_step_w=50.0)
+
+    class Truth:
+        def predict(self, *, power_cap_w, max_batch):
+            assert list(power_cap_w) == list(g.cap_w) and list(max_batch) == list(g.batch)
+            return SimpleNamespace(throughput_tok_s=g.throughput_tok_s, power_w=g.power_w,
+                                   itl_p90_s=g.itl_p90_s)
+
+    o = OracleController(cap_step_w=50.0)
+    s = SearchController(cap_step_w=50.0, model=Truth())
+    for c in (o, s):
+        c.setup(limits=plant.limits, dt_s=1.0, plant_info=info)
+    sps = [Setpoint(throughput_tok_s=900.0, tpot_slo_s=0.1)] * 3 + \
+        [Setpoint(throughput_tok_s=1800.0, power_budget_w=1000.0)] * 3
+    ms = [_m(0.0, 0.0), _m(850.0, 700.0, cap=200.0, batch=64, running=60),
+          _m(700.0, 650.0, cap=200.0, batch=64, running=64, waiting=12)] * 2
+    acts = [(o.step(m, sp), s.step(m, sp)) for m, sp in zip(ms, sps)]
+    assert all(a == b for a, b in acts)
+    assert acts[-1][0].power_cap_w * 4 <= 1000.0
