@@ -22,7 +22,6 @@ import logging
 import math
 import signal
 import threading
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -322,7 +321,8 @@ def _field_value(fv: Any) -> float:
 
 
 # ------------------------------------------------------------------ process-wide restore hooks
-_open: "weakref.WeakSet[NvmlPower]" = weakref.WeakSet()
+# strong references: an adapter dropped without close() must still be restored at exit
+_open: "set[NvmlPower]" = set()
 _atexit_installed = False
 _signals_installed = False
 _previous_handlers: dict[int, Any] = {}

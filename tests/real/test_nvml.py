@@ -167,3 +167,18 @@ def test_signal_restores_original_limits(tmp_path, sig):
     assert proc.returncode != 0 and proc.returncode != 3   # died of the signal, not timed out
     if sig == "SIGTERM":
         assert proc.returncode == -signal.SIGTERM
+
+
+def test_dropped_adapter_is_still_restored_at_exit(tmp_path):
+    log = tmp_path / "writes.log"
+    code = textwrap.dedent(f"""
+        import gc, sys
+        sys.path.insert(0, {str(HERE.parent)!r})
+        from real.fake_nvml import FakeNvml
+        from palsctl.adapters.nvml import NvmlPower
+        NvmlPower(backend=FakeNvml(log_path={str(log)!r}).as_module()).set_power_cap_w(250.0)
+        gc.collect()          # the adapter was never closed nor kept
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert log.read_text().split("\n")[:2] == ["set 0 250000", "set 0 700000"]
