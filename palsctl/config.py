@@ -51,7 +51,14 @@ DEFAULT_EXPERIMENT_TOML = """\
 # The default experiment: `palsctl run` with no CONFIG.
 # Mixtral-8x7B (MoE) on 4 x A100-SXM4-80GB (TP 4), serving a bursty workload fitted to the Azure
 # LLM inference trace 2023 (conversation) at ~70 % of the replica's full-power capacity; the
-# power budget drops from 1400 W to 900 W at minute 8 and comes back at minute 14.
+# power budget drops from 1400 W to 900 W at minute 8 and comes back at minute 14. Controller:
+# `search` (PALS model-guided search); `palsctl run` also runs `static` (default cap, batch 256,
+# no power management) on the same workload and seed and reports the gain.
+# SLOs: p90 time per output token <= 0.15 s (~7 tokens/s per user, about reading speed) and p90
+# time to first token <= 2 s, inside MLPerf's Mixtral-8x7B server bounds (TTFT 2 s, TPOT 0.2 s at
+# p99). At this bursty 70 % load static at full power meets them in ~96 % of the one-second
+# windows (bursts of long prompts stall decoding); with a 0.1 s TPOT objective static itself
+# would miss ~15 % of the windows, which would score the load rather than the controller.
 name = "default"
 duration_s = 1200.0
 dt_s = 1.0
@@ -75,7 +82,7 @@ ttft_slo_s = 2.0
 power_budget_w = { steps = [[0.0, 1400.0], [480.0, 900.0], [840.0, 1400.0]] }
 
 [controller]
-name = "static"
+name = "search"
 
 [guard]
 enabled = true

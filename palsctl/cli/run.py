@@ -5,6 +5,10 @@ import argparse
 
 HELP = "run an experiment (TOML; none: the embedded default) and write steps.csv, summary.json, timeline.png"
 
+# summary keys of the `static` run reported beside the controller's (default experiment)
+STATIC_KEYS = ("tokens_per_joule", "qos_violation_rate", "slo_attainment", "time_over_budget_s",
+               "energy_over_budget_j", "energy_j", "generated_tokens", "mean_power_w")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", metavar="CONFIG",
@@ -23,6 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no progress bar and no table")
     parser.add_argument("--show-default", action="store_true",
                         help="print the default experiment's TOML and exit")
+    parser.add_argument("--versus-static", dest="versus_static", action="store_true",
+                        default=None,
+                        help="also run `static` on the same workload and seed and report the gain "
+                             "(default: on for the default experiment)")
+    parser.add_argument("--no-versus-static", dest="versus_static", action="store_false",
+                        help="do not run the `static` comparison")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -49,26 +59,41 @@ def main(args: argparse.Namespace) -> int:
         cfg = cfg.with_overrides(seed=args.seed)
     out = Path(args.out) if args.out else Path("results") / cfg.name
 
+    controller = args.controller or cfg.controller_name
+    versus = args.versus_static
+    if versus is None:
+        versus = args.config is None
+    versus = bool(versus) and controller != "static"
+
+    static_record = None
     if args.quiet:
         record = run_experiment(cfg, controller=args.controller)
+        if versus:
+            static_record = run_experiment(cfg, controller="static")
     else:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                       TextColumn("{task.completed:>6.0f}/{task.total:.0f} s simulated"),
                       TimeElapsedColumn(), transient=True) as bar:
-            task = bar.add_task(f"{cfg.name}: {args.controller or cfg.controller_name}",
-                                total=cfg.duration_s)
+            def run_with_bar(name: str | None, label: str):
+                task = bar.add_task(f"{cfg.name}: {label}", total=cfg.duration_s)
 
-            def progress(done: int, total: int) -> None:
-                if done % 20 == 0 or done == total:
-                    bar.update(task, completed=done * cfg.dt_s)
+                def progress(done: int, total: int) -> None:
+                    if done % 20 == 0 or done == total:
+                        bar.update(task, completed=done * cfg.dt_s)
 
-            record = run_experiment(cfg, controller=args.controller, progress=progress)
+                return run_experiment(cfg, controller=name, progress=progress)
+
+            record = run_with_bar(args.controller, controller)
+            if versus:
+                static_record = run_with_bar("static", "static (same workload and seed)")
 
     summary = summarize(record)
     summary["experiment"] = cfg.name
     summary["workload"] = record.meta.get("workload")
+    if static_record is not None:
+        add_gain_vs_static(summary, summarize(static_record))
     try:
         out.mkdir(parents=True, exist_ok=True)
         record.write_csv(out / "steps.csv")
@@ -96,6 +121,19 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_gain_vs_static(summary: dict, static: dict) -> dict:
+    """Add the comparison with `static` on the same workload and seed to ``summary``:
+    ``gain_vs_static`` (tokens/J ratio), ``qos_violation_rate_vs_static`` (difference, in
+    rate units) and ``static``: static's main figures (`STATIC_KEYS`)."""
+    a, b = summary.get("tokens_per_joule"), static.get("tokens_per_joule")
+    summary["gain_vs_static"] = a / b if a is not None and b else None
+    qa, qb = summary.get("qos_violation_rate"), static.get("qos_violation_rate")
+    summary["qos_violation_rate_vs_static"] = qa - qb if qa is not None and qb is not None \
+        else None
+    summary["static"] = {k: static.get(k) for k in STATIC_KEYS}
+    return summary
+
+
 def _print_table(cfg, s: dict, written) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -104,9 +142,14 @@ def _print_table(cfg, s: dict, written) -> None:
         return "—" if v is None else fmt.format(v) + unit
 
     wl = s.get("workload") or {}
-    t = Table(title=f"{cfg.name}: controller {s['controller']}", show_header=False)
+    st = s.get("static")
+    title = f"{cfg.name}: controller {s['controller']}" + (
+        " vs static (same workload and seed)" if st is not None else "")
+    t = Table(title=title, show_header=st is not None)
     t.add_column("metric", style="bold")
-    t.add_column("value", justify="right")
+    t.add_column(s["controller"], justify="right")
+    if st is not None:
+        t.add_column("static", justify="right")
     rows = [
         ("tokens per joule", f(s["tokens_per_joule"], "{:.4g}", " tok/J")),
         ("energy", f(s["energy_j"] and s["energy_j"] / 1e3, "{:.1f}", " kJ")),
@@ -132,6 +175,24 @@ def _print_table(cfg, s: dict, written) -> None:
     if s.get("safe_holds"):
         rows.insert(-2, ("[red]safe holds[/red]",
                          f"[red]{s['safe_holds']} steps (stale data or controller failure)[/red]"))
+    if st is not None:
+        cells = {
+            "tokens per joule": f(st.get("tokens_per_joule"), "{:.4g}", " tok/J"),
+            "energy": f(st.get("energy_j") and st["energy_j"] / 1e3, "{:.1f}", " kJ"),
+            "generated tokens": f(st.get("generated_tokens"), "{:,.0f}"),
+            "mean power": f(st.get("mean_power_w"), "{:.0f}", " W"),
+            "mean throughput": f(st.get("generated_tokens") and s.get("duration_s")
+                                 and st["generated_tokens"] / s["duration_s"], "{:.0f}", " tok/s"),
+            "QoS violation rate": f(st.get("qos_violation_rate"), "{:.1%}"),
+            "SLO attainment": f(st.get("slo_attainment"), "{:.1%}"),
+            "time over budget": f(st.get("time_over_budget_s"), "{:.0f}", " s"),
+            "energy over budget": f(st.get("energy_over_budget_j"), "{:.0f}", " J"),
+        }
+        rows = [(*r, cells.get(r[0], "")) for r in rows]
+        dq = s.get("qos_violation_rate_vs_static")
+        rows.insert(0, ("[bold green]gain vs static (tokens/J)[/bold green]",
+                        f"[bold green]{f(s.get('gain_vs_static'), '{:.3f}', '×')}[/bold green]"
+                        + ("" if dq is None else f"  (QoS {dq * 100:+.1f} points)"), "1×"))
     for r in rows:
         t.add_row(*r)
     console = Console()

@@ -46,7 +46,7 @@ def test_default_experiment_matches_the_issue():
     assert cfg.plant["model"] == "mixtral-8x7b" and cfg.plant["gpu"] == "a100-sxm4-80gb"
     assert cfg.plant["num_gpus"] == 4 and cfg.duration_s == 1200.0 and cfg.dt_s == 1.0
     from palsctl.registry import available
-    assert cfg.controller_name in available()  # "static" today; a field others may change
+    assert cfg.controller_name in available() and cfg.controller_name == "search"
     sched = build_schedule(cfg, build_workload(cfg))
     assert [sched(t).power_budget_w for t in (0, 479, 480, 839, 840, 1199)] == \
         [1400, 1400, 900, 900, 1400, 1400]
@@ -68,9 +68,28 @@ def test_default_run_shortened(tmp_path):
     assert summary["controller"] == load_experiment().controller_name
     assert summary["energy_j"] > 0 and summary["generated_tokens"] > 0
     assert json.loads((tmp_path / "s.json").read_text()) == summary
+    # the default experiment also runs static on the same workload and seed
+    assert summary["static"]["tokens_per_joule"] > 0
+    assert summary["gain_vs_static"] == pytest.approx(
+        summary["tokens_per_joule"] / summary["static"]["tokens_per_joule"])
+    assert summary["qos_violation_rate_vs_static"] == pytest.approx(
+        summary["qos_violation_rate"] - summary["static"]["qos_violation_rate"])
     lines = (out / "steps.csv").read_text().splitlines()
     assert len(lines) == 91 and lines[0].startswith("t_s,window_s,power_w")
     assert (out / "timeline.png").stat().st_size > 10_000
+
+
+def test_versus_static_only_by_default_for_the_default_experiment(tmp_path):
+    cfgp = write(tmp_path, SHORT)
+    assert main(["run", str(cfgp), "-q", "--no-plot", "--out", str(tmp_path / "a")]) == 0
+    assert "gain_vs_static" not in json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert main(["run", str(cfgp), "-q", "--no-plot", "--versus-static",
+                 "--out", str(tmp_path / "b")]) == 0
+    s = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s["controller"] == "cap-to-budget" and s["gain_vs_static"] > 0
+    assert main(["run", "-q", "--no-plot", "--duration-s", "5", "--no-versus-static",
+                 "--out", str(tmp_path / "c")]) == 0
+    assert "static" not in json.loads((tmp_path / "c" / "summary.json").read_text())
 
 
 def test_same_workload_for_every_controller_and_seed_override(tmp_path):
