@@ -51,6 +51,7 @@ class PIConfig(ControllerConfig):
     loops and their sign conventions. ``margin``: capacity headroom kept over the target
     under a backlog (fraction). ``utilisation_ref``: running sequences / batch limit the margin
     loop holds. ``budget_margin``: fraction of the budget kept free by the budget loop.
+    ``latency_margin``: the TPOT terms act above TPOT objective × (1 − latency_margin).
     ``dt_s``: control period the gains were tuned for (None: any)."""
 
     kp_batch_per_tok_s: float = 0.02
@@ -62,6 +63,7 @@ class PIConfig(ControllerConfig):
     margin: float = 0.1
     utilisation_ref: float = 0.15
     budget_margin: float = 0.02
+    latency_margin: float = 0.0
     dt_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -71,6 +73,7 @@ class PIConfig(ControllerConfig):
         common.check_number(self.margin, "margin", lo=0, hi=2)
         common.check_number(self.utilisation_ref, "utilisation_ref", lo=0.01, hi=1.0)
         common.check_number(self.budget_margin, "budget_margin", lo=0, hi=0.5)
+        common.check_number(self.latency_margin, "latency_margin", lo=0, hi=0.9)
         common.check_number(self.dt_s, "dt_s", lo=0, lo_open=True, allow_none=True)
 
 
@@ -137,6 +140,8 @@ class PIController(Controller):
         # batch loop: throughput error -> batch (only informative while saturated); a TPOT
         # objective overrides and shrinks the batch
         slo, tpot = setpoint.tpot_slo_s, m.tpot_p90_s
+        if slo:  # the loops aim below the objective by the latency margin
+            slo = slo * (1.0 - cfg.latency_margin)
         over_slo = bool(slo) and tpot is not None and tpot > slo
         e_b = None
         if r is not None:
