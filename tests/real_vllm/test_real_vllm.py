@@ -44,7 +44,7 @@ async def sample_running(s, url, name, stop: asyncio.Event, out: list):
         async with s.get(url + "/metrics") as r:
             snap = parse_metrics(await r.text(), model_name=name)
         out.append((snap.running, snap.waiting))
-        await asyncio.sleep(0.05)   # pacing the scrapes of a real server
+        await asyncio.sleep(0.2)    # pacing: each scrape costs the server's API process CPU
 
 
 def test_metrics_sensor_on_real_exposition(llama_server):
@@ -119,40 +119,45 @@ def test_gateway_bounds_real_engine_concurrency(llama_server):
 
 
 def test_scheduler_plugin_drains_down_to_lower_target(llama_server):
+    """8 long requests run; the target drops to 2; 8 more arrive. The newcomers wait until the
+    running count has drained below 2 (nothing running is preempted), then run 2 at a time."""
     srv = llama_server
-    write_batch_target(srv.batch_file, 10)
+    write_batch_target(srv.batch_file, srv.max_num_seqs)
 
     async def main():
         async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
             stop, seen = asyncio.Event(), []
-            tasks = [asyncio.create_task(
-                complete(s, srv.url, srv.name, i, 480, stream=i % 2 == 1)) for i in range(16)]
-            # wait until the engine runs the launch-time target
-            for _ in range(2000):
+            first = [asyncio.create_task(complete(s, srv.url, srv.name, i, 480))
+                     for i in range(8)]
+            for _ in range(2000):   # until the engine reports all 8 running
                 async with s.get(srv.url + "/metrics") as r:
                     snap = parse_metrics(await r.text(), model_name=srv.name)
-                if snap.running >= 8:
+                if snap.running == 8:
                     break
                 await asyncio.sleep(0.02)
-            assert 8 <= snap.running <= 10 and snap.waiting >= 4
+            assert snap.running == 8 and snap.waiting == 0
             write_batch_target(srv.batch_file, 2)      # lower the target mid-stream
             sampler = asyncio.create_task(sample_running(s, srv.url, srv.name, stop, seen))
-            res = await asyncio.gather(*tasks)
+            second = [asyncio.create_task(complete(s, srv.url, srv.name, 100 + i, 200,
+                                                   stream=i % 2 == 1)) for i in range(8)]
+            res = await asyncio.gather(*first, *second)
             stop.set()
             await sampler
             return res, seen
 
     tokens, seen = asyncio.run(main())
     write_batch_target(srv.batch_file, srv.max_num_seqs)
-    assert tokens == [480] * 16                     # every request completed, none dropped
+    assert tokens == [480] * 8 + [200] * 8          # every request completed, none dropped
     running = [r for r, _ in seen]
-    assert len(running) >= 10, running              # the scrapes saw the run
-    assert max(running) <= 10
-    drained = next(i for i, r in enumerate(running) if r <= 2)
+    assert len(running) >= 2, seen                  # (scrapes are slow on a busy machine)
+    assert max(running) <= 8
+    drained = next((i for i, r in enumerate(running) if r <= 2), None)
+    assert drained is not None, seen
     # drain down: never rises while above the target, never exceeds it once drained
-    assert all(b <= a for a, b in zip(running[:drained], running[1:drained + 1]))
-    assert max(running[drained:]) <= 2
-    assert max(running[drained:]) == 2              # new requests were admitted up to it
+    assert all(b <= a for a, b in zip(running[:drained], running[1:drained + 1])), seen
+    assert max(running[drained:]) <= 2, seen
+    assert max(running[drained:]) == 2, seen        # the newcomers were admitted up to it
+    assert max(w for _, w in seen[:drained + 1]) >= 1, seen   # they waited during the drain
 
 
 def test_scheduler_plugin_never_above_launch_max(llama_server):
@@ -197,5 +202,5 @@ def test_tiny_mixtral_moe_serves_and_obeys_the_plugin(moe_server):
     w = sensor.read_window()
     assert tokens == [450] * 8
     assert w.throughput_tok_s * w.window_s == pytest.approx(8 * 450, rel=0.05)
-    assert len(seen) >= 5, seen
+    assert len(seen) >= 2, seen
     assert max(r for r, _ in seen) == 2 and max(wt for _, wt in seen) >= 1
