@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -23,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _machine import machine  # noqa: E402  (bench/ is on sys.path)
 
 CONFIG = """\
 name = "bench-analyze"
@@ -47,18 +48,6 @@ throughput_tok_s = "demand"
 [controller]
 name = "pi"
 """
-
-
-def machine() -> str:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"nproc {os.cpu_count()}, {cpu}, Python {platform.python_version()}"
 
 
 def cpu_median(fn, repeat: int, inner: int = 1) -> float:

@@ -12,26 +12,13 @@ Run: ``python bench/bench_loop.py [--repeat N]``. Prints medians.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-
-def machine() -> str:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"nproc {os.cpu_count()}, {cpu}, Python {platform.python_version()}"
+from _machine import machine  # noqa: E402  (bench/ is on sys.path)
 
 
 def loop_replay(repeat: int) -> dict:

@@ -16,30 +16,17 @@ Run: ``python bench/bench_models.py [--repeat N]``. Prints medians and a markdow
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
+
+from _machine import machine  # noqa: E402  (bench/ is on sys.path)
 
 PLANTS = [("mixtral-8x7b", "a100-sxm4-80gb", 4), ("llama-3.1-8b", "h100-sxm", 1)]
 WORKLOADS = [(512, 256), (1226, 213)]  # synthetic; the default experiment's azure-conv means
 FRACTIONS = (0.3, 0.5, 0.7, 0.85, 0.9)
-
-
-def machine() -> str:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"nproc {os.cpu_count()}, {cpu}, Python {platform.python_version()}"
 
 
 def timed(fn, repeat):

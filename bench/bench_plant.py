@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
 import statistics
 import time
 from datetime import datetime
@@ -18,25 +17,14 @@ from palsctl.plants.sim import SimPlant, steady_state
 from palsctl.plants.sim.steady import group_model
 from palsctl.types import Request
 
+from _machine import machine  # noqa: E402  (bench/ is on sys.path)
+
 STEADY_CASES = [
     ("llama-3.1-8b", "h100-sxm", 1, 8, None, 200, 600),
     ("qwen3-30b-a3b", "h100-sxm", 2, 512, None, 200, 900),
     ("mixtral-8x7b", "a100-sxm4-80gb", 4, 64, 200, 100, 5),
     ("qwen3-32b", "h100-sxm", 2, 384, None, 1500, 250),
 ]
-
-
-def machine() -> str:
-    cpu = "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-    return f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}"
 
 
 def bench_steady(repeats: int) -> None:

@@ -125,7 +125,7 @@ def test_trace_and_grid_config(tmp_path, shared_data):
 rate_req_s = 4.0
 prompt_tokens_mean = 300
 output_tokens_mean = 120
-output_tokens_sigma = 0.5""", f"""kind = "trace"
+output_tokens_sigma = 0.5""", """kind = "trace"
 path = "azure-llm-2023/AzureLLMInferenceTrace_code.csv"
 start_s = 60.0
 window_s = 600.0

@@ -10,7 +10,7 @@ from palsctl.loop import run_loop
 from palsctl.metrics import summarize
 from palsctl.plants.sim import SimPlant
 from palsctl.safety import GuardConfig, SafetyGuard
-from palsctl.types import Action, Limits, Measurement, PlantInfo, Setpoint
+from palsctl.types import Action, Limits, Measurement, PlantInfo
 from palsctl.workloads import PoissonWorkload, SetpointSchedule, Steps
 from palsctl.workloads.synthetic import LogNormalLengths
 
