@@ -110,3 +110,17 @@ def test_stale_measurement_holds():
                     power_cap_w=250.0, max_batch=64, stale=True)
     a = c.step(m, Setpoint(throughput_tok_s=1000.0))
     assert (a.power_cap_w, a.max_batch) == (250.0, 64)
+
+
+def test_latency_margin_moves_the_tpot_reference():
+    # p90 TPOT 0.09 s under a 0.1 s SLO: no TPOT action without a margin; with a 20 % margin
+    # the reference is 0.08 s and the cap loop adds r·(0.09 − 0.08)/0.08 to its error
+    sp = Setpoint(throughput_tok_s=1000.0, tpot_slo_s=0.1)
+    m = _m(running=int(0.15 * 64), tpot=0.09)  # utilisation at its reference: e_c = 0
+    plain, tight = _pi(), _pi(latency_margin=0.2)
+    plain.step(m, sp)
+    tight.step(m, sp)
+    assert plain.diagnostics()["e_cap_tok_s"] == pytest.approx(1000.0 * (9 / 64 - 0.15) / 0.15)
+    assert tight.diagnostics()["e_cap_tok_s"] == pytest.approx(1000.0 * 0.01 / 0.08)
+    with pytest.raises(ConfigError, match="latency_margin"):
+        PIController(latency_margin=-0.1)

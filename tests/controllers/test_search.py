@@ -174,3 +174,20 @@ def test_unknown_key_and_bad_values_raise_config_error():
 def test_step_before_setup_is_an_error():
     with pytest.raises(RuntimeError):
         SearchController(model=AnalyticModel()).step(_meas(), Setpoint())
+
+
+def test_latency_margin_is_the_grid_optimum_for_a_tighter_slo():
+    # latency_margin m with SLO s chooses exactly what no margin chooses for SLO s·(1 − m)
+    model = AnalyticModel()
+    lim = limits4()
+    target = 0.4 * model.predict(power_cap_w=400.0, max_batch=256.0).throughput_tok_s
+    kw = dict(margin=0.0, budget_margin=0.0, batch_headroom=0.0, trim_gain_w_per_s=0.0,
+              residual_alpha=0.0)
+    ref = brute_force(model, lim, 10.0, target, None, 0.06 * 0.5)
+    loose = brute_force(model, lim, 10.0, target, None, 0.06)
+    assert ref is not None and (ref[1], ref[2]) != (loose[1], loose[2])  # the margin binds
+    a = _ctl(latency_margin=0.5, **kw).step(_meas(), Setpoint(throughput_tok_s=target,
+                                                             tpot_slo_s=0.06))
+    assert (a.power_cap_w, a.max_batch) == (ref[1], ref[2])
+    with pytest.raises(ConfigError, match="controller.latency_margin"):
+        SearchController(model=model, latency_margin=1.5)
