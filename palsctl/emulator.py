@@ -411,28 +411,8 @@ def _token_text(rid: int, k: int) -> str:
 async def run_emulator(plant: Any, config: EmulatorConfig, *, duration_s: float | None = None,
                        ready: Callable[[Emulator], None] | None = None) -> None:
     """Serve until SIGINT/SIGTERM or ``duration_s`` wall seconds."""
-    import signal  # noqa: PLC0415
-    emu = Emulator(plant, config)
-    await emu.start()
-    if ready is not None:
-        ready(emu)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover
-            pass
-    try:
-        if duration_s is None:
-            await stop.wait()
-        else:
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=duration_s)
-            except asyncio.TimeoutError:
-                pass
-    finally:
-        await emu.stop()
+    from palsctl.adapters.serve import serve_until_stopped  # noqa: PLC0415
+    await serve_until_stopped(Emulator(plant, config), duration_s=duration_s, ready=ready)
 
 
 class EmulatorPower:

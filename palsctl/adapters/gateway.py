@@ -412,25 +412,5 @@ class GatewayBatchActuator:
 async def run_gateway(config: GatewayConfig, *, duration_s: float | None = None,
                       ready: Any = None) -> None:
     """Serve until cancelled, SIGINT/SIGTERM, or ``duration_s`` elapses."""
-    import signal  # noqa: PLC0415
-    gw = Gateway(config)
-    await gw.start()
-    if ready is not None:
-        ready(gw)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - not main thread
-            pass
-    try:
-        if duration_s is None:
-            await stop.wait()
-        else:
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=duration_s)
-            except asyncio.TimeoutError:
-                pass
-    finally:
-        await gw.stop()
+    from palsctl.adapters.serve import serve_until_stopped  # noqa: PLC0415
+    await serve_until_stopped(Gateway(config), duration_s=duration_s, ready=ready)
