@@ -47,7 +47,7 @@ class MPCConfig(ControllerConfig):
     headroom over the target (fraction; 0.6 by default: the linearised saturated model has no
     notion of burst/prefill stalls; 0.6 is the smallest of 0.3, 0.45, 0.5, 0.6, 0.7 whose QoS violation rate
     stays within one point of `search`'s on the bursty scenarios — default experiment over
-    3 seeds 11.4 % vs 10.8 %, ``moe_power_budget`` 0.7 % vs 0.9 %, ``grid_budget`` 1.6 % vs
+    3 seeds 11.4 % vs 10.8 %, ``moe_power_budget`` 0.6 % vs 0.9 %, ``grid_budget`` 1.7 % vs
     3.3 % — measured in bench/RESULTS.md, "Controllers"). ``budget_margin``: power
     kept below budget × (1 − it).
     ``w_energy``: weight of power normalised by the plant's maximum power; ``w_short`` /
