@@ -329,6 +329,47 @@ def rank(grid_cap_w: np.ndarray, thr: np.ndarray, power: np.ndarray, itl: np.nda
                   feasible=np.zeros_like(ok_budget), score=score)
 
 
+def rank_throughput_first(grid_cap_w: np.ndarray, thr: np.ndarray, power: np.ndarray,
+                          itl: np.ndarray, *, shape: tuple[int, int], num_gpus: int,
+                          required_tok_s: float | None, budget_w: float | None,
+                          tpot_slo_s: float | None, operating_tok_s: float | None = None,
+                          batch_headroom: float = 0.0,
+                          batch_values: np.ndarray | None = None) -> Choice:
+    """`rank`, with the relaxed modes changed so that throughput capacity really is kept before
+    latency (what `search` uses; `rank`'s own fallbacks stay as they are for its other callers).
+
+    (1) Everything feasible: `rank`'s choice (mode ``ok``). (2) The requirement can be met within
+    the budget but not together with the latency objective: among the candidates within the
+    budget that meet the requirement, the one with the lowest predicted p90 ITL — latency
+    degraded least (``relaxed_latency``; `rank` takes the best tokens/J there, i.e. the lowest
+    cap and the largest batch, the worst latency). (3) The requirement cannot be met within the
+    budget: the fastest candidate within the budget, latency ignored (``relaxed_throughput``;
+    `rank` prefers candidates meeting the latency objective, which under a binding budget
+    means a smaller batch limit, less capacity, a growing queue and time-to-first-token
+    windows over the SLO). (4) Nothing fits the budget: `rank`'s lowest-power candidate
+    (``relaxed_budget``)."""
+    first = rank(grid_cap_w, thr, power, itl, shape=shape, num_gpus=num_gpus,
+                 required_tok_s=required_tok_s, budget_w=budget_w, tpot_slo_s=tpot_slo_s,
+                 operating_tok_s=operating_tok_s, batch_headroom=batch_headroom,
+                 batch_values=batch_values)
+    if first.mode in ("ok", "relaxed_budget"):
+        return first
+    ok_budget = np.ones(thr.shape, dtype=bool)
+    if budget_w is not None:
+        ok_budget = (power <= budget_w) & (grid_cap_w * num_gpus <= budget_w + 1e-6)
+    tpj = np.where(power > 0, thr / np.maximum(power, 1e-9), 0.0)
+    if first.mode == "relaxed_latency" and required_tok_s is not None:
+        pool = ok_budget & (thr >= required_tok_s)
+        lat = np.where(np.isfinite(itl), itl, np.inf)
+        score = np.where(pool, -lat + 1e-9 * tpj, -np.inf)
+        if np.isfinite(score).any():
+            return Choice(index=int(np.argmax(score)), mode="relaxed_latency", feasible=pool,
+                          score=score)
+    score = np.where(ok_budget, thr + 1e-6 * tpj, -np.inf)
+    return Choice(index=int(np.argmax(score)), mode="relaxed_throughput", feasible=ok_budget,
+                  score=score)
+
+
 def setpoint_changed(a: Setpoint | None, b: Setpoint, rel_tol: float = 0.01) -> bool:
     """True when the target, budget, power target or SLOs differ by more than ``rel_tol``."""
     if a is None:

@@ -17,9 +17,12 @@ Each control step:
    * predicted power ≤ budget × (1 − ``budget_margin``) and cap × GPUs ≤ budget;
    * predicted p90 ITL ≤ the TPOT objective.
 
-   **Degradation order** when nothing is feasible (see `palsctl.controllers.common.rank`): the
-   budget is kept first, then throughput, then latency — i.e. the latency objective is dropped
-   first; if still infeasible the fastest candidate within the budget is taken; only when not
+   **Degradation order** when nothing is feasible (see
+   `palsctl.controllers.common.rank_throughput_first`): the budget is kept first, then
+   throughput, then latency — i.e. the latency objective is dropped first (the candidate meeting
+   the requirement with the lowest predicted p90 ITL is taken); if still infeasible the fastest
+   candidate within the budget is taken whatever its latency (a smaller batch would let the
+   queue and the time to first token grow), at the largest cap the budget allows; only when not
    even the lowest cap fits the budget is the lowest-power candidate taken (the safety guard
    then clamps it).
 3. **Hysteresis and dwell.** The configuration in use is kept while it stays within the budget
@@ -184,10 +187,10 @@ class SearchController(Controller):
         pw = g.power_w * self._res.power
         itl = g.itl_p90_s * self._res.itl
         headroom = math.inf if cfg.batch_headroom is None else cfg.batch_headroom
-        choice = common.rank(g.cap_w, thr, pw, itl, shape=g.shape, num_gpus=n,
-                             required_tok_s=required, budget_w=budget_pred,
-                             tpot_slo_s=tpot_obj, operating_tok_s=operating,
-                             batch_headroom=headroom, batch_values=g.batch)
+        choice = common.rank_throughput_first(
+            g.cap_w, thr, pw, itl, shape=g.shape, num_gpus=n, required_tok_s=required,
+            budget_w=budget_pred, tpot_slo_s=tpot_obj, operating_tok_s=operating,
+            batch_headroom=headroom, batch_values=g.batch)
         best = choice.index
         idx = best
         cur = self._idx
@@ -217,6 +220,10 @@ class SearchController(Controller):
                               min(cap_ceiling, budget * (1.0 - cfg.budget_margin) / n))
         target = setpoint.throughput_tok_s
         base_cap = float(g.cap_w[idx])
+        if choice.mode == "relaxed_throughput" and budget is not None:
+            # the budget binds the throughput: run at the largest cap it allows, not at the
+            # grid point below it (up to ``cap_step_w`` of capacity left unused)
+            base_cap = max(base_cap, cap_ceiling)
         shortfall = 0.0
         # the demand exists when requests wait for admission (the plant is saturated): the
         # same rule `palsctl.metrics` scores (an unsaturated plant serves all it is offered)

@@ -191,3 +191,46 @@ def test_latency_margin_is_the_grid_optimum_for_a_tighter_slo():
     assert (a.power_cap_w, a.max_batch) == (ref[1], ref[2])
     with pytest.raises(ConfigError, match="controller.latency_margin"):
         SearchController(model=model, latency_margin=1.5)
+
+
+def _grid_pool(model, budget=None):
+    out = []
+    for c, b in itertools.product(common.cap_values(limits4(), 10.0), common.batch_values(1, 256)):
+        if budget is not None and c * 4 > budget:
+            continue
+        out.append((c, float(b), model.predict(power_cap_w=c, max_batch=float(b))))
+    return out
+
+
+def test_binding_budget_keeps_capacity_before_latency():
+    """Throughput unreachable within the budget and a latency objective that only small batches
+    meet: the fastest candidate within the budget is taken anyway (a smaller batch would let the
+    queue grow), at the largest cap the budget allows, not the grid point below it."""
+    model = AnalyticModel()
+    budget = 805.0  # not a multiple of the 10 W grid x 4 GPUs
+    pool = _grid_pool(model, budget)
+    fastest = max(p.throughput_tok_s for _, _, p in pool)
+    itls = sorted(p.itl_p90_s for _, _, p in pool)
+    slo = itls[len(itls) // 4]  # met by some candidates, not by the fastest
+    assert max(p.itl_p90_s for _, _, p in pool if p.throughput_tok_s == fastest) > slo
+    ctl = _ctl(margin=0.0, trim_gain_w_per_s=0.0, budget_margin=0.0, residual_alpha=0.0)
+    a = ctl.step(_meas(), Setpoint(throughput_tok_s=10 * fastest, power_budget_w=budget,
+                                   tpot_slo_s=slo))
+    assert ctl.diagnostics()["mode"] == "relaxed_throughput"
+    assert a.power_cap_w == limits4().clamp_cap_w(budget / 4) > 10 * math.floor(budget / 40)
+    got = model.predict(power_cap_w=10 * math.floor(budget / 40), max_batch=float(a.max_batch))
+    assert got.throughput_tok_s == pytest.approx(fastest, rel=1e-6)
+
+
+def test_relaxed_latency_degrades_latency_least():
+    """Throughput reachable within the budget, latency objective not with it: among the
+    candidates meeting the throughput the one with the lowest predicted p90 ITL."""
+    model = AnalyticModel()
+    full = model.predict(power_cap_w=400.0, max_batch=256.0)
+    target = 0.6 * full.throughput_tok_s
+    ctl = _ctl(margin=0.0, trim_gain_w_per_s=0.0, budget_margin=0.0, residual_alpha=0.0)
+    a = ctl.step(_meas(), Setpoint(throughput_tok_s=target, tpot_slo_s=1e-4))
+    assert ctl.diagnostics()["mode"] == "relaxed_latency"
+    best = min(p.itl_p90_s for _, _, p in _grid_pool(model) if p.throughput_tok_s >= target)
+    got = model.predict(power_cap_w=a.power_cap_w, max_batch=float(a.max_batch))
+    assert got.itl_p90_s == pytest.approx(best, rel=1e-9)
