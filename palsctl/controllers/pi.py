@@ -18,10 +18,12 @@ Loops and sign conventions (all errors positive when *more* of the actuator is n
   ``ki_batch_per_tok`` (sequences per token). A TPOT objective overrides: when the measured p90
   TPOT exceeds it while saturated, ``e_b = −r · (tpot − slo)/slo`` (shrink the batch).
 * **margin loop** — throughput margin → cap (tok/s): below saturation every request is served
-  and the margin shows as speed. With a TPOT objective the loop holds the mean time per output
-  token, ``τ = running / y`` (Little's law: each running sequence yields one token per τ; a
-  smooth signal, the running count integrates the arrivals), at ``τ_ref = tpot_ref_fraction ·
-  TPOT objective``: ``e_c = r · (τ − τ_ref) / τ_ref`` (tokens too slow: raise the cap; spare
+  and the margin shows as speed. With a TPOT objective the loop holds the time per output
+  token ``τ = max(running / y, p90 TPOT)`` (``running / y`` is the mean by Little's law: each
+  running sequence yields one token per τ; a smooth signal, the running count integrates the
+  arrivals; the measured p90, what the objective bounds, when it is slower) at
+  ``τ_ref = tpot_ref_fraction · TPOT objective``: ``e_c = r · (τ − τ_ref) / τ_ref`` (tokens too
+  slow: raise the cap; spare
   speed: lower it, toward the efficient low-clock operating point, at any load). Without a
   TPOT objective (or ``tpot_ref_fraction = None``) it tracks a utilisation
   ``u = running / batch`` of ``utilisation_ref`` instead: ``e_c = r · (u − u_ref) / u_ref``
@@ -67,8 +69,9 @@ class PIConfig(ControllerConfig):
     under a backlog (fraction). ``utilisation_ref``: running sequences / batch limit the margin
     loop holds. ``budget_margin``: fraction of the budget kept free by the budget loop.
     ``latency_margin``: the TPOT terms act above TPOT objective × (1 − latency_margin).
-    ``tpot_ref_fraction``: the margin loop holds running / throughput (the mean time per
-    token) at this fraction of the TPOT objective (None: the utilisation reference).
+    ``tpot_ref_fraction``: the margin loop holds the time per token (the slower of running /
+    throughput and the p90 TPOT) at this fraction of the TPOT objective (None: the
+    utilisation reference).
     ``dt_s``: control period the gains were tuned for (None: any)."""
 
     kp_batch_per_tok_s: float = 0.002
@@ -81,7 +84,7 @@ class PIConfig(ControllerConfig):
     utilisation_ref: float = 0.15
     budget_margin: float = 0.02
     latency_margin: float = 0.0
-    tpot_ref_fraction: float | None = 0.5
+    tpot_ref_fraction: float | None = 0.6
     dt_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -182,12 +185,14 @@ class PIController(Controller):
         cand_margin = ceiling
         e_c = None
         if r is not None:
-            # spare capacity shows as free batch slots: track a utilisation of the batch limit
+            # below saturation spare capacity shows as speed (or as free batch slots)
             tref = (setpoint.tpot_slo_s * cfg.tpot_ref_fraction
                     if setpoint.tpot_slo_s and cfg.tpot_ref_fraction else None)
             if tref is not None and y > 0:
-                # Little's law: running / throughput is the mean time per output token
-                e_c = r * (m.running / y - tref) / tref
+                # Little's law: running / throughput is the mean time per output token; the
+                # measured p90 TPOT (what the objective bounds) when that is slower
+                tau = m.running / y if tpot is None else max(m.running / y, tpot)
+                e_c = r * (tau - tref) / tref
             else:
                 u = m.running / max(b_now, 1.0)
                 e_c = r * (u - cfg.utilisation_ref) / cfg.utilisation_ref
