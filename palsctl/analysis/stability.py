@@ -304,6 +304,26 @@ class Margins:
         return 20 * math.log10(self.gain_margin) if self.gain_margin > 0 else -math.inf
 
 
+def _sweep_w() -> np.ndarray:
+    """Dense frequency sweep over (0, π]: log-spaced near 0 (integrators), linear above 0.5."""
+    return np.concatenate([np.geomspace(1e-6, 0.5, 1500), np.linspace(0.5, math.pi, 1500)[1:]])
+
+
+def _unit_circle_frequencies(poly: np.ndarray) -> list[float]:
+    """Frequencies ω in (0, π] of the roots of ``poly`` lying within 1e-2 of the unit circle
+    (candidates to refine: such roots are ill-conditioned near z = 1)."""
+    nz = np.flatnonzero(poly)
+    if not nz.size or len(poly) - nz[0] <= 1:
+        return []
+    r = np.roots(poly[nz[0]:])
+    out = []
+    for rv in r[np.abs(np.abs(r) - 1.0) < 1e-2]:
+        w0 = abs(float(np.angle(rv)))
+        if w0 >= 1e-9:
+            out.append(w0)
+    return out
+
+
 def _crossing_gains(L: ct.TransferFunction) -> list[tuple[float, float]]:
     """(gain factor k > 0, ω rad/sample) where ``1 + k·L(e^{jω}) = 0`` for some ω ∈ [0, π].
 
@@ -323,24 +343,18 @@ def _crossing_gains(L: ct.TransferFunction) -> list[tuple[float, float]]:
         return float((np.polyval(num, z) * np.conj(np.polyval(den, z))).imag)
 
     cands = [math.pi]
-    w = np.concatenate([np.geomspace(1e-6, 0.5, 1500), np.linspace(0.5, math.pi, 1500)[1:]])
+    w = _sweep_w()
     z = np.exp(1j * w)
     g = (np.polyval(num, z) * np.conj(np.polyval(den, z))).imag
     for i in np.flatnonzero(np.sign(g[:-1]) * np.sign(g[1:]) < 0):
         cands.append(brentq(im, w[i], w[i + 1], xtol=1e-14))
     poly = _psub(np.convolve(num, _reciprocal(den)), np.convolve(_reciprocal(num), den))
-    nz = np.flatnonzero(poly)
-    if nz.size and len(poly) - nz[0] > 1:
-        r = np.roots(poly[nz[0]:])
-        for rv in r[np.abs(np.abs(r) - 1.0) < 1e-2]:
-            w0 = abs(float(np.angle(rv)))
-            if w0 < 1e-9:
-                continue
-            lo, hi = w0 * 0.98, min(w0 * 1.02, math.pi)
-            if np.sign(im(lo)) * np.sign(im(hi)) < 0:
-                cands.append(brentq(im, lo, hi, xtol=1e-14))
-            else:
-                cands.append(w0)
+    for w0 in _unit_circle_frequencies(poly):
+        lo, hi = w0 * 0.98, min(w0 * 1.02, math.pi)
+        if np.sign(im(lo)) * np.sign(im(hi)) < 0:
+            cands.append(brentq(im, lo, hi, xtol=1e-14))
+        else:
+            cands.append(w0)
     out = []
     for wv in sorted(set(round(c, 12) for c in cands)):
         zv = np.exp(1j * wv)
@@ -371,7 +385,7 @@ def _gain_crossings(num: np.ndarray, den: np.ndarray, pm_poly: np.ndarray) -> li
             return -math.inf
         return math.log(nv / d)
 
-    w = np.concatenate([np.geomspace(1e-6, 0.5, 1500), np.linspace(0.5, math.pi, 1500)[1:]])
+    w = _sweep_w()
     z = np.exp(1j * w)
     with np.errstate(divide="ignore", invalid="ignore"):
         g = np.log(np.abs(np.polyval(num, z))) - np.log(np.abs(np.polyval(den, z)))
@@ -380,19 +394,12 @@ def _gain_crossings(num: np.ndarray, den: np.ndarray, pm_poly: np.ndarray) -> li
     idx = np.flatnonzero(ok & (np.sign(g[:-1]) != np.sign(g[1:])))
     for i in idx:
         out.append(brentq(f, w[i], w[i + 1], xtol=1e-14))
-    poly = pm_poly
-    nz = np.flatnonzero(poly)
-    if nz.size and len(poly) - nz[0] > 1:
-        r = np.roots(poly[nz[0]:])
-        for rv in r[np.abs(np.abs(r) - 1.0) < 1e-2]:
-            w0 = abs(float(np.angle(rv)))
-            if w0 < 1e-9:
-                continue
-            lo, hi = w0 * 0.98, min(w0 * 1.02, math.pi)
-            if np.isfinite(f(lo)) and np.isfinite(f(hi)) and np.sign(f(lo)) != np.sign(f(hi)):
-                out.append(brentq(f, lo, hi, xtol=1e-14))
-            elif abs(f(w0)) < 1e-9:
-                out.append(w0)
+    for w0 in _unit_circle_frequencies(pm_poly):
+        lo, hi = w0 * 0.98, min(w0 * 1.02, math.pi)
+        if np.isfinite(f(lo)) and np.isfinite(f(hi)) and np.sign(f(lo)) != np.sign(f(hi)):
+            out.append(brentq(f, lo, hi, xtol=1e-14))
+        elif abs(f(w0)) < 1e-9:
+            out.append(w0)
     if abs(f(math.pi)) < 1e-12:
         out.append(math.pi)
     return sorted(set(round(x, 12) for x in out))
