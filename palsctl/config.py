@@ -412,15 +412,20 @@ def load_experiment(path: str | Path | None = None) -> ExperimentConfig:
     if path is None:
         return experiment_from_dict(tomllib.loads(DEFAULT_EXPERIMENT_TOML), file=DEFAULT_SOURCE)
     p = Path(path)
+    return experiment_from_dict(read_toml(p), file=str(p), base_dir=p.resolve().parent)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file; a missing, unreadable or invalid file is a `ConfigError` naming it."""
+    p = Path(path)
     if not p.is_file():
         raise ConfigError("config file not found", file=str(p))
     try:
-        raw = tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", file=str(p)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read: {exc}", file=str(p)) from None
-    return experiment_from_dict(raw, file=str(p), base_dir=p.resolve().parent)
 
 
 # ---- building the parts ------------------------------------------------------------------------

@@ -20,20 +20,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_control(path: str):
     """Parse a control TOML file → (ExperimentConfig for setpoint/controller/guard, serving)."""
-    import tomllib
     from pathlib import Path
 
-    from palsctl.config import experiment_from_dict
+    from palsctl.config import experiment_from_dict, read_toml
     from palsctl.errors import ConfigError
     from palsctl.plants.serving import parse_serving
 
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError("config file not found", file=str(p))
-    try:
-        raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"not valid TOML: {exc}", file=str(p)) from None
+    raw = read_toml(p)
     if "plant" in raw:
         raise ConfigError("a control config has [serving], not [plant]", file=str(p),
                           key="plant")
