@@ -348,25 +348,24 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
 }
 
 
+def _preset(value, spec_type: type, presets: dict, kind: str):
+    """``value`` itself when it is a spec, else the preset of that name (case-insensitive)."""
+    if isinstance(value, spec_type):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{kind} must be a preset name or a {spec_type.__name__}, "
+                          f"got {type(value).__name__}")
+    key = value.strip().lower()
+    if key not in presets:
+        raise UnknownNameError(f"{kind} preset", value, list(presets))
+    return presets[key]
+
+
 def get_gpu(gpu: str | GPUSpec) -> GPUSpec:
     """A GPU spec from a preset name (case-insensitive) or a spec object."""
-    if isinstance(gpu, GPUSpec):
-        return gpu
-    if not isinstance(gpu, str):
-        raise ConfigError(f"gpu must be a preset name or a GPUSpec, got {type(gpu).__name__}")
-    key = gpu.strip().lower()
-    if key not in GPU_PRESETS:
-        raise UnknownNameError("gpu preset", gpu, list(GPU_PRESETS))
-    return GPU_PRESETS[key]
+    return _preset(gpu, GPUSpec, GPU_PRESETS, "gpu")
 
 
 def get_model(model: str | ModelSpec) -> ModelSpec:
     """A model spec from a preset name (case-insensitive) or a spec object."""
-    if isinstance(model, ModelSpec):
-        return model
-    if not isinstance(model, str):
-        raise ConfigError(f"model must be a preset name or a ModelSpec, got {type(model).__name__}")
-    key = model.strip().lower()
-    if key not in MODEL_PRESETS:
-        raise UnknownNameError("model preset", model, list(MODEL_PRESETS))
-    return MODEL_PRESETS[key]
+    return _preset(model, ModelSpec, MODEL_PRESETS, "model")
