@@ -3,6 +3,7 @@ the metrics sensor on real exposition text, the admission gateway, the scheduler
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 
@@ -17,7 +18,10 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 TIMEOUT = aiohttp.ClientTimeout(total=300)
 
 
-async def complete(s, url, name, i, max_tokens, *, stream=False, chat=False):
+async def complete(s, url, name, i, max_tokens, *, stream=False, chat=False,
+                   started: asyncio.Event | None = None):
+    """One request; returns its completion token count. ``started`` (streaming only) is set
+    when the first generated text arrives, i.e. once the engine has scheduled the request."""
     body = {"model": name, "max_tokens": max_tokens, "ignore_eos": True, "stream": stream}
     if chat:
         path = "/v1/chat/completions"
@@ -36,6 +40,8 @@ async def complete(s, url, name, i, max_tokens, *, stream=False, chat=False):
             if line.startswith(b"data: {"):
                 js = json.loads(line[6:])
                 usage = js.get("usage") or usage
+                if started is not None and js.get("choices"):
+                    started.set()
         return usage["completion_tokens"]
 
 
@@ -119,9 +125,10 @@ def test_gateway_bounds_real_engine_concurrency(llama_server):
 
 
 def test_scheduler_plugin_drains_down_to_lower_target(llama_server):
-    """8 long requests start; once more than 2 run, the target drops to 2 and 16 more arrive.
-    The newcomers wait while the first ones drain (nothing running is preempted); once those
-    have finished, at most 2 run."""
+    """8 long streamed requests start; once every one of them has produced text (all 8 are
+    running), the target drops to 2 and 16 more arrive. The newcomers wait while the first
+    ones drain (nothing running is preempted, nothing new admitted above the target); once
+    those have finished, at most 2 run."""
     srv = llama_server
     write_batch_target(srv.batch_file, srv.max_num_seqs)
 
@@ -133,23 +140,13 @@ def test_scheduler_plugin_drains_down_to_lower_target(llama_server):
     async def main():
         async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
             stop, seen, after = asyncio.Event(), [], []
-            first = [asyncio.create_task(complete(s, srv.url, srv.name, i, 480))
-                     for i in range(8)]
-            for _ in range(500):    # until the engine reports more running than the new target
-                running, waiting = await scrape(s)
-                if running > 2:
-                    break
-                await asyncio.sleep(0.02)
-            if not running > 2:
-                async with s.get(srv.url + "/metrics") as r:
-                    txt = await r.text()
-                lines = [ln for ln in txt.splitlines()
-                         if "num_requests" in ln or "generation_tokens_total" in ln]
-                states = [(t.done(), t.done() and repr(t.exception())) for t in first]
-                raise AssertionError(f"never saw more than 2 running (last {running} running, "
-                                     f"{waiting} waiting); first requests (done, error): "
-                                     f"{states}; metrics: {lines}")
+            started = [asyncio.Event() for _ in range(8)]
+            first = [asyncio.create_task(complete(s, srv.url, srv.name, i, 480, stream=True,
+                                                  started=started[i])) for i in range(8)]
+            # event-driven, not polled: every first request has been scheduled by the engine
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 240)
             write_batch_target(srv.batch_file, 2)      # lower the target mid-stream
+            still_running = sum(not t.done() for t in first)
             sampler = asyncio.create_task(sample_running(s, srv.url, srv.name, stop, seen))
             # 16 long newcomers, 2 at a time: the drained phase lasts 8 rounds of 480 tokens
             second = [asyncio.create_task(complete(s, srv.url, srv.name, 100 + i, 480,
@@ -164,15 +161,19 @@ def test_scheduler_plugin_drains_down_to_lower_target(llama_server):
                     after.append(sample)
                 await asyncio.sleep(0.05)
             res_second = await asyncio.gather(*second)
-            return res_first + res_second, seen, after
+            return res_first + res_second, still_running, seen, after
 
-    tokens, seen, after = asyncio.run(main())
+    tokens, still_running, seen, after = asyncio.run(main())
     write_batch_target(srv.batch_file, srv.max_num_seqs)
     assert tokens == [480] * 24                     # every request completed, none dropped
+    # the target was lowered while the first requests were all in flight (each had produced
+    # its first text and none had finished: 480 tokens take many engine steps)
+    assert still_running == 8
     assert seen and max(r for r, _ in seen) <= 8, seen
-    # during the drain nothing new was admitted: the running count never rose above the 8
+    # during the drain the cap is max(target, running): the running count may only rise
+    # while it is below the new target of 2, never back towards the first 8
     running = [r for r, _ in seen]
-    assert all(b <= a for a, b in zip(running, running[1:])), seen
+    assert all(b <= max(a, 2) for a, b in itertools.pairwise(running)), seen
     # once the 8 had finished, the engine ran the newcomers at most 2 at a time, up to 2,
     # with the rest waiting in vLLM's queue
     assert after, "the newcomers finished before any scrape (engine too fast for the check)"
