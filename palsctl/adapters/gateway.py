@@ -16,6 +16,10 @@ token (``Authorization: Bearer TOKEN``):
 
 `GatewayControl` is a small synchronous client for it; `GatewayBatchActuator` turns it into
 palsctl's batch knob.
+
+The proxy listener is aiohttp's server; the upstream side is `palsctl.adapters.upstream`'s lean
+keep-alive client (httptools), which forwards streamed bodies as they arrive, chunk for chunk,
+without parsing them.
 """
 from __future__ import annotations
 
@@ -36,8 +40,6 @@ from palsctl.errors import ConfigError, PalsctlError
 log = logging.getLogger(__name__)
 
 ADMITTED_PATHS = ("/v1/completions", "/v1/chat/completions")
-_HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                "trailers", "transfer-encoding", "upgrade", "content-length", "host"}
 
 
 class GatewayError(PalsctlError):
@@ -205,7 +207,7 @@ class Gateway:
         self.config = config
         self.gate = AdmissionGate(config.max_concurrency)
         self._counters = {"upstream_errors": 0.0}
-        self._session = None
+        self._pool = None
         self._runners: list[Any] = []
         self.url = ""
         self.control_url = ""
@@ -214,18 +216,16 @@ class Gateway:
 
     # --------------------------------------------------------------- lifecycle
     async def start(self) -> "Gateway":
-        import aiohttp  # noqa: PLC0415
         from aiohttp import web  # noqa: PLC0415
         from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+        from palsctl.adapters.upstream import UpstreamPool  # noqa: PLC0415
 
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(_GateCollector(self.gate, self._counters))
         t = self.config.upstream_timeout_s
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(t, 10.0), sock_read=t),
-            auto_decompress=False, skip_auto_headers=("User-Agent",),
-            cookie_jar=aiohttp.DummyCookieJar())
+        self._pool = UpstreamPool(self._upstream, connect_timeout_s=min(t, 10.0),
+                                  read_timeout_s=t)
         proxy = web.Application(client_max_size=64 * 1024 * 1024)
         for path in ADMITTED_PATHS:
             proxy.router.add_post(path, self._admitted)
@@ -261,14 +261,11 @@ class Gateway:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     # --------------------------------------------------------------- proxying
-    def _forward_headers(self, request: Any) -> dict[str, str]:
-        return {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
-
     async def _admitted(self, request: Any) -> Any:
         body = await request.read()
         await self.gate.acquire()
@@ -281,35 +278,43 @@ class Gateway:
         return await self._forward(request, None)
 
     async def _forward(self, request: Any, body: bytes | None) -> Any:
-        import aiohttp  # noqa: PLC0415
         from aiohttp import web  # noqa: PLC0415
-        url = self._upstream + request.rel_url.path_qs
-        resp = None
+        from multidict import CIMultiDict  # noqa: PLC0415
+
+        from palsctl.adapters.upstream import HOP_HEADERS, UpstreamError  # noqa: PLC0415
+        resp = up = None
         try:
-            async with self._session.request(request.method, url, data=body,
-                                             headers=self._forward_headers(request)) as up:
-                ctype = up.headers.get("Content-Type", "")
-                if ctype.startswith("text/event-stream"):
-                    headers = {"Content-Type": ctype, "Cache-Control": "no-cache"}
-                    if "Content-Encoding" in up.headers:   # bytes pass through undecoded
-                        headers["Content-Encoding"] = up.headers["Content-Encoding"]
-                    resp = web.StreamResponse(status=up.status, headers=headers)
-                    await resp.prepare(request)
-                    async for chunk in up.content.iter_any():
-                        await resp.write(chunk)
-                    await resp.write_eof()
-                    return resp
-                data = await up.read()
-                headers = {k: v for k, v in up.headers.items() if k.lower() not in _HOP_HEADERS}
-                return web.Response(status=up.status, body=data, headers=headers)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            up = await self._pool.request(request.method, request.raw_path,
+                                          request.raw_headers, body)
+            ctype = up.header(b"content-type")
+            if ctype.startswith(b"text/event-stream"):
+                headers = {"Content-Type": ctype.decode("latin-1"), "Cache-Control": "no-cache"}
+                encoding = up.header(b"content-encoding")
+                if encoding:                       # bytes pass through undecoded
+                    headers["Content-Encoding"] = encoding.decode("latin-1")
+                resp = web.StreamResponse(status=up.status, headers=headers)
+                await resp.prepare(request)
+                # each piece is written as soon as it arrives: no line splitting, no parsing
+                while chunk := await up.read_any():
+                    await resp.write(chunk)
+                await resp.write_eof()
+                return resp
+            data = await up.read()
+            headers = CIMultiDict((k.decode("latin-1"), v.decode("latin-1"))
+                                  for k, v in up.headers
+                                  if k.decode("latin-1").lower() not in HOP_HEADERS)
+            return web.Response(status=up.status, body=data, headers=headers)
+        except (UpstreamError, OSError) as exc:
             if resp is not None and resp.prepared:   # mid-stream: client or upstream went away
-                log.warning("stream %s aborted: %s", url, exc)
+                log.warning("stream %s aborted: %s", request.raw_path, exc)
                 raise
             self._counters["upstream_errors"] += 1
-            log.warning("upstream %s failed: %s", url, exc)
+            log.warning("upstream %s%s failed: %s", self._upstream, request.raw_path, exc)
             return web.json_response({"error": {"message": f"upstream error: {exc}",
                                                  "type": "upstream_error"}}, status=502)
+        finally:
+            if up is not None:    # reused if the message ended cleanly, else aborted
+                up.release()
 
     async def _metrics(self, request: Any) -> Any:
         from aiohttp import web  # noqa: PLC0415
