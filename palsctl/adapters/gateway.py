@@ -40,6 +40,7 @@ from palsctl.errors import ConfigError, PalsctlError
 log = logging.getLogger(__name__)
 
 ADMITTED_PATHS = ("/v1/completions", "/v1/chat/completions")
+MAX_REQUEST_BODY_B = 64 * 1024 * 1024
 
 
 class GatewayError(PalsctlError):
@@ -226,29 +227,28 @@ class Gateway:
         t = self.config.upstream_timeout_s
         self._pool = UpstreamPool(self._upstream, connect_timeout_s=min(t, 10.0),
                                   read_timeout_s=t)
-        proxy = web.Application(client_max_size=64 * 1024 * 1024)
-        for path in ADMITTED_PATHS:
-            proxy.router.add_post(path, self._admitted)
-        proxy.router.add_get("/metrics", self._metrics)
-        proxy.router.add_get("/v1/{tail:.*}", self._passthrough)
-        proxy.router.add_get("/health", self._passthrough)
+        # the proxy is aiohttp's low-level server with a fixed dispatch (`_route`): no router
+        # or middleware machinery on the per-request path; a client that disconnects while
+        # queued leaves the line (its handler is cancelled)
+        proxy = web.Server(self._route, request_factory=self._make_request,
+                           handler_cancellation=True, access_log=None)
         control = web.Application()
         control.router.add_get("/control", self._control_get)
         control.router.add_post("/control/max_concurrency", self._control_set)
         c = self.config
-        # a client that disconnects while queued leaves the line (its handler is cancelled)
-        self.url = await self._serve(proxy, c.listen_host, c.listen_port,
-                                     handler_cancellation=True)
-        self.control_url = await self._serve(control, c.control_host, c.control_port)
+        self.url = await self._serve(web.ServerRunner(proxy, handle_signals=False,
+                                                      shutdown_timeout=5.0),
+                                     c.listen_host, c.listen_port)
+        self.control_url = await self._serve(
+            web.AppRunner(control, access_log=None, handle_signals=False, shutdown_timeout=5.0),
+            c.control_host, c.control_port)
         log.info("gateway on %s -> %s (control %s, max_concurrency %d)", self.url,
                  self._upstream, self.control_url, self.gate.limit)
         return self
 
-    async def _serve(self, app: Any, host: str, port: int, **kw: Any) -> str:
+    async def _serve(self, runner: Any, host: str, port: int) -> str:
         from aiohttp import web  # noqa: PLC0415
         # on stop, in-flight requests get 5 s to finish before their handlers are cancelled
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0,
-                               **kw)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
@@ -266,6 +266,28 @@ class Gateway:
             self._pool = None
 
     # --------------------------------------------------------------- proxying
+    def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any,
+                      task: Any) -> Any:
+        from aiohttp.web import BaseRequest  # noqa: PLC0415
+        return BaseRequest(message, payload, protocol, writer, task, protocol._loop,  # noqa: SLF001
+                           client_max_size=MAX_REQUEST_BODY_B)
+
+    async def _route(self, request: Any) -> Any:
+        from aiohttp import web  # noqa: PLC0415
+        path, method = request.path, request.method
+        if method == "POST" and path in ADMITTED_PATHS:
+            return await self._admitted(request)
+        if method in ("GET", "HEAD"):
+            if path.startswith("/v1/") or path == "/health":
+                return await self._passthrough(request)
+            if path == "/metrics":
+                return await self._metrics(request)
+        if path in ADMITTED_PATHS or path.startswith("/v1/") or path in ("/health", "/metrics"):
+            allow = "POST" if path in ADMITTED_PATHS and method != "POST" else "GET, HEAD"
+            return web.Response(status=405, text="405: Method Not Allowed",
+                                headers={"Allow": allow})
+        return web.Response(status=404, text="404: Not Found")
+
     async def _admitted(self, request: Any) -> Any:
         body = await request.read()
         await self.gate.acquire()
@@ -281,7 +303,7 @@ class Gateway:
         from aiohttp import web  # noqa: PLC0415
         from multidict import CIMultiDict  # noqa: PLC0415
 
-        from palsctl.adapters.upstream import HOP_HEADERS, UpstreamError  # noqa: PLC0415
+        from palsctl.adapters.upstream import HOP_HEADERS_B, UpstreamError  # noqa: PLC0415
         resp = up = None
         try:
             up = await self._pool.request(request.method, request.raw_path,
@@ -301,8 +323,7 @@ class Gateway:
                 return resp
             data = await up.read()
             headers = CIMultiDict((k.decode("latin-1"), v.decode("latin-1"))
-                                  for k, v in up.headers
-                                  if k.decode("latin-1").lower() not in HOP_HEADERS)
+                                  for k, v in up.headers if k.lower() not in HOP_HEADERS_B)
             return web.Response(status=up.status, body=data, headers=headers)
         except (UpstreamError, OSError) as exc:
             if resp is not None and resp.prepared:   # mid-stream: client or upstream went away

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                          "te", "trailer", "trailers", "transfer-encoding", "upgrade",
                          "content-length", "host"})
-_HOP_HEADERS_B = frozenset(h.encode() for h in HOP_HEADERS)
+HOP_HEADERS_B = frozenset(h.encode() for h in HOP_HEADERS)
 READ_HIGH_WATER_B = 256 * 1024   # pause reading the upstream when this much is unread
 
 
@@ -244,7 +244,7 @@ class UpstreamPool:
             method.encode(), self.prefix.encode(), path_qs.encode("utf-8", "surrogateescape"),
             self._host_header)]
         for k, v in raw_headers:
-            if k.lower() not in _HOP_HEADERS_B:
+            if k.lower() not in HOP_HEADERS_B:
                 parts.append(b"%s: %s\r\n" % (k, v))
         if body_len is not None:
             parts.append(b"Content-Length: %d\r\n" % body_len)
@@ -273,6 +273,8 @@ class UpstreamPool:
                     if conn.exc is not None:
                         raise conn.exc
                     await conn.wait()
+                if method == "HEAD":    # no body follows, whatever Content-Length says
+                    conn.complete, conn.keep_alive = True, False
             except UpstreamError:
                 self._discard(conn)
                 # a kept-alive connection the upstream closed before reading our request:
@@ -308,21 +310,24 @@ class UpstreamPool:
         period_s = max(0.05, min(1.0, self.read_timeout_s / 4, self.idle_timeout_s / 4))
         while True:
             await asyncio.sleep(period_s)
-            now = self.loop.time()
-            for conn in list(self._busy):
-                if now - conn.last_io_s > self.read_timeout_s and not conn.complete:
-                    conn._fail(UpstreamError(
-                        f"no data from the upstream for {self.read_timeout_s:g} s"))
-                    self._discard(conn)
-            keep = []
-            for conn in self._idle:
-                if conn.closed:
-                    continue
-                if now - conn.last_io_s > self.idle_timeout_s:
-                    conn.transport.close()
-                else:
-                    keep.append(conn)
-            self._idle = keep
+            self.sweep(self.loop.time())
+
+    def sweep(self, now: float) -> None:
+        """One pass of the watchdog at loop time ``now``."""
+        for conn in list(self._busy):
+            if now - conn.last_io_s > self.read_timeout_s and not conn.complete:
+                conn._fail(UpstreamError(
+                    f"no data from the upstream for {self.read_timeout_s:g} s"))
+                self._discard(conn)
+        keep = []
+        for conn in self._idle:
+            if conn.closed:
+                continue
+            if now - conn.last_io_s > self.idle_timeout_s:
+                conn.transport.close()
+            else:
+                keep.append(conn)
+        self._idle = keep
 
     async def close(self) -> None:
         self._closed = True
