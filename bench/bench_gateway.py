@@ -7,7 +7,9 @@ Three processes: a trivial upstream (this script with ``--serve-upstream``), the
 1. Added latency at 64 concurrent streams: the upstream streams SSE chunks every 20 ms, each
    carrying its send time (``time.monotonic_ns``, one clock for all processes on Linux); the
    client records receive time − send time per chunk, and the time to first byte, once direct
-   to the upstream and once through the gateway. Added latency = gateway − direct (p50, p99).
+   to the upstream and once through the gateway. Added latency = gateway − direct (p50, p99),
+   over all chunks and over the chunks after each stream's first (the per-token path of a
+   running stream; a first chunk also queues behind the other streams' request set-up).
    Two patterns: streams started at random offsets (chunks spread over time) and streams
    started together (every stream emits at once, like a vLLM decode step).
 2. Non-streaming throughput: 64 concurrent clients send small completion requests for a fixed
@@ -16,7 +18,15 @@ Three processes: a trivial upstream (this script with ``--serve-upstream``), the
 Each measurement is repeated ``--repeat`` times (direct and gateway interleaved); medians are
 printed.
 
-    python bench/bench_gateway.py [--repeat 3] [--streams 64] [--duration-s 4]
+CPU placement (``--pin``, the default on Linux with 2 or more CPUs): the upstream and the load
+generator are confined to the last CPU (``os.sched_setaffinity``), so the gateway, free to run on
+any CPU, finds one that they do not use, as it would in front of a GPU server whose clients run
+elsewhere; the direct path is measured under the same placement. The gateway itself is not
+confined to one CPU: on a virtual machine a single vCPU can stall for seconds, and a process
+pinned to it cannot move away (seen here as 30-s gaps). ``--no-pin`` leaves the three processes
+to the scheduler.
+
+    python bench/bench_gateway.py [--repeat 3] [--streams 64] [--duration-s 4] [--no-pin]
 """
 from __future__ import annotations
 
@@ -72,12 +82,14 @@ async def upstream_main(duration_s: float) -> None:
 
 # --------------------------------------------------------------------------- load generator
 async def stream_latencies(url: str, streams: int, rounds: int, *, synchronized: bool,
-                           seed: int = 0) -> tuple[list[float], list[float]]:
-    """Per-chunk delivery latency and time to first byte (ms). A first, unmeasured round opens
+                           seed: int = 0) -> tuple[list[float], list[float], list[float]]:
+    """Per-chunk delivery latency, the same for every chunk after a stream's first (the
+    per-token path once a stream runs; the first chunk also waits behind the other requests
+    being set up) and time to first byte (ms). A first, unmeasured round opens
     the connections. ``synchronized``: every stream starts at the same instant, so all streams
     emit their chunks together (like one vLLM decode step producing a token for every running
     sequence); otherwise each stream starts at a random offset within the chunk interval."""
-    chunk_lat, ttfb = [], []
+    chunk_lat, later_lat, ttfb = [], [], []
     rng = np.random.default_rng(seed)
     offsets = np.zeros(streams) if synchronized else rng.uniform(0, CHUNK_INTERVAL_S, streams)
     conn = aiohttp.TCPConnector(limit=0)
@@ -101,14 +113,16 @@ async def stream_latencies(url: str, streams: int, rounds: int, *, synchronized:
                         now = time.monotonic_ns()
                         if not line.startswith(b"data: {"):
                             continue
-                        sent = json.loads(line[6:])["t"]
+                        msg = json.loads(line[6:])
                         if first:
                             ttfb.append((now - t0) / 1e6)
                             first = False
-                        chunk_lat.append((now - sent) / 1e6)
+                        chunk_lat.append((now - msg["t"]) / 1e6)
+                        if msg["k"] > 0:
+                            later_lat.append(chunk_lat[-1])
 
         await asyncio.gather(*[one(o) for o in offsets])
-    return chunk_lat, ttfb
+    return chunk_lat, later_lat, ttfb
 
 
 async def throughput(url: str, clients: int, duration_s: float) -> float:
@@ -137,6 +151,14 @@ def run(coro):
         return uvloop.run(coro)
     except ImportError:
         return asyncio.run(coro)
+
+
+def pin_cpus() -> tuple[set[int], int] | None:
+    """(gateway CPUs, upstream + load generator CPU), or None where affinity cannot be set."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return (set(cpus), cpus[-1]) if len(cpus) >= 2 else None
 
 
 def start(cmd: list[str], pattern: str) -> tuple[subprocess.Popen, re.Match]:
@@ -180,6 +202,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="requests per stream client per run")
     ap.add_argument("--clients", type=int, default=64, help="non-streaming clients")
     ap.add_argument("--duration-s", type=float, default=4.0, help="throughput run length")
+    ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                    help="upstream + load generator on one CPU, the gateway free (default on)")
     args = ap.parse_args()
     budget_s = 60 + args.repeat * (args.rounds * CHUNKS * CHUNK_INTERVAL_S * 6
                                    + args.duration_s * 2 + 30)
@@ -188,6 +212,13 @@ def main() -> None:
         return
 
     print(machine())
+    pins = pin_cpus() if args.pin else None
+    if pins is not None:
+        os.sched_setaffinity(0, {pins[1]})     # the upstream inherits it
+        print(f"pinned: upstream + load generator on CPU {pins[1]}, gateway on any of "
+              f"{sorted(pins[0])}")
+    else:
+        print("not pinned: gateway, upstream and load generator share all CPUs")
     try:
         import uvloop
         print(f"event loop: uvloop {uvloop.__version__} (gateway, upstream, load generator)")
@@ -201,7 +232,8 @@ def main() -> None:
                            "--listen", "127.0.0.1:0", "--control", "127.0.0.1:0",
                            "--max-concurrency", "4096", "--duration-s", str(budget_s)],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                          env=env_token)
+                          env=env_token,
+                          preexec_fn=(lambda: os.sched_setaffinity(0, pins[0])) if pins else None)
     m = re.search(r"gateway (http://\S+)", gw.stdout.readline())
     if not m:
         raise SystemExit("gateway did not start")
@@ -209,10 +241,11 @@ def main() -> None:
     try:
         rows: dict[str, list[float]] = {}
         for r in range(args.repeat):
+            rows.setdefault("load", []).append(os.getloadavg()[0])
             for mode in ("staggered", "synchronized"):
                 for name, url in (("direct", up_url), ("gateway", gw_url)):
                     c0 = proc_cpu_s(gw.pid)
-                    lat, ttfb = run(stream_latencies(url, args.streams, args.rounds,
+                    lat, later, ttfb = run(stream_latencies(url, args.streams, args.rounds,
                                                      synchronized=mode == "synchronized",
                                                      seed=r))
                     c1 = proc_cpu_s(gw.pid)
@@ -225,6 +258,8 @@ def main() -> None:
                             float(np.percentile(lat, q)))
                         rows.setdefault(f"{mode} {name} ttfb p{q}", []).append(
                             float(np.percentile(ttfb, q)))
+                        rows.setdefault(f"{mode} {name} later p{q}", []).append(
+                            float(np.percentile(later, q)))
                     rows.setdefault("samples", []).append(len(lat))
             for name, url in (("direct", up_url), ("gateway", gw_url)):
                 c0 = proc_cpu_s(gw.pid)
@@ -241,7 +276,8 @@ def main() -> None:
               f"{args.repeat} runs (ms); {int(med['samples'])} chunks per run")
         for mode in ("staggered", "synchronized"):
             print(f" {mode} streams:")
-            for k in ("chunk p50", "chunk p99", "ttfb p50", "ttfb p99"):
+            for k in ("chunk p50", "chunk p99", "later p50", "later p99", "ttfb p50",
+                      "ttfb p99"):
                 dk, gk = f"{mode} direct {k}", f"{mode} gateway {k}"
                 d, g = med[dk], med[gk]
                 runs = ", ".join(f"{gv - dv:.3f}" for dv, gv in zip(rows[dk], rows[gk]))
@@ -255,7 +291,9 @@ def main() -> None:
             print(f"gateway process CPU: {cpu_req:.0f} us per non-streaming request "
                   f"(= {1e6 / cpu_req:.0f} req/s per fully available core), "
                   f"{med['gateway CPU per chunk us']:.0f} us per streamed chunk")
-        print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+        print(f"load average at the start of each run: "
+              f"{', '.join(f'{x:.1f}' for x in rows['load'])}; at the end: "
+              f"{os.getloadavg()[0]:.1f}")
     finally:
         for p in (gw, up):
             p.terminate()
