@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from palsctl.adapters.upstream import HOP_HEADERS_B, UpstreamError, UpstreamPool
 from palsctl.errors import ConfigError, PalsctlError
 
 log = logging.getLogger(__name__)
@@ -218,10 +219,11 @@ class Gateway:
     # --------------------------------------------------------------- lifecycle
     async def start(self) -> "Gateway":
         from aiohttp import web  # noqa: PLC0415
+        from multidict import CIMultiDict  # noqa: PLC0415
         from prometheus_client import CollectorRegistry  # noqa: PLC0415
 
-        from palsctl.adapters.upstream import UpstreamPool  # noqa: PLC0415
-
+        # kept for the per-request path (an import statement there costs a lookup each time)
+        self._web, self._multidict = web, CIMultiDict
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(_GateCollector(self.gate, self._counters))
         t = self.config.upstream_timeout_s
@@ -268,12 +270,11 @@ class Gateway:
     # --------------------------------------------------------------- proxying
     def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any,
                       task: Any) -> Any:
-        from aiohttp.web import BaseRequest  # noqa: PLC0415
-        return BaseRequest(message, payload, protocol, writer, task, protocol._loop,  # noqa: SLF001
+        return self._web.BaseRequest(message, payload, protocol, writer, task, protocol._loop,  # noqa: SLF001
                            client_max_size=MAX_REQUEST_BODY_B)
 
     async def _route(self, request: Any) -> Any:
-        from aiohttp import web  # noqa: PLC0415
+        web = self._web
         path, method = request.path, request.method
         if method == "POST" and path in ADMITTED_PATHS:
             return await self._admitted(request)
@@ -300,10 +301,7 @@ class Gateway:
         return await self._forward(request, None)
 
     async def _forward(self, request: Any, body: bytes | None) -> Any:
-        from aiohttp import web  # noqa: PLC0415
-        from multidict import CIMultiDict  # noqa: PLC0415
-
-        from palsctl.adapters.upstream import HOP_HEADERS_B, UpstreamError  # noqa: PLC0415
+        web = self._web
         resp = up = None
         try:
             up = await self._pool.request(request.method, request.raw_path,
@@ -322,7 +320,7 @@ class Gateway:
                 await resp.write_eof()
                 return resp
             data = await up.read()
-            headers = CIMultiDict((k.decode("latin-1"), v.decode("latin-1"))
+            headers = self._multidict((k.decode("latin-1"), v.decode("latin-1"))
                                   for k, v in up.headers if k.lower() not in HOP_HEADERS_B)
             return web.Response(status=up.status, body=data, headers=headers)
         except (UpstreamError, OSError) as exc:

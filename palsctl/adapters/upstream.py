@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl as _ssl
 from collections import deque
 from typing import Any
 from urllib.parse import urlsplit
@@ -206,7 +205,10 @@ class UpstreamPool:
         self.host = u.hostname
         self.port = u.port or (443 if u.scheme == "https" else 80)
         self.prefix = u.path.rstrip("/")
-        self._ssl = _ssl.create_default_context() if u.scheme == "https" else None
+        self._ssl = None
+        if u.scheme == "https":
+            import ssl  # noqa: PLC0415
+            self._ssl = ssl.create_default_context()
         default_port = 443 if u.scheme == "https" else 80
         netloc = f"[{self.host}]" if ":" in self.host else self.host
         self._host_header = (netloc if self.port == default_port
