@@ -276,6 +276,12 @@ class Gateway:
     async def _route(self, request: Any) -> Any:
         web = self._web
         path, method = request.path, request.method
+        expect = request.headers.get("Expect")
+        if expect is not None:     # the router's default expect handler, which Server lacks
+            if expect.lower() != "100-continue" or request.version < (1, 1):
+                return web.Response(status=417, text=f"Unknown Expect: {expect}")
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
         if method == "POST" and path in ADMITTED_PATHS:
             return await self._admitted(request)
         if method in ("GET", "HEAD"):

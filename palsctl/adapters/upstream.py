@@ -22,10 +22,11 @@ from collections import deque
 from typing import Any
 from urllib.parse import urlsplit
 
-# request headers a proxy must not forward (RFC 9110 §7.6.1) plus the ones it sets itself
+# headers a proxy must not forward (RFC 9110 §7.6.1), the ones it sets itself, and Expect
+# (the gateway answers 100-continue itself and sends the whole body)
 HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                          "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-                         "content-length", "host"})
+                         "content-length", "host", "expect"})
 HOP_HEADERS_B = frozenset(h.encode() for h in HOP_HEADERS)
 READ_HIGH_WATER_B = 256 * 1024   # pause reading the upstream when this much is unread
 

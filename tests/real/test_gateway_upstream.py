@@ -251,9 +251,10 @@ def test_request_headers_forwarded_without_hop_by_hop_ones():
     async def main():
         heads = []
 
-        async def script(n, line, body, reader, writer):
-            writer.write(json_response({"ok": True}))
+        async def script(n, line, body, reader, writer):   # one request per connection
+            writer.write(json_response({"ok": True}, close=True))
             await writer.drain()
+            return False
 
         up = RawUpstream(script)
         orig = up._serve
@@ -281,6 +282,14 @@ def test_request_headers_forwarded_without_hop_by_hop_ones():
                                        "Proxy-Authorization": "secret", "TE": "trailers",
                                        "Keep-Alive": "timeout=5"}) as r:
                 assert r.status == 200
+            # a client that waits for "100 Continue" before sending its body gets it
+            async with s.post(gw.url + "/v1/completions", data=b'{"b": 2}', expect100=True,
+                              headers={"Content-Type": "application/json"}) as r:
+                assert r.status == 200
+            async with s.post(gw.url + "/v1/completions", data=b"{}",
+                              headers={"Expect": "something-else"}) as r:
+                assert r.status == 417
+            assert len(heads) == 2 and "expect" not in heads[1].lower()
             head = heads[0].lower()
             assert "authorization: bearer user-key" in head
             assert "content-type: application/json" in head and "content-length: 8" in head
