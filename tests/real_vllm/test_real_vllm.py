@@ -165,10 +165,10 @@ def test_scheduler_plugin_drains_down_to_lower_target(llama_server):
 
     tokens, still_running, seen, after = asyncio.run(main())
     write_batch_target(srv.batch_file, srv.max_num_seqs)
-    assert tokens == [480] * 24                     # every request completed, none dropped
+    assert tokens == [480] * 24, tokens             # every request completed, none dropped
     # the target was lowered while the first requests were all in flight (each had produced
     # its first text and none had finished: 480 tokens take many engine steps)
-    assert still_running == 8
+    assert still_running == 8, (still_running, seen, after)
     assert seen and max(r for r, _ in seen) <= 8, seen
     # during the drain the cap is max(target, running): the running count may only rise
     # while it is below the new target of 2, never back towards the first 8
