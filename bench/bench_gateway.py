@@ -180,7 +180,8 @@ def proc_cpu_s(pid: int) -> float | None:
         return None
 
 
-def wakeup_rtt_us(cpu_a: int, cpu_b: int, n: int = 1000, gap_s: float = 0.001) -> tuple[float, float]:
+def wakeup_rtt_us(cpu_a: int, cpu_b: int, n: int = 1000,
+                  gap_s: float = 0.001) -> tuple[float, float]:
     """Round trip of one byte between two processes on ``cpu_a`` and ``cpu_b`` over a Unix
     socket pair, with ``gap_s`` idle between trips (so an idle CPU must be woken): (p50, p99)
     in microseconds. Context for the latency figures: every chunk through the gateway crosses

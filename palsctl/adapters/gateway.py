@@ -270,8 +270,9 @@ class Gateway:
     # --------------------------------------------------------------- proxying
     def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any,
                       task: Any) -> Any:
-        return self._web.BaseRequest(message, payload, protocol, writer, task, protocol._loop,  # noqa: SLF001
-                           client_max_size=MAX_REQUEST_BODY_B)
+        return self._web.BaseRequest(message, payload, protocol, writer, task,
+                                     asyncio.get_running_loop(),
+                                     client_max_size=MAX_REQUEST_BODY_B)
 
     async def _route(self, request: Any) -> Any:
         web = self._web
@@ -327,7 +328,7 @@ class Gateway:
                 return resp
             data = await up.read()
             headers = self._multidict((k.decode("latin-1"), v.decode("latin-1"))
-                                  for k, v in up.headers if k.lower() not in HOP_HEADERS_B)
+                                      for k, v in up.headers if k.lower() not in HOP_HEADERS_B)
             return web.Response(status=up.status, body=data, headers=headers)
         except (UpstreamError, OSError) as exc:
             if resp is not None and resp.prepared:   # mid-stream: client or upstream went away

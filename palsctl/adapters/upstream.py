@@ -98,7 +98,8 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
         low = name.lower()
-        if low == b"content-length" or (low == b"transfer-encoding" and b"chunked" in value.lower()):
+        if low == b"content-length" or (low == b"transfer-encoding"
+                                        and b"chunked" in value.lower()):
             self._framed = True
 
     def on_headers_complete(self) -> None:

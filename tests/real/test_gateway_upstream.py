@@ -65,7 +65,8 @@ def json_response(payload: dict, *, close: bool = False) -> bytes:
             % (conn, len(body)) + body)
 
 
-SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
 
 
 def sse_chunk(text: str) -> bytes:
@@ -98,7 +99,8 @@ def test_stream_chunks_are_forwarded_as_they_arrive():
             await writer.drain()
 
         async def fn(gw, s):
-            async with s.post(gw.url + "/v1/completions", json={"prompt": "x", "stream": True}) as r:
+            body = {"prompt": "x", "stream": True}
+            async with s.post(gw.url + "/v1/completions", json=body) as r:
                 assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
                 assert await asyncio.wait_for(r.content.readline(), STEP_S) == b"data: one\n"
                 first_seen.set()
