@@ -302,3 +302,70 @@ def test_request_headers_forwarded_without_hop_by_hop_ones():
         await with_gateway(up, fn)
 
     asyncio.run(main())
+
+
+def test_large_stream_arrives_whole_and_in_order():
+    n_events = 20000                       # ~0.6 MB of SSE, written as fast as the socket takes
+
+    async def main():
+        async def script(n, line, body, reader, writer):
+            writer.write(SSE_HEAD)
+            for i in range(0, n_events, 500):
+                writer.write(b"".join(sse_chunk(f"{j:06d}") for j in range(i, i + 500)))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+        async def fn(gw, s):
+            async with s.post(gw.url + "/v1/completions", json={"stream": True}) as r:
+                data = await r.content.read()
+            assert data == b"".join(f"data: {j:06d}\n\n".encode() for j in range(n_events))
+
+        await with_gateway(RawUpstream(script), fn)
+
+    asyncio.run(main())
+
+
+def test_connection_pauses_the_upstream_when_the_reader_falls_behind():
+    from palsctl.adapters.upstream import READ_HIGH_WATER_B, _Connection
+
+    class FakeTransport:
+        def __init__(self):
+            self.calls = []
+
+        def pause_reading(self):
+            self.calls.append("pause")
+
+        def resume_reading(self):
+            self.calls.append("resume")
+
+        def get_extra_info(self, name):
+            return None
+
+    class FakePool:
+        loop = None
+
+    async def main():
+        FakePool.loop = asyncio.get_running_loop()
+        conn = _Connection(FakePool())
+        t = FakeTransport()
+        conn.connection_made(t)
+        conn.busy = True
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n"
+        piece = b"x" * 65536
+        total = READ_HIGH_WATER_B + 2 * len(piece)
+        conn.data_received(head % total)
+        assert conn.headers_done and conn.status == 200
+        sent = 0
+        while sent < READ_HIGH_WATER_B:
+            conn.data_received(piece)
+            sent += len(piece)
+        assert t.calls == []                  # at the mark, not over it
+        conn.data_received(piece)
+        sent += len(piece)
+        assert t.calls == ["pause"]
+        assert len(conn.take()) == sent and t.calls == ["pause", "resume"]
+        conn.data_received(piece)
+        assert conn.complete and conn.take() == piece and t.calls == ["pause", "resume"]
+
+    asyncio.run(main())
