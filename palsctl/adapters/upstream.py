@@ -12,7 +12,8 @@ end of the message; ``resp.release()`` returns the connection to the pool when t
 ended cleanly and the server keeps it alive, and aborts it otherwise (a client that went away
 mid-stream stops the upstream's generation). Bodies pass through undecoded
 (``Content-Encoding`` is the caller's business). Timeouts: connect, and "no byte from the
-upstream for ``read_timeout_s`` while a response is awaited", enforced by one watchdog task.
+upstream for ``read_timeout_s`` while a response is awaited", enforced by one watchdog task;
+idle connections are closed after ``idle_timeout_s`` (below common servers' keep-alive).
 """
 from __future__ import annotations
 
@@ -199,7 +200,7 @@ class UpstreamPool:
     """Keep-alive connections to one upstream base URL (``http://host:port[/prefix]``)."""
 
     def __init__(self, base_url: str, *, connect_timeout_s: float, read_timeout_s: float,
-                 idle_timeout_s: float = 30.0) -> None:
+                 idle_timeout_s: float = 2.0) -> None:
         u = urlsplit(base_url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"upstream must be an http(s) URL, got {base_url!r}")
@@ -236,10 +237,18 @@ class UpstreamPool:
         return conn
 
     def _get_idle(self) -> _Connection | None:
+        # a connection idle for longer than idle_timeout_s is closed, not reused: servers drop
+        # idle keep-alive connections (uvicorn, so vLLM, after 5 s), and a request written as
+        # the server closes would be lost on the wire
+        now = self.loop.time()
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed:
-                return conn
+            if conn.closed:
+                continue
+            if now - conn.last_io_s > self.idle_timeout_s:
+                conn.transport.close()
+                continue
+            return conn
         return None
 
     def head(self, method: str, path_qs: str, raw_headers: Any, body_len: int | None) -> bytes:

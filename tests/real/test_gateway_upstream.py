@@ -369,3 +369,39 @@ def test_connection_pauses_the_upstream_when_the_reader_falls_behind():
         assert conn.complete and conn.take() == piece and t.calls == ["pause", "resume"]
 
     asyncio.run(main())
+
+
+def test_connection_idle_too_long_is_closed_not_reused():
+    """Servers drop idle keep-alive connections (uvicorn after 5 s); one idle past the pool's
+    idle timeout is replaced (the idle time is simulated by backdating its last activity)."""
+
+    async def main():
+        closed_by_gateway = asyncio.Event()
+
+        async def script(n, line, body, reader, writer):
+            writer.write(json_response({"n": n}))
+            await writer.drain()
+
+        up = RawUpstream(script)
+        orig = up._serve
+
+        async def watch(reader, writer):
+            await orig(reader, writer)
+            closed_by_gateway.set()
+
+        up._serve = watch
+
+        async def fn(gw, s):
+            for _ in range(2):
+                async with s.post(gw.url + "/v1/completions", json={}) as r:
+                    assert r.status == 200
+            assert up.connections == 1 and len(gw._pool._idle) == 1
+            gw._pool._idle[0].last_io_s -= gw._pool.idle_timeout_s + 0.1
+            async with s.post(gw.url + "/v1/completions", json={}) as r:
+                assert (await r.json())["n"] == 0            # first request on a new connection
+            assert up.connections == 2
+            await asyncio.wait_for(closed_by_gateway.wait(), STEP_S)
+
+        await with_gateway(up, fn)
+
+    asyncio.run(main())
