@@ -18,6 +18,13 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 TIMEOUT = aiohttp.ClientTimeout(total=300)
 
 
+def session() -> aiohttp.ClientSession:
+    """A client that opens a connection per request: vLLM's server (uvicorn) closes idle
+    keep-alive connections after 5 s, and a pooled one reused just then fails with
+    ServerDisconnectedError — a race in the test client, not in what is tested."""
+    return aiohttp.ClientSession(timeout=TIMEOUT, connector=aiohttp.TCPConnector(force_close=True))
+
+
 async def complete(s, url, name, i, max_tokens, *, stream=False, chat=False,
                    started: asyncio.Event | None = None):
     """One request; returns its completion token count. ``started`` (streaming only) is set
@@ -60,7 +67,7 @@ def test_metrics_sensor_on_real_exposition(llama_server):
     assert first.model_names == (srv.name,) and first.tpot is not None and first.kv_usage is not None
 
     async def main():
-        async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        async with session() as s:
             return await asyncio.gather(*[complete(s, srv.url, srv.name, i, 64) for i in range(6)])
 
     tokens = asyncio.run(main())
@@ -99,7 +106,7 @@ def test_gateway_bounds_real_engine_concurrency(llama_server):
         before = sensor.prime()
 
         async def main():
-            async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+            async with session() as s:
                 async with s.get(gw.url + "/v1/models") as r:
                     assert (await r.json())["data"][0]["id"] == srv.name
                 stop, seen = asyncio.Event(), []
@@ -138,7 +145,7 @@ def test_scheduler_plugin_drains_down_to_lower_target(llama_server):
         return snap.running, snap.waiting
 
     async def main():
-        async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        async with session() as s:
             stop, seen, after = asyncio.Event(), [], []
             started = [asyncio.Event() for _ in range(8)]
             first = [asyncio.create_task(complete(s, srv.url, srv.name, i, 480, stream=True,
@@ -187,7 +194,7 @@ def test_scheduler_plugin_never_above_launch_max(llama_server):
     write_batch_target(srv.batch_file, 1000)
 
     async def main():
-        async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        async with session() as s:
             stop, seen = asyncio.Event(), []
             sampler = asyncio.create_task(sample_running(s, srv.url, srv.name, stop, seen))
             res = await asyncio.gather(*[complete(s, srv.url, srv.name, i, 400)
@@ -211,7 +218,7 @@ def test_tiny_mixtral_moe_serves_and_obeys_the_plugin(moe_server):
     sensor.prime()
 
     async def main():
-        async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        async with session() as s:
             stop, seen = asyncio.Event(), []
             sampler = asyncio.create_task(sample_running(s, srv.url, srv.name, stop, seen))
             res = await asyncio.gather(*[complete(s, srv.url, srv.name, i, 450, stream=i == 0)
