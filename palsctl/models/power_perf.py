@@ -156,6 +156,17 @@ _CHUNK_TOKENS = 8192  # vLLM's default chunked-prefill token budget per step
 _UNKNOWN_PROMPT, _UNKNOWN_OUTPUT = 1.0, 1e9  # workload not recorded: no prefill steps
 
 
+
+def _shrink_bracket(lo, hi, p_lo, p_hi, r, power, limit) -> None:
+    """In place: where ``power`` at clock ratio ``r`` fits ``limit``, ``r`` becomes the lower end
+    of the bracket, elsewhere the upper end (with the powers at the ends)."""
+    below = power <= limit
+    np.copyto(lo, r, where=below)
+    np.copyto(p_lo, power, where=below)
+    np.logical_not(below, out=below)
+    np.copyto(hi, r, where=below)
+    np.copyto(p_hi, power, where=below)
+
 class _Parametric:
     """The physically shaped model (see the module docstring). Parameters per GPU, in seconds
     and watts; ``f_max`` (MHz) is NaN when the profile did not record the SM clock."""
@@ -238,24 +249,14 @@ class _Parametric:
         for _ in range(_BISECT_STEPS):
             mid = 0.5 * (lo + hi)
             _, pm = cls._mix_at(x, mid, parts, mixed)
-            below = pm <= limit
-            np.copyto(lo, mid, where=below)
-            np.copyto(p_lo, pm, where=below)
-            np.logical_not(below, out=below)
-            np.copyto(hi, mid, where=below)
-            np.copyto(p_hi, pm, where=below)
+            _shrink_bracket(lo, hi, p_lo, p_hi, mid, pm, limit)
         # false-position steps inside the bracket (keep r smooth in the parameters); at the
         # clock floor the interpolation stays at r_min and the draw may exceed the cap
         for _ in range(_FALSE_POSITION_STEPS):
             frac = np.clip((limit - p_lo) / np.maximum(p_hi - p_lo, 1e-12), 0.0, 1.0)
             r = lo + frac * (hi - lo)
             t, power = cls._mix_at(x, r, parts, mixed)
-            below = power <= limit
-            np.copyto(lo, r, where=below)
-            np.copyto(p_lo, power, where=below)
-            np.logical_not(below, out=below)
-            np.copyto(hi, r, where=below)
-            np.copyto(p_hi, power, where=below)
+            _shrink_bracket(lo, hi, p_lo, p_hi, r, power, limit)
         # where the cap binds above the clock floor the firmware holds the power at the limit
         power = np.where(binding & (p_lo <= limit), limit, power)
         if np.ndim(r_min):  # a batch of parameter vectors: (K, points)
