@@ -60,6 +60,31 @@ async def sample_running(s, url, name, stop: asyncio.Event, out: list):
         await asyncio.sleep(0.2)    # pacing: each scrape costs the server's API process CPU
 
 
+async def scrape(s, url, name):
+    async with s.get(url + "/metrics") as r:
+        return parse_metrics(await r.text(), model_name=name)
+
+
+async def until_seen(tasks: list, seen: list, condition, more, *, max_waves: int = 5) -> list:
+    """Await ``tasks`` until a sample in ``seen`` meets ``condition``, adding a wave of
+    requests (``more(wave)`` returns new tasks) each time all have finished unseen.
+
+    This machine (a virtual one) now and then stops waking sleeping processes for several
+    seconds while busy ones keep running: the engine can then serve a whole batch of requests
+    while the test client and vLLM's API process wait, and a sampler misses what it was meant
+    to see. More load, not longer sleeps, makes the observation certain; the invariants checked
+    on every sample hold whatever the timing."""
+    waves = 0
+    while not any(condition(x) for x in seen):
+        if all(t.done() for t in tasks):
+            if waves == max_waves:
+                break
+            tasks = tasks + more(waves)
+            waves += 1
+        await asyncio.sleep(0.1)
+    return list(await asyncio.gather(*tasks))
+
+
 def test_metrics_sensor_on_real_exposition(llama_server):
     srv = llama_server
     sensor = VllmMetricsSensor(srv.url + "/metrics", model_name=srv.name)
@@ -111,9 +136,12 @@ def test_gateway_bounds_real_engine_concurrency(llama_server):
                     assert (await r.json())["data"][0]["id"] == srv.name
                 stop, seen = asyncio.Event(), []
                 sampler = asyncio.create_task(sample_running(s, srv.url, srv.name, stop, seen))
-                res = await asyncio.gather(*[
-                    complete(s, gw.url, srv.name, i, 300, stream=i % 2 == 0, chat=i % 3 == 0)
-                    for i in range(8)])
+
+                def wave(k):
+                    return [asyncio.create_task(complete(s, gw.url, srv.name, 8 * k + i, 300,
+                                                         stream=i % 2 == 0, chat=i % 3 == 0))
+                            for i in range(8)]
+                res = await until_seen(wave(0), seen, lambda x: x[0] == 2, lambda k: wave(k + 1))
                 stop.set()
                 await sampler
                 return res, seen
@@ -123,70 +151,83 @@ def test_gateway_bounds_real_engine_concurrency(llama_server):
     finally:
         box["loop"].call_soon_threadsafe(box["stop"].set)
         th.join(30)
-    assert tokens == [300] * 8
-    assert after.requests_finished - before.requests_finished == 8   # each exactly once
-    assert seen and max(r for r, _ in seen) <= 2
-    assert max(r for r, _ in seen) == 2          # the limit was actually reached
-    assert max(w for _, w in seen) == 0          # the queue was in the gateway, not in vLLM
-    assert gw.gate.admitted_total == 8 and gw.gate.max_in_flight_seen == 2
+    n = len(tokens)
+    assert n % 8 == 0 and tokens == [300] * n, tokens
+    assert after.requests_finished - before.requests_finished == n   # each exactly once
+    assert seen and max(r for r, _ in seen) <= 2, seen
+    assert max(r for r, _ in seen) == 2, seen    # the limit was actually reached
+    assert max(w for _, w in seen) == 0, seen    # the queue was in the gateway, not in vLLM
+    assert gw.gate.admitted_total == n and gw.gate.max_in_flight_seen == 2
 
 
 def test_scheduler_plugin_drains_down_to_lower_target(llama_server):
     """8 long streamed requests start; once every one of them has produced text (all 8 are
     running), the target drops to 2 and 16 more arrive. The newcomers wait while the first
     ones drain (nothing running is preempted, nothing new admitted above the target); once
-    those have finished, at most 2 run."""
-    srv = llama_server
-    write_batch_target(srv.batch_file, srv.max_num_seqs)
+    those have finished, at most 2 run while the rest wait in vLLM's queue.
 
-    async def scrape(s):
-        async with s.get(srv.url + "/metrics") as r:
-            snap = parse_metrics(await r.text(), model_name=srv.name)
-        return snap.running, snap.waiting
+    Judged on the engine's own gauges and preemption counter. The invariants hold on every
+    sample; the two things that must also be *seen* — the drain (more than 2 running after the
+    drop) and the drained state (2 running, newcomers waiting) — are retried, since a stall of
+    the test client can hide them (see `until_seen`)."""
+    srv = llama_server
+
+    def drained(x):
+        return x[0] == 2 and x[1] >= 1
+
+    async def attempt(s, a):
+        write_batch_target(srv.batch_file, srv.max_num_seqs)
+        stop, seen = asyncio.Event(), []
+        started = [asyncio.Event() for _ in range(8)]
+        first = [asyncio.create_task(complete(s, srv.url, srv.name, 1000 * a + i, 480,
+                                              stream=True, started=started[i]))
+                 for i in range(8)]
+        # event-driven, not polled: every first request has been scheduled by the engine
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 240)
+        write_batch_target(srv.batch_file, 2)          # lower the target mid-stream
+        still_running = sum(not t.done() for t in first)
+        sampler = asyncio.create_task(sample_running(s, srv.url, srv.name, stop, seen))
+
+        def newcomers(k, n):                           # long ones, 2 at a time once drained
+            return [asyncio.create_task(complete(s, srv.url, srv.name, 1000 * a + 100 * k + i,
+                                                 480, stream=i % 2 == 1)) for i in range(n)]
+        second = newcomers(1, 16)
+        tokens = list(await asyncio.gather(*first))
+        tokens += await until_seen(second, seen, drained, lambda k: newcomers(k + 2, 8))
+        stop.set()
+        await sampler
+        return tokens, still_running, seen
 
     async def main():
         async with session() as s:
-            stop, seen, after = asyncio.Event(), [], []
-            started = [asyncio.Event() for _ in range(8)]
-            first = [asyncio.create_task(complete(s, srv.url, srv.name, i, 480, stream=True,
-                                                  started=started[i])) for i in range(8)]
-            # event-driven, not polled: every first request has been scheduled by the engine
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 240)
-            write_batch_target(srv.batch_file, 2)      # lower the target mid-stream
-            still_running = sum(not t.done() for t in first)
-            sampler = asyncio.create_task(sample_running(s, srv.url, srv.name, stop, seen))
-            # 16 long newcomers, 2 at a time: the drained phase lasts 8 rounds of 480 tokens
-            second = [asyncio.create_task(complete(s, srv.url, srv.name, 100 + i, 480,
-                                                   stream=i % 2 == 1)) for i in range(16)]
-            res_first = await asyncio.gather(*first)
-            stop.set()
-            await sampler
-            await asyncio.sleep(0.3)                   # let the gauges catch up
-            while len(after) < 20 and sum(t.done() for t in second) < 14:
-                sample = await scrape(s)
-                if sum(t.done() for t in second) < 14:  # newcomers still queued: limit binds
-                    after.append(sample)
-                await asyncio.sleep(0.05)
-            res_second = await asyncio.gather(*second)
-            return res_first + res_second, still_running, seen, after
+            before = await scrape(s, srv.url, srv.name)
+            attempts = []
+            for a in range(3):
+                attempts.append(await attempt(s, a))
+                _, still_running, seen = attempts[-1]
+                if still_running == 8 and any(r > 2 for r, _ in seen) and any(map(drained, seen)):
+                    break
+            after = await scrape(s, srv.url, srv.name)
+            return attempts, after.preemptions - before.preemptions
 
-    tokens, still_running, seen, after = asyncio.run(main())
+    attempts, preemptions = asyncio.run(main())
     write_batch_target(srv.batch_file, srv.max_num_seqs)
-    assert tokens == [480] * 24, tokens             # every request completed, none dropped
+    for tokens, _, seen in attempts:
+        assert len(tokens) >= 24 and tokens == [480] * len(tokens), tokens   # none dropped
+        assert seen and max(r for r, _ in seen) <= 8, seen
+        # during the drain the cap is max(target, running): the running count may only rise
+        # while it is below the new target of 2, never back towards the first 8
+        running = [r for r, _ in seen]
+        assert all(b <= max(a, 2) for a, b in itertools.pairwise(running)), seen
+    assert preemptions == 0, preemptions        # the lower target never evicted a request
+    _, still_running, seen = attempts[-1]
     # the target was lowered while the first requests were all in flight (each had produced
-    # its first text and none had finished: 480 tokens take many engine steps)
-    assert still_running == 8, (still_running, seen, after)
-    assert seen and max(r for r, _ in seen) <= 8, seen
-    # during the drain the cap is max(target, running): the running count may only rise
-    # while it is below the new target of 2, never back towards the first 8
-    running = [r for r, _ in seen]
-    assert all(b <= max(a, 2) for a, b in itertools.pairwise(running)), seen
-    # once the 8 had finished, the engine ran the newcomers at most 2 at a time, up to 2,
-    # with the rest waiting in vLLM's queue
-    assert after, "the newcomers finished before any scrape (engine too fast for the check)"
-    assert max(r for r, _ in after) <= 2, after
-    assert max(r for r, _ in after) == 2, after
-    assert max(w for _, w in after) >= 1, after
+    # its first text and none had finished: 480 tokens take many engine steps) ...
+    assert still_running == 8, [a[1:] for a in attempts]
+    # ... the engine kept them running above the new target (drain, no eviction) ...
+    assert any(r > 2 for r, _ in seen), [a[2] for a in attempts]
+    # ... and once drained it ran exactly 2 with newcomers waiting in its queue
+    assert any(map(drained, seen)), [a[2] for a in attempts]
 
 
 def test_scheduler_plugin_never_above_launch_max(llama_server):
@@ -221,15 +262,20 @@ def test_tiny_mixtral_moe_serves_and_obeys_the_plugin(moe_server):
         async with session() as s:
             stop, seen = asyncio.Event(), []
             sampler = asyncio.create_task(sample_running(s, srv.url, srv.name, stop, seen))
-            res = await asyncio.gather(*[complete(s, srv.url, srv.name, i, 450, stream=i == 0)
-                                         for i in range(8)])
+
+            def wave(k):
+                return [asyncio.create_task(complete(s, srv.url, srv.name, 8 * k + i, 450,
+                                                     stream=i == 0)) for i in range(8)]
+            res = await until_seen(wave(0), seen, lambda x: x[0] == 2 and x[1] >= 1,
+                                   lambda k: wave(k + 1))
             stop.set()
             await sampler
             return res, seen
 
     tokens, seen = asyncio.run(main())
     w = sensor.read_window()
-    assert tokens == [450] * 8
-    assert w.throughput_tok_s * w.window_s == pytest.approx(8 * 450, rel=0.05)
-    assert len(seen) >= 2, seen
-    assert max(r for r, _ in seen) == 2 and max(wt for _, wt in seen) >= 1
+    n = len(tokens)
+    assert n % 8 == 0 and tokens == [450] * n, tokens
+    assert w.throughput_tok_s * w.window_s == pytest.approx(n * 450, rel=0.05)
+    assert seen and max(r for r, _ in seen) <= 2, seen
+    assert any(r == 2 and wt >= 1 for r, wt in seen), seen
