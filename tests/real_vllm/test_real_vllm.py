@@ -82,6 +82,7 @@ async def until_seen(tasks: list, seen: list, condition, more, *, max_waves: int
             tasks = tasks + more(waves)
             waves += 1
         await asyncio.sleep(0.1)
+    print(f"until_seen: {waves} extra wave(s), {len(seen)} samples")   # shown with -rP
     return list(await asyncio.gather(*tasks))
 
 
@@ -211,6 +212,7 @@ def test_scheduler_plugin_drains_down_to_lower_target(llama_server):
             return attempts, after.preemptions - before.preemptions
 
     attempts, preemptions = asyncio.run(main())
+    print(f"drain test: {len(attempts)} attempt(s)")
     write_batch_target(srv.batch_file, srv.max_num_seqs)
     for tokens, _, seen in attempts:
         assert len(tokens) >= 24 and tokens == [480] * len(tokens), tokens   # none dropped
