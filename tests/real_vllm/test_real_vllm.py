@@ -52,17 +52,16 @@ async def complete(s, url, name, i, max_tokens, *, stream=False, chat=False,
         return usage["completion_tokens"]
 
 
-async def sample_running(s, url, name, stop: asyncio.Event, out: list):
-    while not stop.is_set():
-        async with s.get(url + "/metrics") as r:
-            snap = parse_metrics(await r.text(), model_name=name)
-        out.append((snap.running, snap.waiting))
-        await asyncio.sleep(0.2)    # pacing: each scrape costs the server's API process CPU
-
-
 async def scrape(s, url, name):
     async with s.get(url + "/metrics") as r:
         return parse_metrics(await r.text(), model_name=name)
+
+
+async def sample_running(s, url, name, stop: asyncio.Event, out: list):
+    while not stop.is_set():
+        snap = await scrape(s, url, name)
+        out.append((snap.running, snap.waiting))
+        await asyncio.sleep(0.2)    # pacing: each scrape costs the server's API process CPU
 
 
 async def until_seen(tasks: list, seen: list, condition, more, *, max_waves: int = 5) -> list:
