@@ -173,7 +173,7 @@ class AzureFit:
 
 
 # Fitted by ``python -m palsctl.workloads.fit_azure`` on AzureLLMInferenceTrace_conv.csv
-# (19,366 requests over 58 min); checked against the file by tests/loop/test_workloads.py.
+# (19,366 requests over 58 min); checked against the file by tests/workloads/test_workloads.py.
 AZURE_CONV_FIT = AzureFit(
     rates_req_s=(4.6164, 7.004),
     mean_dwell_s=(121.98, 75.64),

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from conftest import limits4, plant_info4
+from tests.support.doubles import limits4, plant_info4
 from palsctl.controllers.baselines import BatchOnlyController, ZeusController
 from palsctl.controllers.oracle import OracleController
 from palsctl.errors import ConfigError

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from conftest import AnalyticModel, FakePlant, limits4, plant_info4
+from tests.support.doubles import AnalyticModel, FakePlant, limits4, plant_info4
 from palsctl.controllers.mpc import MPCController
 from palsctl.errors import ConfigError
 from palsctl.types import Measurement, Setpoint

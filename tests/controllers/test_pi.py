@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import limits4, plant_info4
+from tests.support.doubles import limits4, plant_info4
 from palsctl.controllers.pi import PIController
 from palsctl.errors import ConfigError
 from palsctl.types import Measurement, Setpoint

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import AnalyticModel, FakePlant, limits4, plant_info4
+from tests.support.doubles import AnalyticModel, FakePlant, limits4, plant_info4
 from palsctl.controllers import common
 from palsctl.controllers.search import SearchController
 from palsctl.errors import ConfigError

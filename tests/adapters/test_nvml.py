@@ -13,8 +13,8 @@ import pytest
 from palsctl.adapters.nvml import NvmlPower
 from palsctl.errors import HardwareError
 
-from . import fake_nvml
-from .fake_nvml import FakeGpu, FakeNvml
+from tests.support import fake_nvml
+from tests.support.fake_nvml import FakeGpu, FakeNvml
 
 HERE = Path(__file__).resolve().parent
 
@@ -133,7 +133,7 @@ def test_real_library_without_driver_raises_hardware_error():
 CHILD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests_dir!r})
-    from real.fake_nvml import FakeNvml, FakeGpu
+    from tests.support.fake_nvml import FakeNvml, FakeGpu
     from palsctl.adapters.nvml import NvmlPower
     fake = FakeNvml(gpus=[FakeGpu(), FakeGpu(limit_mw=650_000)], log_path={log!r})
     nv = NvmlPower(backend=fake.as_module())
@@ -150,7 +150,7 @@ CHILD = textwrap.dedent("""
 def test_signal_restores_original_limits(tmp_path, sig):
     import signal
     log = tmp_path / "writes.log"
-    code = CHILD.format(tests_dir=str(HERE.parent), log=str(log))
+    code = CHILD.format(tests_dir=str(HERE.parents[1]), log=str(log))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -173,8 +173,8 @@ def test_dropped_adapter_is_still_restored_at_exit(tmp_path):
     log = tmp_path / "writes.log"
     code = textwrap.dedent(f"""
         import gc, sys
-        sys.path.insert(0, {str(HERE.parent)!r})
-        from real.fake_nvml import FakeNvml
+        sys.path.insert(0, {str(HERE.parents[1])!r})
+        from tests.support.fake_nvml import FakeNvml
         from palsctl.adapters.nvml import NvmlPower
         NvmlPower(backend=FakeNvml(log_path={str(log)!r}).as_module()).set_power_cap_w(250.0)
         gc.collect()          # the adapter was never closed nor kept

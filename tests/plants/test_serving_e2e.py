@@ -16,7 +16,7 @@ from palsctl.plants.sim import SimPlant
 from palsctl.registry import make_controller
 from palsctl.types import Setpoint
 
-from .harness import TOKEN, Harness
+from tests.support.harness import TOKEN, Harness
 
 pytestmark = pytest.mark.timeout(120)
 
