@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--controllers", default="search,pi,mpc,oracle,zeus,batch-only,static")
     args = ap.parse_args()
 
-    from palsctl.config import load_experiment, run_experiment
+    from palsctl.experiment import load_experiment, run_experiment
     from palsctl.registry import resolve
 
     cfg = load_experiment(CONFIG).with_overrides(duration_s=float(args.steps))

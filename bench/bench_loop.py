@@ -27,7 +27,7 @@ def loop_replay(repeat: int) -> dict:
     schedule, static controller, default guard, recording), minus the same plant, controller and
     workload calls made directly. CPU time (``process_time``): the loop's own cost per step with
     the default experiment's data, free of the simulator's run-to-run variance."""
-    from palsctl import config as C
+    import palsctl.experiment as C
     from palsctl.interfaces import SimulatedPlant
     from palsctl.loop import run_loop
 
@@ -147,7 +147,7 @@ def loop_microbench(n_steps: int = 20000) -> dict:
 
 
 def run_default_plain() -> float:
-    from palsctl.config import load_experiment, run_experiment
+    from palsctl.experiment import load_experiment, run_experiment
 
     t0 = time.perf_counter()
     run_experiment(load_experiment())

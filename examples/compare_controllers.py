@@ -22,8 +22,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from palsctl.cli.compare import compare, plot_overlay
-    from palsctl.config import load_experiment
+    from palsctl.experiment import compare
+    from palsctl.plotting import plot_overlay
+    from palsctl.experiment import load_experiment
 
     cfg = load_experiment(HERE / "moe_throughput_targets.toml")
     if args.duration_s is not None:

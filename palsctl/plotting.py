@@ -1,7 +1,9 @@
 """Figures of a recorded run (matplotlib, Agg backend, imported only when plotting)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 from palsctl.loop import RunRecord
 from palsctl.metrics import trailing_means, window_setpoints
@@ -70,3 +72,46 @@ def plot_timeline(record: RunRecord, path: str | Path, *, title: str | None = No
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_overlay(records: dict[str, Any], path: Any, *, title: str | None = None) -> Any:
+    """One figure, four panels (power vs budget, throughput vs target, cap, batch), one line per
+    controller: ``records`` maps a controller name to one `RunRecord`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+
+    from palsctl.metrics import window_setpoints
+
+    fig, ax = plt.subplots(4, 1, figsize=(11, 10), sharex=True)
+    first = True
+    for name, rec in records.items():
+        t = [s.t_s for s in rec.steps]
+        ax[0].plot(t, [s.measurement.power_w for s in rec.steps], lw=0.8, label=name)
+        ax[1].plot(t, [s.measurement.throughput_tok_s for s in rec.steps], lw=0.8, label=name)
+        ax[2].plot(t, [s.applied.power_cap_w for s in rec.steps], lw=0.8, label=name)
+        ax[3].plot(t, [s.applied.max_batch for s in rec.steps], lw=0.8, label=name)
+        if first:
+            sps = window_setpoints(rec.steps)
+            b = [sp.power_budget_w if sp.power_budget_w is not None else math.nan for sp in sps]
+            x = [sp.throughput_tok_s if sp.throughput_tok_s is not None else math.nan
+                 for sp in sps]
+            ax[0].plot(t, b, "k--", lw=1.2, label="budget")
+            ax[1].plot(t, x, "k--", lw=1.2, label="target")
+            first = False
+    for a, lab in zip(ax, ("power (W, total)", "throughput (tok/s)", "cap per GPU (W)",
+                           "max batch")):
+        a.set_ylabel(lab)
+        a.grid(alpha=0.3)
+    ax[0].legend(fontsize=7, ncol=5, loc="upper right")
+    ax[-1].set_xlabel("time (s)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p

@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from palsctl.analysis.report import analyze_points, fmt, pi_gains, plot_maps
-    from palsctl.config import build_workload, load_experiment
+    from palsctl.experiment import build_workload, load_experiment
     from palsctl.controllers.pi import PIConfig
     from palsctl.errors import ConfigError, ModelFileError
 

@@ -18,43 +18,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show-example", action="store_true", help="print an example config")
 
 
-def load_control(path: str):
-    """Parse a control TOML file → (ExperimentConfig for setpoint/controller/guard, serving)."""
-    from pathlib import Path
-
-    from palsctl.config import experiment_from_dict, read_toml
-    from palsctl.errors import ConfigError
-    from palsctl.plants.serving import parse_serving
-
-    p = Path(path)
-    raw = read_toml(p)
-    if "plant" in raw:
-        raise ConfigError("a control config has [serving], not [plant]", file=str(p),
-                          key="plant")
-    if "workload" in raw:
-        raise ConfigError("a control config has no [workload] (the load comes from outside)",
-                          file=str(p), key="workload")
-    if "serving" not in raw:
-        raise ConfigError("missing required table", file=str(p), key="serving")
-    serving = parse_serving(raw.pop("serving"), file=str(p), base_dir=p.resolve().parent)
-    duration = raw.get("duration_s")
-    exp_raw = dict(raw)
-    exp_raw["duration_s"] = duration if duration is not None else max(raw.get("dt_s", 1.0), 1.0)
-    cfg = experiment_from_dict(exp_raw, file=str(p), base_dir=p.resolve().parent)
-    if duration is None:
-        cfg = cfg.with_overrides(duration_s=None)
-    return cfg, serving
-
-
 def main(args: argparse.Namespace) -> int:
     import logging
     import signal
     from pathlib import Path
 
-    from palsctl.config import build_controller, build_schedule
+    from palsctl.experiment.build import build_controller, build_schedule
     from palsctl.errors import ConfigError
     from palsctl.loop import run_loop
-    from palsctl.plants.serving import CONTROL_EXAMPLE_TOML, build_serving_plant
+    from palsctl.experiment.serving import (CONTROL_EXAMPLE_TOML, build_serving_plant,
+                                            load_control)
 
     if args.show_example:
         print(CONTROL_EXAMPLE_TOML, end="")

@@ -28,7 +28,7 @@ def main(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from palsctl.emulator import EmulatorConfig, run_emulator
+    from palsctl.adapters.emulator import EmulatorConfig, run_emulator
     from palsctl.errors import ConfigError
     from palsctl.plants.sim import SimPlant
 

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from palsctl.config import build_plant, build_workload, load_experiment
+    from palsctl.experiment import build_plant, build_workload, load_experiment
     from palsctl.errors import ConfigError
     from palsctl.models.profile import (default_grid, grid_points, parse_batches, parse_caps,
                                         sample_points)

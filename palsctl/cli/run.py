@@ -40,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from palsctl.config import DEFAULT_EXPERIMENT_TOML, load_experiment, run_experiment
+    from palsctl.experiment import DEFAULT_EXPERIMENT_TOML, load_experiment, run_experiment
     from palsctl.errors import ConfigError
     from palsctl.metrics import summarize
 

@@ -3,7 +3,7 @@
 * `StaticController` (``static``): what vLLM users run today — the GPU's default power limit and
   a fixed ``max_num_seqs`` (256), whatever the load or the budget. It declares
   ``guarded = False``: experiments on the simulated plant run it without the `SafetyGuard`
-  (see `palsctl.config.run_experiment`), so it shows what ignoring the budget costs.
+  (see `palsctl.experiment.run_experiment`), so it shows what ignoring the budget costs.
 * `CapToBudgetController` (``cap-to-budget``): facility power capping — every GPU capped at
   ``budget / num_gpus`` (the default limit when no budget is set), fixed batch.
 
@@ -39,7 +39,7 @@ class StaticController(Controller):
     """Default power limit and a fixed batch limit; ignores measurements and setpoints.
 
     ``guarded = False``: a deployment without power management has no safety layer either, so
-    `palsctl.config.run_experiment` runs it unguarded on the simulated plant (a power budget is
+    `palsctl.experiment.run_experiment` runs it unguarded on the simulated plant (a power budget is
     then exceeded whenever the plant draws more than it). On a real plant the guard stays.
     """
 

@@ -10,7 +10,7 @@ import pytest
 
 from palsctl.adapters.vllm_metrics import parse_metrics
 from palsctl.adapters.vllm_scheduler import write_batch_target
-from palsctl.emulator import Emulator, EmulatorConfig, estimate_prompt_tokens
+from palsctl.adapters.emulator import Emulator, EmulatorConfig, estimate_prompt_tokens
 from palsctl.errors import ConfigError
 from palsctl.plants.sim import SimPlant
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from palsctl.cli import main
-from palsctl.cli.compare import aggregate
-from palsctl.config import load_experiment
+from palsctl.experiment.compare import aggregate
+from palsctl.experiment import load_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
@@ -77,8 +77,8 @@ def test_compare_unknown_controller_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_versus_static_runs_both_on_the_same_workload():
-    from palsctl.cli.compare import versus_static
-    from palsctl.config import experiment_from_dict
+    from palsctl.experiment import versus_static
+    from palsctl.experiment import experiment_from_dict
     import tomllib
 
     cfg = experiment_from_dict(tomllib.loads(TINY))

@@ -4,7 +4,7 @@ import tomllib
 import pytest
 
 from palsctl.cli import main
-from palsctl.config import (DEFAULT_EXPERIMENT_TOML, build_schedule, build_workload,
+from palsctl.experiment import (DEFAULT_EXPERIMENT_TOML, build_schedule, build_workload,
                             experiment_from_dict, full_power_capacity_req_s, load_experiment,
                             run_experiment)
 from palsctl.errors import ConfigError

@@ -9,7 +9,7 @@ import pytest
 
 from palsctl.adapters.gateway import GatewayBatchActuator, GatewayControl
 from palsctl.adapters.vllm_metrics import VllmMetricsSensor
-from palsctl.emulator import EmulatorPower
+from palsctl.adapters.emulator import EmulatorPower
 from palsctl.loop import run_loop
 from palsctl.plants.serving import ServingPlant
 from palsctl.plants.sim import SimPlant

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from palsctl.adapters.gateway import Gateway, GatewayConfig
-from palsctl.emulator import Emulator, EmulatorConfig
+from palsctl.adapters.emulator import Emulator, EmulatorConfig
 
 TOKEN = "e2e-token-0123456789"
 

@@ -1,0 +1,131 @@
+"""Build the parts of an experiment (plant, workload, setpoint schedule, controller) from a
+validated `ExperimentConfig`."""
+from __future__ import annotations
+
+from typing import Any
+
+from palsctl.errors import ConfigError, PalsctlError, UnknownNameError
+from palsctl.experiment.schema import ExperimentConfig, _controller_config
+
+
+def build_plant(cfg: ExperimentConfig, *, seed: int | None = None):
+    """The plant described by ``[plant]`` (seeded with ``seed`` or the experiment's seed)."""
+    from palsctl.registry import make_plant
+
+    p = dict(cfg.plant)
+    kind = p.pop("kind")
+    try:
+        return make_plant(kind, dt_s=cfg.dt_s, seed=cfg.seed if seed is None else seed, **p)
+    except UnknownNameError as exc:
+        raise ConfigError(str(exc), file=cfg.source, key=f"plant.{exc.kind}"
+                          if exc.kind != "plant" else "plant.kind") from None
+    except ConfigError as exc:
+        if exc.file is None:
+            raise ConfigError(str(exc), file=cfg.source) from None
+        raise
+
+
+def full_power_capacity_req_s(cfg: ExperimentConfig, prompt_tokens: float,
+                              output_tokens: float) -> float:
+    """Requests/s the plant serves at its default cap and launch batch (saturated steady
+    state of the simulated plant with these mean lengths)."""
+    from palsctl.plants.sim import steady_state
+
+    p = cfg.plant
+    try:
+        ss = steady_state(p["model"], p["gpu"], p["num_gpus"], p["max_batch_launch"],
+                          prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+    except PalsctlError as exc:
+        raise ConfigError(f"cannot compute the plant's capacity for workload.load: {exc}",
+                          file=cfg.source) from None
+    return ss.throughput_tok_s / output_tokens
+
+
+def build_workload(cfg: ExperimentConfig, *, seed: int | None = None):
+    """The workload described by ``[workload]`` (None for kind = "none")."""
+    from palsctl.workloads import (LogNormalLengths, MMPPWorkload, PoissonWorkload,
+                                   TraceWorkload, azure_conv_workload, load_trace)
+    from palsctl.workloads.synthetic import AZURE_CONV_FIT
+
+    w = cfg.workload
+    kind = w["kind"]
+    seed = cfg.seed if seed is None else seed
+    if kind == "none":
+        return None
+
+    def rate_for(prompt_mean: float, output_mean: float) -> float | None:
+        if w.get("load") is not None:
+            return w["load"] * full_power_capacity_req_s(cfg, prompt_mean, output_mean)
+        return w.get("rate_req_s")
+
+    if kind == "azure-conv":
+        probe = azure_conv_workload(seed=seed)
+        return azure_conv_workload(rate_for(probe.mean_prompt_tokens, probe.mean_output_tokens)
+                                   or AZURE_CONV_FIT.mean_rate_req_s, seed=seed)
+    if kind in ("poisson", "mmpp"):
+        try:
+            prompt = LogNormalLengths.from_mean(w["prompt_tokens_mean"], w["prompt_tokens_sigma"],
+                                                max_tokens=w["prompt_tokens_max"])
+            output = LogNormalLengths.from_mean(w["output_tokens_mean"], w["output_tokens_sigma"],
+                                                max_tokens=w["output_tokens_max"])
+        except ConfigError as exc:
+            raise ConfigError(str(exc), file=cfg.source, key="workload") from None
+        rate = rate_for(prompt.mean(), output.mean())
+        if kind == "poisson":
+            return PoissonWorkload(rate, prompt=prompt, output=output, seed=seed)
+        rates, dwell = w["rates_req_s"], w["mean_dwell_s"]
+        if rate is not None:
+            mean = sum(r * d for r, d in zip(rates, dwell)) / sum(dwell)
+            rates = tuple(r * rate / mean for r in rates)
+        return MMPPWorkload(rates, dwell, prompt=prompt, output=output, seed=seed)
+    # trace
+    try:
+        trace = load_trace(w["path"], w["format"])
+        probe = TraceWorkload(trace, start_s=w["start_s"], duration_s=w["window_s"])
+        return TraceWorkload(trace, start_s=w["start_s"], duration_s=w["window_s"],
+                             rate_req_s=rate_for(probe.mean_prompt_tokens,
+                                                 probe.mean_output_tokens),
+                             repeat=w["repeat"])
+    except ConfigError as exc:
+        raise ConfigError(str(exc), file=cfg.source, key="workload.path", value=w["path"]) from None
+
+
+def build_schedule(cfg: ExperimentConfig, workload=None):
+    """The ``t_s -> Setpoint`` schedule described by ``[setpoint]``."""
+    from palsctl.workloads.budgets import GridSignal, Ramp, SetpointSchedule, Steps
+
+    fields: dict[str, Any] = {}
+    for name, spec in cfg.setpoint.items():
+        if spec == "demand":
+            if workload is None:
+                raise ConfigError('"demand" needs a workload', file=cfg.source,
+                                  key=f"setpoint.{name}", value=spec)
+            fields[name] = workload.demand_tok_s
+        elif isinstance(spec, float):
+            fields[name] = spec
+        elif "steps" in spec:
+            fields[name] = Steps(spec["steps"])
+        elif "ramp" in spec:
+            fields[name] = Ramp(spec["ramp"])
+        else:
+            try:
+                fields[name] = GridSignal(spec["grid"], min_w=spec["min_w"], max_w=spec["max_w"],
+                                          column=spec["column"], start_s=spec["start_s"],
+                                          speedup=spec["speedup"], invert=spec["invert"])
+            except ConfigError as exc:
+                raise ConfigError(str(exc), file=cfg.source, key=f"setpoint.{name}.grid",
+                                  value=spec["grid"]) from None
+    return SetpointSchedule(**fields)
+
+
+def build_controller(cfg: ExperimentConfig, controller: Any = None):
+    """The controller: ``controller`` may override the config's (a registered name — with the
+    config's parameters when it is the same name, defaults otherwise — or an instance)."""
+    from palsctl.interfaces import Controller
+
+    if isinstance(controller, Controller):
+        return controller
+    name = cfg.controller_name if controller is None else str(controller)
+    params = cfg.controller_params if name == cfg.controller_name else {}
+    cls, config = _controller_config(name, params, cfg.source)
+    return cls(config)
