@@ -116,6 +116,12 @@ class Controller(ABC):
 
     Config: ClassVar[type[ControllerConfig]] = ControllerConfig
     name: ClassVar[str] = "controller"
+    #: True when the controller needs an offline power-performance model (``model=``, the
+    #: Config's ``model_path``, or one profiled on the simulator's presets before the run).
+    needs_model: ClassVar[bool] = False
+    #: False for a baseline that stands for a deployment without power management: on the
+    #: simulated plant `palsctl.experiment.run_experiment` runs it without the `SafetyGuard`.
+    guarded: ClassVar[bool] = True
 
     def __init__(self, config: ControllerConfig | None = None, /, **params: Any) -> None:
         if config is not None and params:

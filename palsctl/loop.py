@@ -122,6 +122,94 @@ def _make_guard(controller: Controller, guard: Any) -> Controller:
     raise TypeError(f"guard must be None, a bool, a GuardConfig or a SafetyGuard, got {guard!r}")
 
 
+class ClosedLoop:
+    """A plant and a (guarded) controller closed by a setpoint schedule, stepped one control
+    period at a time. `run_loop` drives one to the end; a fleet coordinator steps many side by
+    side (changing each replica's budget between steps through its ``schedule``).
+
+    ``step()`` runs one period: submit the workload's arrivals, advance the simulated plant (a
+    real plant's period is waited for by the caller, see `run_loop`), read, decide, apply and
+    record. ``record`` is the `RunRecord` so far (the same object grows as steps are taken).
+    Arguments as in `run_loop`.
+    """
+
+    def __init__(self, plant: Plant, controller: Controller, *, schedule: Schedule,
+                 workload: Any = None,
+                 guard: SafetyGuard | GuardConfig | bool | None = None) -> None:
+        dt = float(plant.dt_s)
+        if not (dt > 0 and math.isfinite(dt)):
+            raise ConfigError(f"plant dt_s must be a positive number of seconds, "
+                              f"got {plant.dt_s!r}")
+        expected = controller.expected_dt_s
+        if expected is not None and abs(expected - dt) > _DT_RTOL * dt:
+            raise ConfigError(f"controller {type(controller).__name__} was tuned for "
+                              f"dt_s={expected:g} s but the plant runs at dt_s={dt:g} s",
+                              key="dt_s", value=dt)
+        self.plant, self.schedule, self.workload, self.dt_s = plant, schedule, workload, dt
+        self.simulated = isinstance(plant, SimulatedPlant)
+        self.ctl = _make_guard(controller, guard)
+        info = plant.info
+        if workload is not None and info is not None and info.prompt_tokens_mean is None:
+            # tell the controller the offered load's mean lengths (for its models)
+            info = replace(info, prompt_tokens_mean=float(workload.mean_prompt_tokens),
+                           output_tokens_mean=float(workload.mean_output_tokens))
+        self.ctl.setup(limits=plant.limits, dt_s=dt, plant_info=info)
+        self._is_guard = isinstance(self.ctl, SafetyGuard)
+        inner = self.ctl.controller if self._is_guard else self.ctl
+        self.record = RunRecord(steps=[], requests=[], limits=plant.limits, dt_s=dt,
+                                plant_info=info,
+                                controller=getattr(inner, "name", type(inner).__name__),
+                                meta={"simulated": self.simulated, "guard_faults": 0})
+        self._t0_plant = plant.now_s if self.simulated else 0.0
+        self.k = 0
+
+    @property
+    def t_s(self) -> float:
+        """Seconds since the start of the run at the end of the steps taken so far."""
+        return self.k * self.dt_s
+
+    def step(self) -> StepRecord:
+        """Run one control period and return its record (also appended to ``record``)."""
+        plant, dt, k = self.plant, self.dt_s, self.k
+        t = k * dt
+        if self.workload is not None:
+            arrivals = self.workload.requests_between(t, t + dt)
+            if arrivals:
+                if self._t0_plant:
+                    arrivals = [_shift(r, self._t0_plant) for r in arrivals]
+                plant.submit(arrivals)
+        if self.simulated:
+            plant.advance(dt)
+        m = plant.read()
+        t_next = (k + 1) * dt
+        sp = self.schedule(t_next)
+        ctl = self.ctl
+        c0 = time.perf_counter()
+        a = ctl.step(m, sp)
+        latency = time.perf_counter() - c0
+        applied = plant.apply(a)
+        if self._is_guard:
+            rec = StepRecord(t_s=t_next, measurement=m, setpoint=sp,
+                             requested=ctl.last_requested, applied=applied,
+                             guard_note=ctl.last_note, diagnostics=ctl.diagnostics(),
+                             step_latency_s=latency)
+            self.record.meta["guard_faults"] = ctl.faults
+        else:
+            rec = StepRecord(t_s=t_next, measurement=m, setpoint=sp, requested=a,
+                             applied=applied, diagnostics=ctl.diagnostics(),
+                             step_latency_s=latency)
+        self.record.steps.append(rec)
+        done = plant.completed()
+        if done:
+            t0 = self._t0_plant
+            if t0:  # report times since the start of the run, like the steps
+                done = [replace(r, arrival_s=r.arrival_s - t0, first_token_s=r.first_token_s - t0,
+                                finish_s=r.finish_s - t0) for r in done]
+            self.record.requests.extend(done)
+        self.k = k + 1
+        return rec
+
+
 def run_loop(plant: Plant, controller: Controller, *, duration_s: float | None,
              schedule: Schedule, workload: Any = None,
              guard: SafetyGuard | GuardConfig | bool | None = None,
@@ -138,14 +226,8 @@ def run_loop(plant: Plant, controller: Controller, *, duration_s: float | None,
     Raises `ConfigError` when the controller was tuned for another control period than the
     plant's ``dt_s``. ``monotonic``/``sleep`` are injectable for tests of the wall-clock path.
     """
-    dt = float(plant.dt_s)
-    if not (dt > 0 and math.isfinite(dt)):
-        raise ConfigError(f"plant dt_s must be a positive number of seconds, got {plant.dt_s!r}")
-    expected = controller.expected_dt_s
-    if expected is not None and abs(expected - dt) > _DT_RTOL * dt:
-        raise ConfigError(f"controller {type(controller).__name__} was tuned for dt_s={expected:g} "
-                          f"s but the plant runs at dt_s={dt:g} s", key="dt_s", value=dt)
-    simulated = isinstance(plant, SimulatedPlant)
+    loop = ClosedLoop(plant, controller, schedule=schedule, workload=workload, guard=guard)
+    dt, simulated = loop.dt_s, loop.simulated
     if duration_s is None:
         if simulated:
             raise ConfigError("a simulated run needs a finite duration_s")
@@ -155,73 +237,22 @@ def run_loop(plant: Plant, controller: Controller, *, duration_s: float | None,
             raise ConfigError("duration_s must be a positive number of seconds", key="duration_s",
                               value=duration_s)
         n_steps = max(1, round(duration_s / dt))
-
-    ctl = _make_guard(controller, guard)
-    info = plant.info
-    if workload is not None and info is not None and info.prompt_tokens_mean is None:
-        # tell the controller the offered load's mean lengths (for its models)
-        info = replace(info, prompt_tokens_mean=float(workload.mean_prompt_tokens),
-                       output_tokens_mean=float(workload.mean_output_tokens))
-    ctl.setup(limits=plant.limits, dt_s=dt, plant_info=info)
-    is_guard = isinstance(ctl, SafetyGuard)
-    steps: list[StepRecord] = []
-    requests: list[RequestResult] = []
-    t0_plant = plant.now_s if simulated else 0.0
     start_wall = monotonic()
-    perf = time.perf_counter
-    append = steps.append
-    k = 0
     try:
-        while n_steps == 0 or k < n_steps:
+        while n_steps == 0 or loop.k < n_steps:
             if should_stop is not None and should_stop():
                 break
-            t = k * dt
-            if workload is not None:
-                arrivals = workload.requests_between(t, t + dt)
-                if arrivals:
-                    if t0_plant:
-                        arrivals = [_shift(r, t0_plant) for r in arrivals]
-                    plant.submit(arrivals)
-            if simulated:
-                plant.advance(dt)
-            else:
-                wait_s = start_wall + (k + 1) * dt - monotonic()
+            if not simulated:
+                wait_s = start_wall + (loop.k + 1) * dt - monotonic()
                 if wait_s > 0:
                     sleep(wait_s)
-            m = plant.read()
-            t_next = (k + 1) * dt
-            sp = schedule(t_next)
-            c0 = perf()
-            a = ctl.step(m, sp)
-            latency = perf() - c0
-            applied = plant.apply(a)
-            if is_guard:
-                append(StepRecord(t_s=t_next, measurement=m, setpoint=sp,
-                                  requested=ctl.last_requested, applied=applied,
-                                  guard_note=ctl.last_note, diagnostics=ctl.diagnostics(),
-                                  step_latency_s=latency))
-            else:
-                append(StepRecord(t_s=t_next, measurement=m, setpoint=sp, requested=a,
-                                  applied=applied, diagnostics=ctl.diagnostics(),
-                                  step_latency_s=latency))
-            done = plant.completed()
-            if done:
-                if t0_plant:  # report times since the start of the run, like the steps
-                    done = [replace(r, arrival_s=r.arrival_s - t0_plant,
-                                    first_token_s=r.first_token_s - t0_plant,
-                                    finish_s=r.finish_s - t0_plant) for r in done]
-                requests.extend(done)
-            k += 1
+            loop.step()
             if progress is not None:
-                progress(k, n_steps)
+                progress(loop.k, n_steps)
     except KeyboardInterrupt:
         if simulated or duration_s is not None:
             raise  # only an unbounded wall-clock run ends on Ctrl-C with its record
-    inner = ctl.controller if is_guard else ctl
-    return RunRecord(steps=steps, requests=requests, limits=plant.limits, dt_s=dt,
-                     plant_info=info, controller=getattr(inner, "name", type(inner).__name__),
-                     meta={"simulated": simulated,
-                           "guard_faults": ctl.faults if is_guard else 0})
+    return loop.record
 
 
 def _shift(r, offset_s: float):

@@ -69,7 +69,7 @@ def model_for(plant_info: PlantInfo, *, points: int = 16, kind: str = "parametri
 def ensure_model(controller: Any, plant_info: PlantInfo | None = None) -> Any:
     """Give ``controller`` a model if it needs one and has none (no-op for other controllers).
     Returns the model (or None). Call before ``setup``; ``setup`` also calls it as a fallback."""
-    if not getattr(controller, "needs_model", False):
+    if not controller.needs_model:
         return None
     if getattr(controller, "model", None) is not None:
         return controller.model

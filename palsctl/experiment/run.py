@@ -29,8 +29,7 @@ def run_experiment(cfg: ExperimentConfig, *, controller: Any = None, seed: int |
     # today, with no power management and no safety layer); on the simulated plant it then runs
     # without the SafetyGuard so the comparison shows what ignoring the budget costs. Real plants
     # always keep the guard when the experiment enables it.
-    unguarded = getattr(type(ctl), "guarded", True) is False and bool(
-        getattr(getattr(plant, "info", None), "simulated", False))
+    unguarded = not ctl.guarded and plant.info.simulated
     guard = cfg.guard if cfg.guard_enabled and not unguarded else False
     try:
         record = run_loop(plant, ctl, duration_s=cfg.duration_s, schedule=schedule,

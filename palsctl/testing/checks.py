@@ -56,7 +56,7 @@ class CheckReport:
 
 def _make(name: str, model: Any, params: dict[str, Any]) -> Controller:
     cls = resolve(name)
-    if getattr(cls, "needs_model", False) and model is not None:
+    if cls.needs_model and model is not None:
         return cls(model=model, **params)
     return cls(**params)
 
@@ -111,7 +111,7 @@ def check_controller(name: str, *, model: Any = None, params: dict[str, Any] | N
     info = dataclasses.replace(info, prompt_tokens_mean=info.prompt_tokens_mean or 512.0,
                                output_tokens_mean=info.output_tokens_mean or 256.0)
     cls = resolve(name)
-    if getattr(cls, "needs_model", False) and model is None:
+    if cls.needs_model and model is None:
         model = model_for(info)
     details: dict[str, Any] = {}
 
