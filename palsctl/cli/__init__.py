@@ -23,6 +23,7 @@ COMMANDS = {
     "emulate": "palsctl.cli.emulate",
     "gateway": "palsctl.cli.gateway",
     "control": "palsctl.cli.control",
+    "data": "palsctl.cli.data",
 }
 
 

@@ -88,7 +88,8 @@ def test_versus_static_runs_both_on_the_same_workload():
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_example_scenarios_load(path):
+def test_example_scenarios_load(path, require_data):
+    require_data(config=path)
     cfg = load_experiment(path)
     assert cfg.controller_name == "search"
 
