@@ -43,3 +43,8 @@ class HardwareError(PalsctlError, RuntimeError):
 
 class ModelFileError(PalsctlError, ValueError):
     """A power-performance model file is unreadable, of an unknown version or missing a field."""
+
+
+class PalsctlWarning(UserWarning):
+    """Something a user should know that does not stop the run (the CLI prints it on one line:
+    ``palsctl COMMAND: warning: ...``)."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
-from palsctl.errors import PalsctlError
+from palsctl.errors import PalsctlError, PalsctlWarning
 
 COMMANDS = {
     "run": "palsctl.cli.run",
@@ -47,6 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str) -> None:
+    """Print a `PalsctlWarning` as ``palsctl COMMAND: warning: ...`` (once per message);
+    other warnings keep Python's format."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PalsctlWarning):
+            print(f"palsctl {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("default", PalsctlWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -54,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._main(args) or 0)
+        with warnings.catch_warnings():
+            _one_line_warnings(args.command)
+            return int(args._main(args) or 0)
     except PalsctlError as exc:
         print(f"palsctl {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -82,12 +82,36 @@ def build_workload(cfg: ExperimentConfig, *, seed: int | None = None):
     try:
         trace = load_trace(w["path"], w["format"])
         probe = TraceWorkload(trace, start_s=w["start_s"], duration_s=w["window_s"])
-        return TraceWorkload(trace, start_s=w["start_s"], duration_s=w["window_s"],
-                             rate_req_s=rate_for(probe.mean_prompt_tokens,
-                                                 probe.mean_output_tokens),
-                             repeat=w["repeat"])
+        workload = TraceWorkload(trace, start_s=w["start_s"], duration_s=w["window_s"],
+                                 rate_req_s=rate_for(probe.mean_prompt_tokens,
+                                                     probe.mean_output_tokens),
+                                 repeat=w["repeat"])
     except ConfigError as exc:
         raise ConfigError(str(exc), file=cfg.source, key="workload.path", value=w["path"]) from None
+    if not w["repeat"] and workload.window_s < cfg.duration_s:
+        _warn_short_trace(cfg, workload)
+    return workload
+
+
+def _trace_span(w: dict) -> str:
+    return "the rest of the trace" if w["window_s"] is None else f"{w['window_s']:g} s of trace"
+
+
+def _warn_short_trace(cfg: ExperimentConfig, workload) -> None:
+    """A trace replay that ends before the run does: the rest of the run gets no requests."""
+    import warnings
+
+    from palsctl.errors import PalsctlWarning
+
+    w = cfg.workload
+    scaled = "" if workload.time_scale == 1.0 else \
+        f" ({_trace_span(w)} time-scaled by " \
+        f"{workload.time_scale:.3g} to {workload.rate_req_s:.3g} req/s)"
+    warnings.warn(
+        f"{cfg.source}: the trace workload ends at {workload.window_s:.0f} s{scaled} but the run "
+        f"lasts {cfg.duration_s:g} s, so nothing arrives after that; set workload.repeat = true, "
+        "a longer workload.window_s or a lower load, or a shorter duration_s",
+        PalsctlWarning, stacklevel=3)
 
 
 def build_schedule(cfg: ExperimentConfig, workload=None):

@@ -57,10 +57,9 @@ def test_default_experiment_matches_the_issue():
     assert sched(0).throughput_tok_s == pytest.approx(w.demand_tok_s)
 
 
-def test_default_run_shortened(tmp_path):
+def test_default_run_shortened(tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["run", "--duration-s", "90", "--out", str(out), "--json", str(tmp_path / "s.json"),
-               "-q"])
+    rc = main(["run", "--duration-s", "90", "--out", str(out), "--json", str(tmp_path / "s.json")])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(SUMMARY_KEYS) <= set(summary)
@@ -68,28 +67,192 @@ def test_default_run_shortened(tmp_path):
     assert summary["controller"] == load_experiment().controller_name
     assert summary["energy_j"] > 0 and summary["generated_tokens"] > 0
     assert json.loads((tmp_path / "s.json").read_text()) == summary
-    # the default experiment also runs static on the same workload and seed
-    assert summary["static"]["tokens_per_joule"] > 0
-    assert summary["gain_vs_static"] == pytest.approx(
-        summary["tokens_per_joule"] / summary["static"]["tokens_per_joule"])
-    assert summary["qos_violation_rate_vs_static"] == pytest.approx(
-        summary["qos_violation_rate"] - summary["static"]["qos_violation_rate"])
+    # the default experiment also runs static and cap-to-budget on the same workload and seed
+    assert list(summary["baselines"]) == ["static", "cap-to-budget"]
+    assert summary["static"] == summary["baselines"]["static"]
+    for name, slug in (("static", "static"), ("cap-to-budget", "cap_to_budget")):
+        base = summary["baselines"][name]
+        assert base["tokens_per_joule"] > 0
+        assert summary[f"gain_vs_{slug}"] == pytest.approx(
+            summary["tokens_per_joule"] / base["tokens_per_joule"])
+        assert summary[f"qos_violation_rate_vs_{slug}"] == pytest.approx(
+            summary["qos_violation_rate"] - base["qos_violation_rate"])
+        assert (out / f"steps-{name}.csv").read_text().count("\n") == 91
+    # the headline says it in words, as printed
+    printed = capsys.readouterr().out
+    qos = summary["qos_violation_rate"] * 100
+    for name in ("static", "cap-to-budget"):
+        b = summary["baselines"][name]["qos_violation_rate"] * 100
+        words = "same" if round(qos, 1) == round(b, 1) else "worse" if qos > b else "better"
+        line = f"QoS violations {qos:.1f} % vs {b:.1f} % ({words})"
+        assert line in summary["headline"][name] and line in printed
+    assert f"{summary['controller']} vs cap-to-budget (facility power capping" in printed
     lines = (out / "steps.csv").read_text().splitlines()
     assert len(lines) == 91 and lines[0].startswith("t_s,window_s,power_w")
     assert (out / "timeline.png").stat().st_size > 10_000
+    assert "gain vs static" not in printed and "points)" not in printed
 
 
-def test_versus_static_only_by_default_for_the_default_experiment(tmp_path):
+def test_headline_in_words():
+    from palsctl.cli.run import add_gain_vs, headline, headline_text
+
+    s = {"controller": "search", "tokens_per_joule": 1.252, "qos_violation_rate": 0.085,
+         "slo_attainment": 0.951, "time_over_budget_s": 1.0}
+    add_gain_vs(s, {"tokens_per_joule": 1.088, "qos_violation_rate": 0.040,
+                    "slo_attainment": 0.9512, "time_over_budget_s": 555.0}, "static")
+    add_gain_vs(s, {"tokens_per_joule": 1.3, "qos_violation_rate": 0.0851,
+                    "slo_attainment": 0.97, "time_over_budget_s": 0.0}, "cap-to-budget")
+    s["headline"] = headline(s)
+    assert s["headline"]["static"] == [
+        "tokens per joule 1.252 vs 1.088 (+15.1 %, better)",
+        "QoS violations 8.5 % vs 4.0 % (worse)",
+        "SLO attainment 95.1 % vs 95.1 % (same)",
+        "time over budget 1 s vs 555 s (better)"]
+    assert s["headline"]["cap-to-budget"] == [
+        "tokens per joule 1.252 vs 1.300 (-3.7 %, worse)",
+        "QoS violations 8.5 % vs 8.5 % (same)",
+        "SLO attainment 95.1 % vs 97.0 % (worse)",
+        "time over budget 1 s vs 0 s (worse)"]
+    text = headline_text(s).splitlines()
+    assert text[0] == ("search vs static (default power limit and batch, no power management: "
+                       "ignores the budget):")
+    assert text[2] == "  QoS violations 8.5 % vs 4.0 % (worse)"
+    assert s["gain_vs_cap_to_budget"] == pytest.approx(1.252 / 1.3)
+
+
+def test_versus_baselines_only_by_default_for_the_default_experiment(tmp_path, capsys):
     cfgp = write(tmp_path, SHORT)
     assert main(["run", str(cfgp), "-q", "--no-plot", "--out", str(tmp_path / "a")]) == 0
-    assert "gain_vs_static" not in json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert main(["run", str(cfgp), "-q", "--no-plot", "--versus-static",
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert "gain_vs_static" not in s and "baselines" not in s and "headline" not in s
+    assert main(["run", str(cfgp), "-q", "--no-plot", "--versus", "static,zeus",
                  "--out", str(tmp_path / "b")]) == 0
     s = json.loads((tmp_path / "b" / "summary.json").read_text())
-    assert s["controller"] == "cap-to-budget" and s["gain_vs_static"] > 0
-    assert main(["run", "-q", "--no-plot", "--duration-s", "5", "--no-versus-static",
-                 "--out", str(tmp_path / "c")]) == 0
-    assert "static" not in json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert s["controller"] == "cap-to-budget" and list(s["baselines"]) == ["static", "zeus"]
+    assert s["gain_vs_static"] > 0 and s["gain_vs_zeus"] > 0
+    # the controller itself is no baseline; the earlier spelling still works
+    assert main(["run", str(cfgp), "-q", "--no-plot", "--versus-static", "--controller",
+                 "static", "--out", str(tmp_path / "c")]) == 0
+    assert "baselines" not in json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert main(["run", "-q", "--no-plot", "--duration-s", "5", "--no-versus",
+                 "--out", str(tmp_path / "d")]) == 0
+    assert "static" not in json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert main(["run", str(cfgp), "-q", "--versus", "nope", "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--versus" in err and "nope" in err
+
+
+def _rows_without_wall_clock(path):
+    """steps.csv without its wall-clock column (the controller's step latency)."""
+    import csv
+
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    k = rows[0].index("step_latency_s")
+    return [r[:k] + r[k + 1:] for r in rows]
+
+
+def test_results_folder_reproduces_bit_for_bit(tmp_path, capsys):
+    """A run's folder holds the resolved config and its provenance; `--from` reruns it (same
+    controller, its parameters, baselines, seed) and every recorded value except the
+    wall-clock step latency is identical."""
+    cfgp = write(tmp_path, SHORT.replace("seed = 3", "seed = 5"))
+    a = tmp_path / "a"
+    assert main(["run", str(cfgp), "-q", "--controller", "pi", "--seed", "7", "--duration-s",
+                 "25", "--versus", "static", "--out", str(a)]) == 0
+    cfg = tomllib.loads((a / "config.toml").read_text())
+    assert (cfg["seed"], cfg["duration_s"], cfg["controller"]["name"]) == (7, 25.0, "pi")
+    assert cfg["controller"]["kp_cap_budget"] == 0.3  # the complete Config, defaults included
+    assert cfg["workload"]["kind"] == "poisson" and cfg["workload"]["rate_req_s"] == 4.0
+    prov = json.loads((a / "provenance.json").read_text())
+    import palsctl
+    assert prov["palsctl_version"] == palsctl.__version__ and prov["seed"] == 7
+    assert prov["controller"]["name"] == "pi" and "ki_cap_budget_per_s" in \
+        prov["controller"]["config"]
+    assert [b["name"] for b in prov["baselines"]] == ["static"]
+    assert prov["plant"]["model"] == "llama-3.1-8b" and prov["dependencies"]["numpy"]
+    assert prov["python"] and "git" in prov
+
+    assert main(["run", "--from", str(a / "config.toml"), "-q"]) == 0
+    b = tmp_path / "a-rerun"  # the default output folder of --from
+    for f in ("steps.csv", "steps-static.csv"):
+        assert _rows_without_wall_clock(a / f) == _rows_without_wall_clock(b / f)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    for s in (sa, sb):
+        del s["step_latency_p50_s"], s["step_latency_p99_s"]
+    assert sa == sb and sa["controller"] == "pi" and list(sa["baselines"]) == ["static"]
+    assert (a / "config.toml").read_text().split("\n", 2)[2] == \
+        (b / "config.toml").read_text().split("\n", 2)[2]
+
+    # a folder works too; never over the run it reproduces; a recorded version that differs
+    prov["palsctl_version"] = "0.0.1"
+    (a / "provenance.json").write_text(json.dumps(prov))
+    capsys.readouterr()
+    assert main(["run", "--from", str(a), "-q", "--no-plot", "--out", str(tmp_path / "c")]) == 0
+    assert "recorded with palsctl 0.0.1" in capsys.readouterr().err
+    assert main(["run", "--from", str(a), "-q", "--out", str(a)]) == 2
+    assert "would overwrite the run it reproduces" in capsys.readouterr().err
+    assert main(["run", "--from", str(tmp_path), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "--from" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_trace_shorter_than_the_run_warns_at_load(tmp_path, capsys):
+    import warnings
+
+    from pathlib import Path
+
+    from palsctl.errors import PalsctlWarning
+
+    trace = Path(__file__).resolve().parents[2] / "examples" / "data" / "moe_throughput_targets.csv"
+    text = SHORT.replace("""kind = "poisson"
+rate_req_s = 4.0
+prompt_tokens_mean = 300
+output_tokens_mean = 120
+output_tokens_sigma = 0.5""", f"""kind = "trace"
+path = "{trace}"
+window_s = 100.0""")
+    cfg = load_experiment(write(tmp_path, text))
+    with pytest.warns(PalsctlWarning, match=r"ends at 100 s but the run lasts 130 s"):
+        build_workload(cfg.with_overrides(duration_s=130.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_workload(cfg)  # 30 s of 100: no warning
+        build_workload(load_experiment(write(tmp_path, text.replace(
+            "window_s = 100.0", "window_s = 10.0\nrepeat = true"))))
+    # the CLI prints it on one line, once
+    path = write(tmp_path, text.replace("duration_s = 30.0", "duration_s = 120.0"), "long.toml")
+    assert main(["run", str(path), "-q", "--no-plot", "--versus", "static",
+                 "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"palsctl run: warning: {path}: the trace workload ends at 100 s but the run "
+                   "lasts 120 s, so nothing arrives after that; set workload.repeat = true, a "
+                   "longer workload.window_s or a lower load, or a shorter duration_s"]
+
+
+def test_timeline_overlays_baselines_and_shows_latency_against_the_slos(tmp_path):
+    from palsctl.plotting import latency_violations, timeline_figure
+
+    cfg = load_experiment(write(tmp_path, SHORT.replace(
+        'throughput_tok_s = "demand"', 'throughput_tok_s = "demand"\ntpot_slo_s = 0.0081\n'
+        'ttft_slo_s = 0.03')))
+    rec = run_experiment(cfg)
+    base = run_experiment(cfg, controller="static")
+    bad = latency_violations(rec)
+    assert len(bad) == len(rec.steps) and any(bad) and not all(bad)
+    fig = timeline_figure(rec, baselines={"static": base})
+    labels = [a.get_ylabel() for a in fig.axes]
+    assert labels[:4] == ["power, all GPUs (W)", "generated tokens/s", "p90 TPOT (s)",
+                          "power cap per GPU (W)"]
+    assert {"p90 TTFT (s)", "sequences"} <= set(labels)
+    legends = {t.get_text() for a in fig.axes if a.get_legend()
+               for t in a.get_legend().get_texts()}
+    assert {"static power", "static (30 s mean)", "budget", "target", "window over an SLO",
+            "TPOT SLO (left axis)", "TTFT SLO (right axis)", "cap per GPU (left axis)",
+            "batch limit (right axis)"} <= legends
+    assert len(fig.axes[2].patches) >= 1  # one shaded span per run of violating windows
+    import matplotlib.pyplot as plt
+    plt.close(fig)
 
 
 def test_same_workload_for_every_controller_and_seed_override(tmp_path):
@@ -195,18 +358,6 @@ def test_show_default_round_trips(capsys):
     assert cfg.name == "default"
     with pytest.raises(ConfigError, match="duration_s"):
         experiment_from_dict({"controller": {"name": "static"}})
-
-
-def test_readme_config_example_is_valid(tmp_path, shared_data):
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    toml = re.search(r"```toml\n(.*?)```", readme, re.S).group(1)
-    cfg = load_experiment(write(tmp_path, toml))
-    assert cfg.controller_name == "cap-to-budget" and cfg.workload["kind"] == "trace"
-    sched = build_schedule(cfg, build_workload(cfg))
-    assert 400 <= sched(0).power_budget_w <= 700
 
 
 def test_mmpp_ramp_and_unguarded_config(tmp_path):
