@@ -23,35 +23,28 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from palsctl.analysis.identify import (fopdt_from_gradients, identify_from_step_test,
-                                       step_test)
-from palsctl.analysis.stability import (FOPDT, LoopAnalysis, StabilityMap, analyze_loop,
-                                       recommend_gains, stability_map)
+from palsctl.analysis.identify import fopdt_from_gradients, identify_from_step_test, step_test
+from palsctl.analysis.points import (
+    BUDGET_DRAW_FRACTION,
+    LOAD_BATCH_FRACTION,
+    LOOPS_BY_BUDGET,
+    OperatingPoint,
+    operating_points,
+    step_size,
+)
+from palsctl.analysis.stability import (
+    FOPDT,
+    LoopAnalysis,
+    StabilityMap,
+    analyze_loop,
+    recommend_gains,
+    stability_map,
+)
 from palsctl.errors import ConfigError
 
 __all__ = ["OperatingPoint", "LoopReport", "AnalysisReport", "operating_points", "pi_gains",
            "analyze_points", "plot_maps", "map_grid", "fmt", "LOAD_BATCH_FRACTION",
            "BUDGET_DRAW_FRACTION"]
-
-LOAD_BATCH_FRACTION = {"low": 1 / 16, "medium": 1 / 4, "high": 1 / 2}
-BUDGET_DRAW_FRACTION = {"loose": 0.90, "tight": 0.65}
-LOOPS_BY_BUDGET = {"loose": ("batch", "margin"), "tight": ("budget",)}
-
-
-@dataclass(frozen=True, kw_only=True)
-class OperatingPoint:
-    """A saturated operating point: batch and per-GPU cap, with the natural draw at that batch
-    (the draw at the default cap: a cap above it does not bind) and the power floor (the draw at
-    the minimum cap: the lowest clock; a cap below it changes nothing)."""
-
-    name: str
-    load: str
-    budget: str
-    max_batch: int
-    power_cap_w: float
-    natural_draw_per_gpu_w: float
-    power_floor_per_gpu_w: float
-
 
 @dataclass(frozen=True, kw_only=True)
 class LoopReport:
@@ -128,40 +121,6 @@ def pi_gains(config) -> dict[str, tuple[float, float]]:
             "budget": (float(config.kp_cap_budget), float(config.ki_cap_budget_per_s))}
 
 
-def operating_points(*, model: str, gpu: str, num_gpus: int, max_batch_launch: int,
-                     cap_min_w: float, cap_max_w: float, prompt_tokens: float,
-                     output_tokens: float) -> list[OperatingPoint]:
-    """The six operating points (load × budget) described in the module doc."""
-    from palsctl.plants.sim import steady_state
-
-    out = []
-    for load, frac in LOAD_BATCH_FRACTION.items():
-        b = max(1, int(round(max_batch_launch * frac)))
-        ss = steady_state(model, gpu, num_gpus, max_batch=b, prompt_tokens=int(prompt_tokens),
-                          output_tokens=int(output_tokens))
-        draw = ss.power_w / num_gpus
-        floor = steady_state(model, gpu, num_gpus, max_batch=b, power_cap_w=cap_min_w,
-                             prompt_tokens=int(prompt_tokens),
-                             output_tokens=int(output_tokens)).power_w / num_gpus
-        for budget, dfrac in BUDGET_DRAW_FRACTION.items():
-            # inside the range where the cap binds, clear of the floor
-            cap = max(round(draw * dfrac), math.ceil(floor + 0.15 * (draw - floor)))
-            cap = min(max(cap, cap_min_w), cap_max_w)
-            out.append(OperatingPoint(name=f"{load}-load/{budget}-budget", load=load,
-                                      budget=budget, max_batch=b, power_cap_w=float(cap),
-                                      natural_draw_per_gpu_w=float(draw),
-                                      power_floor_per_gpu_w=float(floor)))
-    return out
-
-
-def _step_size(loop: str, pt: OperatingPoint) -> float:
-    if loop == "batch":
-        return float(max(1, round(pt.max_batch / 8)))
-    # cap steps that keep the cap binding (below the natural draw: the loose point sits at 90 %
-    # of it) yet move the throughput by more than its token quantisation
-    return float(max(2.0, round(0.07 * pt.natural_draw_per_gpu_w)))
-
-
 def analyze_points(*, experiment: str, model: str, gpu: str, num_gpus: int,
                    max_batch_launch: int, dt_s: float, gains: dict[str, tuple[float, float]],
                    prompt_tokens: float = 200.0, output_tokens: float = 400.0,
@@ -194,7 +153,7 @@ def analyze_points(*, experiment: str, model: str, gpu: str, num_gpus: int,
         for loop in LOOPS_BY_BUDGET[pt.budget]:
             kp, ki = gains[loop]
             test = step_test(make, loop=loop, power_cap_w=pt.power_cap_w, max_batch=pt.max_batch,
-                             step=_step_size(loop, pt), prompt_tokens=int(prompt_tokens),
+                             step=step_size(loop, pt), prompt_tokens=int(prompt_tokens),
                              output_tokens=int(output_tokens), seed=seed)
             fitted = identify_from_step_test(test)
             plants: list[FOPDT] = [fitted]

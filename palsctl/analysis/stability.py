@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import control as ct
 import numpy as np
+
+from palsctl.analysis.plant_model import FOPDT, discrete_matrices, fit_percent
 
 __all__ = [
     "FOPDT", "LoopAnalysis", "StepMetrics", "Margins", "StabilityMap", "Recommendation",
@@ -54,51 +56,6 @@ _UNIT_TOL = 1e-7
 # --------------------------------------------------------------------------------------------
 # Plant model
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True, kw_only=True)
-class FOPDT:
-    """First order plus dead time plant seen through an averaging sensor, sampled at ``dt_s``.
-
-    ``gain``: output units per input unit at steady state (e.g. tok/s per sequence, W per W of
-    cap). ``tau_s``: time constant (actuator settling lag + plant lag), seconds (0 = instant).
-    ``delay_s``: dead time, seconds. ``window_s``: the sensor reports the mean of the output
-    over the last ``window_s`` seconds (``0`` = an instantaneous sample). ``dt_s``: control
-    period (zero-order hold on the input). ``source`` says where the numbers come from
-    ("step-test", "model-gradients", ...); ``fit_rms`` is the step-test fit's RMS residual in
-    output units when identified from data.
-    """
-
-    gain: float
-    tau_s: float
-    delay_s: float
-    dt_s: float
-    window_s: float
-    input_name: str = "u"
-    output_name: str = "y"
-    source: str = "given"
-    fit_rms: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("gain", "tau_s", "delay_s", "dt_s", "window_s"):
-            v = getattr(self, name)
-            if not math.isfinite(v):
-                raise ValueError(f"FOPDT.{name} must be finite, got {v}")
-        if self.dt_s <= 0:
-            raise ValueError(f"FOPDT.dt_s must be > 0, got {self.dt_s}")
-        for name in ("tau_s", "delay_s", "window_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"FOPDT.{name} must be >= 0, got {getattr(self, name)}")
-
-    def with_gain(self, gain: float, *, source: str | None = None) -> "FOPDT":
-        d = asdict(self)
-        d["gain"] = float(gain)
-        if source is not None:
-            d["source"] = source
-        return FOPDT(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def discrete_plant(p: FOPDT, *, method: str = "c2d") -> ct.StateSpace:
     """Exact discrete-time model of `FOPDT` ``p`` at ``p.dt_s`` (input held by a ZOH).
 
@@ -106,99 +63,28 @@ def discrete_plant(p: FOPDT, *, method: str = "c2d") -> ct.StateSpace:
     output over ``[k·dt − window_s, k·dt]``); input sample ``k`` is applied at ``t = k·dt``
     right after that reading. Built from ``ct.c2d(..., 'zoh')`` of the lag augmented with
     integrators of its output, one call per segment of the period in which the delayed input
-    and the averaging window are constant. ``method="closed-form"`` computes the same ZOH maps
-    from their closed form (exact for a scalar lag; used inside fitting loops for speed).
+    and the averaging window are constant (`plant_model.discrete_matrices`).
+    ``method="closed-form"`` computes the same ZOH maps from their closed form (exact for a
+    scalar lag; used inside fitting loops for speed).
     """
     if method not in ("c2d", "closed-form"):
         raise ValueError(f"method must be 'c2d' or 'closed-form', got {method!r}")
-    T = p.dt_s
-    # Continuous lag x' = -x/τ + K/τ · v, output x. τ = 0 is an instant gain: a lag far faster
-    # than one period (e^{-T/τ} underflows to 0) has the same sampled behaviour.
-    tau = max(p.tau_s, 1e-6 * T)
-    a, b = -1.0 / tau, p.gain / tau
-    d_int = int(math.floor(p.delay_s / T + 1e-12))
-    theta_f = p.delay_s - d_int * T
-    if theta_f < 1e-12 * T:
-        theta_f = 0.0
-    W = p.window_s
-    if W <= 1e-12 * T:
-        m, w = 0, 0.0           # instantaneous sample
-    else:
-        m = int(math.ceil(W / T - 1e-12))
-        w = W - (m - 1) * T     # part of the window inside the last period, in (0, T]
+    segment = None
+    if method == "c2d":
+        # τ = 0 is an instant gain: a lag far faster than one period has the same samples
+        a = -1.0 / max(p.tau_s, 1e-6 * p.dt_s)
+        b = -a * p.gain
 
-    # Continuous state s = [x, Zf, Zp]: Zf integrates x over the whole period, Zp over its last
-    # w seconds (switched on at T − w). Inputs of a segment: the (delayed) held input v.
-    def seg(h: float, zp_on: bool) -> tuple[np.ndarray, np.ndarray]:
-        if h <= 0:
-            return np.eye(3), np.zeros((3, 1))
-        if method == "c2d":
+        def segment(h: float, zp_on: bool) -> tuple[np.ndarray, np.ndarray]:
+            if h <= 0:
+                return np.eye(3), np.zeros((3, 1))
             A = np.array([[a, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0 if zp_on else 0.0, 0.0, 0.0]])
             B = np.array([[b], [0.0], [0.0]])
             sysd = ct.c2d(ct.ss(A, B, np.eye(3), np.zeros((3, 1))), h, method="zoh")
             return np.asarray(sysd.A), np.asarray(sysd.B)
-        # the same ZOH maps in closed form (a scalar lag): fast path for fitting loops
-        e = math.exp(a * h)
-        i1 = (1.0 - e) * tau          # ∫_0^h e^{aσ} dσ
-        on = 1.0 if zp_on else 0.0
-        Ph = np.array([[e, 0.0, 0.0], [i1, 1.0, 0.0], [on * i1, 0.0, 1.0]])
-        gx = p.gain * (1.0 - e)
-        gz = p.gain * (h - i1)
-        return Ph, np.array([[gx], [gz], [on * gz]])
 
-    # Breakpoints in the period: θf (delayed input switches from u_{k-d-1} to u_{k-d}) and T − w.
-    cuts = sorted({0.0, T, *(t for t in (theta_f, T - w if m else T) if 0.0 < t < T)})
-    Phi = np.eye(3)
-    G_old = np.zeros((3, 1))
-    G_new = np.zeros((3, 1))
-    for t0, t1 in zip(cuts[:-1], cuts[1:]):
-        Ph, Gh = seg(t1 - t0, zp_on=bool(m) and t0 >= T - w - 1e-12)
-        Phi = Ph @ Phi
-        G_old, G_new = Ph @ G_old, Ph @ G_new
-        if t0 < theta_f - 1e-12:
-            G_old = G_old + Gh
-        else:
-            G_new = G_new + Gh
-    # Discrete state ξ = [x_k, F_k .. F_{k-m+1}, P_k .. P_{k-m+1}, u_{k-1} .. u_{k-q}]: F_j is
-    # the integral of x over the period ending at j·dt, P_j over its last w seconds. The reading
-    # y_k averages [k·dt − W, k·dt] = the last m−1 whole periods plus the tail of the one before:
-    # y_k = (F_k + ... + F_{k-m+2} + P_{k-m+1}) / W.
-    nH = max(m, 1)
-    q = d_int + (1 if theta_f > 0 else 0)
-    n = 1 + 2 * nH + q
-    iF, iP, iU = 1, 1 + nH, 1 + 2 * nH
-    A = np.zeros((n, n))
-    B = np.zeros((n, 1))
-    C = np.zeros((1, n))
-    D = np.zeros((1, 1))
-
-    def add_input(col_gain: np.ndarray, lag: int) -> None:
-        # contribution of u_{k-lag} to rows (x, F_{k+1}, P_{k+1})
-        for r, g in zip((0, iF, iP), col_gain[:, 0]):
-            if lag == 0:
-                B[r, 0] += g
-            else:
-                A[r, iU + lag - 1] += g
-
-    for r, src in ((0, 0), (iF, 1), (iP, 2)):
-        A[r, 0] = Phi[src, 0]   # Zf, Zp start each period at 0: only x_k matters
-    add_input(G_new, d_int)
-    if theta_f > 0:
-        add_input(G_old, d_int + 1)
-    for j in range(1, nH):      # shift the F and P histories
-        A[iF + j, iF + j - 1] = 1.0
-        A[iP + j, iP + j - 1] = 1.0
-    if q:
-        B[iU, 0] = 1.0          # u_k enters the input buffer
-        for j in range(1, q):
-            A[iU + j, iU + j - 1] = 1.0
-    if m == 0:
-        C[0, 0] = 1.0           # instantaneous sample of x
-    else:
-        for j in range(m - 1):  # F_k .. F_{k-m+2}
-            C[0, iF + j] = 1.0 / W
-        C[0, iP + m - 1] = 1.0 / W
-    return ct.ss(A, B, C, D, T, inputs=p.input_name, outputs=p.output_name)
+    A, B, C, D = discrete_matrices(p, segment)
+    return ct.ss(A, B, C, D, p.dt_s, inputs=p.input_name, outputs=p.output_name)
 
 
 def simulate_fopdt_response(p: FOPDT, u: np.ndarray, *, method: str = "c2d") -> np.ndarray:
@@ -311,8 +197,10 @@ def _sweep_w() -> np.ndarray:
 
 def _unit_circle_frequencies(poly: np.ndarray) -> list[float]:
     """Frequencies ω in (0, π] of the roots of ``poly`` lying within 1e-2 of the unit circle
-    (candidates to refine: such roots are ill-conditioned near z = 1)."""
-    nz = np.flatnonzero(poly)
+    (candidates to refine: such roots are ill-conditioned near z = 1). Leading coefficients
+    below 1e-14 of the largest are dropped (a subnormal one would put roots at infinity)."""
+    scale = float(np.max(np.abs(poly))) if len(poly) else 0.0
+    nz = np.flatnonzero(np.abs(poly) > 1e-14 * scale)
     if not nz.size or len(poly) - nz[0] <= 1:
         return []
     r = np.roots(poly[nz[0]:])
@@ -519,8 +407,8 @@ def settling_time_of(t_s: np.ndarray, y_normalised: np.ndarray, *,
     """Settling time of a measured response already normalised to go from 0 to 1, with
     ``ct.step_info``'s definition (the time of the first sample after the last one outside
     ±``threshold`` of the final value 1), ``t_s`` counted from the setpoint step; nan if the
-    record ends outside the band. Unlike ``ct.step_info`` it also answers for a response that never reaches
-    90 % (no rise time)."""
+    record ends outside the band. Unlike ``ct.step_info`` it also answers for a response that
+    never reaches 90 % (no rise time)."""
     y = np.asarray(y_normalised, dtype=float)
     t = np.asarray(t_s, dtype=float)
     outside = np.flatnonzero(~(np.abs(y - 1.0) < threshold))
@@ -717,8 +605,11 @@ def identify_fopdt(y: np.ndarray, u: np.ndarray, *, dt_s: float, window_s: float
                 best = r
     K, tau, delay = (float(v) for v in best.x)
     rms = float(np.sqrt(np.mean(best.fun ** 2)))
+    # the fit over the response (from the step on), in per cent of its spread
+    fit = fit_percent(dy[k0:], model(best.x)[k0:])
     return FOPDT(gain=K, tau_s=tau, delay_s=delay, dt_s=T, window_s=window_s,
-                 input_name=input_name, output_name=output_name, source="step-test", fit_rms=rms)
+                 input_name=input_name, output_name=output_name, source="step-test", fit_rms=rms,
+                 fit_pct=fit)
 
 
 # --------------------------------------------------------------------------------------------

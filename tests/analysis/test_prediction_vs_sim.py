@@ -44,7 +44,10 @@ sim = pytest.importorskip("palsctl.plants.sim")
 # 128), so a 300 W step is large against the cap's 1 W rounding and still leaves room.
 MODEL, GPU, N_GPUS, BATCH = "llama-3.1-8b", "b200", 1, 128
 DT_S, CAP0_W, STEP_W = 0.25, 300.0, 300.0
-STEP_CLASSIFY_W = 150.0     # smaller kicks: more stable gains stay inside the actuator range
+# smaller kicks: more stable gains stay inside the actuator range. Not a whole number of watts:
+# the plant applies whole-watt caps, and an unstable loop whose cap lands exactly on a whole-watt
+# target sits there (zero error is an equilibrium of the noiseless plant) and looks settled.
+STEP_CLASSIFY_W = 150.5
 MIN_PERIODS = 10
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
@@ -103,8 +106,9 @@ def test_stable_gains_settle_and_unstable_gains_do_not(kp, ki):
     assert res.stable == (k_crit > 1)
     event("stable" if res.stable else "unstable")
     assert run.decays() == res.stable, (res.stable, np.round(run.y_normalised, 3))
-    if not res.stable:
-        assert math.isnan(run.settling_time_s(final="measured"))
+    if not res.stable:   # never stays in the band (a limit cycle may graze it at the end)
+        ts = run.settling_time_s(final="measured")
+        assert math.isnan(ts) or ts > run.t_s[-1] - 4 * DT_S, ts
 
 
 @settings(max_examples=12, **SETTINGS)
