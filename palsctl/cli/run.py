@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, metavar="N", help="override the experiment's seed")
     parser.add_argument("--duration-s", type=float, metavar="S",
                         help="override the experiment's duration (simulated seconds)")
+    parser.add_argument("--lenient", action="store_true",
+                        help="trace workloads: drop invalid trace rows instead of failing (the "
+                             "dropped rows are counted, logged and written to the summary)")
     parser.add_argument("--no-plot", action="store_true", help="skip timeline.png")
     parser.add_argument("--quiet", "-q", action="store_true",
                         help="no progress bar and no table")
@@ -113,6 +116,8 @@ def main(args: argparse.Namespace) -> int:
         if args.seed < 0:
             raise ConfigError("must be >= 0", key="--seed", value=args.seed)
         cfg = cfg.with_overrides(seed=args.seed)
+    if args.lenient:
+        cfg = cfg.with_overrides(workload={**cfg.workload, "lenient": True})
     if args.out:
         out = Path(args.out)
     elif args.from_:
@@ -357,6 +362,9 @@ def _print_report(cfg, s: dict, written) -> None:
          f" / {f(s['step_latency_p99_s'] and s['step_latency_p99_s'] * 1e6, '{:.0f}')} µs"),
         ("duration", f(s["duration_s"], "{:.0f}", " s simulated")),
     ]
+    if wl.get("dropped_rows"):
+        rows.append(("[red]trace rows dropped[/red]",
+                     f"[red]{wl['dropped_rows']} of {wl['trace_rows']} (--lenient)[/red]"))
     if s.get("power_tracking_mae_w") is not None:
         rows.insert(10, ("power tracking MAE", f(s["power_tracking_mae_w"], "{:.1f}", " W")))
     if s.get("safe_holds"):

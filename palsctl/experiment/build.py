@@ -80,7 +80,7 @@ def build_workload(cfg: ExperimentConfig, *, seed: int | None = None):
         return MMPPWorkload(rates, dwell, prompt=prompt, output=output, seed=seed)
     # trace
     try:
-        trace = load_trace(w["path"], w["format"])
+        trace = load_trace(w["path"], w["format"], lenient=bool(w.get("lenient", False)))
         probe = TraceWorkload(trace, start_s=w["start_s"], duration_s=w["window_s"])
         workload = TraceWorkload(trace, start_s=w["start_s"], duration_s=w["window_s"],
                                  rate_req_s=rate_for(probe.mean_prompt_tokens,

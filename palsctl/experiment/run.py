@@ -54,7 +54,12 @@ def run_experiment(cfg: ExperimentConfig, *, controller: Any = None, seed: int |
 def _workload_meta(cfg: ExperimentConfig, workload) -> dict[str, Any]:
     if workload is None:
         return {"kind": "none"}
-    return {"kind": cfg.workload["kind"], "rate_req_s": workload.rate_req_s,
+    meta = {"kind": cfg.workload["kind"], "rate_req_s": workload.rate_req_s,
             "mean_prompt_tokens": workload.mean_prompt_tokens,
             "mean_output_tokens": workload.mean_output_tokens,
             "demand_tok_s": workload.demand_tok_s}
+    trace = getattr(workload, "trace", None)
+    if trace is not None:         # a replayed trace: how many of its rows a lenient load dropped
+        meta.update(trace_rows=trace.rows, dropped_rows=trace.dropped_rows,
+                    dropped_reasons=dict(trace.dropped))
+    return meta

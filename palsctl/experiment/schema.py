@@ -232,7 +232,7 @@ _WORKLOAD_SPECS: dict[str, dict[str, tuple[Callable, Any]]] = {
     "trace": {**_RATE_SPEC, "path": (_str(), ...),
               "format": (_str(("auto", "azure", "mooncake")), "auto"),
               "start_s": (_num(0), 0.0), "window_s": (_num(0, lo_open=True, optional=True), None),
-              "repeat": (_bool, False)},
+              "repeat": (_bool, False), "lenient": (_bool, False)},
 }
 _SETPOINT_FIELDS = ("throughput_tok_s", "tpot_slo_s", "ttft_slo_s", "power_budget_w",
                     "power_target_w")
