@@ -6,7 +6,9 @@ tens of microseconds per streamed chunk; this one does only what a reverse proxy
 the request head and body, parse the response with ``httptools`` (llhttp, the parser of Node.js
 and uvicorn) and hand the de-chunked body to the caller as it arrives — at a fraction of that.
 
-`UpstreamPool.request` returns an `UpstreamResponse` once the status line and headers are in;
+`UpstreamPool.request` sends the request body (bytes, or a list of chunks written one after
+another with the transport's flow control, so a large body is never copied whole into a send
+buffer) and returns an `UpstreamResponse` once the status line and headers are in;
 ``await resp.read_any()`` yields body bytes (all that has arrived, joined) until ``b""`` at the
 end of the message; ``resp.release()`` returns the connection to the pool when the message
 ended cleanly and the server keeps it alive, and aborts it otherwise (a client that went away
@@ -30,6 +32,7 @@ HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "prox
                          "content-length", "host", "expect"})
 HOP_HEADERS_B = frozenset(h.encode() for h in HOP_HEADERS)
 READ_HIGH_WATER_B = 256 * 1024   # pause reading the upstream when this much is unread
+ONE_WRITE_B = 256 * 1024         # a body up to this size goes out with the head in one write
 
 
 class UpstreamError(ConnectionError):
@@ -50,6 +53,7 @@ class _Connection(asyncio.Protocol):
         self.last_io_s = self._loop.time()
         self.busy = False
         self.reused = False
+        self.write_paused = False
         self._reset()
 
     def _reset(self) -> None:
@@ -60,6 +64,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.got_bytes = False
         self.exc: BaseException | None = None
+        self.body_cut = False         # the upstream answered before taking the whole body
         self._framed = False          # Content-Length or chunked: the end is in the stream
         self._body: deque[bytes] = deque()
         self._buffered = 0
@@ -84,6 +89,14 @@ class _Connection(asyncio.Protocol):
         except self._parser_error as exc:
             self._fail(UpstreamError(f"bad HTTP from the upstream: {exc}"))
             self.transport.abort()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.last_io_s = self._loop.time()
+        self._wake()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
@@ -265,11 +278,21 @@ class UpstreamPool:
         return b"".join(parts)
 
     async def request(self, method: str, path_qs: str, raw_headers: Any,
-                      body: bytes | None) -> UpstreamResponse:
-        """Send one request; return once the response's headers have arrived."""
-        data = self.head(method, path_qs, raw_headers, None if body is None else len(body))
-        if body:
-            data += body
+                      body: bytes | list[bytes] | None) -> UpstreamResponse:
+        """Send one request (``body``: None, bytes, or a list of chunks); return once the
+        response's headers have arrived."""
+        if body is None:
+            chunks: list[bytes] = []
+            body_len = None
+        elif isinstance(body, (bytes, bytearray, memoryview)):
+            chunks = [body] if body else []
+            body_len = len(body)
+        else:
+            chunks = [c for c in body if c]
+            body_len = sum(len(c) for c in chunks)
+        head = self.head(method, path_qs, raw_headers, body_len)
+        if len(chunks) == 1 and len(chunks[0]) <= ONE_WRITE_B:
+            head, chunks = head + chunks[0], []
         for attempt in (0, 1):
             conn = self._get_idle()
             if conn is None:
@@ -281,7 +304,19 @@ class UpstreamPool:
             conn.last_io_s = self.loop.time()
             self._busy.add(conn)
             try:
-                conn.transport.write(data)
+                conn.transport.write(head)
+                for chunk in chunks:     # each after the last has drained below the high water
+                    while conn.write_paused and conn.exc is None and not conn.closed \
+                            and not conn.headers_done:
+                        await conn.wait()
+                    if conn.exc is not None:
+                        raise conn.exc
+                    if conn.headers_done:     # answered early (an error): the rest is not sent
+                        conn.body_cut = True
+                        break
+                    if conn.closed:
+                        raise UpstreamError("the upstream closed the connection")
+                    conn.transport.write(chunk)
                 while not conn.headers_done:
                     if conn.exc is not None:
                         raise conn.exc
@@ -309,7 +344,7 @@ class UpstreamPool:
 
     def _release(self, conn: _Connection) -> None:
         if (conn.complete and conn.keep_alive and conn.exc is None and not conn.closed
-                and not conn._body and not self._closed):
+                and not conn._body and not conn.body_cut and not self._closed):
             self._busy.discard(conn)
             conn.busy = False
             conn._reset()
