@@ -546,19 +546,42 @@ class Gateway:
                 return refused
         if not request.body_exists:
             return body
+        content = request.content
         try:
-            result = await self._read_chunks(request, body)
+            if content.is_eof() and content.exception() is None:   # all here: no waiting
+                result = self._add(body, content.read_nowait())
+            else:
+                result = await self._read_chunks(content, body)
         except BaseException:
             body.release()
             raise
-        if result is not body:           # refused: the bytes read so far go
+        if result is None and n is not None and body.size_b != n:
+            result = self._refusal(400, "bad_body", f"request body of {body.size_b} bytes, "
+                                   f"Content-Length {n}")
+        if result is not None:           # refused: the bytes read so far go
             body.release()
-        return result
+            return result
+        return body
 
-    async def _read_chunks(self, request: Any, body: _Body) -> Any:
+    def _add(self, body: _Body, chunk: bytes) -> Any:
+        """Keep one piece of a body; None, or the refusal when it breaks a limit."""
+        body.size_b += len(chunk)
+        if body.size_b > body.held_b:          # no Content-Length (chunked): held as it comes
+            if body.size_b > self.config.max_body_b:
+                return self._refusal(413, "body_too_large",
+                                     f"request body is over {self.config.max_body_b} bytes")
+            more = body.size_b - body.held_b
+            if not self.budget.try_take(more):
+                return self._refusal(503, "buffer_full", "too many request bodies in memory; "
+                                     "retry", retry_after_s=1)
+            body.held_b += more
+        if chunk:
+            body.chunks.append(chunk)
+        return None
+
+    async def _read_chunks(self, content: Any, body: _Body) -> Any:
+        """Read the rest of a body under the idle and total timeouts; None, or the refusal."""
         c = self.config
-        n = request.content_length
-        content = request.content
         loop = asyncio.get_running_loop()
         end_s = loop.time() + c.body_timeout_s
         try:
@@ -567,26 +590,14 @@ class Gateway:
                     deadline.reschedule(min(end_s, loop.time() + c.body_idle_timeout_s))
                     chunk = await content.readany()
                     if not chunk:
-                        break
-                    body.size_b += len(chunk)
-                    if body.size_b > body.held_b:          # no Content-Length: chunked
-                        if body.size_b > c.max_body_b:
-                            return self._refusal(413, "body_too_large",
-                                                 f"request body is over {c.max_body_b} bytes")
-                        more = body.size_b - body.held_b
-                        if not self.budget.try_take(more):
-                            return self._refusal(503, "buffer_full", "too many request bodies "
-                                                 "in memory; retry", retry_after_s=1)
-                        body.held_b += more
-                    body.chunks.append(chunk)
+                        return None
+                    refused = self._add(body, chunk)
+                    if refused is not None:
+                        return refused
         except TimeoutError:
             return self._refusal(408, "body_timeouts", "request body not received in time")
         except self._body_errors as exc:
             return self._refusal(400, "bad_body", f"request body unreadable: {exc}")
-        if n is not None and body.size_b != n:
-            return self._refusal(400, "bad_body", f"request body of {body.size_b} bytes, "
-                                 f"Content-Length {n}")
-        return body
 
     async def _admitted(self, request: Any) -> Any:
         # the body is read (within the byte budget) before admission: a slow upload must not
