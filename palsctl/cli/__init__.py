@@ -25,6 +25,7 @@ COMMANDS = {
     "gateway": "palsctl.cli.gateway",
     "control": "palsctl.cli.control",
     "data": "palsctl.cli.data",
+    "fleet": "palsctl.cli.fleet",
 }
 
 
