@@ -2,6 +2,7 @@
 message on one line and exits with status 2 (no traceback)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -10,11 +11,16 @@ class PalsctlError(Exception):
 
 
 class ConfigError(PalsctlError, ValueError):
-    """Invalid configuration: names the file (if any), the key and the offending value."""
+    """Invalid configuration: names the file (if any), the key and the offending value.
+
+    ``message`` is the bare message; ``errors`` every error found (one, or several when a
+    validator reports them all at once: `collect`). ``str()`` has one line per error.
+    """
 
     def __init__(self, message: str, *, file: str | None = None, key: str | None = None,
                  value: Any = None) -> None:
-        self.file, self.key, self.value = file, key, value
+        self.file, self.key, self.value, self.message = file, key, value, message
+        self.errors: tuple[ConfigError, ...] = (self,)
         where = []
         if file:
             where.append(str(file))
@@ -24,6 +30,22 @@ class ConfigError(PalsctlError, ValueError):
         if key is not None and value is not None:
             message = f"{message} (got {value!r})"
         super().__init__(f"{prefix}: {message}" if prefix else message)
+
+    @classmethod
+    def collect(cls, errors: Sequence[ConfigError]) -> ConfigError:
+        """One exception for several errors (flattened): the error itself when there is one;
+        otherwise one whose ``str()`` has a line per error and whose ``file``/``key``/``value``
+        are the first error's."""
+        flat = tuple(e for err in errors for e in err.errors)
+        if not flat:
+            raise ValueError("ConfigError.collect needs at least one error")
+        if len(flat) == 1:
+            return flat[0]
+        first = flat[0]
+        exc = cls(first.message, file=first.file, key=first.key, value=first.value)
+        exc.args = ("\n".join(str(e) for e in flat),)
+        exc.errors = flat
+        return exc
 
 
 class UnknownNameError(PalsctlError, KeyError):

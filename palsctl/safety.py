@@ -34,9 +34,10 @@ import dataclasses
 import logging
 import math
 import numbers
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
-from palsctl.errors import ConfigError
+from pydantic import Field
+
 from palsctl.interfaces import Controller, ControllerConfig
 from palsctl.types import Action, Limits, Measurement, PlantInfo, Setpoint
 
@@ -48,28 +49,17 @@ _ENERGY_DROP_TOLERANCE_J = 1e-6
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GuardConfig(ControllerConfig):
-    """Tunables of the safety guard.
+    """Tunables of the safety guard (the ``[guard]`` table of an experiment).
 
-    ``max_cap_change_w``: largest per-GPU cap change per control step, watts (None: unbounded).
-    Decreases needed to fit the budget are exempt.
-    ``max_batch_change``: largest batch-limit change per step (None: unbounded).
+    ``max_cap_change_w``: largest per-GPU cap change per control step, watts, > 0 (None:
+    unbounded). Decreases needed to fit the budget are exempt.
+    ``max_batch_change``: largest batch-limit change per step, >= 1 (None: unbounded).
     """
 
-    max_cap_change_w: float | None = None
-    max_batch_change: int | None = None
+    section: ClassVar[str] = "guard"
 
-    def __post_init__(self) -> None:
-        if self.max_cap_change_w is not None:
-            if (isinstance(self.max_cap_change_w, bool)
-                    or not isinstance(self.max_cap_change_w, (int, float))
-                    or not math.isfinite(self.max_cap_change_w) or self.max_cap_change_w <= 0):
-                raise ConfigError("must be a positive number of watts", key="guard.max_cap_change_w",
-                                  value=self.max_cap_change_w)
-        if self.max_batch_change is not None:
-            if (isinstance(self.max_batch_change, bool) or not isinstance(self.max_batch_change, int)
-                    or self.max_batch_change < 1):
-                raise ConfigError("must be a positive integer", key="guard.max_batch_change",
-                                  value=self.max_batch_change)
+    max_cap_change_w: Annotated[float, Field(gt=0)] | None = None
+    max_batch_change: Annotated[int, Field(ge=1)] | None = None
 
 
 def budget_cap_w(limits: Limits, power_budget_w: float | None) -> tuple[float, bool]:
@@ -80,7 +70,7 @@ def budget_cap_w(limits: Limits, power_budget_w: float | None) -> tuple[float, b
     """
     if power_budget_w is None or not _finite(power_budget_w):
         return limits.power_cap_max_w, True
-    per_gpu = power_budget_w / limits.num_gpus
+    per_gpu = limits.per_gpu_w(power_budget_w)
     if per_gpu < limits.power_cap_min_w:
         return limits.power_cap_min_w, False
     return limits.clamp_cap_w(per_gpu), True

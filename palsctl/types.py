@@ -3,7 +3,7 @@ in every field name (``_w`` watts, ``_s`` seconds, ``_j`` joules, ``_tok_s`` tok
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -67,6 +67,11 @@ class Setpoint:
     power_target_w: float | None = None
 
 
+#: The names of the `Setpoint` fields, in declaration order: the one list of them (the
+#: ``[setpoint]`` keys of an experiment, the schedule's fields, the setpoint columns of a run).
+SETPOINT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Setpoint))
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Action:
     """Knob settings. ``power_cap_w`` is per GPU; ``max_batch`` the running-sequence limit.
@@ -107,6 +112,16 @@ class Limits:
         steps = math.floor((c - self.power_cap_min_w) / self.power_cap_step_w + 1e-9)
         return self.power_cap_min_w + steps * self.power_cap_step_w if c < self.power_cap_max_w \
             else self.power_cap_max_w
+
+    def per_gpu_w(self, total_w: float) -> float:
+        """A plant-wide power (a budget, a target, a measured power; watts, all GPUs) split
+        equally over the plant's GPUs: watts per GPU, before clamping to the cap limits.
+
+        >>> Limits(power_cap_min_w=100, power_cap_max_w=400, power_cap_default_w=400,
+        ...        num_gpus=4).per_gpu_w(900.0)
+        225.0
+        """
+        return total_w / self.num_gpus
 
     def clamp_batch(self, max_batch: int) -> int:
         return int(min(max(int(max_batch), self.max_batch_min), self.max_batch_max))

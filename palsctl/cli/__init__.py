@@ -3,7 +3,8 @@
 Each sub-command lives in its own module ``palsctl.cli.<name>`` exposing
 ``HELP: str``, ``add_arguments(parser)`` and ``main(args) -> int``. Modules import their heavy
 dependencies inside ``main`` so that ``palsctl --help`` stays fast.
-A `PalsctlError` (a user's mistake) prints one line and exits with status 2.
+A `PalsctlError` (a user's mistake) prints one line per error and exits with
+status 2.
 """
 from __future__ import annotations
 
@@ -74,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             _one_line_warnings(args.command)
             return int(args._main(args) or 0)
-    except PalsctlError as exc:
-        print(f"palsctl {args.command}: error: {exc}", file=sys.stderr)
+    except PalsctlError as exc:  # one line per error (a ConfigError may carry several)
+        for line in str(exc).splitlines() or [""]:
+            print(f"palsctl {args.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"palsctl {args.command}: interrupted", file=sys.stderr)

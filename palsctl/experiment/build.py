@@ -115,8 +115,9 @@ def _warn_short_trace(cfg: ExperimentConfig, workload) -> None:
 
 
 def build_schedule(cfg: ExperimentConfig, workload=None):
-    """The ``t_s -> Setpoint`` schedule described by ``[setpoint]``."""
-    from palsctl.workloads.budgets import GridSignal, Ramp, SetpointSchedule, Steps
+    """The ``t_s -> Setpoint`` schedule described by ``[setpoint]`` (the schedule specs hold
+    the schedules they built while being validated; ``"demand"`` is the workload's demand)."""
+    from palsctl.workloads.budgets import SetpointSchedule
 
     fields: dict[str, Any] = {}
     for name, spec in cfg.setpoint.items():
@@ -127,18 +128,8 @@ def build_schedule(cfg: ExperimentConfig, workload=None):
             fields[name] = workload.demand_tok_s
         elif isinstance(spec, float):
             fields[name] = spec
-        elif "steps" in spec:
-            fields[name] = Steps(spec["steps"])
-        elif "ramp" in spec:
-            fields[name] = Ramp(spec["ramp"])
         else:
-            try:
-                fields[name] = GridSignal(spec["grid"], min_w=spec["min_w"], max_w=spec["max_w"],
-                                          column=spec["column"], start_s=spec["start_s"],
-                                          speedup=spec["speedup"], invert=spec["invert"])
-            except ConfigError as exc:
-                raise ConfigError(str(exc), file=cfg.source, key=f"setpoint.{name}.grid",
-                                  value=spec["grid"]) from None
+            fields[name] = spec.schedule
     return SetpointSchedule(**fields)
 
 

@@ -32,20 +32,51 @@ parameters, the duration and the control period::
 Schedule tables: ``{ steps = [[t_s, v], ...] }``, ``{ ramp = [[t_s, v], ...] }`` or
 ``{ grid = "vessim-grid/watttime_example.csv", min_w = 800, max_w = 1400, column = "...",
 invert = true, speedup = 300, start_s = 0 }``. File paths are taken relative to the config
-file, then to the shared data folder. Any unknown key, wrong type or out-of-range value raises
-`ConfigError` naming the file, the key and the value.
+file, then to the shared data folder.
+
+Validation is pydantic v2 (`palsctl.validation`): every unknown key ("did you mean"), wrong type,
+out-of-range value and failed cross-field check — among them a budget below the plant's floor
+(GPUs × minimum cap) and a model that does not fit the GPUs' memory — is reported at once by one
+`ConfigError`, one line per error naming the file, the dotted key and the value. A validated
+schedule table is a frozen spec object (`StepsSchedule`, `RampSchedule`, `GridSchedule`) that
+holds the schedule it built while being checked.
+
+`ExperimentConfig.to_toml` writes the resolved experiment (defaults filled in, overrides
+applied); `load_experiment` reads it back to an equal config, so a run can be repeated exactly.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import tomllib
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
+
+import tomli_w
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+)
 
 from palsctl.errors import ConfigError, UnknownNameError
 from palsctl.safety import GuardConfig
+from palsctl.types import SETPOINT_FIELDS
+from palsctl.validation import did_you_mean, unknown_key, validate_table
+from palsctl.workloads.budgets import GridSignal, Ramp, Steps
+
+__all__ = [
+    "DEFAULT_EXPERIMENT_TOML", "DEFAULT_SOURCE", "ExperimentConfig", "GridSchedule", "PlantTable",
+    "RampSchedule", "ScheduleSpec", "ServingTable", "SetpointSpec", "StepsSchedule",
+    "control_from_dict", "experiment_from_dict", "load_experiment", "read_toml",
+    "serving_from_dict",
+]
 
 DEFAULT_EXPERIMENT_TOML = """\
 # The default experiment: `palsctl run` with no CONFIG.
@@ -90,321 +121,598 @@ enabled = true
 
 DEFAULT_SOURCE = "<default experiment>"
 
+RESOLVED_HEADER = ("# The resolved experiment (defaults filled in, overrides applied): "
+                   "`palsctl run` reads it back\n# to the same configuration.\n")
+
+
+# ---- value types (TOML types exactly: no "1" for 1, no true for 1; finite numbers) ----------
+Finite = Annotated[float, Strict(), AllowInfNan(False)]
+NonNegative = Annotated[Finite, Field(ge=0)]
+Positive = Annotated[Finite, Field(gt=0)]
+Text = Annotated[str, Strict(), Field(min_length=1)]
+Flag = Annotated[bool, Strict()]
+
+
+def _count(lo: int, hi: int | None = None) -> Any:
+    return Annotated[int, Strict(), Field(ge=lo, le=hi)]
+
+
+def _plain_name(x: str) -> str:
+    if "/" in x or "\\" in x or x in (".", ".."):
+        raise ValueError("must be a plain name (it names the results folder)")
+    return x
+
+
+def _pair(x: Any) -> Any:
+    if not isinstance(x, (list, tuple)) or len(x) != 2:
+        raise ValueError("must be a [t_s, value] pair")
+    return x
+
+
+Points = Annotated[tuple[Annotated[tuple[NonNegative, NonNegative], BeforeValidator(_pair)], ...],
+                   Field(min_length=1)]
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class _Top(_Table):
+    name: Annotated[Text, AfterValidator(_plain_name)] = "experiment"
+    duration_s: Annotated[Positive, Field(le=1e7)]
+    dt_s: Annotated[Positive, Field(le=3600)] = 1.0
+    seed: _count(0) = 0
+    plant: dict[str, Any] = {}
+    workload: dict[str, Any] = {}
+    setpoint: dict[str, Any] = {}
+    controller: dict[str, Any]
+    guard: dict[str, Any] = {}
+
+
+class PlantTable(_Table):
+    """``[plant]``: ``kind = "sim"`` is the simulated GPU + vLLM plant (`SimPlant`)."""
+
+    kind: Text = "sim"
+    model: Text = "mixtral-8x7b"
+    gpu: Text = "a100-sxm4-80gb"
+    num_gpus: _count(1, 1024) = 1
+    max_batch_launch: _count(1, 65536) = 256
+    power_cap_w: Positive | None = None
+    max_batch: _count(1, 65536) | None = None
+    noise: Flag = True
+
+
+class _WorkloadTable(_Table):
+    kind: str
+
+
+class _RateTable(_WorkloadTable):
+    rate_req_s: Positive | None = None
+    load: Annotated[Positive, Field(le=10)] | None = None
+
+
+class _LengthsTable(_RateTable):
+    prompt_tokens_mean: Annotated[Finite, Field(ge=1)] = 512.0
+    prompt_tokens_sigma: Annotated[NonNegative, Field(le=5)] = 0.0
+    prompt_tokens_max: _count(1) = 1_000_000
+    output_tokens_mean: Annotated[Finite, Field(ge=1)] = 256.0
+    output_tokens_sigma: Annotated[NonNegative, Field(le=5)] = 0.0
+    output_tokens_max: _count(1) = 1_000_000
+
+
+class _MMPPTable(_LengthsTable):
+    rates_req_s: Annotated[tuple[NonNegative, ...], Field(min_length=1)]
+    mean_dwell_s: Annotated[tuple[Positive, ...], Field(min_length=1)]
+
+
+class _TraceTable(_RateTable):
+    path: Text
+    format: Literal["auto", "azure", "mooncake"] = "auto"
+    start_s: NonNegative = 0.0
+    window_s: Positive | None = None
+    repeat: Flag = False
+    lenient: Flag = False
+
+
+_WORKLOADS: dict[str, type[_WorkloadTable]] = {
+    "none": _WorkloadTable, "azure-conv": _RateTable, "poisson": _LengthsTable,
+    "mmpp": _MMPPTable, "trace": _TraceTable,
+}
+
+
+# ---- setpoint schedules: validated once, frozen, holding the schedule they built -------------
+class ConstantSchedule(_Table):
+    """``{ constant = v }`` (read as the number ``v``)."""
+
+    constant: NonNegative
+
+
+class StepsSchedule(_Table):
+    """``{ steps = [[t_s, value], ...] }``: piecewise constant (`Steps`), starting at t = 0."""
+
+    steps: Points
+
+    @functools.cached_property
+    def schedule(self) -> Steps:
+        """The `Steps` schedule (built once, while the spec is validated)."""
+        return Steps(self.steps)
+
+
+class RampSchedule(_Table):
+    """``{ ramp = [[t_s, value], ...] }``: piecewise linear (`Ramp`), starting at t = 0."""
+
+    ramp: Points
+
+    @functools.cached_property
+    def schedule(self) -> Ramp:
+        """The `Ramp` schedule (built once, while the spec is validated)."""
+        return Ramp(self.ramp)
+
+
+class GridSchedule(_Table):
+    """``{ grid = "file.csv", min_w, max_w, column, invert, speedup, start_s }``: a grid signal
+    mapped onto ``[min_w, max_w]`` (`GridSignal`); ``grid`` is the resolved file path."""
+
+    grid: Text
+    min_w: NonNegative
+    max_w: NonNegative
+    column: Text | None = None
+    invert: Flag = False
+    speedup: Positive = 1.0
+    start_s: NonNegative = 0.0
+
+    @functools.cached_property
+    def schedule(self) -> GridSignal:
+        """The `GridSignal` (the file is read once, while the spec is validated)."""
+        return GridSignal(self.grid, min_w=self.min_w, max_w=self.max_w, column=self.column,
+                          start_s=self.start_s, speedup=self.speedup, invert=self.invert)
+
+
+#: A validated schedule table.
+ScheduleSpec = Union[StepsSchedule, RampSchedule, GridSchedule]
+#: A validated ``[setpoint]`` value: a number, ``"demand"`` (throughput only) or a schedule.
+SetpointSpec = Union[float, Literal["demand"], ScheduleSpec]
+_SCHEDULES: dict[str, type[_Table]] = {"constant": ConstantSchedule, "steps": StepsSchedule,
+                                       "ramp": RampSchedule, "grid": GridSchedule}
+
+
+def _lowest(spec: SetpointSpec) -> float | None:
+    """The lowest value a setpoint spec takes (None for "demand")."""
+    if isinstance(spec, float):
+        return spec
+    if isinstance(spec, StepsSchedule):
+        return min(v for _, v in spec.steps)
+    if isinstance(spec, RampSchedule):
+        return min(v for _, v in spec.ramp)
+    if isinstance(spec, GridSchedule):
+        return spec.min_w
+    return None
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
-    """A validated experiment. ``plant``, ``workload`` and ``setpoint`` hold the validated tables
-    (defaults filled in); ``controller_params`` go to the controller's Config. ``source`` is the
-    file it came from (for error messages), ``base_dir`` where relative paths start."""
+    """A validated experiment.
+
+    ``plant`` and ``workload`` hold the validated tables (defaults filled in); ``setpoint`` maps
+    `Setpoint` field names to a number, ``"demand"`` or a frozen schedule spec;
+    ``controller_params`` are the controller Config's fields (defaults filled in, None left
+    out); ``guard`` the `GuardConfig`. ``source`` is the file it came from (for error
+    messages) and ``base_dir`` where relative paths start; neither takes part in ``==``.
+    ``duration_s`` is None only for a ``palsctl control`` run that lasts until stopped.
+    """
 
     name: str
-    duration_s: float
+    duration_s: float | None
     dt_s: float
     seed: int
     plant: dict[str, Any]
     workload: dict[str, Any]
-    setpoint: dict[str, Any]
+    setpoint: dict[str, SetpointSpec]
     controller_name: str
     controller_params: dict[str, Any]
     guard_enabled: bool
     guard: GuardConfig
-    source: str | None = None
-    base_dir: Path | None = None
+    source: str | None = dataclasses.field(default=None, compare=False)
+    base_dir: Path | None = dataclasses.field(default=None, compare=False)
 
-    def with_overrides(self, **changes: Any) -> "ExperimentConfig":
-        """A copy with some fields replaced (``duration_s``, ``seed``, ``controller_name``...)."""
+    def with_overrides(self, **changes: Any) -> ExperimentConfig:
+        """A copy with some fields replaced (``duration_s``, ``seed``...; not checked: use
+        `with_controller` to change the controller)."""
         return dataclasses.replace(self, **changes)
 
+    def with_controller(self, name: str) -> ExperimentConfig:
+        """A copy running controller ``name``: the configured parameters when it is the
+        configured controller, its defaults otherwise (as ``palsctl run --controller``)."""
+        if name == self.controller_name:
+            return self
+        _, config = _controller_config(name, {}, self.source)
+        return dataclasses.replace(self, controller_name=name,
+                                   controller_params=_config_params(config))
 
-# ---- validation helpers ----------------------------------------------------------------------
-class _V:
-    """Validates one table against a spec: key -> (checker, default). ``...`` = required."""
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved experiment as TOML-ready tables: defaults filled in, None left out,
+        file paths as resolved, the controller's Config in full. `experiment_from_dict` (and
+        `load_experiment` of `to_toml`'s text) reads it back to an equal config."""
+        _, controller = _controller_config(self.controller_name, self.controller_params,
+                                           self.source)
+        top: dict[str, Any] = {"name": self.name, "duration_s": self.duration_s,
+                               "dt_s": self.dt_s, "seed": self.seed}
+        return _plain({
+            **top, "plant": self.plant, "workload": self.workload,
+            "setpoint": {k: v.model_dump() if isinstance(v, BaseModel) else v
+                         for k, v in self.setpoint.items()},
+            "controller": {"name": self.controller_name, **_config_params(controller)},
+            "guard": {"enabled": self.guard_enabled, **dataclasses.asdict(self.guard)},
+        })
 
-    def __init__(self, file: str | None):
+    def to_toml(self) -> str:
+        """`to_dict` as TOML text (with a one-line header comment)."""
+        return RESOLVED_HEADER + tomli_w.dumps(self.to_dict())
+
+
+def _plain(x: Any) -> Any:
+    """TOML-ready: None dropped from tables, tuples as lists."""
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items() if v is not None}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _config_params(config: Any) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if f.init and getattr(config, f.name) is not None}
+
+
+# ---- validation ------------------------------------------------------------------------------
+class _Check:
+    """Collects the errors of one document (file ``file``)."""
+
+    def __init__(self, file: str | None) -> None:
         self.file = file
+        self.errors: list[ConfigError] = []
 
-    def err(self, key: str, msg: str, value: Any = None) -> ConfigError:
-        return ConfigError(msg, file=self.file, key=key, value=value)
+    def err(self, key: str, msg: str, value: Any = None) -> None:
+        self.errors.append(ConfigError(msg, file=self.file, key=key, value=value))
 
-    def table(self, raw: Any, section: str, spec: dict[str, tuple[Callable, Any]]) -> dict[str, Any]:
-        if not isinstance(raw, dict):
-            raise self.err(section, "must be a table", raw)
-        for k in raw:
-            if k not in spec:
-                raise self.err(f"{section}.{k}" if section else k,
-                               f"unknown key; known: {', '.join(sorted(spec))}", raw[k])
-        out = {}
-        for k, (check, default) in spec.items():
-            key = f"{section}.{k}" if section else k
-            if k in raw:
-                out[k] = check(self, key, raw[k])
-            elif default is ...:
-                raise self.err(key, "missing required key")
-            else:
-                out[k] = default
-        return out
+    def table(self, model: type[BaseModel], raw: Any, key: str, **kw: Any) -> Any:
+        obj, errors = validate_table(model, raw, file=self.file, prefix=key, **kw)
+        self.errors += errors
+        return obj
 
+    def resolve_file(self, key: str, value: str, base_dir: Path | None) -> str | None:
+        p = Path(value).expanduser()
+        candidates = [p]
+        if not p.is_absolute():
+            from palsctl.paths import data_dir
 
-def _num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-         optional: bool = False):
-    def check(v: _V, key: str, x: Any):
-        if x is None and optional:
-            return None
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-            raise v.err(key, "must be a finite number", x)
-        if lo is not None and (x < lo or (lo_open and x == lo)):
-            raise v.err(key, f"must be {'>' if lo_open else '>='} {lo:g}", x)
-        if hi is not None and x > hi:
-            raise v.err(key, f"must be <= {hi:g}", x)
-        return float(x)
-    return check
-
-
-def _int(lo: int = 0, hi: int | None = None):
-    def check(v: _V, key: str, x: Any):
-        if isinstance(x, bool) or not isinstance(x, int):
-            raise v.err(key, "must be an integer", x)
-        if x < lo or (hi is not None and x > hi):
-            raise v.err(key, f"must be an integer in [{lo}, {hi if hi is not None else 'inf'}]", x)
-        return x
-    return check
-
-
-def _str(choices: tuple[str, ...] | None = None):
-    def check(v: _V, key: str, x: Any):
-        if not isinstance(x, str) or not x:
-            raise v.err(key, "must be a non-empty string", x)
-        if choices is not None and x not in choices:
-            raise v.err(key, f"must be one of {', '.join(choices)}", x)
-        return x
-    return check
-
-
-def _bool(v: _V, key: str, x: Any):
-    if not isinstance(x, bool):
-        raise v.err(key, "must be true or false", x)
-    return x
-
-
-def _num_list(lo: float = 0.0, *, lo_open: bool = False):
-    def check(v: _V, key: str, x: Any):
-        if not isinstance(x, list) or not x:
-            raise v.err(key, "must be a non-empty list of numbers", x)
-        return tuple(_num(lo, lo_open=lo_open)(v, f"{key}[{i}]", e) for i, e in enumerate(x))
-    return check
-
-
-def _name(v: _V, key: str, x: Any):
-    x = _str()(v, key, x)
-    if "/" in x or "\\" in x or x in (".", ".."):
-        raise v.err(key, "must be a plain name (it names the results folder)", x)
-    return x
-
-
-_PLANT_SPEC = {
-    "kind": (_str(), "sim"),
-    "model": (_str(), "mixtral-8x7b"),
-    "gpu": (_str(), "a100-sxm4-80gb"),
-    "num_gpus": (_int(1, 1024), 1),
-    "max_batch_launch": (_int(1, 65536), 256),
-    "power_cap_w": (_num(0, lo_open=True, optional=True), None),
-    "max_batch": (_int(1, 65536), None),
-    "noise": (_bool, True),
-}
-_LENGTHS_SPEC = {
-    "prompt_tokens_mean": (_num(1), 512.0),
-    "prompt_tokens_sigma": (_num(0, 5), 0.0),
-    "prompt_tokens_max": (_int(1), 1_000_000),
-    "output_tokens_mean": (_num(1), 256.0),
-    "output_tokens_sigma": (_num(0, 5), 0.0),
-    "output_tokens_max": (_int(1), 1_000_000),
-}
-_RATE_SPEC = {
-    "rate_req_s": (_num(0, lo_open=True), None),
-    "load": (_num(0, 10, lo_open=True), None),
-}
-_WORKLOAD_SPECS: dict[str, dict[str, tuple[Callable, Any]]] = {
-    "none": {},
-    "azure-conv": dict(_RATE_SPEC),
-    "poisson": {**_RATE_SPEC, **_LENGTHS_SPEC},
-    "mmpp": {**_RATE_SPEC, **_LENGTHS_SPEC, "rates_req_s": (_num_list(0), ...),
-             "mean_dwell_s": (_num_list(0, lo_open=True), ...)},
-    "trace": {**_RATE_SPEC, "path": (_str(), ...),
-              "format": (_str(("auto", "azure", "mooncake")), "auto"),
-              "start_s": (_num(0), 0.0), "window_s": (_num(0, lo_open=True, optional=True), None),
-              "repeat": (_bool, False), "lenient": (_bool, False)},
-}
-_SETPOINT_FIELDS = ("throughput_tok_s", "tpot_slo_s", "ttft_slo_s", "power_budget_w",
-                    "power_target_w")
-
-
-def _schedule_spec(v: _V, key: str, x: Any, base_dir: Path | None) -> Any:
-    """Validate a setpoint value: number | "demand" | {steps|ramp|grid = ...}."""
-    if isinstance(x, str):
-        if x == "demand" and key.endswith("throughput_tok_s"):
-            return "demand"
-        raise v.err(key, "must be a number or a schedule table"
-                    + (' or "demand"' if key.endswith("throughput_tok_s") else ""), x)
-    if isinstance(x, dict):
-        kinds = [k for k in ("constant", "steps", "ramp", "grid") if k in x]
-        if len(kinds) != 1:
-            raise v.err(key, "a schedule table needs exactly one of constant, steps, ramp, grid", x)
-        kind = kinds[0]
-        if kind == "constant":
-            v.table(x, key, {"constant": (_num(0), ...)})
-            return float(x["constant"])
-        if kind in ("steps", "ramp"):
-            v.table(x, key, {kind: (lambda *a: a[2], ...)})
-            pts = x[kind]
-            if not isinstance(pts, list) or not pts or not all(
-                    isinstance(p, list) and len(p) == 2 for p in pts):
-                raise v.err(f"{key}.{kind}", "must be a list of [t_s, value] pairs", pts)
-            for i, p in enumerate(pts):
-                _num(0)(v, f"{key}.{kind}[{i}]", p[0])
-                _num(0)(v, f"{key}.{kind}[{i}]", p[1])
-            from palsctl.workloads.budgets import Ramp, Steps
-            try:
-                (Steps if kind == "steps" else Ramp)(pts)
-            except ConfigError as exc:
-                raise v.err(f"{key}.{kind}", str(exc), pts) from None
-            return {kind: [(float(a), float(b)) for a, b in pts]}
-        spec = v.table(x, key, {"grid": (_str(), ...), "min_w": (_num(0), ...),
-                                "max_w": (_num(0), ...), "column": (_str(), None),
-                                "invert": (_bool, False), "speedup": (_num(0, lo_open=True), 1.0),
-                                "start_s": (_num(0), 0.0)})
-        if spec["min_w"] > spec["max_w"]:
-            raise v.err(f"{key}.min_w", "must be <= max_w", spec["min_w"])
-        spec["grid"] = str(_resolve_file(v, f"{key}.grid", spec["grid"], base_dir))
-        return spec
-    return _num(0)(v, key, x)
-
-
-def _resolve_file(v: _V, key: str, value: str, base_dir: Path | None) -> Path:
-    p = Path(value).expanduser()
-    candidates = [p] if p.is_absolute() else []
-    if not p.is_absolute():
-        if base_dir is not None:
-            candidates.append(base_dir / p)
-        from palsctl.paths import data_dir
-        d = data_dir()
-        if d is not None:
-            candidates.append(d / p)
-        candidates.append(p)
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise v.err(key, "file not found (looked beside the config and in the data folder)", value)
+            d = data_dir()
+            candidates = ([base_dir / p] if base_dir is not None else []) \
+                + ([d / p] if d is not None else []) + [p]
+        for c in candidates:
+            if c.is_file():
+                return str(c.absolute())
+        self.err(key, "file not found (looked beside the config and in the data folder)", value)
+        return None
 
 
 def experiment_from_dict(raw: dict[str, Any], *, file: str | None = None,
                          base_dir: Path | None = None) -> ExperimentConfig:
-    """Validate a parsed TOML document (see the module doc for the schema)."""
-    v = _V(file)
-    top = v.table(raw, "", {
-        "name": (_name, "experiment"), "duration_s": (_num(0, 1e7, lo_open=True), ...),
-        "dt_s": (_num(0, 3600, lo_open=True), 1.0), "seed": (_int(0), 0),
-        "plant": (lambda *a: a[2], {}), "workload": (lambda *a: a[2], {"kind": "none"}),
-        "setpoint": (lambda *a: a[2], {}), "controller": (lambda *a: a[2], ...),
-        "guard": (lambda *a: a[2], {}),
-    })
-    if top["duration_s"] < top["dt_s"]:
-        raise v.err("duration_s", f"must be at least dt_s ({top['dt_s']:g} s)", top["duration_s"])
-    plant = v.table(top["plant"], "plant", _PLANT_SPEC)
-    _check_plant_names(v, plant)
+    """Validate a parsed TOML document (see the module doc for the schema).
 
-    wraw = top["workload"]
-    if not isinstance(wraw, dict):
-        raise v.err("workload", "must be a table", wraw)
-    kind = _str(tuple(_WORKLOAD_SPECS))(v, "workload.kind", wraw.get("kind", "none"))
-    workload = v.table({k: x for k, x in wraw.items() if k != "kind"}, "workload",
-                       _WORKLOAD_SPECS[kind])
-    workload["kind"] = kind
-    if kind != "none":
-        if workload.get("rate_req_s") is not None and workload.get("load") is not None:
-            raise v.err("workload.load", "give rate_req_s or load, not both", workload["load"])
-        if kind == "poisson" and workload["rate_req_s"] is None and workload["load"] is None:
-            raise v.err("workload.rate_req_s", "poisson needs rate_req_s or load")
-        if kind == "mmpp" and len(workload["rates_req_s"]) != len(workload["mean_dwell_s"]):
-            raise v.err("workload.mean_dwell_s", "needs as many entries as rates_req_s",
-                        list(workload["mean_dwell_s"]))
-        if kind == "mmpp" and not any(r > 0 for r in workload["rates_req_s"]):
-            raise v.err("workload.rates_req_s", "needs a positive rate",
-                        list(workload["rates_req_s"]))
-        if kind == "trace":
-            workload["path"] = str(_resolve_file(v, "workload.path", workload["path"], base_dir))
+    Raises `ConfigError` listing every error found, one line each."""
+    return _experiment(raw, file=file, base_dir=base_dir)
 
-    sraw = top["setpoint"]
-    if not isinstance(sraw, dict):
-        raise v.err("setpoint", "must be a table", sraw)
-    setpoint: dict[str, Any] = {}
-    for k, x in sraw.items():
-        if k not in _SETPOINT_FIELDS:
-            raise v.err(f"setpoint.{k}", f"unknown key; known: {', '.join(_SETPOINT_FIELDS)}", x)
-        setpoint[k] = _schedule_spec(v, f"setpoint.{k}", x, base_dir)
-    if setpoint.get("throughput_tok_s") == "demand" and kind == "none":
-        raise v.err("setpoint.throughput_tok_s", '"demand" needs a workload', "demand")
 
-    craw = top["controller"]
-    if not isinstance(craw, dict):
-        raise v.err("controller", "must be a table", craw)
-    if "name" not in craw:
-        raise v.err("controller.name", "missing required key")
-    cname = _str()(v, "controller.name", craw["name"])
-    cparams = {k: x for k, x in craw.items() if k != "name"}
-    _controller_config(cname, cparams, file)  # validate now: unknown names / keys are errors
+def _experiment(raw: Any, *, file: str | None, base_dir: Path | None,
+                with_plant: bool = True, errors: list[ConfigError] | None = None,
+                ) -> ExperimentConfig:
+    """The validator behind `experiment_from_dict`; ``with_plant=False`` for a control config
+    (its plant is the real server: no ``[plant]`` checks); ``errors`` found elsewhere in the
+    same file are reported with this document's."""
+    c = _Check(file)
+    if errors:
+        c.errors += errors
+    if not isinstance(raw, Mapping):
+        raise ConfigError("must be a table of tables", file=file, value=raw)
+    top = c.table(_Top, raw, "")
 
-    graw = top["guard"]
-    if not isinstance(graw, dict):
-        raise v.err("guard", "must be a table", graw)
-    genabled = _bool(v, "guard.enabled", graw.get("enabled", True))
+    def section(name: str) -> dict[str, Any]:
+        x = raw.get(name, {})
+        return x if isinstance(x, dict) else {}   # not a table: reported by _Top
+
+    plant = _plant(c, section("plant"), check=with_plant)
+    workload = _workload(c, section("workload"), base_dir)
+    wkind = workload["kind"] if workload is not None else None
+    setpoint = _setpoint(c, section("setpoint"), base_dir, plant=plant, workload_kind=wkind)
+
+    craw = raw.get("controller")
+    cname, cparams = None, None
+    if isinstance(craw, dict):
+        cname, cparams = _controller(c, craw)
+    graw = section("guard")
+    genabled = graw.get("enabled", True)
+    if not isinstance(genabled, bool):
+        c.err("guard.enabled", "must be true or false", genabled)
+    guard = None
     try:
         guard = GuardConfig.from_dict({k: x for k, x in graw.items() if k != "enabled"},
                                       file=file, section="guard")
     except ConfigError as exc:
-        if exc.file is None:
-            raise ConfigError(str(exc).split(": ", 1)[-1], file=file, key=exc.key) from None
-        raise
+        c.errors += exc.errors
 
+    if top is not None and top.duration_s < top.dt_s:
+        c.err("duration_s", f"must be at least dt_s ({top.dt_s:g} s)", top.duration_s)
+    if c.errors:
+        raise ConfigError.collect(c.errors)
+    assert top is not None and plant is not None and workload is not None
+    assert setpoint is not None and cname is not None and guard is not None
     return ExperimentConfig(
-        name=top["name"], duration_s=top["duration_s"], dt_s=top["dt_s"], seed=top["seed"],
-        plant=plant, workload=workload, setpoint=setpoint, controller_name=cname,
-        controller_params=cparams, guard_enabled=genabled, guard=guard, source=file,
+        name=top.name, duration_s=top.duration_s, dt_s=top.dt_s, seed=top.seed, plant=plant,
+        workload=workload, setpoint=setpoint, controller_name=cname,
+        controller_params=cparams or {}, guard_enabled=genabled, guard=guard, source=file,
         base_dir=base_dir)
 
 
-def _check_plant_names(v: _V, plant: dict[str, Any]) -> None:
+def _plant(c: _Check, raw: dict[str, Any], *, check: bool) -> dict[str, Any] | None:
+    p = c.table(PlantTable, raw, "plant")
+    if p is None:
+        return None
+    if not check:
+        return p.model_dump()
     from palsctl.registry import available
 
-    if plant["kind"] not in available("plant"):
-        raise v.err("plant.kind", f"unknown plant; known: {', '.join(available('plant'))}",
-                    plant["kind"])
-    if plant["kind"] != "sim":
-        return
-    from palsctl.plants.sim import get_gpu, get_model
+    if p.kind not in available("plant"):
+        c.err("plant.kind", f"unknown plant; known: {', '.join(available('plant'))}", p.kind)
+    elif p.kind == "sim":
+        from palsctl.plants.sim import check_fits, get_gpu, get_model
 
-    for key, getter in (("model", get_model), ("gpu", get_gpu)):
+        known = True
+        for key, getter in (("model", get_model), ("gpu", get_gpu)):
+            try:
+                getter(getattr(p, key))
+            except UnknownNameError as exc:
+                c.errors.append(_unknown_name(exc, file=c.file, key=f"plant.{key}"))
+                known = False
+        if known:
+            try:
+                check_fits(p.model, p.gpu, p.num_gpus)
+            except ConfigError as exc:
+                c.err("plant.num_gpus", exc.message, p.num_gpus)
+    return p.model_dump()
+
+
+def _workload(c: _Check, raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any] | None:
+    kind = raw.get("kind", "none")
+    if not isinstance(kind, str) or kind not in _WORKLOADS:
+        c.err("workload.kind", f"must be one of {', '.join(_WORKLOADS)}", kind)
+        return None
+    w = c.table(_WORKLOADS[kind], {**raw, "kind": kind}, "workload")
+    if w is None:
+        return None
+    out = w.model_dump()
+    if kind == "none":
+        return out
+    if w.rate_req_s is not None and w.load is not None:
+        c.err("workload.load", "give rate_req_s or load, not both", w.load)
+    if kind == "poisson" and w.rate_req_s is None and w.load is None:
+        c.err("workload.rate_req_s", "poisson needs rate_req_s or load")
+    if kind == "mmpp":
+        if len(w.rates_req_s) != len(w.mean_dwell_s):
+            c.err("workload.mean_dwell_s", "needs as many entries as rates_req_s",
+                  list(w.mean_dwell_s))
+        if not any(r > 0 for r in w.rates_req_s):
+            c.err("workload.rates_req_s", "needs a positive rate", list(w.rates_req_s))
+    if kind == "trace":
+        out["path"] = c.resolve_file("workload.path", w.path, base_dir)
+    return out
+
+
+def _setpoint(c: _Check, raw: dict[str, Any], base_dir: Path | None, *,
+              plant: dict[str, Any] | None, workload_kind: str | None,
+              ) -> dict[str, SetpointSpec] | None:
+    out: dict[str, SetpointSpec] = {}
+    n_errors = len(c.errors)
+    for name, x in raw.items():
+        key = f"setpoint.{name}"
+        if name not in SETPOINT_FIELDS:
+            c.errors.append(unknown_key(key, x, SETPOINT_FIELDS, file=c.file))
+            continue
+        spec = _setpoint_value(c, key, x, base_dir)
+        if spec is not None:
+            out[name] = spec
+    if out.get("throughput_tok_s") == "demand" and workload_kind == "none":
+        c.err("setpoint.throughput_tok_s", '"demand" needs a workload', "demand")
+    budget = out.get("power_budget_w")
+    if budget is not None and plant is not None and plant["kind"] == "sim":
+        _check_budget_floor(c, budget, plant)
+    return out if len(c.errors) == n_errors else None
+
+
+def _setpoint_value(c: _Check, key: str, x: Any, base_dir: Path | None) -> SetpointSpec | None:
+    """number | "demand" (throughput only) | {constant|steps|ramp|grid = ...}."""
+    throughput = key.endswith(".throughput_tok_s")
+    if isinstance(x, dict):
+        kinds = [k for k in _SCHEDULES if k in x]
+        if len(kinds) != 1:
+            c.err(key, "a schedule table needs exactly one of constant, steps, ramp, grid", x)
+            return None
+        kind = kinds[0]
+        spec = c.table(_SCHEDULES[kind], x, key)
+        if spec is None:
+            return None
+        if isinstance(spec, ConstantSchedule):
+            return spec.constant
+        if isinstance(spec, GridSchedule):
+            if spec.min_w > spec.max_w:
+                c.err(f"{key}.min_w", "must be <= max_w", spec.min_w)
+                return None
+            path = c.resolve_file(f"{key}.grid", spec.grid, base_dir)
+            if path is None:
+                return None
+            spec = spec.model_copy(update={"grid": path})
         try:
-            getter(plant[key])
-        except UnknownNameError as exc:
-            raise ConfigError(str(exc), file=v.file, key=f"plant.{key}") from None
+            _ = spec.schedule  # build it now: its checks (times from 0, increasing; the file)
+        except ConfigError as exc:
+            value = spec.grid if isinstance(spec, GridSchedule) else x[kind]
+            c.err(f"{key}.{kind}", exc.message, value)
+            return None
+        return spec
+    if x == "demand" and throughput:
+        return "demand"
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        if not math.isfinite(x):
+            c.err(key, "must be a finite number", x)
+        elif x < 0:
+            c.err(key, "must be >= 0", x)
+        else:
+            return float(x)
+        return None
+    c.err(key, "must be a number or a schedule table" + (' or "demand"' if throughput else ""), x)
+    return None
+
+
+def _check_budget_floor(c: _Check, budget: SetpointSpec, plant: dict[str, Any]) -> None:
+    """A budget the plant cannot go under: every GPU at its minimum cap."""
+    from palsctl.plants.sim import get_gpu
+
+    try:
+        min_cap_w = get_gpu(plant["gpu"]).min_cap_w
+    except UnknownNameError:
+        return  # reported with the plant
+    floor_w = plant["num_gpus"] * min_cap_w
+    lowest = _lowest(budget)
+    if lowest is not None and lowest < floor_w:
+        c.err("setpoint.power_budget_w",
+              f"goes down to {lowest:g} W, below the plant's floor of {floor_w:g} W "
+              f"({plant['num_gpus']} x {plant['gpu']} at the minimum cap {min_cap_w:g} W)",
+              budget if isinstance(budget, float) else _plain(budget.model_dump()))
+
+
+def _controller(c: _Check, raw: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+    if "name" not in raw:
+        c.err("controller.name", "missing required key")
+        return None, None
+    name = raw["name"]
+    if not isinstance(name, str) or not name:
+        c.err("controller.name", "must be a non-empty string", name)
+        return None, None
+    try:
+        _, config = _controller_config(name, {k: x for k, x in raw.items() if k != "name"},
+                                       c.file)
+    except ConfigError as exc:
+        c.errors += exc.errors
+        return None, None
+    return name, _config_params(config)
+
+
+def _unknown_name(exc: UnknownNameError, *, file: str | None, key: str) -> ConfigError:
+    hint = did_you_mean(exc.name, exc.known)
+    return ConfigError(f"unknown {exc.kind}; {hint}known: {', '.join(exc.known)}", file=file,
+                       key=key, value=exc.name)
 
 
 def _controller_config(name: str, params: dict[str, Any], file: str | None):
+    """(class, validated Config) of the controller registered as ``name``."""
     from palsctl.registry import resolve
 
     try:
         cls = resolve(name, "controller")
     except UnknownNameError as exc:
-        raise ConfigError(str(exc), file=file, key="controller.name") from None
+        raise _unknown_name(exc, file=file, key="controller.name") from None
     except ImportError as exc:
         raise ConfigError(f"controller {name!r} cannot be imported ({exc})", file=file,
                           key="controller.name") from None
-    try:
-        return cls, cls.Config.from_dict(params, file=file, section="controller")
-    except ConfigError as exc:
-        if exc.file is None and file is not None:
-            raise ConfigError(str(exc), file=file) from None
-        raise
+    return cls, cls.Config.from_dict(params, file=file, section="controller")
+
+
+# ---- the [serving] table of `palsctl control` ----------------------------------------------
+def _http_url(x: str) -> str:
+    if not x.startswith(("http://", "https://")):
+        raise ValueError("must be an http(s) URL")
+    return x
+
+
+Url = Annotated[str, Strict(), AfterValidator(_http_url)]
+
+
+class ServingTable(_Table):
+    """``[serving]`` of a ``palsctl control`` config: where the real (or emulated) server's
+    metrics, power and batch knobs are (see `palsctl.experiment.serving`)."""
+
+    metrics_url: Url
+    model_name: Text | None = None
+    power: Literal["nvml", "emulator"] = "nvml"
+    emulator_url: Url | None = None
+    gpus: Annotated[list[_count(0)], Field(min_length=1)] | None = None
+    batch: Literal["gateway", "scheduler", "none"] = "none"
+    gateway_control_url: Url | None = None
+    gateway_token_file: Text | None = None
+    batch_file: Text | None = None
+    max_batch_launch: _count(1, 65536) = 256
+    model: Text | None = None
+    gpu: Text | None = None
+    prompt_tokens_mean: Positive | None = None
+    output_tokens_mean: Positive | None = None
+    metrics_timeout_s: Annotated[Positive, Field(le=60)] = 2.0
+
+
+def _serving(c: _Check, raw: Any, base_dir: Path | None) -> dict[str, Any] | None:
+    s = c.table(ServingTable, raw, "serving")
+    if isinstance(raw, Mapping):  # a knob's companion key, whatever else is wrong
+        for key, knob, value in (("emulator_url", "power", "emulator"),
+                                 ("gateway_control_url", "batch", "gateway"),
+                                 ("batch_file", "batch", "scheduler")):
+            if raw.get(knob, ServingTable.model_fields[knob].default) == value \
+                    and raw.get(key) is None:
+                c.err(f"serving.{key}", f"missing required key (for {knob} = {value!r})")
+    if s is None:
+        return None
+    out = s.model_dump()
+    for key in ("gateway_token_file", "batch_file"):
+        if out[key] is not None and base_dir is not None and not Path(out[key]).is_absolute():
+            out[key] = str(Path(base_dir) / out[key])
+    return out
+
+
+def serving_from_dict(raw: Any, *, file: str | None, base_dir: Path | None = None,
+                      ) -> dict[str, Any]:
+    """Validate a ``[serving]`` table (defaults filled in; relative file paths joined to
+    ``base_dir``). Raises `ConfigError` listing every error, one line each."""
+    c = _Check(file)
+    out = _serving(c, raw, base_dir)
+    if c.errors:
+        raise ConfigError.collect(c.errors)
+    return out
+
+
+def control_from_dict(raw: Any, *, file: str | None = None, base_dir: Path | None = None,
+                      ) -> tuple[ExperimentConfig, dict[str, Any]]:
+    """Validate a ``palsctl control`` document: ``[serving]`` plus the experiment's
+    ``[setpoint]``, ``[controller]``, ``[guard]`` (no ``[plant]``, no ``[workload]``: the
+    server is the plant and its load comes from outside; ``duration_s`` optional, None: until
+    stopped). Returns ``(config, serving)``; every error is reported at once."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("must be a table of tables", file=file, value=raw)
+    c = _Check(file)
+    if "plant" in raw:
+        c.err("plant", "a control config has [serving], not [plant]")
+    if "workload" in raw:
+        c.err("workload", "a control config has no [workload] (the load comes from outside)")
+    serving = None
+    if "serving" not in raw:
+        c.err("serving", "missing required table")
+    else:
+        serving = _serving(c, raw["serving"], base_dir)
+    doc = {k: v for k, v in raw.items() if k not in ("serving", "plant", "workload")}
+    duration = doc.get("duration_s")
+    if duration is None:
+        dt = doc.get("dt_s", 1.0)
+        ok = isinstance(dt, (int, float)) and not isinstance(dt, bool)
+        doc["duration_s"] = max(dt, 1.0) if ok else 1.0
+    cfg = _experiment(doc, file=file, base_dir=base_dir, with_plant=False, errors=c.errors)
+    assert serving is not None
+    return (cfg.with_overrides(duration_s=None) if duration is None else cfg), serving
 
 
 def load_experiment(path: str | Path | None = None) -> ExperimentConfig:

@@ -10,7 +10,7 @@ from typing import Any
 
 from palsctl.adapters.vllm_metrics import VllmMetricsSensor
 from palsctl.errors import ConfigError
-from palsctl.experiment.schema import experiment_from_dict, read_toml
+from palsctl.experiment.schema import control_from_dict, read_toml, serving_from_dict
 from palsctl.plants.serving import ServingPlant
 from palsctl.types import PlantInfo
 
@@ -40,84 +40,11 @@ power_budget_w = 2400.0
 name = "cap-to-budget"
 """
 
-_SERVING_KEYS = {"metrics_url", "model_name", "power", "emulator_url", "gpus", "batch",
-                 "gateway_control_url", "gateway_token_file", "batch_file", "max_batch_launch",
-                 "model", "gpu", "prompt_tokens_mean", "output_tokens_mean", "metrics_timeout_s"}
-
-
 def parse_serving(raw: Any, *, file: str | None, base_dir: Any = None) -> dict[str, Any]:
-    """Validate a ``[serving]`` table (strict: unknown keys, wrong types and missing companions
-    raise `ConfigError` naming the file, the key and the value)."""
-    def err(key: str, msg: str, value: Any = None) -> ConfigError:
-        return ConfigError(msg, file=file, key=f"serving.{key}", value=value)
-
-    if not isinstance(raw, dict):
-        raise ConfigError("must be a table", file=file, key="serving", value=raw)
-    for k in raw:
-        if k not in _SERVING_KEYS:
-            raise err(k, f"unknown key; known: {', '.join(sorted(_SERVING_KEYS))}", raw[k])
-    out: dict[str, Any] = {}
-
-    def url(key: str, required: bool) -> str | None:
-        v = raw.get(key)
-        if v is None:
-            if required:
-                raise err(key, "missing required key")
-            return None
-        if not isinstance(v, str) or not v.startswith(("http://", "https://")):
-            raise err(key, "must be an http(s) URL", v)
-        return v
-
-    def choice(key: str, choices: tuple[str, ...], default: str) -> str:
-        v = raw.get(key, default)
-        if v not in choices:
-            raise err(key, f"must be one of {', '.join(choices)}", v)
-        return v
-
-    def path(key: str, required: bool) -> str | None:
-        v = raw.get(key)
-        if v is None:
-            if required:
-                raise err(key, "missing required key")
-            return None
-        if not isinstance(v, str) or not v:
-            raise err(key, "must be a file path", v)
-        p = Path(v)
-        if not p.is_absolute() and base_dir is not None:
-            p = Path(base_dir) / p
-        return str(p)
-
-    out["metrics_url"] = url("metrics_url", True)
-    out["power"] = choice("power", ("nvml", "emulator"), "nvml")
-    out["emulator_url"] = url("emulator_url", out["power"] == "emulator")
-    gpus = raw.get("gpus")
-    if gpus is not None and (not isinstance(gpus, list) or not gpus or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in gpus)):
-        raise err("gpus", "must be a non-empty list of GPU indices", gpus)
-    out["gpus"] = gpus
-    out["batch"] = choice("batch", ("gateway", "scheduler", "none"), "none")
-    out["gateway_control_url"] = url("gateway_control_url", out["batch"] == "gateway")
-    out["gateway_token_file"] = path("gateway_token_file", False)
-    out["batch_file"] = path("batch_file", out["batch"] == "scheduler")
-    mbl = raw.get("max_batch_launch", 256)
-    if isinstance(mbl, bool) or not isinstance(mbl, int) or not 1 <= mbl <= 65536:
-        raise err("max_batch_launch", "must be an integer in [1, 65536]", mbl)
-    out["max_batch_launch"] = mbl
-    for key in ("model_name", "model", "gpu"):
-        v = raw.get(key)
-        if v is not None and (not isinstance(v, str) or not v):
-            raise err(key, "must be a non-empty string", v)
-        out[key] = v
-    for key in ("prompt_tokens_mean", "output_tokens_mean"):
-        v = raw.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
-            raise err(key, "must be a positive number of tokens", v)
-        out[key] = None if v is None else float(v)
-    t = raw.get("metrics_timeout_s", 2.0)
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 60:
-        raise err("metrics_timeout_s", "must be a number of seconds in (0, 60]", t)
-    out["metrics_timeout_s"] = float(t)
-    return out
+    """Validate a ``[serving]`` table (`palsctl.experiment.schema.ServingTable`: unknown keys,
+    wrong types and missing companions are reported at once, naming the file, the key and the
+    value)."""
+    return serving_from_dict(raw, file=file, base_dir=base_dir)
 
 
 def gateway_token(serving: dict[str, Any], *, file: str | None) -> str:
@@ -189,20 +116,4 @@ def build_serving_plant(serving: dict[str, Any], *, dt_s: float, dry_run: bool =
 def load_control(path: str):
     """Parse a control TOML file → (ExperimentConfig for setpoint/controller/guard, serving)."""
     p = Path(path)
-    raw = read_toml(p)
-    if "plant" in raw:
-        raise ConfigError("a control config has [serving], not [plant]", file=str(p),
-                          key="plant")
-    if "workload" in raw:
-        raise ConfigError("a control config has no [workload] (the load comes from outside)",
-                          file=str(p), key="workload")
-    if "serving" not in raw:
-        raise ConfigError("missing required table", file=str(p), key="serving")
-    serving = parse_serving(raw.pop("serving"), file=str(p), base_dir=p.resolve().parent)
-    duration = raw.get("duration_s")
-    exp_raw = dict(raw)
-    exp_raw["duration_s"] = duration if duration is not None else max(raw.get("dt_s", 1.0), 1.0)
-    cfg = experiment_from_dict(exp_raw, file=str(p), base_dir=p.resolve().parent)
-    if duration is None:
-        cfg = cfg.with_overrides(duration_s=None)
-    return cfg, serving
+    return control_from_dict(read_toml(p), file=str(p), base_dir=p.resolve().parent)

@@ -7,9 +7,17 @@ True
 """
 from palsctl.plants.sim.gpu import GroupModel, PlantConstants, default_constants
 from palsctl.plants.sim.plant import HistogramSnapshot, PlantCounters, SimPlant
-from palsctl.plants.sim.specs import GPU_PRESETS, MODEL_PRESETS, GPUSpec, ModelSpec, get_gpu, get_model
+from palsctl.plants.sim.specs import (
+                                     GPU_PRESETS,
+                                     MODEL_PRESETS,
+                                     GPUSpec,
+                                     ModelSpec,
+                                     check_fits,
+                                     get_gpu,
+                                     get_model,
+)
 from palsctl.plants.sim.steady import SteadyState, steady_state
 
 __all__ = ["SimPlant", "steady_state", "SteadyState", "GPUSpec", "ModelSpec", "GPU_PRESETS",
-           "MODEL_PRESETS", "get_gpu", "get_model", "PlantConstants", "default_constants",
-           "GroupModel", "PlantCounters", "HistogramSnapshot"]
+           "MODEL_PRESETS", "check_fits", "get_gpu", "get_model", "PlantConstants",
+           "default_constants", "GroupModel", "PlantCounters", "HistogramSnapshot"]

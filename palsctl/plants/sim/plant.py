@@ -20,7 +20,7 @@ from palsctl.errors import ConfigError
 from palsctl.interfaces import SimulatedPlant
 from palsctl.plants.sim.engine import Engine, Histogram
 from palsctl.plants.sim.gpu import PlantConstants
-from palsctl.plants.sim.specs import GPUSpec, ModelSpec, get_gpu, get_model
+from palsctl.plants.sim.specs import GPUSpec, ModelSpec, check_fits, get_gpu, get_model
 from palsctl.plants.sim.steady import MAX_NUM_BATCHED_TOKENS, group_model
 from palsctl.types import Action, Limits, Measurement, PlantInfo, Request, RequestResult
 
@@ -103,9 +103,7 @@ class SimPlant(SimulatedPlant):
             raise ConfigError(f"max_batch_launch must not exceed max_num_batched_tokens "
                               f"({max_num_batched_tokens}), as in vLLM", key="max_batch_launch",
                               value=max_batch_launch)
-        if m.weight_bytes / num_gpus > 0.9 * g.mem_bytes - 2.0e9:
-            raise ConfigError(f"{m.name} ({m.weight_bytes / 1e9:.0f} GB of weights) does not fit on "
-                              f"{num_gpus} × {g.name}", key="num_gpus", value=num_gpus)
+        check_fits(m, g, num_gpus)
         self.limits = Limits(power_cap_min_w=g.min_cap_w, power_cap_max_w=g.tdp_w,
                              power_cap_default_w=g.tdp_w, power_cap_step_w=1.0, max_batch_min=1,
                              max_batch_max=max_batch_launch, num_gpus=num_gpus)

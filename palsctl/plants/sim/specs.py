@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 from palsctl.errors import ConfigError, UnknownNameError
 
-__all__ = ["GPUSpec", "ModelSpec", "GPU_PRESETS", "MODEL_PRESETS", "get_gpu", "get_model"]
+__all__ = ["GPUSpec", "ModelSpec", "GPU_PRESETS", "MODEL_PRESETS", "check_fits", "get_gpu",
+           "get_model"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -369,3 +370,15 @@ def get_gpu(gpu: str | GPUSpec) -> GPUSpec:
 def get_model(model: str | ModelSpec) -> ModelSpec:
     """A model spec from a preset name (case-insensitive) or a spec object."""
     return _preset(model, ModelSpec, MODEL_PRESETS, "model")
+
+
+def check_fits(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int) -> None:
+    """Raise `ConfigError` (key ``num_gpus``) when the model's weights, split over ``num_gpus``
+    GPUs (tensor parallel), leave less than 10 % of each GPU's memory and 2 GB for the KV cache
+    and activations."""
+    m, g = get_model(model), get_gpu(gpu)
+    room_b = 0.9 * g.mem_bytes - 2.0e9
+    if m.weight_bytes / num_gpus > room_b:
+        need = f"; needs num_gpus >= {math.ceil(m.weight_bytes / room_b)}" if room_b > 0 else ""
+        raise ConfigError(f"{m.name} ({m.weight_bytes / 1e9:.0f} GB of weights) does not fit on "
+                          f"{num_gpus} × {g.name}{need}", key="num_gpus", value=num_gpus)
