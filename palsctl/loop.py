@@ -28,7 +28,15 @@ from typing import Any
 from palsctl.errors import ConfigError
 from palsctl.interfaces import Controller, Plant, SimulatedPlant
 from palsctl.safety import GuardConfig, SafetyGuard
-from palsctl.types import Action, Limits, Measurement, PlantInfo, RequestResult, Setpoint
+from palsctl.types import (
+    SETPOINT_FIELDS,
+    Action,
+    Limits,
+    Measurement,
+    PlantInfo,
+    RequestResult,
+    Setpoint,
+)
 
 Schedule = Callable[[float], Setpoint]
 Progress = Callable[[int, int], None]
@@ -68,13 +76,14 @@ class RunRecord:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def write_csv(self, path: str | Path) -> Path:
-        """Write one row per step (SI units; diagnostics as a JSON object)."""
+        """Write one row per step (SI units; the setpoint in force as ``setpoint_<field>``;
+        diagnostics as a JSON object)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         cols = ["t_s", "window_s", "power_w", "energy_j", "throughput_tok_s", "prompt_tok_s",
                 "demand_tok_s", "running", "waiting", "kv_usage", "ttft_p90_s", "tpot_p90_s",
                 "power_cap_w", "max_batch", "sm_clock_mhz", "stale",
-                "budget_w", "target_tok_s", "power_target_w", "tpot_slo_s", "ttft_slo_s",
+                *(f"setpoint_{name}" for name in SETPOINT_FIELDS),
                 "requested_cap_w", "requested_batch", "applied_cap_w", "applied_batch",
                 "guard_note", "step_latency_s", "diagnostics"]
         with path.open("w", newline="") as fh:
@@ -88,8 +97,7 @@ class RunRecord:
                     m.running, m.waiting, _fmt(m.kv_usage), _fmt(m.ttft_p90_s),
                     _fmt(m.tpot_p90_s), _fmt(m.power_cap_w), _fmt(m.max_batch),
                     _fmt(m.sm_clock_mhz), int(m.stale),
-                    _fmt(sp.power_budget_w), _fmt(sp.throughput_tok_s), _fmt(sp.power_target_w),
-                    _fmt(sp.tpot_slo_s), _fmt(sp.ttft_slo_s),
+                    *(_fmt(getattr(sp, name)) for name in SETPOINT_FIELDS),
                     _fmt(s.requested.power_cap_w), _fmt(s.requested.max_batch),
                     _fmt(s.applied.power_cap_w), _fmt(s.applied.max_batch),
                     s.guard_note, _fmt(s.step_latency_s),

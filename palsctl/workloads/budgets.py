@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from palsctl.errors import ConfigError
-from palsctl.types import Setpoint
+from palsctl.types import SETPOINT_FIELDS, Setpoint
 
 ScalarSchedule = Callable[[float], float]
 
@@ -145,17 +145,14 @@ class GridSignal:
         return float(self.values_w[min(max(i, 0), len(self.values_w) - 1)])
 
 
-_FIELDS = ("throughput_tok_s", "tpot_slo_s", "ttft_slo_s", "power_budget_w", "power_target_w")
-
-
 class SetpointSchedule:
     """``t_s -> Setpoint`` from one optional scalar schedule (or number) per field."""
 
     def __init__(self, **fields: ScalarSchedule | float | None) -> None:
-        unknown = set(fields) - set(_FIELDS)
+        unknown = set(fields) - set(SETPOINT_FIELDS)
         if unknown:
             raise ConfigError(f"unknown setpoint field(s) {sorted(unknown)}; known: "
-                              f"{', '.join(_FIELDS)}")
+                              f"{', '.join(SETPOINT_FIELDS)}")
         self.fields: dict[str, ScalarSchedule] = {}
         for name, sched in fields.items():
             if sched is None:
