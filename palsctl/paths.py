@@ -21,7 +21,7 @@ from pathlib import Path
 from palsctl.errors import ConfigError
 
 __all__ = ["ENV_VAR", "cache_data_dir", "checkout_data_dir", "data_dir", "data_dir_origin",
-           "data_file", "fetch_hint"]
+           "data_file", "data_relative", "fetch_hint"]
 
 ENV_VAR = "PALSCTL_DATA"
 
@@ -59,6 +59,18 @@ def data_dir_origin(explicit: str | Path | None = None) -> tuple[Path | None, st
 def data_dir(explicit: str | Path | None = None) -> Path | None:
     """The data folder, or None when none is set and none exists."""
     return data_dir_origin(explicit)[0]
+
+
+def data_relative(path: str | Path) -> str:
+    """``path`` relative to the data folder when it lies there (so a config naming it works on
+    another machine), else ``path`` unchanged."""
+    base = data_dir()
+    if base is not None:
+        try:
+            return Path(path).resolve().relative_to(base.resolve()).as_posix()
+        except ValueError:
+            pass
+    return str(path)
 
 
 def fetch_hint(relative: str | None = None) -> str:

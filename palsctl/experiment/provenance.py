@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from palsctl.experiment.schema import ExperimentConfig
+from palsctl.paths import data_relative
 
 __all__ = ["CONFIG_FILE", "PROVENANCE_FILE", "config_to_dict", "config_to_toml",
            "dependency_versions", "git_revision", "provenance"]
@@ -26,70 +27,18 @@ CONFIG_FILE = "config.toml"
 PROVENANCE_FILE = "provenance.json"
 
 
-def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: _plain(v) for k, v in d.items() if v is not None}
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return _drop_none(v)
-    return v
-
-
-def _data_relative(path: str) -> str:
-    """``path`` relative to the data folder when it lies there (so the config travels)."""
-    from palsctl.paths import data_dir
-
-    base = data_dir()
-    if base is not None:
-        try:
-            return Path(path).resolve().relative_to(base.resolve()).as_posix()
-        except ValueError:
-            pass
-    return path
-
-
-def _data_files(cfg: ExperimentConfig) -> list[str]:
-    files = [cfg.workload["path"]] if cfg.workload.get("path") else []
-    files += [spec["grid"] for spec in cfg.setpoint.values()
-              if isinstance(spec, dict) and "grid" in spec]
-    return files
-
-
 def config_to_dict(cfg: ExperimentConfig, *, controller: str | None = None) -> dict[str, Any]:
-    """The resolved experiment as a TOML-ready dict: every default filled in, the controller's
-    complete Config (``controller`` overrides the configured name, with that controller's
-    defaults, as `palsctl.experiment.build_controller` does), file paths resolved (relative to
-    the data folder when they lie there). `palsctl.experiment.experiment_from_dict` reads it
-    back into an equal experiment. Keys whose value is None (unset) are left out."""
-    from palsctl.experiment.build import build_controller
-
-    ctl = build_controller(cfg, controller)
-    workload = {"kind": cfg.workload["kind"], **cfg.workload}
-    if workload.get("path"):
-        workload["path"] = _data_relative(workload["path"])
-    setpoint: dict[str, Any] = {}
-    for key, spec in cfg.setpoint.items():
-        if isinstance(spec, dict) and "grid" in spec:
-            spec = {**spec, "grid": _data_relative(spec["grid"])}
-        setpoint[key] = spec
-    return _drop_none({
-        "name": cfg.name, "duration_s": cfg.duration_s, "dt_s": cfg.dt_s, "seed": cfg.seed,
-        "plant": dict(cfg.plant), "workload": workload, "setpoint": setpoint,
-        "controller": {"name": controller or cfg.controller_name,
-                       **dataclasses.asdict(ctl.config)},
-        "guard": {"enabled": cfg.guard_enabled, **dataclasses.asdict(cfg.guard)},
-    })
+    """The resolved experiment as a TOML-ready dict (`ExperimentConfig.to_dict`: every default
+    filled in, the controller's complete Config, file paths relative to the data folder when
+    they lie there); ``controller`` overrides the configured name, with that controller's
+    defaults, as `palsctl.experiment.build_controller` does."""
+    return (cfg if controller is None else cfg.with_controller(controller)).to_dict()
 
 
 def config_to_toml(cfg: ExperimentConfig, *, controller: str | None = None,
                    header: str = "") -> str:
     """`config_to_dict` as TOML text, after ``header`` (comment lines)."""
-    import tomli_w
-
-    return header + tomli_w.dumps(config_to_dict(cfg, controller=controller))
+    return (cfg if controller is None else cfg.with_controller(controller)).to_toml(header)
 
 
 @functools.lru_cache(maxsize=1)
@@ -154,7 +103,7 @@ def provenance(cfg: ExperimentConfig, *, controller: str | None = None,
         "plant": dict(cfg.plant),
         "controller": ctl(controller),
         "baselines": [ctl(b) for b in baselines],
-        "data_files": {_data_relative(p): sha256_file(Path(p)) for p in _data_files(cfg)},
+        "data_files": {data_relative(p): sha256_file(Path(p)) for p in cfg.data_files()},
         "palsctl_version": __version__,
         "git": git_revision(),
         "python": platform.python_version(),

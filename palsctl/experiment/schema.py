@@ -331,23 +331,37 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved experiment as TOML-ready tables: defaults filled in, None left out,
-        file paths as resolved, the controller's Config in full. `experiment_from_dict` (and
-        `load_experiment` of `to_toml`'s text) reads it back to an equal config."""
+        the controller's Config in full, file paths as resolved (relative to the data folder
+        when they lie there, so the config works on another machine). `experiment_from_dict`
+        (and `load_experiment` of `to_toml`'s text) reads it back to an equal config."""
+        from palsctl.paths import data_relative
+
         _, controller = _controller_config(self.controller_name, self.controller_params,
                                            self.source)
         top: dict[str, Any] = {"name": self.name, "duration_s": self.duration_s,
                                "dt_s": self.dt_s, "seed": self.seed}
+        workload = dict(self.workload)
+        if workload.get("path"):
+            workload["path"] = data_relative(workload["path"])
+        setpoint = {k: v.model_dump() if isinstance(v, BaseModel) else v
+                    for k, v in self.setpoint.items()}
+        for spec in setpoint.values():
+            if isinstance(spec, dict) and "grid" in spec:
+                spec["grid"] = data_relative(spec["grid"])
         return _plain({
-            **top, "plant": self.plant, "workload": self.workload,
-            "setpoint": {k: v.model_dump() if isinstance(v, BaseModel) else v
-                         for k, v in self.setpoint.items()},
+            **top, "plant": self.plant, "workload": workload, "setpoint": setpoint,
             "controller": {"name": self.controller_name, **_config_params(controller)},
             "guard": {"enabled": self.guard_enabled, **dataclasses.asdict(self.guard)},
         })
 
-    def to_toml(self) -> str:
-        """`to_dict` as TOML text (with a one-line header comment)."""
-        return RESOLVED_HEADER + tomli_w.dumps(self.to_dict())
+    def to_toml(self, header: str = RESOLVED_HEADER) -> str:
+        """`to_dict` as TOML text, after ``header`` (comment lines)."""
+        return header + tomli_w.dumps(self.to_dict())
+
+    def data_files(self) -> list[str]:
+        """The data files the experiment reads (the trace, grid signals), as resolved."""
+        files = [self.workload["path"]] if self.workload.get("path") else []
+        return files + [s.grid for s in self.setpoint.values() if isinstance(s, GridSchedule)]
 
 
 def _plain(x: Any) -> Any:
