@@ -676,18 +676,11 @@ def build_models(specs: Sequence[ReplicaSpec]) -> tuple[dict[str, Envelope], dic
 
 def site_schedule(site: Any) -> Callable[[float], float]:
     """The site budget (or target) as ``t_s -> watts``."""
-    from palsctl.workloads.budgets import Constant, GridSignal, Ramp, Steps
+    from palsctl.workloads.budgets import Constant
 
     spec = site.power_target_w if site.tracking else site.power_budget_w
-    if isinstance(spec, float):
-        return Constant(spec)
-    if "steps" in spec:
-        return Steps(spec["steps"])
-    if "ramp" in spec:
-        return Ramp(spec["ramp"])
-    return GridSignal(spec["grid"], min_w=spec["min_w"], max_w=spec["max_w"],
-                      column=spec["column"], start_s=spec["start_s"], speedup=spec["speedup"],
-                      invert=spec["invert"])
+    # a validated schedule spec holds the schedule it built (palsctl.experiment.schema)
+    return Constant(spec) if isinstance(spec, float) else spec.schedule
 
 
 # ---- results -----------------------------------------------------------------------------------

@@ -130,38 +130,18 @@ def _number(file, key, x, *, lo=None, lo_open=False) -> float:
 
 
 def _rekey(exc: ConfigError, prefix: str, file: str | None) -> ConfigError:
-    """The experiment validator's error, with the key under the pool's prefix."""
-    key = f"{prefix}.{exc.key}" if exc.key else prefix
-    return ConfigError(_core(exc), file=file, key=key, value=exc.value)
+    """The experiment validator's errors (all of them), with the keys under the pool's
+    prefix."""
+    return ConfigError.collect([
+        ConfigError(e.message, file=file, key=f"{prefix}.{e.key}" if e.key else prefix,
+                    value=e.value) for e in exc.errors])
 
 
 def _setpoint_spec(file: str | None, key: str, x: Any, base_dir: Path | None) -> Any:
     """Validate a site budget/target with the experiment's setpoint validator."""
-    from palsctl.experiment import experiment_from_dict
+    from palsctl.experiment.schema import setpoint_value
 
-    probe = {"duration_s": 1.0, "controller": {"name": "static"},
-             "setpoint": {"power_budget_w": x}}
-    try:
-        cfg = experiment_from_dict(probe, file=file, base_dir=base_dir)
-    except ConfigError as exc:
-        inner = "setpoint.power_budget_w"
-        sub = exc.key[len(inner):] if exc.key and exc.key.startswith(inner) else ""
-        raise ConfigError(_core(exc), file=file, key=key + sub, value=exc.value) from None
-    return cfg.setpoint["power_budget_w"]
-
-
-def _core(exc: ConfigError) -> str:
-    """The message of a `ConfigError` without its file/key prefix and value suffix."""
-    msg = str(exc)
-    head = ": ".join(x for x in (exc.file and str(exc.file),
-                                 exc.key and f"key '{exc.key}'") if x)
-    if head and msg.startswith(head + ": "):
-        msg = msg[len(head) + 2:]
-    if exc.key is not None and exc.value is not None:
-        tail = f" (got {exc.value!r})"
-        if msg.endswith(tail):
-            msg = msg[: -len(tail)]
-    return msg
+    return setpoint_value(x, key=key, file=file, base_dir=base_dir)
 
 
 def pool_experiment(raw_pool: dict[str, Any], *, top: dict[str, Any], index: int,

@@ -75,7 +75,7 @@ __all__ = [
     "DEFAULT_EXPERIMENT_TOML", "DEFAULT_SOURCE", "ExperimentConfig", "GridSchedule", "PlantTable",
     "RampSchedule", "ScheduleSpec", "ServingTable", "SetpointSpec", "StepsSchedule",
     "control_from_dict", "experiment_from_dict", "load_experiment", "read_toml",
-    "serving_from_dict",
+    "serving_from_dict", "setpoint_value",
 ]
 
 DEFAULT_EXPERIMENT_TOML = """\
@@ -541,6 +541,19 @@ def _setpoint(c: _Check, raw: dict[str, Any], base_dir: Path | None, *,
     if budget is not None and plant is not None and plant["kind"] == "sim":
         _check_budget_floor(c, budget, plant)
     return out if len(c.errors) == n_errors else None
+
+
+def setpoint_value(x: Any, *, key: str, file: str | None = None,
+                   base_dir: Path | None = None) -> SetpointSpec:
+    """Validate one setpoint value given at ``key`` (a number, ``"demand"`` when ``key`` ends
+    in ``throughput_tok_s``, or a schedule table) as in ``[setpoint]``: a float, ``"demand"``
+    or a schedule spec (its ``schedule`` built). Raises `ConfigError` with every error."""
+    c = _Check(file)
+    spec = _setpoint_value(c, key, x, base_dir)
+    if c.errors:
+        raise ConfigError.collect(c.errors)
+    assert spec is not None
+    return spec
 
 
 def _setpoint_value(c: _Check, key: str, x: Any, base_dir: Path | None) -> SetpointSpec | None:
