@@ -189,7 +189,7 @@ class Agent:
         if first and self.loop.k == 0 and not self.spec.tracking:
             # join capped at the share: the plant's launch cap may exceed it
             lim = self.loop.plant.limits
-            cap = lim.clamp_cap_w(max(lease.share_w / lim.num_gpus, lim.power_cap_min_w))
+            cap = lim.clamp_cap_w(max(lim.per_gpu_w(lease.share_w), lim.power_cap_min_w))
             if cap < lim.power_cap_max_w:
                 self.loop.plant.apply(Action(power_cap_w=cap))
         return True
