@@ -30,6 +30,7 @@ _REGISTRY: dict[str, dict[str, str | type]] = {
     },
 }
 _GROUPS = {"controller": "palsctl.controllers", "plant": "palsctl.plants"}
+_BUILTIN = {kind: dict(names) for kind, names in _REGISTRY.items()}
 _entry_points_loaded: set[str] = set()
 
 
@@ -48,6 +49,11 @@ def _load_entry_points(kind: str) -> None:
     _entry_points_loaded.add(kind)
     for ep in metadata.entry_points(group=_GROUPS[kind]):
         _REGISTRY[kind].setdefault(ep.name, ep.value)
+
+
+def builtin(kind: str = "controller") -> dict[str, str]:
+    """The names palsctl itself registers for a kind, with their ``"module:Class"`` paths."""
+    return dict(_BUILTIN[kind])
 
 
 def available(kind: str = "controller") -> list[str]:
