@@ -20,10 +20,12 @@ _REGISTRY: dict[str, dict[str, str | type]] = {
         "cap-to-budget": "palsctl.controllers.baselines:CapToBudgetController",
         "zeus": "palsctl.controllers.baselines:ZeusController",
         "batch-only": "palsctl.controllers.baselines:BatchOnlyController",
+        "fixed": "palsctl.controllers.baselines:FixedController",
         "pi": "palsctl.controllers.pi:PIController",
         "mpc": "palsctl.controllers.mpc:MPCController",
         "search": "palsctl.controllers.search:SearchController",
-        "oracle": "palsctl.controllers.oracle:OracleController",
+        "cap-only": "palsctl.controllers.cap_only:CapOnlyController",
+        "search-truth": "palsctl.controllers.truth:SearchTruthController",
     },
     "plant": {
         "sim": "palsctl.plants.sim:SimPlant",

@@ -278,3 +278,40 @@ class BatchOnlyController(Controller):
 
     def diagnostics(self) -> dict:
         return dict(self._diag)
+
+
+# -- fixed -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FixedConfig(ControllerConfig):
+    """``power_cap_w``: the per-GPU cap held (None: the plant's default limit);
+    ``max_batch``: the batch limit held. A budget lowers the cap (the guard would anyway)."""
+
+    power_cap_w: float | None = None
+    max_batch: int = 256
+
+    def __post_init__(self) -> None:
+        import math as _math
+
+        v = self.power_cap_w
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                              or not _math.isfinite(v) or v <= 0):
+            raise ConfigError("must be a positive number of watts", key="controller.power_cap_w",
+                              value=v)
+        _check_batch(self.max_batch, "controller.max_batch")
+
+
+class FixedController(Controller):
+    """One fixed configuration (cap, batch limit), the cap lowered to budget / GPUs when a budget
+    is set: the candidates `hindsight` and the Pareto sweep of ``palsctl compare`` simulate."""
+
+    Config = FixedConfig
+    name = "fixed"
+
+    def step(self, measurement: Measurement, setpoint: Setpoint) -> Action:
+        lim, cfg = self.limits, self.config
+        if lim is None:
+            return Action(power_cap_w=cfg.power_cap_w, max_batch=cfg.max_batch)
+        cap = lim.power_cap_default_w if cfg.power_cap_w is None else cfg.power_cap_w
+        if setpoint.power_budget_w is not None:
+            cap = min(cap, setpoint.power_budget_w / lim.num_gpus)
+        return Action(power_cap_w=lim.clamp_cap_w(cap), max_batch=lim.clamp_batch(cfg.max_batch))

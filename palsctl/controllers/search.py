@@ -1,40 +1,29 @@
-"""`search` — the PALS method: model-guided search over (power cap, batch) with online correction.
+"""`search` — the PALS method, QoS first: model-guided search over (power cap, batch limit) with
+online correction, spending only the slack the SLOs leave on saving energy.
 
-Each control step:
+Each control step (the shared half is `palsctl.controllers.model_based.ModelBasedController`):
 
-1. **Residual correction.** The offline model's prediction at the cap in force and the
-   *effective* batch (the running count, or the batch limit when saturated — the model's
-   saturated steady state for that batch is the plant's operating point) is compared with the
-   measurement; an EWMA of measured/predicted per output (throughput, power, p90 ITL) rescales
-   every candidate's prediction.
-2. **Ranking.** Every (cap, batch) candidate of the grid (caps every ``cap_step_w`` between the
-   plant's limits × batch limits 1..16 then coarser up to the launch limit) is ranked by
-   corrected predicted *operating* tokens/J (the power at the batch where the cap just delivers
-   the target; see `palsctl.controllers.common.rank`) subject to
-
-   * predicted throughput ≥ required = target × (1 + ``margin``) (+ the rate that drains the
-     waiting queue within ``drain_s``); without a target the measured demand is used;
-   * predicted power ≤ budget × (1 − ``budget_margin``) and cap × GPUs ≤ budget;
-   * predicted p90 ITL ≤ the TPOT objective.
-
-   **Degradation order** when nothing is feasible (see
-   `palsctl.controllers.common.rank_throughput_first`): the budget is kept first, then
-   throughput, then latency — i.e. the latency objective is dropped first (the candidate meeting
-   the requirement with the lowest predicted p90 ITL is taken); if still infeasible the fastest
-   candidate within the budget is taken whatever its latency (a smaller batch would let the
-   queue and the time to first token grow), at the largest cap the budget allows; only when not
-   even the lowest cap fits the budget is the lowest-power candidate taken (the safety guard
-   then clamps it).
-3. **Hysteresis and dwell.** The configuration in use is kept while it stays within the budget
-   and the latency objective, its predicted throughput is within ``hysteresis`` (relative) of
-   the requirement and its score within ``hysteresis`` of the best — and for at least
-   ``dwell_s`` after a switch — unless the setpoint changes.
-4. **Cap trim.** An integral term on the relative throughput shortfall (measured below the
-   target while the demand exists: requests waiting for admission) adds up to
-   ``trim_max_w`` to the cap — a faster clock also shortens the prefill stalls that make
-   windows fall short under bursty arrivals. It leaks away at ``trim_leak_per_s`` when there is
-   no shortfall, stops integrating when the cap is at its upper bound (anti-windup) and resets
-   to 0 on a setpoint change.
+1. **Corrections.** The offline model's prediction at the cap in force and the *effective*
+   batch is compared with the measurement (EWMA residual per output); a measured p90 TPOT close
+   to its SLO raises the model's ITL at once and a p90 TTFT close to its SLO raises the
+   capacity asked for, both decaying over ``qos_memory_s`` (`palsctl.controllers.qos`).
+2. **Demand.** max(operator target, measured arrival rate) plus the rate that drains the waiting
+   queue within ``drain_s``; the capacity asked for is that × (1 + ``margin``).
+3. **Ranking.** Every (cap, batch) candidate is ranked by corrected predicted *operating*
+   tokens/J subject to capacity ≥ required, power and total cap within the budget (less
+   ``budget_margin``), p90 ITL ≤ the TPOT objective (`palsctl.controllers.common.rank`);
+   when nothing is feasible the budget is kept first, then throughput, then latency
+   (`palsctl.controllers.common.rank_throughput_first`).
+4. **Moves, QoS first and without thrashing.** The cap goes *up* at once whenever the ranking
+   asks for more (a constraint would fail) and to the budget's ceiling when nothing within it is
+   feasible. It goes *down* only when the lower cap saves at least ``min_benefit`` of the
+   predicted operating power and ``cap_deadband_w``, no request is waiting, no latency came
+   close to its SLO for ``dwell_s``, and the last move up is ``dwell_s`` old. The batch limit
+   changes at once only when the one in force stops being feasible; otherwise only after
+   ``batch_dwell_s`` and for a candidate better by ``min_benefit``.
+5. **Cap trim.** An integral term on the relative throughput shortfall while requests wait adds
+   up to ``trim_max_w`` to the cap (leaks away at ``trim_leak_per_s``; anti-windup at the
+   ceiling; reset on a setpoint change).
 
 Vectorised: the grid is predicted once at ``setup``; a step is a handful of numpy operations over
 it (well under 1 ms for ~1,500 candidates).
@@ -43,82 +32,169 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import numpy as np
 
 from palsctl.controllers import common
-from palsctl.controllers.model_source import ensure_model
-from palsctl.errors import ConfigError
-from palsctl.interfaces import Controller, ControllerConfig
-from palsctl.types import Action, Limits, Measurement, PlantInfo, Setpoint
+from palsctl.controllers.model_based import ModelBasedConfig, ModelBasedController, Situation
+from palsctl.types import Action
+
+__all__ = ["SearchConfig", "SearchController"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SearchConfig(ControllerConfig):
-    """Tunables of `SearchController` (units in the names; fractions are dimensionless).
+class SearchConfig(ModelBasedConfig):
+    """Tunables of `SearchController` (the shared ones are `ModelBasedConfig`'s).
 
-    ``model_path``: model file from ``palsctl fit`` (None: the model given at construction, or one
-    profiled on the simulator's presets for the plant). ``margin``: throughput headroom over the
-    target (0.3: on the bursty Azure-conversation workloads a saturated steady state 15 % above
-    the mean demand let queues and prefill stalls push the windowed p90 TTFT/TPOT over the SLOs
-    in 2–16 % of windows; 30 % roughly halves that for ~5–10 % of the tokens/J — measured in
-    bench/RESULTS.md, "Controllers"). ``budget_margin``: predicted power is kept below budget × (1 − budget_margin).
-    ``latency_margin``: the predicted p90 ITL must stay below the TPOT SLO × (1 − latency_margin)
-    (the steady-state p90 ITL misses the prefill stalls of bursty arrivals, which the windowed
-    p90 TPOT that QoS scores includes).
-    ``cap_step_w``: grid spacing of per-GPU caps. ``max_batch``: largest batch limit considered
-    (None: the plant's launch limit). ``residual_alpha``: EWMA weight of a new residual (0..1);
-    ``residual_bound``: residual ratios clipped to [1/bound, bound]. ``trim_gain_w_per_s``: cap
-    trim integral gain, watts per second per unit relative shortfall; ``trim_max_w``: trim bound;
-    ``trim_leak_per_s``: trim decay rate without shortfall. ``hysteresis``: relative score gain
-    needed to leave the configuration in use; ``dwell_s``: minimum time between voluntary
-    switches. ``drain_s``: time to drain the waiting queue. ``batch_headroom``: the batch limit
-    is the smallest meeting the requirement raised by this fraction (None: the largest batch of
-    the chosen cap that meets the latency objective and the budget — free burst headroom).
-    ``dt_s``: control period it is tuned for (None: any).
+    ``trim_gain_w_per_s``: cap trim integral gain, watts per second per unit relative shortfall;
+    ``trim_max_w``: trim bound; ``trim_leak_per_s``: trim decay rate without shortfall.
+    ``hysteresis``: relative capacity shortfall tolerated before the configuration in force counts
+    as infeasible. ``min_benefit``: a voluntary move must cut the predicted operating power by at
+    least this fraction. ``cap_deadband_w``: smallest voluntary cap decrease, watts per GPU.
+    ``dwell_s``: time since the last cap increase or latency tightening before the cap may come
+    down. ``batch_dwell_s``: minimum time between voluntary batch-limit changes.
+    ``batch_headroom``: the batch limit is the smallest meeting the requirement raised by this
+    fraction (None: the largest batch of the chosen cap that meets the latency objective and the
+    budget — free slots absorb bursts at no energy cost in steady state).
     """
 
-    model_path: str | None = None
-    margin: float = 0.3
-    budget_margin: float = 0.02
-    latency_margin: float = 0.0
-    cap_step_w: float = 10.0
-    max_batch: int | None = None
-    residual_alpha: float = 0.1
-    residual_bound: float = 2.0
     trim_gain_w_per_s: float = 60.0
     trim_max_w: float = 100.0
     trim_leak_per_s: float = 0.05
     hysteresis: float = 0.03
+    min_benefit: float = 0.02
+    cap_deadband_w: float = 10.0
     dwell_s: float = 30.0
-    drain_s: float = 30.0
+    batch_dwell_s: float = 60.0
     batch_headroom: float | None = None
-    dt_s: float | None = None
 
     def __post_init__(self) -> None:
-        if self.model_path is not None and not isinstance(self.model_path, str):
-            raise ConfigError("must be a path string", key="controller.model_path",
-                                     value=self.model_path)
-        common.check_number(self.margin, "margin", lo=0, hi=2)
-        common.check_number(self.budget_margin, "budget_margin", lo=0, hi=0.5)
-        common.check_number(self.latency_margin, "latency_margin", lo=0, hi=0.9)
-        common.check_number(self.cap_step_w, "cap_step_w", lo=0, lo_open=True)
-        common.check_int(self.max_batch, "max_batch", allow_none=True)
-        common.check_number(self.residual_alpha, "residual_alpha", lo=0, hi=1)
-        common.check_number(self.residual_bound, "residual_bound", lo=1)
-        common.check_number(self.trim_gain_w_per_s, "trim_gain_w_per_s", lo=0)
-        common.check_number(self.trim_max_w, "trim_max_w", lo=0)
-        common.check_number(self.trim_leak_per_s, "trim_leak_per_s", lo=0)
+        super().__post_init__()
+        for name in ("trim_gain_w_per_s", "trim_max_w", "trim_leak_per_s", "cap_deadband_w",
+                     "dwell_s", "batch_dwell_s"):
+            common.check_number(getattr(self, name), name, lo=0)
         common.check_number(self.hysteresis, "hysteresis", lo=0, hi=1)
-        common.check_number(self.dwell_s, "dwell_s", lo=0)
-        common.check_number(self.drain_s, "drain_s", lo=0)
+        common.check_number(self.min_benefit, "min_benefit", lo=0, hi=1)
         common.check_number(self.batch_headroom, "batch_headroom", lo=0, allow_none=True)
-        common.check_number(self.dt_s, "dt_s", lo=0, lo_open=True, allow_none=True)
 
 
-class SearchController(Controller):
-    """PALS model-guided search (see the module docstring).
+def operating_power_w(s: Situation, row: int) -> float:
+    """Predicted power at cap row ``row`` when the plant runs the operating throughput: at the
+    smallest batch whose capacity reaches it (the largest batch's power when none does)."""
+    nb = s.grid.shape[1]
+    thr = s.throughput_tok_s[row * nb:(row + 1) * nb]
+    pw = s.power_w[row * nb:(row + 1) * nb]
+    op = s.operating_tok_s
+    if op is None:
+        return float(pw[-1])
+    reach = np.nonzero(thr >= op)[0]
+    return float(pw[reach[0]] if reach.size else pw[-1])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Pick:
+    """The ranking's outcome: grid ``index`` of the chosen (cap, batch limit), ``mode`` (``ok``:
+    every constraint met; ``ceiling``: not every QoS constraint can be met within the budget, so
+    the fastest clock the budget allows), ``feasible_rows`` (caps meeting everything) and the
+    chosen row's ``operating_power_w``."""
+
+    index: int
+    mode: str
+    feasible_rows: int
+    operating_power_w: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RowFeasibility:
+    """Per cap row of the grid: ``feasible`` (every QoS constraint met by some batch limit and
+    by the operating point), ``limit_ok`` (caps × batches: batch limits meeting capacity,
+    steady-state latency and budget), ``op_index`` (batch index of the operating point) and
+    ``op_power_w`` (predicted power there)."""
+
+    feasible: np.ndarray
+    limit_ok: np.ndarray
+    op_index: np.ndarray
+    op_power_w: np.ndarray
+
+
+def row_feasibility(s: Situation, *, required_scale: float = 1.0) -> RowFeasibility:
+    """Which caps meet every QoS constraint (see `rank_qos`); ``required_scale`` < 1 loosens the
+    capacity requirement (the hysteresis that keeps a configuration in force)."""
+    g = s.grid
+    nc, nb = g.shape
+    thr = s.throughput_tok_s.reshape(nc, nb)
+    pw = s.power_w.reshape(nc, nb)
+    itl = s.itl_p90_s.reshape(nc, nb)
+    caps = g.cap_w[::nb]
+    lat_ok = s.itl_ok.reshape(nc, nb)
+    bud_ok = pw <= s.budget_w if s.budget_w is not None else np.ones((nc, nb), dtype=bool)
+    row_ok = caps <= s.cap_ceiling_w + 1e-6
+    req, op = s.required_tok_s, s.operating_tok_s
+    cap_ok = thr >= req * required_scale if req is not None else np.ones((nc, nb), dtype=bool)
+    limit_ok = lat_ok & bud_ok & cap_ok & row_ok[:, None]
+    if op is not None:
+        reach = thr >= op
+        j_op = np.where(reach.any(axis=1), reach.argmax(axis=1), nb - 1)
+    else:
+        j_op = np.full(nc, nb - 1)
+    rows = np.arange(nc)
+    burst_ok = np.ones(nc, dtype=bool)
+    if s.tpot_objective_s is not None:
+        burst_ok = ~(itl[rows, j_op] * s.itl_factor > s.tpot_objective_s)
+    return RowFeasibility(feasible=limit_ok.any(axis=1) & burst_ok, limit_ok=limit_ok,
+                          op_index=j_op, op_power_w=pw[rows, j_op])
+
+
+def rank_qos(s: Situation, *, batch_headroom: float = math.inf) -> Pick:
+    """QoS first, then joules: the cap with the best predicted *operating* tokens/J among those
+    where (a) some batch limit has capacity ≥ required, steady-state p90 ITL ≤ the objective and
+    predicted power ≤ budget, (b) the operating point — the smallest batch reaching the demand —
+    meets the objective even with the burst tightening (``itl_factor``), (c) the cap fits the
+    budget's ceiling. Its batch limit is the largest meeting (a) (or the smallest raised by
+    ``batch_headroom``). When no cap qualifies, the budget's ceiling is taken (the fastest clock
+    allowed) with `best_batch`."""
+    g = s.grid
+    nc, nb = g.shape
+    f = row_feasibility(s)
+    if f.feasible.any():
+        if s.operating_tok_s is None:   # no demand known: the fastest feasible configuration
+            thr = s.throughput_tok_s.reshape(nc, nb)
+            score = thr.max(axis=1, where=f.limit_ok, initial=0.0)
+        else:
+            score = s.operating_tok_s / np.maximum(f.op_power_w, 1e-9)
+        r = int(np.argmax(np.where(f.feasible, score, -np.inf)))
+        ok_j = np.nonzero(f.limit_ok[r])[0]
+        j = int(ok_j.max())
+        if math.isfinite(batch_headroom):
+            want = g.batch[r * nb + int(ok_j.min())] * (1.0 + batch_headroom)
+            j = int(ok_j[g.batch[r * nb + ok_j] <= want + 1e-9].max())
+        return Pick(index=r * nb + j, mode="ok", feasible_rows=int(f.feasible.sum()),
+                    operating_power_w=float(f.op_power_w[r]))
+    # nothing meets every QoS constraint within the budget: the fastest clock it allows
+    caps = g.cap_w[::nb]
+    below = np.nonzero(caps <= s.cap_ceiling_w + 1e-6)[0]
+    r = int(below.max()) if below.size else 0
+    return Pick(index=r * nb + best_batch(s, r), mode="ceiling", feasible_rows=0,
+                operating_power_w=float(f.op_power_w[r]))
+
+
+def best_batch(s: Situation, row: int) -> int:
+    """Batch index for cap row ``row`` once the cap is decided (so the budget is met): the
+    largest meeting the latency objective whose capacity meets the requirement, else the
+    smallest meeting the requirement, else the largest — throughput before latency."""
+    nb = s.grid.shape[1]
+    sl = slice(row * nb, (row + 1) * nb)
+    cap_ok = s.throughput_tok_s[sl] >= (s.required_tok_s or 0.0)
+    good = np.nonzero(s.itl_ok[sl] & cap_ok)[0]
+    if good.size:
+        return int(good.max())
+    if cap_ok.any():
+        return int(np.nonzero(cap_ok)[0].min())
+    return nb - 1
+
+
+class SearchController(ModelBasedController):
+    """PALS model-guided search, QoS first (see the module docstring).
 
     >>> SearchController(margin=0.1).config.margin
     0.1
@@ -126,136 +202,101 @@ class SearchController(Controller):
 
     Config = SearchConfig
     name = "search"
-    needs_model = True
-
-    def __init__(self, config: SearchConfig | None = None, /, *, model: Any = None,
-                 **params: Any) -> None:
-        super().__init__(config, **params)
-        self.model = model
-        self._grid: common.Grid | None = None
-        self._res = common.Residuals(self.config.residual_alpha, self.config.residual_bound)
-        self.reset()
-
-    # -- lifecycle ---------------------------------------------------------------------------
-    def setup(self, *, limits: Limits, dt_s: float, plant_info: PlantInfo) -> None:
-        ensure_model(self, plant_info)
-        self._grid = common.model_grid(self.model, limits, cap_step_w=self.config.cap_step_w,
-                                       max_batch=self.config.max_batch)
-        super().setup(limits=limits, dt_s=dt_s, plant_info=plant_info)
 
     def reset(self) -> None:
-        self._res.reset()
-        self._idx: int | None = None
-        self._since_switch_s = math.inf
+        super().reset()
+        self._cap_w: float | None = None      # base cap commanded (before the trim)
+        self._batch: int | None = None
+        self._since_up_s = math.inf
+        self._since_batch_s = math.inf
         self._trim_w = 0.0
-        self._sp: Setpoint | None = None
-        self._diag: dict[str, Any] = {}
 
-    # -- control -----------------------------------------------------------------------------
-    def step(self, measurement: Measurement, setpoint: Setpoint) -> Action:
-        if self._grid is None or self.limits is None:
-            raise RuntimeError("SearchController.step() called before setup()")
-        cfg, lim, g, m = self.config, self.limits, self._grid, measurement
-        dt = float(self.dt_s or m.window_s or 1.0)
-        n = lim.num_gpus
-        cap_now = m.power_cap_w if m.power_cap_w is not None else (
-            g.cap_w[self._idx] if self._idx is not None else lim.power_cap_default_w)
-        b_now = m.max_batch if m.max_batch is not None else (
-            g.batch[self._idx] if self._idx is not None else lim.max_batch_max)
-        if not m.stale:
-            b_eff = common.effective_batch(m, b_now)
-            self._res.update(m, self._grid.interp(cap_now, b_eff))
+    def _row_of(self, cap_w: float) -> int:
+        """The grid row of the largest grid cap at or below ``cap_w`` (the lowest row when
+        ``cap_w`` is below the grid)."""
+        g = self._grid
+        caps = g.cap_w[::g.shape[1]]
+        return max(int(np.searchsorted(caps, cap_w + 1e-6, side="right")) - 1, 0)
 
-        changed = common.setpoint_changed(self._sp, setpoint)
-        if changed:
+    def _index(self, row: int, batch: float) -> int:
+        g = self._grid
+        nb = g.shape[1]
+        j = int(np.argmin(np.abs(np.log(g.batch[:nb]) - math.log(max(batch, 1.0)))))
+        return row * nb + j
+
+    def decide(self, s: Situation) -> Action:
+        cfg, lim, g, m = self.config, self.limits, s.grid, s.measurement
+        dt = s.dt_s
+        if s.setpoint_changed:
             self._trim_w = 0.0
-        self._sp = setpoint
-
-        out_mean = self.plant_info.output_tokens_mean if self.plant_info is not None else None
-        required = common.required_throughput(m, setpoint, margin=cfg.margin,
-                                              drain_s=cfg.drain_s, output_tokens_mean=out_mean)
-        operating = common.required_throughput(m, setpoint, margin=0.0, drain_s=cfg.drain_s,
-                                               output_tokens_mean=out_mean)
-        budget = setpoint.power_budget_w
-        if budget is None and setpoint.power_target_w is not None:
-            budget = setpoint.power_target_w  # power-target mode: treat the target as a ceiling
-        budget_pred = None if budget is None else budget * (1.0 - cfg.budget_margin)
-        tpot_obj = None if setpoint.tpot_slo_s is None else \
-            setpoint.tpot_slo_s * (1.0 - cfg.latency_margin)
-
-        thr = g.throughput_tok_s * self._res.throughput
-        pw = g.power_w * self._res.power
-        itl = g.itl_p90_s * self._res.itl
         headroom = math.inf if cfg.batch_headroom is None else cfg.batch_headroom
-        choice = common.rank_throughput_first(
-            g.cap_w, thr, pw, itl, shape=g.shape, num_gpus=n, required_tok_s=required,
-            budget_w=budget_pred, tpot_slo_s=tpot_obj, operating_tok_s=operating,
-            batch_headroom=headroom, batch_values=g.batch)
+        choice = rank_qos(s, batch_headroom=headroom)
         best = choice.index
-        idx = best
-        cur = self._idx
-        if cur is not None and not changed and choice.mode == "ok":
-            # the configuration in use stays while it is still (nearly: within the hysteresis)
-            # feasible and (nearly) as good as the best, or while the dwell time runs
-            fits_budget = budget_pred is None or (
-                pw[cur] <= budget_pred and g.cap_w[cur] * n <= budget_pred + 1e-6)
-            fits_lat = tpot_obj is None or not itl[cur] > tpot_obj
-            fits_thr = required is None or thr[cur] >= required * (1.0 - cfg.hysteresis)
-            if fits_budget and fits_lat and fits_thr:
-                s_best = choice.score[best]
-                s_cur = s_best if not np.isfinite(choice.score[cur]) else choice.score[cur]
-                if not choice.feasible[cur]:  # nearly feasible: score its operating point
-                    s_cur = s_best * (1.0 - cfg.hysteresis) if required is not None else s_cur
-                within = s_cur >= s_best - cfg.hysteresis * abs(s_best)
-                if within or self._since_switch_s < cfg.dwell_s:
-                    idx = cur
-        switched = idx != cur
-        self._since_switch_s = 0.0 if switched else self._since_switch_s + dt
-        self._idx = idx
+        want_cap = float(g.cap_w[best])
+        if choice.mode != "ok":
+            want_cap = max(want_cap, s.cap_ceiling_w)   # the fastest clock the budget allows
+        want_batch = int(round(g.batch[best]))
+        ceiling = s.cap_ceiling_w
 
-        # cap trim on the throughput shortfall (integral with leak and anti-windup)
-        cap_ceiling = lim.power_cap_max_w
-        if budget is not None:  # the trim stays under the budget with the same margin
-            cap_ceiling = max(lim.power_cap_min_w,
-                              min(cap_ceiling, budget * (1.0 - cfg.budget_margin) / n))
-        target = setpoint.throughput_tok_s
-        base_cap = float(g.cap_w[idx])
-        if choice.mode == "relaxed_throughput" and budget is not None:
-            # the budget binds the throughput: run at the largest cap it allows, not at the
-            # grid point below it (up to ``cap_step_w`` of capacity left unused)
-            base_cap = max(base_cap, cap_ceiling)
+        # -- the cap: up at once when the one in force fails QoS; down only when it pays ------
+        prev = self._cap_w if self._cap_w is not None else s.cap_now_w
+        prev = min(prev, ceiling)                       # a budget cut is followed at once
+        row_prev = self._row_of(prev)
+        keep = row_feasibility(s, required_scale=1.0 - cfg.hysteresis)
+        stressed = s.tightened or m.waiting > 0 or choice.mode != "ok"
+        if s.tightened:
+            self._since_up_s = 0.0
+        if choice.mode != "ok" or not keep.feasible[row_prev]:
+            cap = max(want_cap, prev) if choice.mode != "ok" else want_cap
+        else:
+            cap = prev
+            if want_cap < prev - cfg.cap_deadband_w + 1e-9 and not stressed \
+                    and self._since_up_s >= cfg.dwell_s \
+                    and choice.operating_power_w <= keep.op_power_w[row_prev] * (
+                        1.0 - cfg.min_benefit):
+                cap = want_cap
+        moved_up = cap > prev + 1e-9
+        self._since_up_s = 0.0 if moved_up else self._since_up_s + dt
+        self._cap_w = cap
+
+        # -- the batch limit: changed only where it binds --------------------------------------
+        b_prev = self._batch if self._batch is not None else int(round(s.batch_now))
+        row = self._row_of(cap)
+        nb = g.shape[1]
+        b_star = int(round(g.batch[row * nb + (best_batch(s, row) if best // nb != row
+                                                 else best % nb)]))
+        binding = m.waiting > 0 or m.running >= 0.9 * b_prev
+        batch = b_prev
+        if b_prev > b_star and (binding or not s.itl_ok[self._index(row, b_prev)]
+                                and m.running >= 0.9 * b_star):
+            batch = b_star         # too slow per token at this cap, and it matters now
+        elif b_prev < b_star and binding:
+            batch = b_star         # requests queue behind the limit: more slots
+        batch = lim.clamp_batch(batch)
+        self._since_batch_s = 0.0 if batch != b_prev else self._since_batch_s + dt
+        self._batch = batch
+
+        # -- trim on a throughput shortfall while requests wait --------------------------------
+        target = s.demand.demand_tok_s
         shortfall = 0.0
-        # the demand exists when requests wait for admission (the plant is saturated): the
-        # same rule `palsctl.metrics` scores (an unsaturated plant serves all it is offered)
-        demand_exists = m.waiting > 0
-        if target is not None and target > 0 and demand_exists and not m.stale:
+        if target and m.waiting > 0 and not m.stale:
             shortfall = max(0.0, (target - m.throughput_tok_s) / target)
-        if shortfall > 0 and base_cap + self._trim_w < cap_ceiling:
+        if shortfall > 0 and cap + self._trim_w < ceiling:
             self._trim_w += cfg.trim_gain_w_per_s * dt * shortfall
         elif shortfall == 0:
             self._trim_w *= max(0.0, 1.0 - cfg.trim_leak_per_s * dt)
-        self._trim_w = min(max(self._trim_w, 0.0), cfg.trim_max_w,
-                           max(0.0, cap_ceiling - base_cap))
-        cap = lim.clamp_cap_w(min(base_cap + self._trim_w, cap_ceiling))
-        batch = lim.clamp_batch(int(round(g.batch[idx])))
+        self._trim_w = min(max(self._trim_w, 0.0), cfg.trim_max_w, max(0.0, ceiling - cap))
+        cap_out = lim.clamp_cap_w(min(cap + self._trim_w, ceiling))
 
-        op = choice.operating_index if choice.operating_index is not None else idx
-        if idx != best and required is not None and np.isfinite(choice.score[idx]):
-            # kept configuration: its operating point is the first feasible batch of its cap
-            row = idx // g.shape[1]
-            feas_row = np.nonzero(choice.feasible[row * g.shape[1]:(row + 1) * g.shape[1]])[0]
-            op = row * g.shape[1] + int(feas_row.min()) if feas_row.size else idx
+        i_out = self._index(self._row_of(cap), batch)
         self._diag = {
-            "mode": choice.mode, "cap_base_w": base_cap, "batch": batch,
-            "trim_w": self._trim_w, "required_tok_s": required,
-            "pred_operating_batch": float(g.batch[op]),
-            "pred_throughput_tok_s": float(thr[idx]), "pred_power_w": float(pw[op]),
-            "pred_tokens_per_joule": (float(operating / pw[op]) if operating is not None
-                                      else float(thr[idx] / pw[idx])) if pw[op] > 0 else None,
-            "feasible_candidates": int(np.count_nonzero(choice.feasible)),
-            "switched": bool(switched), **self._res.as_dict(),
+            "mode": choice.mode, "cap_base_w": cap, "batch": batch, "trim_w": self._trim_w,
+            "want_cap_w": want_cap, "want_batch": want_batch, "stressed": bool(stressed),
+            "pred_throughput_tok_s": float(s.throughput_tok_s[i_out]),
+            "pred_power_w": float(s.power_w[i_out]),
+            "pred_itl_p90_s": float(s.itl_p90_s[i_out]) if np.isfinite(s.itl_p90_s[i_out])
+            else None,
+            "feasible_caps": choice.feasible_rows,
+            **self.base_diagnostics(s),
         }
-        return Action(power_cap_w=cap, max_batch=batch)
-
-    def diagnostics(self) -> dict[str, Any]:
-        return dict(self._diag)
+        return Action(power_cap_w=cap_out, max_batch=int(batch))

@@ -36,7 +36,7 @@ def resolve_names(cfg: Any, names: Sequence[str] | None) -> list[str]:
                               key="--controllers", value=n)
     extra = ["static"]
     if cfg.plant.get("kind", "sim") == "sim":
-        extra.append("oracle")
+        pass
     for n in extra:
         if n not in chosen:
             chosen.append(n)

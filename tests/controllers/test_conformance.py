@@ -8,7 +8,7 @@ import pytest
 from palsctl.registry import available
 from palsctl.testing import check_controller
 
-BUILTIN = ["static", "cap-to-budget", "zeus", "batch-only", "pi", "mpc", "search", "oracle"]
+BUILTIN = ["static", "cap-to-budget", "zeus", "batch-only", "pi", "mpc", "search", "search-truth", "cap-only", "fixed"]
 
 
 def test_all_builtin_controllers_are_registered():

@@ -1,19 +1,13 @@
-"""`oracle` — the best configuration per control window with perfect knowledge of the plant.
+"""`search-truth` — `search`'s decision rule on the simulator's ground truth instead of a model.
 
 Simulated plants only (``plant_info.simulated`` must be True): at setup the ground-truth
 saturated steady state of the simulator (`palsctl.plants.sim.steady_state`) is evaluated for
-every (cap, batch) candidate (memoised per plant and workload). Each window it runs exactly
-`search`'s decision rule on that ground truth instead of an offline model: the candidate with
-the highest true operating tokens/J whose throughput meets the requirement with the same
-headroom (target × (1 + ``margin``) plus the queue-drain rate), whose power and cap fit the
-budget and whose p90 ITL meets the TPOT objective, with the largest such batch limit; the same
-online residual correction (the steady state at mean lengths is not the bursty workload) and
-the same cap trim on a backlog below the target, hysteresis and dwell (without them it flaps
-between configurations on the noisy one-second windows and pays in QoS). So it is held to the
-same QoS rules as the controllers measured against it, and the fraction of its tokens/J a
-controller reaches measures what that controller loses to its model's errors. It is a limit
-for the steady state it knows: the ground truth is the saturated steady state at the
-workload's *mean* lengths, so on a bursty, heavy-tailed workload it is not a bound on QoS.
+every (cap, batch) candidate (memoised per plant and workload) and replaces the offline model's
+prediction; everything else — demand, corrections, QoS tightening, moves — is `search`'s. The
+fraction of its tokens/J that `search` reaches measures what `search` loses to its model's
+errors. It is *not* a bound: the ground truth is the saturated steady state at the workload's
+mean lengths, not the bursty, heavy-tailed workload itself (the reference for that is
+`hindsight`, `palsctl.experiment.hindsight`).
 """
 from __future__ import annotations
 
@@ -26,16 +20,14 @@ from palsctl.controllers import common
 from palsctl.controllers.model_source import DEFAULT_OUTPUT_TOKENS, DEFAULT_PROMPT_TOKENS
 from palsctl.controllers.search import SearchConfig, SearchController
 from palsctl.errors import ConfigError
-from palsctl.interfaces import Controller
 from palsctl.types import Limits, PlantInfo
+
+__all__ = ["SearchTruthConfig", "SearchTruthController", "truth_grid"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class OracleConfig(SearchConfig):
-    """`search`'s Config with the same defaults (throughput headroom ``margin``, budget and
-    latency margins, residual correction, cap trim, hysteresis and dwell), so the oracle is held
-    to the same QoS rules and differs from `search` only in its knowledge of the plant.
-    ``model_path`` is ignored: the oracle reads the simulator's ground truth."""
+class SearchTruthConfig(SearchConfig):
+    """`search`'s Config with the same defaults; ``model_path`` is ignored."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -72,19 +64,16 @@ def truth_grid(plant_info: PlantInfo, limits: Limits, *, cap_step_w: float = 10.
                        itl_p90_s=itl, shape=(caps.size, batches.size))
 
 
-class OracleController(SearchController):
-    """`search` with perfect knowledge: its candidate grid is the simulator's ground truth
-    (`truth_grid`) instead of an offline model's prediction (simulated plants only)."""
+class SearchTruthController(SearchController):
+    """`search` whose candidate grid is the simulator's ground truth (`truth_grid`)."""
 
-    Config = OracleConfig
-    name = "oracle"
+    Config = SearchTruthConfig
+    name = "search-truth"
     needs_model = False
 
-    def setup(self, *, limits: Limits, dt_s: float, plant_info: PlantInfo) -> None:
+    def build_grid(self, limits: Limits, plant_info: PlantInfo) -> common.Grid:
         if plant_info is None or not plant_info.simulated:
-            raise ConfigError("the oracle controller needs the simulated plant (it reads the "
-                              "simulator's ground truth); this plant is not simulated",
-                              key="controller.name", value="oracle")
-        self._grid = truth_grid(plant_info, limits, cap_step_w=self.config.cap_step_w,
-                                max_batch=self.config.max_batch)
-        Controller.setup(self, limits=limits, dt_s=dt_s, plant_info=plant_info)
+            raise ConfigError("search-truth reads the simulator's ground truth; this plant is "
+                              "not simulated", key="controller.name", value="search-truth")
+        return truth_grid(plant_info, limits, cap_step_w=self.config.cap_step_w,
+                          max_batch=self.config.max_batch)

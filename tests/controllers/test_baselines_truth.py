@@ -1,4 +1,4 @@
-"""`zeus`, `batch-only` and `oracle`."""
+"""`zeus`, `batch-only` and `search-truth`."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +7,7 @@ import pytest
 
 from tests.support.doubles import limits4, plant_info4
 from palsctl.controllers.baselines import BatchOnlyController, ZeusController
-from palsctl.controllers.oracle import OracleController
+from palsctl.controllers.truth import SearchTruthController
 from palsctl.errors import ConfigError
 from palsctl.types import Measurement, Setpoint
 
@@ -66,18 +66,18 @@ def test_batch_only_keeps_full_cap_and_shrinks_batch_with_spare_capacity():
                   Setpoint(throughput_tok_s=1000.0, power_budget_w=1000.0)).power_cap_w == 250.0
 
 
-def test_oracle_refuses_a_real_plant():
-    o = OracleController()
+def test_search_truth_refuses_a_real_plant():
+    o = SearchTruthController()
     with pytest.raises(ConfigError, match="simulated"):
         o.setup(limits=limits4(), dt_s=1.0, plant_info=plant_info4(simulated=False))
 
 
-def test_oracle_picks_the_cheapest_true_configuration_meeting_the_target():
+def test_search_truth_picks_the_cheapest_true_configuration_meeting_the_target():
     from palsctl.plants.sim import SimPlant, steady_state
 
     plant = SimPlant(model="mixtral-8x7b", gpu="a100-sxm4-80gb", num_gpus=4, seed=0)
     info = dataclasses.replace(plant.info, prompt_tokens_mean=512.0, output_tokens_mean=256.0)
-    o = OracleController(margin=0.0, cap_step_w=50.0)
+    o = SearchTruthController(margin=0.0, cap_step_w=50.0)
     o.setup(limits=plant.limits, dt_s=1.0, plant_info=info)
     full = steady_state("mixtral-8x7b", "a100-sxm4-80gb", 4, 256, prompt_tokens=512,
                         output_tokens=256)
@@ -91,12 +91,12 @@ def test_oracle_picks_the_cheapest_true_configuration_meeting_the_target():
     assert a2.power_cap_w * 4 <= 600.0
 
 
-def test_oracle_is_search_on_the_ground_truth():
-    # the oracle runs search's rule (headroom, latency objective, residuals, trim, hysteresis)
+def test_search_truth_is_search_on_the_ground_truth():
+    # search-truth runs search's rule (headroom, latency objective, residuals, trim, hysteresis)
     # on the simulator's ground truth: search given a model that returns that truth acts alike
     from types import SimpleNamespace
 
-    from palsctl.controllers.oracle import truth_grid
+    from palsctl.controllers.truth import truth_grid
     from palsctl.controllers.search import SearchController
     from palsctl.plants.sim import SimPlant
 
@@ -110,7 +110,7 @@ def test_oracle_is_search_on_the_ground_truth():
             return SimpleNamespace(throughput_tok_s=g.throughput_tok_s, power_w=g.power_w,
                                    itl_p90_s=g.itl_p90_s)
 
-    o = OracleController(cap_step_w=50.0)
+    o = SearchTruthController(cap_step_w=50.0)
     s = SearchController(cap_step_w=50.0, model=Truth())
     for c in (o, s):
         c.setup(limits=plant.limits, dt_s=1.0, plant_info=info)
