@@ -45,6 +45,19 @@ Definitions (``P`` window-mean power of all GPUs, ``B`` budget, ``X`` generated 
   (largest) over all steps, ``settling_times_s`` the list; None when the run has no step.
 * Power-target mode (windows with ``power_target_w`` set): ``power_tracking_mae_w`` mean
   absolute error ``|P - target|``, ``power_tracking_rel_error`` that divided by the mean target.
+* ``throughput_violation_rate``: the PALS paper's QoS violation, throughput only — the fraction
+  of windows with a throughput shortfall (as defined above); ``throughput_shortfall_rate`` is
+  the same number under its older name.
+* **Binding and loose stretches** (only with a ``reference`` run, normally `static` — the
+  deployment without power management — on the same workload and seed): a window is *binding*
+  when a power budget is set and the reference's power averaged over the trailing
+  ``settle_window_s`` exceeds it (the budget takes power away from what the load would draw),
+  else *loose*. ``qos_violation_rate_binding`` / ``_loose`` and
+  ``throughput_violation_rate_binding`` / ``_loose`` are the rates over those windows (None when
+  there are none); ``binding_fraction`` the share of binding windows.
+* **Thrashing**: ``batch_changes_per_100s`` counts steps whose applied batch limit differs from
+  the previous step's; ``cap_reversals_per_100s`` counts changes of direction of the applied cap
+  (moves under 0.5 W ignored) — both per 100 s of run.
 * Stale windows count with the values the sensor repeated.
 """
 from __future__ import annotations
@@ -107,10 +120,59 @@ def trailing_means(steps: list[StepRecord], window_s: float,
     return out
 
 
-def summarize(record: RunRecord, *, budget_tolerance: float = 0.01,
-              throughput_tolerance: float = 0.05, backlog_window_s: float = 5.0,
-              settle_window_s: float = 10.0) -> dict[str, Any]:
-    """Every metric of a run as a JSON-serialisable dict (definitions in the module doc)."""
+def binding_windows(record: RunRecord, reference: RunRecord, *,
+                    window_s: float = 10.0) -> np.ndarray:
+    """Per step of ``record``: True where a power budget is in force and ``reference``'s power,
+    averaged over the trailing ``window_s``, exceeds it (see the module doc)."""
+    sps = window_setpoints(record.steps)
+    ref_t = np.array([s.t_s for s in reference.steps], dtype=float)
+    ref_p = trailing_means(reference.steps, window_s, "power_w")
+    out = np.zeros(len(record.steps), dtype=bool)
+    if not reference.steps:
+        return out
+    for i, (st, sp) in enumerate(zip(record.steps, sps)):
+        if sp.power_budget_w is None:
+            continue
+        k = min(max(int(np.searchsorted(ref_t, st.t_s - 1e-9)), 0), len(ref_t) - 1)
+        p = ref_p[k]
+        out[i] = p is not None and p > sp.power_budget_w
+    return out
+
+
+def _thrash(steps: list[StepRecord], duration_s: float) -> tuple[float | None, float | None]:
+    """(batch changes, cap reversals) per 100 s of run."""
+    if duration_s <= 0:
+        return None, None
+    batches = [s.applied.max_batch for s in steps]
+    changes = sum(1 for a, b in zip(batches, batches[1:])
+                  if a is not None and b is not None and a != b)
+    caps = [s.applied.power_cap_w for s in steps if s.applied.power_cap_w is not None]
+    moves = [b - a for a, b in zip(caps, caps[1:]) if abs(b - a) >= 0.5]
+    reversals = sum(1 for a, b in zip(moves, moves[1:]) if (a > 0) != (b > 0))
+    return 100.0 * changes / duration_s, 100.0 * reversals / duration_s
+
+
+def _rate(mask: np.ndarray, where: np.ndarray) -> float | None:
+    return float(mask[where].mean()) if where.any() else None
+
+
+def summarize(record: RunRecord, *, reference: RunRecord | None = None,
+              budget_tolerance: float = 0.01, throughput_tolerance: float = 0.05,
+              backlog_window_s: float = 5.0, settle_window_s: float = 10.0) -> dict[str, Any]:
+    """Every metric of a run as a JSON-serialisable dict (definitions in the module doc).
+
+    Parameters
+    ----------
+    record : RunRecord
+        The run to score.
+    reference : RunRecord, optional
+        The same workload and seed run by the deployment without power management (`static`):
+        it tells binding from loose budget stretches.
+    budget_tolerance, throughput_tolerance : float
+        Relative bands of the over-budget and shortfall tests.
+    backlog_window_s, settle_window_s : float
+        Trailing windows of the shortfall and settling tests, seconds.
+    """
     steps = record.steps
     sps = window_setpoints(steps)
     n = len(steps)
@@ -212,12 +274,28 @@ def summarize(record: RunRecord, *, budget_tolerance: float = 0.01,
     batches = [s.applied.max_batch for s in steps if s.applied.max_batch is not None]
     has_target = any(sp.throughput_tok_s is not None for sp in sps)
     has_latency_slo = any(sp.tpot_slo_s is not None or sp.ttft_slo_s is not None for sp in sps)
+    bch, crev = _thrash(steps, duration_s)
+    bad = shortfall | latency_bad
+    split: dict[str, Any] = {"binding_fraction": None, "qos_violation_rate_binding": None,
+                             "qos_violation_rate_loose": None,
+                             "throughput_violation_rate_binding": None,
+                             "throughput_violation_rate_loose": None}
+    if reference is not None and n:
+        bind = binding_windows(record, reference, window_s=settle_window_s)
+        split["binding_fraction"] = float(bind.mean())
+        if has_target or has_latency_slo:
+            split["qos_violation_rate_binding"] = _rate(bad, bind)
+            split["qos_violation_rate_loose"] = _rate(bad, ~bind)
+        if has_target:
+            split["throughput_violation_rate_binding"] = _rate(shortfall, bind)
+            split["throughput_violation_rate_loose"] = _rate(shortfall, ~bind)
     summary: dict[str, Any] = {
         "controller": record.controller,
         "tokens_per_joule": tokens / energy_j if energy_j > 0 else None,
         "qos_violation_rate": float((shortfall | latency_bad).mean())
         if n and (has_target or has_latency_slo) else None,
         "throughput_shortfall_rate": float(shortfall.mean()) if n and has_target else None,
+        "throughput_violation_rate": float(shortfall.mean()) if n and has_target else None,
         "latency_violation_rate": float(latency_bad.mean()) if n and has_latency_slo else None,
         "slo_attainment": slo_attainment,
         "time_over_budget_s": float(w[over].sum()),
@@ -244,6 +322,9 @@ def summarize(record: RunRecord, *, budget_tolerance: float = 0.01,
         "stale_steps": sum(1 for s in steps if s.measurement.stale),
         "step_latency_p50_s": _pct(lat, 50),
         "step_latency_p99_s": _pct(lat, 99),
+        "batch_changes_per_100s": bch,
+        "cap_reversals_per_100s": crev,
+        **split,
         "steps": n,
         "dt_s": record.dt_s,
     }

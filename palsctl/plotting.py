@@ -224,3 +224,41 @@ def plot_overlay(records: dict[str, Any], path: Any, *, title: str | None = None
     fig.savefig(p, dpi=110)
     plt.close(fig)
     return p
+
+
+def plot_pareto(result: dict[str, Any], path: str | Path, *, title: str | None = None) -> Path:
+    """The energy-QoS plane of `palsctl.experiment.compare.pareto`: one marker per (controller,
+    setting), lines joining a controller's settings, frontier points ringed and joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    pts = result["points"]
+    for name in dict.fromkeys(p["controller"] for p in pts):
+        mine = [p for p in pts if p["controller"] == name]
+        xs = [100 * p["qos_violation_rate"] for p in mine]
+        ys = [p["tokens_per_joule"] for p in mine]
+        if name == "static":
+            ax.scatter(xs, ys, s=14, c="0.6", marker="s", label="static (cap, batch) grid")
+        else:
+            ax.plot(xs, ys, "-o", ms=5, lw=1, label=name)
+    front = sorted((100 * p["qos_violation_rate"], p["tokens_per_joule"]) for p in pts
+                   if p["on_frontier"])
+    if front:
+        ax.plot([f[0] for f in front], [f[1] for f in front], "k--", lw=0.8, label="frontier")
+        ax.scatter([f[0] for f in front], [f[1] for f in front], s=90, facecolors="none",
+                   edgecolors="k", lw=1)
+    ax.set_xlabel("QoS violation rate (% of control windows)")
+    ax.set_ylabel("tokens per joule")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p

@@ -129,3 +129,40 @@ def test_slo_attainment_and_tracking_and_latency_percentiles():
     assert s["power_tracking_rel_error"] == pytest.approx(200.0 / 3 / 500.0)
     assert s["step_latency_p50_s"] == pytest.approx(2e-4)
     assert s["mean_power_cap_w"] == 300.0 and s["mean_max_batch"] == 8.0
+
+
+def _with_actions(rec, caps, batches):
+    import dataclasses as dc
+    rec.steps = [dc.replace(s, applied=Action(power_cap_w=c, max_batch=b))
+                 for s, c, b in zip(rec.steps, caps, batches)]
+    return rec
+
+
+def test_thrash_counters_count_batch_changes_and_cap_reversals():
+    n = 10
+    r = record([500.0] * n, [10.0] * n, [Setpoint()] * n)
+    caps = [300, 310, 320, 310, 310, 300.2, 300.0, 330, 320, 330]   # moves < 0.5 W ignored
+    batches = [8, 8, 16, 16, 8, 8, 8, 8, 32, 32]
+    s = summarize(_with_actions(r, caps, batches))
+    # moves +10 +10 -10 -9.8 +30 -10 +10 (the -0.2 ignored): reversals at 3 sign flips
+    # (+ to -, - to +, + to -, - to +) = 4 over 10 s
+    assert s["cap_reversals_per_100s"] == pytest.approx(100.0 * 4 / 10)
+    assert s["batch_changes_per_100s"] == pytest.approx(100.0 * 3 / 10)
+
+
+def test_throughput_violation_rate_and_binding_split_against_a_reference():
+    sps = [Setpoint(throughput_tok_s=100.0, power_budget_w=1000.0)] * 6
+    # a backlog throughout; the trailing 5-s mean throughput falls below 95 of 100 tok/s from
+    # the fourth window on
+    r = record([900.0] * 6, [100.0, 100.0, 100.0, 50.0, 50.0, 50.0], sps, waiting=[1] * 6)
+    # the reference (static) draws 1200 W in the first three windows: those are binding
+    ref = record([1200.0, 1200.0, 1200.0, 800.0, 800.0, 800.0], [100.0] * 6, sps)
+    s = summarize(r, reference=ref, settle_window_s=1.0)
+    assert s["throughput_violation_rate"] == s["throughput_shortfall_rate"] == pytest.approx(0.5)
+    assert s["binding_fraction"] == pytest.approx(0.5)
+    assert s["throughput_violation_rate_binding"] == 0.0
+    assert s["throughput_violation_rate_loose"] == 1.0
+    assert s["qos_violation_rate_binding"] == 0.0 and s["qos_violation_rate_loose"] == 1.0
+    # without a reference there is no split
+    s0 = summarize(r)
+    assert s0["binding_fraction"] is None and s0["qos_violation_rate_binding"] is None

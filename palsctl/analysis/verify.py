@@ -94,9 +94,10 @@ def run_power_step(make_plant: Callable[..., SimulatedPlant], *, kp: float, ki_p
             return Setpoint(throughput_tok_s=_UNREACHABLE_TOK_S,
                             power_target_w=r0 if t_s < warmup_s - 1e-9 else r1)
 
+        # the linear loop that the analysis models: no output deadbands
         ctl = PIController(PIConfig(kp_batch_per_tok_s=0.0, ki_batch_per_tok=0.0,
                                     kp_cap_budget=float(kp), ki_cap_budget_per_s=float(ki_per_s),
-                                    dt_s=dt))
+                                    cap_deadband_w=0.0, batch_deadband=0, dt_s=dt))
         rec = run_loop(plant, ctl, duration_s=total_s, schedule=schedule, guard=False)
     finally:
         plant.close()

@@ -19,7 +19,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", nargs="?",
                         help="experiment TOML file (default: the embedded default experiment)")
     parser.add_argument("--controllers", metavar="A,B,...",
-                        help="controllers to compare (default: every registered one)")
+                        help="controllers to compare, exactly these (default: every registered "
+                             "one but `fixed`)")
+    parser.add_argument("--references", metavar="A,B,...", default=None,
+                        help="reference rows, shown apart from the controllers: registered "
+                             "controllers or `hindsight` (best fixed configuration per segment, "
+                             "chosen in hindsight; simulated plants only); 'none' for none "
+                             "(default: static,hindsight)")
+    parser.add_argument("--pareto", action="store_true",
+                        help="instead of the table: sweep each controller's aggressiveness knob "
+                             "and static's (cap, batch) grid, plot tokens/J against QoS "
+                             "violations (pareto.png in --out, JSON with --json) and name the "
+                             "controllers on the frontier")
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, metavar="N",
                         help=f"number of seeds, 0..N-1 offset by the config's seed "
                              f"(default {DEFAULT_SEEDS})")
@@ -38,8 +49,13 @@ COLUMNS = (  # (key, header, format, scale)
     ("slo_attainment", "SLO attain %", "{:.1f}", 100.0),
     ("time_over_budget_s", "over budget s", "{:.0f}", 1.0),
     ("energy_over_budget_frac", "E over budget %", "{:.2f}", 100.0),
+    ("qos_violation_rate_binding", "QoS binding %", "{:.1f}", 100.0),
+    ("qos_violation_rate_loose", "QoS loose %", "{:.1f}", 100.0),
+    ("throughput_violation_rate", "thr viol %", "{:.1f}", 100.0),
     ("settling_time_s", "settling s", "{:.0f}", 1.0),
-    ("oracle_fraction", "oracle frac", "{:.3f}", 1.0),
+    ("hindsight_fraction", "hindsight frac", "{:.3f}", 1.0),
+    ("batch_changes_per_100s", "batch chg/100s", "{:.1f}", 1.0),
+    ("cap_reversals_per_100s", "cap rev/100s", "{:.1f}", 1.0),
     ("step_latency_p50_s", "step p50 ms", "{:.3f}", 1e3),
     ("step_latency_p99_s", "step p99 ms", "{:.3f}", 1e3),
 )
@@ -54,7 +70,7 @@ def format_table(result: dict[str, dict[str, Any]], *, title: str = "") -> Any:
     for _, header, _, _ in COLUMNS:
         table.add_column(header, justify="right")
     for name, agg in result.items():
-        row = [name]
+        row = [f"{name} (ref)" if agg.get("reference") else name]
         for key, _, fmt, scale in COLUMNS:
             v, sd = agg.get(key), agg.get(f"{key}_std")
             if v is None:
@@ -75,10 +91,10 @@ def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from palsctl.experiment import load_experiment
-    from palsctl.experiment.compare import add_derived, aggregate, resolve_names, run_all
+    from palsctl.experiment.compare import (add_derived, aggregate, resolve_names,
+                                            resolve_references, run_all, summarize_all)
     from palsctl.plotting import plot_overlay
     from palsctl.errors import ConfigError
-    from palsctl.metrics import summarize
 
     cfg = load_experiment(args.config)
     if args.duration_s is not None:
@@ -97,11 +113,25 @@ def main(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"  running {name} (seed {seed})", file=sys.stderr, flush=True)
 
-    recs = run_all(cfg, names, seeds, progress=progress)
-    summaries = {n: [summarize(r) for r in rs] for n, rs in recs.items()}
+    if args.pareto:
+        return _pareto(args, cfg, names, seeds)
+    refs = [] if args.references in ("none", "") else (
+        [r.strip() for r in args.references.split(",") if r.strip()]
+        if args.references is not None else None)
+    refs = [r for r in resolve_references(cfg, refs) if r not in names]
+
+    def progress_hs(done: int, total: int) -> None:
+        if not args.quiet and (done == total or done % 10 == 0):
+            print(f"    hindsight: {done}/{total} candidate segments simulated",
+                  file=sys.stderr, flush=True)
+
+    recs = run_all(cfg, names + refs, seeds, progress=progress,
+                   hindsight={"progress": progress_hs})
+    summaries = summarize_all(recs)
     result = aggregate(summaries)
     add_derived(result, summaries)
-
+    for n in result:
+        result[n]["reference"] = n in refs
     if args.json:
         text = json.dumps(result, indent=2, sort_keys=True)
         if args.json == "-":
@@ -114,7 +144,7 @@ def main(args: argparse.Namespace) -> int:
         plot_overlay({n: rs[0] for n, rs in recs.items()}, out / "timeline_all.png",
                      title=f"{cfg.name} (seed {seeds[0]})")
         model_based = {n: rs[0] for n, rs in recs.items()
-                       if n in ("static", "search", "oracle", "pi", "mpc")}
+                       if n in ("static", "search", "hindsight", "pi", "mpc")}
         if model_based:
             plot_overlay(model_based, out / "timeline_main.png",
                          title=f"{cfg.name} (seed {seeds[0]})")
@@ -123,4 +153,40 @@ def main(args: argparse.Namespace) -> int:
 
         Console(width=None if sys.stdout.isatty() else 200).print(format_table(
             result, title=f"{cfg.name}: {len(seeds)} seed(s), {cfg.duration_s:g} s simulated"))
+    return 0
+
+
+def _pareto(args: argparse.Namespace, cfg: Any, names: list[str], seeds: list[int]) -> int:
+    """``--pareto``: the energy-QoS frontier (JSON, PNG, one line per controller)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from palsctl.experiment.compare import pareto
+    from palsctl.plotting import plot_pareto
+
+    def progress(name: str, params: dict) -> None:
+        if not args.quiet:
+            print(f"  running {name} {params}", file=sys.stderr, flush=True)
+
+    res = pareto(cfg, names, seeds=seeds, progress=progress)
+    if args.json:
+        text = json.dumps(res, indent=2, sort_keys=True)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(text + "\n")
+    if args.out:
+        plot_pareto(res, Path(args.out) / "pareto.png",
+                    title=f"{cfg.name}: tokens/J vs QoS violations ({len(seeds)} seed(s))")
+    if not args.quiet and args.json != "-":
+        for name in dict.fromkeys(p["controller"] for p in res["points"]):
+            pts = [p for p in res["points"] if p["controller"] == name]
+            on = sum(p["on_frontier"] for p in pts)
+            best = max(pts, key=lambda p: p["tokens_per_joule"])
+            print(f"{name:14s} {on}/{len(pts)} setting(s) on the frontier; best tokens/J "
+                  f"{best['tokens_per_joule']:.3f} at {100 * best['qos_violation_rate']:.2f} % "
+                  f"QoS violations")
+        print("on the frontier: " + (", ".join(res["on_frontier"]) or "none"))
     return 0

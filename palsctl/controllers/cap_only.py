@@ -44,6 +44,7 @@ class CapOnlyController(ModelBasedController):
 
     Config = CapOnlyConfig
     name = "cap-only"
+    aggressiveness = ("margin", (0.4, 0.2, 0.1, 0.05, 0.0))
 
     def reset(self) -> None:
         super().reset()

@@ -51,7 +51,10 @@ class ModelBasedConfig(ControllerConfig):
     waiting queue is served within this horizon. ``qos_guard`` / ``ttft_guard``: fractions of the
     TPOT / TTFT SLO at which the feasible set tightens; ``qos_memory_s``: how long the tightening
     takes to decay (the aggressiveness knob: shorter saves more energy and risks more SLO
-    misses). ``dt_s``: control period the controller is tuned for (None: any).
+    misses). ``hysteresis``: relative capacity shortfall tolerated before the configuration in
+    force counts as infeasible (keeps the knobs still under a noisy demand). ``dwell_s``: time
+    since the last cap increase or latency tightening before the cap may come down. ``dt_s``:
+    control period the controller is tuned for (None: any).
     """
 
     model_path: str | None = None
@@ -62,11 +65,13 @@ class ModelBasedConfig(ControllerConfig):
     max_batch: int | None = None
     residual_alpha: float = 0.1
     residual_bound: float = 2.0
-    demand_tau_s: float = 20.0
+    demand_tau_s: float = 60.0
     drain_s: float = 30.0
     qos_guard: float = 0.85
     ttft_guard: float = 0.6
     qos_memory_s: float = 180.0
+    hysteresis: float = 0.05
+    dwell_s: float = 30.0
     dt_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -85,6 +90,8 @@ class ModelBasedConfig(ControllerConfig):
         common.check_number(self.qos_guard, "qos_guard", lo=0, lo_open=True, hi=1)
         common.check_number(self.ttft_guard, "ttft_guard", lo=0, lo_open=True, hi=1)
         common.check_number(self.qos_memory_s, "qos_memory_s", lo=0)
+        common.check_number(self.hysteresis, "hysteresis", lo=0, hi=1)
+        common.check_number(self.dwell_s, "dwell_s", lo=0)
         common.check_number(self.dt_s, "dt_s", lo=0, lo_open=True, allow_none=True)
 
 

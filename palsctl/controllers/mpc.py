@@ -12,10 +12,14 @@ Over a horizon of N steps the QP chooses x_1..x_N minimising
 
     Σ_k  w_energy · P_k / P_ref  +  w_short · s_k  +  w_short2 · s_k²  +  w_move · ‖x_k − x_{k−1}‖²
 
-subject to P_k ≤ budget (hard), s_k ≥ required/r_ref − T_k/r_ref, s_k ≥ 0, knob bounds (the cap
-bound also ≤ budget × (1 − budget_margin) / N_gpus; the batch bound ≤ the largest batch whose predicted p90 ITL meets
-the TPOT objective), rate limits ``|x_k − x_{k−1}| ≤ rate · dt`` and a trust region around u0.
-The first move is applied. The cvxpy problem is built once with `Parameter`s (DPP: products of a
+subject to P_k ≤ budget (hard), s_k ≥ required/r_ref − T_k/r_ref, s_k ≥ 0, knob bounds, rate
+limits ``|x_k − x_{k−1}| ≤ rate · dt`` and a trust region around u0. QoS first: "required" is
+the shared demand (`palsctl.controllers.qos`: max(target, arrivals) + backlog, × (1 + margin) ×
+the TTFT capacity factor); the cap is bounded below by the lowest cap whose operating point
+meets the TPOT objective with the learned burst tightening (`search`'s feasibility), above by
+budget × (1 − budget_margin) / N_gpus; the batch by the largest batch whose steady-state p90 ITL
+meets the TPOT objective. The first move is applied, unless it is smaller than
+``cap_deadband_w`` and no bound forces it (with ``w_move`` this keeps the cap from chattering). The cvxpy problem is built once with `Parameter`s (DPP: products of a
 parameter and a variable only; every parameter-only expression is computed in numpy) and
 warm-started; OSQP by default, CLARABEL as fallback; if both fail, the last action is held and
 the status is reported in ``diagnostics()``.
@@ -31,62 +35,47 @@ from typing import Any
 import numpy as np
 
 from palsctl.controllers import common
-from palsctl.controllers.model_source import ensure_model
+from palsctl.controllers.model_based import ModelBasedConfig, ModelBasedController, Situation
+from palsctl.controllers.search import batch_move, row_feasibility
 from palsctl.errors import ConfigError
-from palsctl.interfaces import Controller, ControllerConfig
-from palsctl.types import Action, Limits, Measurement, PlantInfo, Setpoint
+from palsctl.types import Action, Limits, PlantInfo
 
 _SOLVERS = ("OSQP", "CLARABEL", "SCS")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MPCConfig(ControllerConfig):
-    """Tunables of `MPCController`.
+class MPCConfig(ModelBasedConfig):
+    """Tunables of `MPCController` (the shared ones — model, margin, budget and latency margins,
+    residuals, demand and QoS tightening — are `ModelBasedConfig`'s).
 
-    ``model_path``: model file (see `SearchConfig`). ``horizon``: steps N. ``margin``: throughput
-    headroom over the target (fraction; 0.6 by default: the linearised saturated model has no
-    notion of burst/prefill stalls; 0.6 is the smallest of 0.3, 0.45, 0.5, 0.6, 0.7 whose QoS violation rate
-    stays within one point of `search`'s on the bursty scenarios — default experiment over
-    3 seeds 11.4 % vs 10.8 %, ``moe_power_budget`` 0.6 % vs 0.9 %, ``grid_budget`` 1.7 % vs
-    3.3 % — measured in bench/RESULTS.md, "Controllers"). ``budget_margin``: power
-    kept below budget × (1 − it).
-    ``w_energy``: weight of power normalised by the plant's maximum power; ``w_short`` /
-    ``w_short2``: linear / quadratic weights of the shortfall normalised by the target;
-    ``w_move``: weight of squared scaled knob moves. ``max_cap_rate_w_per_s`` /
-    ``max_batch_rate_per_s``: rate limits. ``trust_region``: largest scaled distance from the
-    linearisation point; ``relinearize_tol``: scaled move that triggers re-linearisation.
+    ``horizon``: steps N. ``w_energy``: weight of power normalised by the plant's maximum power;
+    ``w_short`` / ``w_short2``: linear / quadratic weights of the capacity shortfall normalised
+    by the requirement; ``w_move``: weight of squared scaled knob moves (what keeps the cap from
+    chattering). ``max_cap_rate_w_per_s`` / ``max_batch_rate_per_s``: rate limits.
+    ``trust_region``: largest scaled distance from the linearisation point;
+    ``relinearize_tol``: scaled move that triggers re-linearisation. ``cap_deadband_w``: a new
+    cap closer than this to the one in force is not applied (unless a bound moved past it).
     ``solver``: cvxpy solver name (OSQP, CLARABEL or SCS); ``fallback_solver``: tried when it
-    fails. ``residual_alpha``/``residual_bound``: online correction (see `SearchConfig`).
-    ``drain_s``: time to drain the waiting queue. ``dt_s``: control period (None: any).
+    fails.
     """
 
-    model_path: str | None = None
     horizon: int = 10
-    margin: float = 0.6
-    budget_margin: float = 0.02
     w_energy: float = 1.0
     w_short: float = 50.0
     w_short2: float = 200.0
-    w_move: float = 0.05
+    w_move: float = 0.5
     max_cap_rate_w_per_s: float = 50.0
     max_batch_rate_per_s: float = 32.0
     trust_region: float = 0.3
     relinearize_tol: float = 0.02
+    cap_deadband_w: float = 10.0
     solver: str = "OSQP"
     fallback_solver: str | None = "CLARABEL"
-    residual_alpha: float = 0.2
-    residual_bound: float = 2.0
-    drain_s: float = 30.0
-    dt_s: float | None = None
 
     def __post_init__(self) -> None:
-        if self.model_path is not None and not isinstance(self.model_path, str):
-            raise ConfigError("must be a path string", key="controller.model_path",
-                              value=self.model_path)
+        super().__post_init__()
         common.check_int(self.horizon, "horizon")
-        common.check_number(self.margin, "margin", lo=0, hi=2)
-        common.check_number(self.budget_margin, "budget_margin", lo=0, hi=0.5)
-        for name in ("w_energy", "w_short", "w_short2", "w_move"):
+        for name in ("w_energy", "w_short", "w_short2", "w_move", "cap_deadband_w"):
             common.check_number(getattr(self, name), name, lo=0)
         common.check_number(self.max_cap_rate_w_per_s, "max_cap_rate_w_per_s", lo=0,
                             lo_open=True)
@@ -101,10 +90,6 @@ class MPCConfig(ControllerConfig):
             if not isinstance(v, str) or v.upper() not in _SOLVERS:
                 raise ConfigError(f"must be one of {', '.join(_SOLVERS)}",
                                   key=f"controller.{key}", value=v)
-        common.check_number(self.residual_alpha, "residual_alpha", lo=0, hi=1)
-        common.check_number(self.residual_bound, "residual_bound", lo=1)
-        common.check_number(self.drain_s, "drain_s", lo=0)
-        common.check_number(self.dt_s, "dt_s", lo=0, lo_open=True, allow_none=True)
 
 
 _THETA = ("cap_prev", "batch_prev", "dthroughput_dcap", "dthroughput_dbatch", "dpower_dcap",
@@ -159,21 +144,17 @@ class _QP:
         self.w_short2.value = float(w_short2)
 
 
-class MPCController(Controller):
-    """Linear MPC over (cap, batch); see the module docstring."""
+class MPCController(ModelBasedController):
+    """Linear MPC over (cap, batch), QoS first; see the module docstring."""
 
     Config = MPCConfig
     name = "mpc"
-    needs_model = True
+    aggressiveness = ("w_energy", (0.25, 0.5, 1.0, 2.0, 4.0))
 
     def __init__(self, config: MPCConfig | None = None, /, *, model: Any = None,
                  **params: Any) -> None:
-        super().__init__(config, **params)
-        self.model = model
         self._qp: _QP | None = None
-        self._grid: common.Grid | None = None
-        self._res = common.Residuals(self.config.residual_alpha, self.config.residual_bound)
-        self.reset()
+        super().__init__(config, model=model, **params)
 
     @property
     def problem(self):
@@ -181,19 +162,16 @@ class MPCController(Controller):
         return None if self._qp is None else self._qp.problem
 
     def setup(self, *, limits: Limits, dt_s: float, plant_info: PlantInfo) -> None:
-        ensure_model(self, plant_info)
         if self._qp is None:
             self._qp = _QP(self.config)
-        # the grid bounds the batch by the latency objective and gives the residuals' reference
-        self._grid = common.model_grid(self.model, limits, cap_step_w=10.0)
         super().setup(limits=limits, dt_s=dt_s, plant_info=plant_info)
 
     def reset(self) -> None:
-        self._res.reset()
+        super().reset()
         self._u0: np.ndarray | None = None
         self._lin: tuple[float, float, np.ndarray, np.ndarray] | None = None
-        self._last: Action | None = None
-        self._diag: dict[str, Any] = {}
+        self._floor: float | None = None
+        self._since_up_s = math.inf
 
     def _scale(self) -> tuple[float, float]:
         lim = self.limits
@@ -212,61 +190,70 @@ class MPCController(Controller):
         self._lin = (thr, pw, g_t, g_p)
         self._u0 = np.array([cap_w / cs, batch / bs])
 
-    def step(self, measurement: Measurement, setpoint: Setpoint) -> Action:
-        if self._qp is None or self.limits is None:
-            raise RuntimeError("MPCController.step() called before setup()")
-        cfg, lim, m, qp = self.config, self.limits, measurement, self._qp
-        dt = float(self.dt_s or m.window_s or 1.0)
-        n = lim.num_gpus
+    def decide(self, s: Situation) -> Action:
+        cfg, lim, m, qp, g = self.config, self.limits, s.measurement, self._qp, s.grid
+        dt, n = s.dt_s, lim.num_gpus
         cs, bs = self._scale()
-        cap_now = m.power_cap_w if m.power_cap_w is not None else (
-            self._last.power_cap_w if self._last is not None else lim.power_cap_default_w)
-        b_now = float(m.max_batch) if m.max_batch is not None else (
-            float(self._last.max_batch) if self._last is not None else float(lim.max_batch_max))
+        cap_now, b_now = s.cap_now_w, s.batch_now
         # a cap above what the GPUs draw does nothing: the *effective* cap is the drawn power
         # (per GPU) when it is below the cap. Linearising there (left derivative) keeps the
         # cap's sensitivities visible instead of a flat zero above the natural draw.
+        cap_lin = cap_now
         if not m.stale and m.power_w > 0:
-            cap_now = max(lim.power_cap_min_w, min(cap_now, 1.02 * m.power_w / n))
-        x_now = np.array([cap_now / cs, b_now / bs])
+            cap_lin = max(lim.power_cap_min_w, min(cap_now, 1.02 * m.power_w / n))
+        x_now = np.array([cap_lin / cs, b_now / bs])
         if self._u0 is None or np.max(np.abs(x_now - self._u0)) > cfg.relinearize_tol:
-            self._linearize(cap_now, b_now)
+            self._linearize(cap_lin, b_now)
         thr0, pw0, g_t, g_p = self._lin
-        if not m.stale:
-            b_eff = common.effective_batch(m, b_now)
-            self._res.update(m, self._grid.interp(cap_now, b_eff))
-        thr0c, pw0c = thr0 * self._res.throughput, pw0 * self._res.power
-        g_tc, g_pc = g_t * self._res.throughput, g_p * self._res.power
+        res = self._res
+        thr0c, pw0c = thr0 * res.throughput, pw0 * res.power
+        g_tc, g_pc = g_t * res.throughput, g_p * res.power
 
-        out_mean = self.plant_info.output_tokens_mean if self.plant_info is not None else None
-        required = common.required_throughput(m, setpoint, margin=cfg.margin,
-                                              drain_s=cfg.drain_s, output_tokens_mean=out_mean)
-        budget = setpoint.power_budget_w
-        if budget is None and setpoint.power_target_w is not None:
-            budget = setpoint.power_target_w
+        required = s.required_tok_s
         p_ref = n * lim.power_cap_max_w
         r_ref = max(required or 0.0, 1.0) if required is not None else max(thr0c, 1.0)
+        cap_hi = s.cap_ceiling_w
+        # QoS first: the lowest cap whose operating point meets the TPOT objective with the
+        # burst tightening bounds the cap from below (the ceiling when none does)
+        caps = g.cap_w[::g.shape[1]]
 
-        cap_hi = lim.power_cap_max_w if budget is None else min(
-            lim.power_cap_max_w, budget * (1 - cfg.budget_margin) / n)
-        cap_hi = max(cap_hi, lim.power_cap_min_w)
+        def floor(scale: float) -> float:
+            rows = np.nonzero(row_feasibility(s, required_scale=scale).feasible)[0]
+            return float(caps[rows.min()]) if rows.size else cap_hi
+
+        # the floor rises at once; it falls (to the loose floor, with the hysteresis) only after
+        # ``dwell_s`` without a rise or a latency tightening
+        f_strict, f_loose = floor(1.0), floor(1.0 - cfg.hysteresis)
+        prev_floor = self._floor if self._floor is not None else f_strict
+        if s.tightened:
+            self._since_up_s = 0.0
+        if f_strict > prev_floor:
+            self._floor, self._since_up_s = f_strict, 0.0
+        else:
+            self._since_up_s += dt
+            if f_loose < prev_floor and self._since_up_s >= cfg.dwell_s:
+                self._floor = f_loose
+            else:
+                self._floor = prev_floor
+        prev_cap = self._last.power_cap_w if self._last is not None else cap_now
+        cap_lo_qos = min(max(self._floor, lim.power_cap_min_w), cap_hi)
         b_hi = float(lim.max_batch_max)
-        if setpoint.tpot_slo_s is not None and self._grid is not None:
-            g = self._grid
-            ok = (g.itl_p90_s * self._res.itl <= setpoint.tpot_slo_s) & (g.cap_w <= cap_hi + 1e-9)
+        if s.tpot_objective_s is not None:
+            ok = s.itl_ok & (g.cap_w <= cap_hi + 1e-9)
             if ok.any():
                 b_hi = float(max(lim.max_batch_min, g.batch[ok].max()))
         u0 = self._u0
-        x_lo = np.array([lim.power_cap_min_w / cs, lim.max_batch_min / bs])
+        x_lo = np.array([cap_lo_qos / cs, lim.max_batch_min / bs])
         x_hi = np.array([cap_hi / cs, b_hi / bs])
         # moves are counted from the knobs in force brought inside the bounds: a budget step
-        # down is met at once (the budget always wins over the rate limit)
-        x_prev = np.clip(x_now, x_lo, x_hi)
+        # down (or a QoS bound up) is met at once
+        x_prev = np.clip(np.array([cap_now / cs, b_now / bs]), x_lo, x_hi)
         center = np.clip(u0, x_lo, x_hi)
         lo = np.maximum(x_lo, center - cfg.trust_region)
         hi = np.minimum(x_hi, center + cfg.trust_region)
+        lo, hi = np.minimum(lo, x_prev), np.maximum(hi, x_prev)
         gt, gp = g_tc / r_ref, g_pc / p_ref
-        p_max = math.inf if budget is None else budget * (1 - cfg.budget_margin)
+        p_max = math.inf if s.budget_w is None else s.budget_w
         qp.set({
             "cap_prev": x_prev[0], "batch_prev": x_prev[1],
             "dthroughput_dcap": gt[0], "dthroughput_dbatch": gt[1],
@@ -300,20 +287,24 @@ class MPCController(Controller):
             and qp.xb.value is not None and np.isfinite(qp.xc.value[0]) \
             and np.isfinite(qp.xb.value[0])
         if ok:
-            cap = lim.clamp_cap_w(min(float(qp.xc.value[0]) * cs, cap_hi))
+            cap = float(qp.xc.value[0]) * cs
             batch = lim.clamp_batch(int(round(float(qp.xb.value[0]) * bs)))
             held = False
-        else:  # hold the last action (or what is in force), never above the budget
-            cap = lim.clamp_cap_w(min(cap_now, cap_hi))
-            batch = lim.clamp_batch(int(round(b_now)))
-            held = True
-        action = Action(power_cap_w=cap, max_batch=batch)
-        self._last = action
+        else:  # hold what is in force, within the bounds (never above the budget)
+            cap, batch, held = cap_now, lim.clamp_batch(int(round(b_now))), True
+        # no chatter: a small move is not worth making unless a bound forces it
+        if abs(cap - prev_cap) < cfg.cap_deadband_w and cap_lo_qos <= prev_cap <= cap_hi:
+            cap = prev_cap
+        cap = lim.clamp_cap_w(min(max(cap, cap_lo_qos), cap_hi))
+        # the batch limit moves only where it binds (`search.batch_move`), towards the QP's
+        b_prev = int(self._last.max_batch) if self._last is not None and \
+            self._last.max_batch is not None else int(round(b_now))
+        row = max(int(np.searchsorted(caps, cap + 1e-6, side="right")) - 1, 0)
+        nb = g.shape[1]
+        j_prev = int(np.argmin(np.abs(g.batch[:nb] - b_prev)))
+        batch = lim.clamp_batch(batch_move(s, b_prev, int(min(batch, b_hi)), row * nb + j_prev))
         self._diag = {"status": status, "solver": solver, "solve_time_s": solve_s,
-                      "held": held, "required_tok_s": required,
-                      "pred_throughput_tok_s": thr0c, "pred_power_w": pw0c,
-                      "batch_bound": b_hi, "cap_bound_w": cap_hi, **self._res.as_dict()}
-        return action
-
-    def diagnostics(self) -> dict[str, Any]:
-        return dict(self._diag)
+                      "held": held, "pred_throughput_tok_s": thr0c, "pred_power_w": pw0c,
+                      "batch_bound": b_hi, "cap_bound_w": cap_hi, "cap_qos_floor_w": cap_lo_qos,
+                      **self.base_diagnostics(s)}
+        return Action(power_cap_w=cap, max_batch=batch)

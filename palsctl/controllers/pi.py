@@ -58,6 +58,7 @@ import math
 from typing import Any
 
 from palsctl.controllers import common
+from palsctl.controllers.qos import DemandEstimator
 from palsctl.interfaces import Controller, ControllerConfig
 from palsctl.types import Action, Measurement, Setpoint
 
@@ -71,7 +72,12 @@ class PIConfig(ControllerConfig):
     ``latency_margin``: the TPOT terms act above TPOT objective × (1 − latency_margin).
     ``tpot_ref_fraction``: the margin loop holds the time per token (the slower of running /
     throughput and the p90 TPOT) at this fraction of the TPOT objective (None: the
-    utilisation reference).
+    utilisation reference). ``demand_tau_s`` / ``drain_s``: the QoS-first demand the loops
+    serve (`palsctl.controllers.qos.DemandEstimator`: max(target, arrivals) + backlog).
+    ``cap_deadband_w`` / ``batch_deadband``: an output closer than this to the value in force is
+    not applied — the loops keep integrating, so the knob moves once the change is worth it
+    (no chatter). ``little_tau_s``: time constant over which running sequences and throughput
+    are averaged for the time per token.
     ``dt_s``: control period the gains were tuned for (None: any)."""
 
     kp_batch_per_tok_s: float = 0.002
@@ -85,6 +91,11 @@ class PIConfig(ControllerConfig):
     budget_margin: float = 0.02
     latency_margin: float = 0.0
     tpot_ref_fraction: float | None = 0.6
+    demand_tau_s: float = 60.0
+    drain_s: float = 30.0
+    cap_deadband_w: float = 5.0
+    batch_deadband: int = 4
+    little_tau_s: float = 0.0
     dt_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -97,6 +108,11 @@ class PIConfig(ControllerConfig):
         common.check_number(self.latency_margin, "latency_margin", lo=0, hi=0.9)
         common.check_number(self.tpot_ref_fraction, "tpot_ref_fraction", lo=0.05, hi=1.0,
                             allow_none=True)
+        common.check_number(self.demand_tau_s, "demand_tau_s", lo=0, lo_open=True)
+        common.check_number(self.drain_s, "drain_s", lo=0)
+        common.check_number(self.cap_deadband_w, "cap_deadband_w", lo=0)
+        common.check_int(self.batch_deadband, "batch_deadband", lo=0)
+        common.check_number(self.little_tau_s, "little_tau_s", lo=0)
         common.check_number(self.dt_s, "dt_s", lo=0, lo_open=True, allow_none=True)
 
 
@@ -109,16 +125,24 @@ class PIController(Controller):
 
     Config = PIConfig
     name = "pi"
+    aggressiveness = ("tpot_ref_fraction", (0.4, 0.5, 0.6, 0.7, 0.8))
 
     def __init__(self, config: PIConfig | None = None, /, **params: Any) -> None:
         super().__init__(config, **params)
+        self._demand = DemandEstimator(tau_s=self.config.demand_tau_s,
+                                       drain_s=self.config.drain_s)
         self.reset()
 
     def reset(self) -> None:
         self._e_prev: dict[str, float | None] = {"batch": None, "cap": None, "budget": None}
         self._batch: float | None = None  # continuous batch state (rounded on output)
         self._cap_w: float | None = None
+        self._out: tuple[float, int] | None = None   # (cap, batch) last applied
+        self._run_avg: float | None = None
+        self._thr_avg: float | None = None
         self._diag: dict[str, Any] = {}
+        if hasattr(self, "_demand"):
+            self._demand.reset()
 
     def _increment(self, loop: str, e: float | None, kp: float, ki: float, dt: float) -> float:
         """Velocity-form increment; a loop that is inactive (e None) forgets its last error so
@@ -144,26 +168,33 @@ class PIController(Controller):
             self._cap_w if self._cap_w is not None else lim.power_cap_default_w)
         b_now = float(m.max_batch) if m.max_batch is not None else (
             self._batch if self._batch is not None else float(lim.max_batch_max))
-        if self._batch is None or abs(round(self._batch) - b_now) >= 1:
+        out = self._out
+        if self._batch is None or (abs(round(self._batch) - b_now) >= 1 and (
+                out is None or b_now != out[1])):
             self._batch = b_now  # overridden from outside: continue from what is in force
         # the cap integrates in float: the plant applies whole watts (rounded down), so
         # integrating from the applied value would drop every sub-watt increment. The state
         # follows the applied cap only when that differs by a watt or more (clamped by the
         # guard, the limits or a previous controller: anti-windup and bumpless transfer).
-        if self._cap_w is None or abs(self._cap_w - cap_now) >= max(1.0, lim.power_cap_step_w):
+        if self._cap_w is None or (abs(self._cap_w - cap_now) >= max(1.0, lim.power_cap_step_w)
+                                   and (out is None or abs(cap_now - out[0]) >= 1.0)):
             self._cap_w = float(cap_now)
         cap_state = self._cap_w
 
         budget = setpoint.power_budget_w
-        ceiling = lim.power_cap_max_w if budget is None else min(lim.power_cap_max_w, budget / n)
+        ceiling = lim.power_cap_max_w if budget is None else max(
+            lim.power_cap_min_w, min(lim.power_cap_max_w, budget * (1.0 - cfg.budget_margin) / n))
 
         if m.stale:  # hold; the guard reacts to stale data
             cap = lim.clamp_cap_w(min(cap_state, ceiling))
             self._cap_w = cap
             self._diag = {"held": True}
-            return Action(power_cap_w=cap, max_batch=lim.clamp_batch(round(self._batch)))
+            b = lim.clamp_batch(round(self._batch))
+            self._out = (cap, b)
+            return Action(power_cap_w=cap, max_batch=b)
 
-        r = setpoint.throughput_tok_s if setpoint.throughput_tok_s is not None else m.demand_tok_s
+        out_mean = self.plant_info.output_tokens_mean if self.plant_info is not None else None
+        r = self._demand.update(m, setpoint, dt_s=dt, output_tokens_mean=out_mean).demand_tok_s
         y = m.throughput_tok_s
         saturated = common.is_saturated(m, b_now)
 
@@ -188,10 +219,17 @@ class PIController(Controller):
             # below saturation spare capacity shows as speed (or as free batch slots)
             tref = (setpoint.tpot_slo_s * cfg.tpot_ref_fraction
                     if setpoint.tpot_slo_s and cfg.tpot_ref_fraction else None)
-            if tref is not None and y > 0:
+            # Little's law over a few seconds (a one-second window of a prefill stall has almost
+            # no output and would read as an absurd time per token)
+            k = 1.0 - math.exp(-dt / cfg.little_tau_s) if cfg.little_tau_s > 0 else 1.0
+            self._run_avg = m.running if self._run_avg is None else \
+                self._run_avg + k * (m.running - self._run_avg)
+            self._thr_avg = y if self._thr_avg is None else self._thr_avg + k * (y - self._thr_avg)
+            if tref is not None and self._thr_avg > 0:
                 # Little's law: running / throughput is the mean time per output token; the
                 # measured p90 TPOT (what the objective bounds) when that is slower
-                tau = m.running / y if tpot is None else max(m.running / y, tpot)
+                little = self._run_avg / self._thr_avg
+                tau = little if tpot is None else max(little, tpot)
                 e_c = r * (tau - tref) / tref
             else:
                 u = m.running / max(b_now, 1.0)
@@ -225,6 +263,14 @@ class PIController(Controller):
         # float state, clamped to the actuator's range only (anti-windup at saturation)
         self._cap_w = min(max(cap_cmd, lim.power_cap_min_w), lim.power_cap_max_w)
         batch = lim.clamp_batch(round(self._batch))
+        # deadbands: a small change is not applied (the state keeps integrating); a cut to fit
+        # the budget is always applied
+        if out is not None:
+            if abs(cap - out[0]) < cfg.cap_deadband_w and out[0] <= ceiling:
+                cap = lim.clamp_cap_w(out[0])
+            if abs(batch - out[1]) < cfg.batch_deadband and m.waiting <= 0:
+                batch = out[1]
+        self._out = (cap, batch)
         self._diag = {"e_batch_tok_s": e_b, "e_cap_tok_s": e_c, "e_budget_w": e_p,
                       "batch_continuous": self._batch, "cap_margin_w": _finite(cand_margin),
                       "cap_budget_w": _finite(cand_budget), "saturated": saturated,

@@ -18,9 +18,10 @@ Each control step (the shared half is `palsctl.controllers.model_based.ModelBase
    asks for more (a constraint would fail) and to the budget's ceiling when nothing within it is
    feasible. It goes *down* only when the lower cap saves at least ``min_benefit`` of the
    predicted operating power and ``cap_deadband_w``, no request is waiting, no latency came
-   close to its SLO for ``dwell_s``, and the last move up is ``dwell_s`` old. The batch limit
-   changes at once only when the one in force stops being feasible; otherwise only after
-   ``batch_dwell_s`` and for a candidate better by ``min_benefit``.
+   close to its SLO for ``dwell_s``, and the last move up is ``dwell_s`` old (or the operator
+   just changed the setpoint). The batch limit is lowered at once when it is too slow per token
+   at the cap chosen, and raised only where it binds (`batch_move`): a safe limit that does not
+   bind is left alone.
 5. **Cap trim.** An integral term on the relative throughput shortfall while requests wait adds
    up to ``trim_max_w`` to the cap (leaks away at ``trim_leak_per_s``; anti-windup at the
    ceiling; reset on a setpoint change).
@@ -48,11 +49,8 @@ class SearchConfig(ModelBasedConfig):
 
     ``trim_gain_w_per_s``: cap trim integral gain, watts per second per unit relative shortfall;
     ``trim_max_w``: trim bound; ``trim_leak_per_s``: trim decay rate without shortfall.
-    ``hysteresis``: relative capacity shortfall tolerated before the configuration in force counts
-    as infeasible. ``min_benefit``: a voluntary move must cut the predicted operating power by at
+    ``min_benefit``: a voluntary move must cut the predicted operating power by at
     least this fraction. ``cap_deadband_w``: smallest voluntary cap decrease, watts per GPU.
-    ``dwell_s``: time since the last cap increase or latency tightening before the cap may come
-    down. ``batch_dwell_s``: minimum time between voluntary batch-limit changes.
     ``batch_headroom``: the batch limit is the smallest meeting the requirement raised by this
     fraction (None: the largest batch of the chosen cap that meets the latency objective and the
     budget — free slots absorb bursts at no energy cost in steady state).
@@ -61,19 +59,14 @@ class SearchConfig(ModelBasedConfig):
     trim_gain_w_per_s: float = 60.0
     trim_max_w: float = 100.0
     trim_leak_per_s: float = 0.05
-    hysteresis: float = 0.03
     min_benefit: float = 0.02
     cap_deadband_w: float = 10.0
-    dwell_s: float = 30.0
-    batch_dwell_s: float = 60.0
     batch_headroom: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("trim_gain_w_per_s", "trim_max_w", "trim_leak_per_s", "cap_deadband_w",
-                     "dwell_s", "batch_dwell_s"):
+        for name in ("trim_gain_w_per_s", "trim_max_w", "trim_leak_per_s", "cap_deadband_w"):
             common.check_number(getattr(self, name), name, lo=0)
-        common.check_number(self.hysteresis, "hysteresis", lo=0, hi=1)
         common.check_number(self.min_benefit, "min_benefit", lo=0, hi=1)
         common.check_number(self.batch_headroom, "batch_headroom", lo=0, allow_none=True)
 
@@ -178,6 +171,21 @@ def rank_qos(s: Situation, *, batch_headroom: float = math.inf) -> Pick:
                 operating_power_w=float(f.op_power_w[r]))
 
 
+def batch_move(s: Situation, b_prev: int, b_star: int, i_prev: int) -> int:
+    """The batch limit to apply: lowered to ``b_star`` (the one wanted at the cap chosen) when
+    ``b_prev`` is too slow per token at this cap (``i_prev``: its grid index here) — a burst
+    would fill it before the next step —; raised to ``b_star`` only where the limit binds
+    (requests queue behind it, or sequences fill it); else ``b_prev``: unused slots cost nothing,
+    so a limit that is safe and does not bind is left alone."""
+    m = s.measurement
+    binding = m.waiting > 0 or m.running >= 0.9 * b_prev
+    if b_prev > b_star and not s.itl_ok[i_prev]:
+        return b_star
+    if b_prev < b_star and binding:
+        return b_star
+    return b_prev
+
+
 def best_batch(s: Situation, row: int) -> int:
     """Batch index for cap row ``row`` once the cap is decided (so the budget is met): the
     largest meeting the latency objective whose capacity meets the requirement, else the
@@ -202,13 +210,14 @@ class SearchController(ModelBasedController):
 
     Config = SearchConfig
     name = "search"
+    #: the knob `palsctl compare --pareto` sweeps, conservative first
+    aggressiveness = ("latency_margin", (0.4, 0.3, 0.2, 0.1, 0.0))
 
     def reset(self) -> None:
         super().reset()
         self._cap_w: float | None = None      # base cap commanded (before the trim)
         self._batch: int | None = None
         self._since_up_s = math.inf
-        self._since_batch_s = math.inf
         self._trim_w = 0.0
 
     def _row_of(self, cap_w: float) -> int:
@@ -251,7 +260,7 @@ class SearchController(ModelBasedController):
         else:
             cap = prev
             if want_cap < prev - cfg.cap_deadband_w + 1e-9 and not stressed \
-                    and self._since_up_s >= cfg.dwell_s \
+                    and (self._since_up_s >= cfg.dwell_s or s.setpoint_changed) \
                     and choice.operating_power_w <= keep.op_power_w[row_prev] * (
                         1.0 - cfg.min_benefit):
                 cap = want_cap
@@ -265,15 +274,8 @@ class SearchController(ModelBasedController):
         nb = g.shape[1]
         b_star = int(round(g.batch[row * nb + (best_batch(s, row) if best // nb != row
                                                  else best % nb)]))
-        binding = m.waiting > 0 or m.running >= 0.9 * b_prev
-        batch = b_prev
-        if b_prev > b_star and (binding or not s.itl_ok[self._index(row, b_prev)]
-                                and m.running >= 0.9 * b_star):
-            batch = b_star         # too slow per token at this cap, and it matters now
-        elif b_prev < b_star and binding:
-            batch = b_star         # requests queue behind the limit: more slots
+        batch = batch_move(s, b_prev, b_star, self._index(row, b_prev))
         batch = lim.clamp_batch(batch)
-        self._since_batch_s = 0.0 if batch != b_prev else self._since_batch_s + dt
         self._batch = batch
 
         # -- trim on a throughput shortfall while requests wait --------------------------------

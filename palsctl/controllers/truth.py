@@ -70,6 +70,7 @@ class SearchTruthController(SearchController):
     Config = SearchTruthConfig
     name = "search-truth"
     needs_model = False
+    aggressiveness = None
 
     def build_grid(self, limits: Limits, plant_info: PlantInfo) -> common.Grid:
         if plant_info is None or not plant_info.simulated:

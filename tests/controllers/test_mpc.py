@@ -54,7 +54,8 @@ def test_solver_failure_holds_the_last_action_and_reports_it(monkeypatch):
     d = c.diagnostics()
     assert d["held"] is True and d["status"].startswith("error")
     # held, never above the budget (with its margin) / GPUs
-    assert (a.power_cap_w, a.max_batch) == (1000.0 * (1 - c.config.budget_margin) / 4, 64)
+    assert (a.power_cap_w, a.max_batch) == (
+        c.limits.clamp_cap_w(1000.0 * (1 - c.config.budget_margin) / 4), 64)
     assert "solve_time_s" in d
 
 

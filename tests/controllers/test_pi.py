@@ -36,7 +36,7 @@ def test_config_names_units_and_validation():
 def test_velocity_form_batch_increment():
     kp, ki = 0.02, 0.05
     c = _pi(kp_batch_per_tok_s=kp, ki_batch_per_tok=ki, kp_cap_w_per_tok_s=0.0,
-            ki_cap_w_per_tok=0.0)
+            ki_cap_w_per_tok=0.0, batch_deadband=0, drain_s=0.0)
     sp = Setpoint(throughput_tok_s=1000.0)
     a1 = c.step(_m(thr=900.0, waiting=5), sp)          # e1 = 100, first step: no P kick
     assert a1.max_batch == round(64 + ki * 1.0 * 100)
@@ -131,7 +131,7 @@ def test_cap_integrator_keeps_sub_watt_increments():
     # power-target mode, 1 W per GPU under the target: each increment is Ki·dt·e = 0.3 W, less
     # than the plant's whole-watt resolution; the plant applies floor(cap). The float state
     # accumulates them, so the applied cap rises a watt every few steps instead of stalling.
-    c = _pi(kp_cap_budget=0.0, ki_cap_budget_per_s=0.3)
+    c = _pi(kp_cap_budget=0.0, ki_cap_budget_per_s=0.3, cap_deadband_w=0.0)
     sp = Setpoint(power_target_w=800.0)
     cap = 300.0
     for _ in range(10):
@@ -175,3 +175,18 @@ def test_default_batch_gains_meet_the_margins(gain, tau_s, delay_s):
     plant = FOPDT(gain=gain, tau_s=tau_s, delay_s=delay_s, dt_s=1.0, window_s=1.0)
     res = analyze_loop(plant, kp=cfg.kp_batch_per_tok_s, ki=cfg.ki_batch_per_tok)
     assert res.stable and res.meets_margins, (res.gain_margin_db, res.phase_margin_deg)
+
+
+def test_deadbands_hold_small_moves_while_the_state_integrates():
+    # a 0.3 W/step drift is not applied until it adds up to the deadband; then the knob moves
+    c = _pi(kp_cap_budget=0.0, ki_cap_budget_per_s=0.3, cap_deadband_w=2.0)
+    sp = Setpoint(power_target_w=800.0)
+    caps = []
+    cap = 300.0
+    for _ in range(12):
+        a = c.step(_m(cap=cap, power=796.0), sp)
+        cap = float(a.power_cap_w)
+        caps.append(cap)
+    assert caps[:5] == [300.0] * 5            # 1.5 W accumulated: below the deadband
+    assert caps[-1] >= 302.0                  # the state kept integrating
+    assert len(set(caps)) <= 3                # moves by the deadband, not every step

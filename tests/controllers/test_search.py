@@ -66,40 +66,55 @@ def test_perfect_model_picks_grid_optimum(frac, budget, slo):
                                    tpot_slo_s=slo))
     ref = brute_force(model, lim, ctl.config.cap_step_w, target, budget, slo)
     if ref is None:
-        assert ctl.diagnostics()["mode"] != "ok"
+        assert ctl.diagnostics()["mode"] == "ceiling"
         return
-    assert ctl.diagnostics()["mode"] == "ok"
-    p = model.predict(power_cap_w=float(a.power_cap_w), max_batch=float(a.max_batch))
+    d = ctl.diagnostics()
+    assert d["mode"] == "ok"
+    # batch_headroom = 0: the ranking's batch limit is the operating batch, scored target / its
+    # power
+    p = model.predict(power_cap_w=float(a.power_cap_w), max_batch=float(d["want_batch"]))
     assert p.throughput_tok_s >= target
-    chosen_op = ctl.diagnostics()["pred_operating_batch"]
-    op_power = model.predict(power_cap_w=float(a.power_cap_w), max_batch=chosen_op).power_w
-    assert target / op_power == pytest.approx(ref[0], rel=1e-9)
-    assert a.power_cap_w == ref[1] and a.max_batch == ref[2]
+    assert target / p.power_w == pytest.approx(ref[0], rel=1e-9)
+    assert a.power_cap_w == ref[1] and d["want_batch"] == ref[2]
+    # the limit in force (256) stays when it is safe at this cap (unused slots cost nothing),
+    # else it comes down to the ranking's
+    safe = slo is None or model.predict(power_cap_w=float(a.power_cap_w),
+                                        max_batch=256.0).itl_p90_s <= slo
+    assert a.max_batch == (256 if safe else ref[2])
 
 
 def test_degradation_order_budget_then_throughput_then_latency():
+    """QoS first within the budget: when no candidate meets every QoS constraint, the fastest
+    clock the budget allows (mode "ceiling"), with the batch limit that keeps throughput before
+    latency."""
     model = AnalyticModel()
+    lim = limits4()
     full = model.predict(power_cap_w=400.0, max_batch=256.0)
-    ctl = _ctl(margin=0.0, trim_gain_w_per_s=0.0, budget_margin=0.0)
-    # latency impossible, throughput possible: latency is relaxed first
-    ctl.step(_meas(), Setpoint(throughput_tok_s=0.5 * full.throughput_tok_s, tpot_slo_s=1e-4))
-    assert ctl.diagnostics()["mode"] == "relaxed_latency"
-    # throughput impossible within the budget: the fastest candidate within the budget
+    ctl = _ctl(margin=0.0, trim_gain_w_per_s=0.0, budget_margin=0.0, residual_alpha=0.0)
+    # latency impossible, throughput possible: top cap, the smallest batch meeting the
+    # throughput — the lowest latency among those that keep up
+    target = 0.5 * full.throughput_tok_s
+    a = ctl.step(_meas(), Setpoint(throughput_tok_s=target, tpot_slo_s=1e-4))
+    assert ctl.diagnostics()["mode"] == "ceiling" and a.power_cap_w == lim.power_cap_max_w
+    meets = [b for b in common.batch_values(1, 256)
+             if model.predict(power_cap_w=400.0, max_batch=float(b)).throughput_tok_s >= target]
+    assert a.max_batch == min(meets)
+    # throughput impossible within the budget: the budget's cap, the fastest batch
     ctl.reset()
     a = ctl.step(_meas(), Setpoint(throughput_tok_s=10 * full.throughput_tok_s,
                                    power_budget_w=800.0))
-    assert ctl.diagnostics()["mode"] == "relaxed_throughput"
-    assert a.power_cap_w * 4 <= 800.0
+    assert ctl.diagnostics()["mode"] == "ceiling"
+    assert a.power_cap_w == 200.0 and a.max_batch == 256
     pool = [model.predict(power_cap_w=c, max_batch=float(b)).throughput_tok_s
-            for c, b in itertools.product(common.cap_values(limits4(), 10.0),
+            for c, b in itertools.product(common.cap_values(lim, 10.0),
                                           common.batch_values(1, 256)) if c * 4 <= 800.0]
     got = model.predict(power_cap_w=a.power_cap_w, max_batch=float(a.max_batch))
     assert got.throughput_tok_s == pytest.approx(max(pool), rel=1e-6)
-    # budget below the minimum caps: the lowest-power candidate, said so
+    # budget below the minimum caps: the minimum cap (the guard says so)
     ctl.reset()
     a = ctl.step(_meas(), Setpoint(throughput_tok_s=1000.0, power_budget_w=100.0))
-    assert ctl.diagnostics()["mode"] == "relaxed_budget"
-    assert a.power_cap_w == limits4().power_cap_min_w
+    assert ctl.diagnostics()["mode"] == "ceiling"
+    assert a.power_cap_w == lim.power_cap_min_w
 
 
 def test_hysteresis_and_dwell_keep_the_configuration():
@@ -111,9 +126,19 @@ def test_hysteresis_and_dwell_keep_the_configuration():
         a = ctl.step(_meas(cap=a1.power_cap_w, batch=a1.max_batch),
                      Setpoint(throughput_tok_s=1005.0))
         assert (a.power_cap_w, a.max_batch) == (a1.power_cap_w, a1.max_batch)
-    # a real setpoint change switches at once
-    a3 = ctl.step(_meas(cap=a1.power_cap_w, batch=a1.max_batch), Setpoint(throughput_tok_s=2000.0))
-    assert (a3.power_cap_w, a3.max_batch) != (a1.power_cap_w, a1.max_batch)
+    # a target the configuration cannot serve: up at once
+    a3 = ctl.step(_meas(cap=a1.power_cap_w, batch=a1.max_batch), Setpoint(throughput_tok_s=4000.0))
+    assert a3.power_cap_w > a1.power_cap_w
+    # the operator lowers the target again: down at once, the dwell notwithstanding
+    a4 = ctl.step(_meas(cap=a3.power_cap_w, batch=a3.max_batch), sp)
+    assert a4.power_cap_w < a3.power_cap_w
+    # a small dip in the demand within the dwell: held
+    ctl2 = _ctl(dwell_s=1000.0)
+    b1 = ctl2.step(_meas(thr=3000.0, demand=3000.0), Setpoint())
+    for _ in range(5):
+        b = ctl2.step(_meas(cap=b1.power_cap_w, batch=b1.max_batch, thr=2000.0, demand=2000.0),
+                      Setpoint())
+        assert b.power_cap_w == b1.power_cap_w
 
 
 def test_trim_integrates_shortfall_with_antiwindup_and_resets_on_setpoint_change():
@@ -204,8 +229,8 @@ def _grid_pool(model, budget=None):
 
 def test_binding_budget_keeps_capacity_before_latency():
     """Throughput unreachable within the budget and a latency objective that only small batches
-    meet: the fastest candidate within the budget is taken anyway (a smaller batch would let the
-    queue grow), at the largest cap the budget allows, not the grid point below it."""
+    meet: the fastest batch at the largest cap the budget allows (not the grid point below it) —
+    a smaller batch would let the queue grow."""
     model = AnalyticModel()
     budget = 805.0  # not a multiple of the 10 W grid x 4 GPUs
     pool = _grid_pool(model, budget)
@@ -216,21 +241,28 @@ def test_binding_budget_keeps_capacity_before_latency():
     ctl = _ctl(margin=0.0, trim_gain_w_per_s=0.0, budget_margin=0.0, residual_alpha=0.0)
     a = ctl.step(_meas(), Setpoint(throughput_tok_s=10 * fastest, power_budget_w=budget,
                                    tpot_slo_s=slo))
-    assert ctl.diagnostics()["mode"] == "relaxed_throughput"
+    assert ctl.diagnostics()["mode"] == "ceiling"
     assert a.power_cap_w == limits4().clamp_cap_w(budget / 4) > 10 * math.floor(budget / 40)
     got = model.predict(power_cap_w=10 * math.floor(budget / 40), max_batch=float(a.max_batch))
     assert got.throughput_tok_s == pytest.approx(fastest, rel=1e-6)
 
 
-def test_relaxed_latency_degrades_latency_least():
-    """Throughput reachable within the budget, latency objective not with it: among the
-    candidates meeting the throughput the one with the lowest predicted p90 ITL."""
+def test_burst_tightening_raises_the_cap_not_the_batch():
+    """A measured p90 TPOT close to the SLO at the configuration in force tightens the
+    operating point's latency: the cap goes up at once; the batch limit is not cut for it (a
+    burst's prefill stalls are shortened by the clock, not by fewer slots)."""
     model = AnalyticModel()
-    full = model.predict(power_cap_w=400.0, max_batch=256.0)
-    target = 0.6 * full.throughput_tok_s
-    ctl = _ctl(margin=0.0, trim_gain_w_per_s=0.0, budget_margin=0.0, residual_alpha=0.0)
-    a = ctl.step(_meas(), Setpoint(throughput_tok_s=target, tpot_slo_s=1e-4))
-    assert ctl.diagnostics()["mode"] == "relaxed_latency"
-    best = min(p.itl_p90_s for _, _, p in _grid_pool(model) if p.throughput_tok_s >= target)
-    got = model.predict(power_cap_w=a.power_cap_w, max_batch=float(a.max_batch))
-    assert got.itl_p90_s == pytest.approx(best, rel=1e-9)
+    ctl = _ctl(margin=0.0, residual_alpha=0.0, trim_gain_w_per_s=0.0)
+    target = 0.3 * model.predict(power_cap_w=400.0, max_batch=256.0).throughput_tok_s
+    slo = 0.1
+    sp = Setpoint(throughput_tok_s=target, tpot_slo_s=slo)
+    a1 = ctl.step(_meas(), sp)
+    pred = model.predict(power_cap_w=float(a1.power_cap_w), max_batch=16.0).itl_p90_s
+    m = Measurement(t_s=2.0, window_s=1.0, power_w=500.0, energy_j=0.0, throughput_tok_s=target,
+                    running=16, power_cap_w=a1.power_cap_w, max_batch=a1.max_batch,
+                    tpot_p90_s=0.98 * slo)
+    a2 = ctl.step(m, sp)
+    d = ctl.diagnostics()
+    assert d["tightened"] and d["itl_factor"] > 1.0
+    assert a2.power_cap_w > a1.power_cap_w and a2.max_batch == a1.max_batch
+    assert pred < 0.98 * slo   # the model alone saw no problem

@@ -1,0 +1,155 @@
+"""QoS first: the demand estimate, the online latency tightening, and closed-loop properties of
+the QoS-first controllers on the simulated plant (hypothesis)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from palsctl.controllers.qos import DemandEstimator, QosTightening
+from palsctl.types import Measurement, Setpoint
+
+
+def _m(**kw):
+    base = dict(t_s=1.0, window_s=1.0, power_w=800.0, energy_j=0.0, throughput_tok_s=1000.0)
+    base.update(kw)
+    return Measurement(**base)
+
+
+# -- demand ------------------------------------------------------------------------------------
+def test_demand_is_the_larger_of_target_and_arrivals_plus_the_backlog():
+    est = DemandEstimator(tau_s=10.0, drain_s=20.0)
+    d = est.update(_m(demand_tok_s=500.0), Setpoint(throughput_tok_s=800.0), dt_s=1.0,
+                   output_tokens_mean=200.0)
+    assert (d.demand_tok_s, d.source, d.backlog_tok_s) == (800.0, "target", 0.0)
+    # a stale target that the load outgrew: the arrivals take over, the queue adds its drain
+    est.reset()
+    for _ in range(200):
+        d = est.update(_m(demand_tok_s=1500.0, waiting=40), Setpoint(throughput_tok_s=800.0),
+                       dt_s=1.0, output_tokens_mean=200.0)
+    assert d.source == "arrivals"
+    assert d.arrivals_tok_s == pytest.approx(1500.0)
+    assert d.backlog_tok_s == pytest.approx(40 * 200.0 / 20.0)
+    assert d.demand_tok_s == pytest.approx(1500.0 + 400.0)
+
+
+def test_arrival_rate_is_an_ewma_with_its_time_constant():
+    est = DemandEstimator(tau_s=10.0, drain_s=0.0)
+    est.update(_m(demand_tok_s=0.0), Setpoint(), dt_s=1.0, output_tokens_mean=None)
+    for _ in range(10):   # one time constant of a step from 0 to 1000
+        d = est.update(_m(demand_tok_s=1000.0), Setpoint(), dt_s=1.0, output_tokens_mean=None)
+    assert d.arrivals_tok_s == pytest.approx(1000.0 * (1 - math.exp(-1.0)), rel=1e-9)
+
+
+def test_without_an_arrival_counter_an_unsaturated_plant_serves_its_demand():
+    est = DemandEstimator(tau_s=1e-6, drain_s=30.0)
+    d = est.update(_m(throughput_tok_s=700.0), Setpoint(), dt_s=1.0, output_tokens_mean=100.0)
+    assert d.demand_tok_s == pytest.approx(700.0)
+    # saturated (a queue): the throughput is capacity, not demand — kept from before, plus drain
+    d = est.update(_m(throughput_tok_s=300.0, waiting=30), Setpoint(), dt_s=1.0,
+                   output_tokens_mean=100.0)
+    assert d.arrivals_tok_s == pytest.approx(700.0)
+    assert d.demand_tok_s == pytest.approx(700.0 + 30 * 100.0 / 30.0)
+
+
+def test_stale_measurement_does_not_move_the_estimate():
+    est = DemandEstimator(tau_s=5.0)
+    est.update(_m(demand_tok_s=1000.0), Setpoint(), dt_s=1.0, output_tokens_mean=None)
+    d = est.update(_m(demand_tok_s=0.0, stale=True), Setpoint(), dt_s=1.0,
+                   output_tokens_mean=None)
+    assert d.arrivals_tok_s == 1000.0
+
+
+# -- tightening -------------------------------------------------------------------------------
+def test_tpot_near_the_slo_tightens_at_once_and_decays_with_its_memory():
+    q = QosTightening(guard=0.8, memory_s=100.0)
+    sp = Setpoint(tpot_slo_s=0.1)
+    assert not q.update(_m(tpot_p90_s=0.07), sp, dt_s=1.0, predicted_itl_s=0.05)
+    assert q.itl_factor == 1.0                     # 0.07 < 0.8 × 0.1: nothing learned
+    assert q.update(_m(tpot_p90_s=0.09), sp, dt_s=1.0, predicted_itl_s=0.05)
+    f0 = 0.09 / (0.8 * 0.05)
+    assert q.itl_factor == pytest.approx(f0)
+    for _ in range(100):                           # one memory time constant later
+        q.update(_m(tpot_p90_s=0.02), sp, dt_s=1.0, predicted_itl_s=0.05)
+    assert q.itl_factor - 1 == pytest.approx((f0 - 1) * math.exp(-1.0), rel=1e-9)
+
+
+def test_ttft_near_the_slo_raises_the_capacity_asked_bounded():
+    q = QosTightening(ttft_guard=0.5, bound=3.0)
+    sp = Setpoint(ttft_slo_s=2.0)
+    q.update(_m(ttft_p90_s=1.5), sp, dt_s=1.0, predicted_itl_s=None)
+    assert q.capacity_factor == pytest.approx(1.5)
+    q.update(_m(ttft_p90_s=60.0), sp, dt_s=1.0, predicted_itl_s=None)
+    assert q.capacity_factor == 3.0
+    q.reset()
+    assert (q.itl_factor, q.capacity_factor) == (1.0, 1.0)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(tpot=st.none() | st.floats(0, 10), pred=st.none() | st.floats(1e-6, 1.0),
+       slo=st.none() | st.floats(1e-3, 1.0), ttft=st.none() | st.floats(0, 100),
+       stale=st.booleans())
+def test_factors_stay_in_their_bounds(tpot, pred, slo, ttft, stale):
+    q = QosTightening(bound=4.0)
+    for _ in range(3):
+        q.update(_m(tpot_p90_s=tpot, ttft_p90_s=ttft, stale=stale),
+                 Setpoint(tpot_slo_s=slo, ttft_slo_s=slo and 20 * slo), dt_s=1.0,
+                 predicted_itl_s=pred)
+        assert 1.0 <= q.itl_factor <= 4.0 and 1.0 <= q.capacity_factor <= 4.0
+
+
+# -- closed-loop properties on the simulated plant --------------------------------------------
+def _closed_loop(name, *, rate_req_s, sp, duration_s, seed, prompt=512, output=256):
+    from palsctl.loop import run_loop
+    from palsctl.plants.sim import SimPlant
+    from palsctl.registry import make_controller
+    from palsctl.testing.checks import ConstantStream
+
+    plant = SimPlant(model="mixtral-8x7b", gpu="a100-sxm4-80gb", num_gpus=4, seed=seed)
+    rec = run_loop(plant, make_controller(name), duration_s=duration_s, schedule=lambda t: sp,
+                   workload=ConstantStream(rate_req_s, prompt, output))
+    plant.close()
+    return rec
+
+
+@pytest.mark.slow
+@settings(max_examples=6, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(name=st.sampled_from(["search", "mpc"]), load=st.floats(0.3, 1.3),
+       seed=st.integers(0, 3))
+def test_never_lowers_the_cap_while_requests_wait_longer_than_the_drain_horizon(name, load,
+                                                                                  seed):
+    """With slack in the SLO (a loose TPOT objective, no budget), no voluntary cap cut while
+    the queue holds more than ``drain_s`` seconds of the plant's throughput."""
+    from palsctl.plants.sim import steady_state
+
+    full = steady_state("mixtral-8x7b", "a100-sxm4-80gb", 4, 256, prompt_tokens=512,
+                        output_tokens=256).throughput_tok_s
+    sp = Setpoint(throughput_tok_s=load * full, tpot_slo_s=1.0)
+    rec = _closed_loop(name, rate_req_s=load * full / 256.0, sp=sp, duration_s=150.0,
+                       seed=seed)
+    drain_s = 30.0   # the controllers' default
+    for prev, cur in zip(rec.steps, rec.steps[1:]):
+        m = cur.measurement
+        queued_s = m.waiting * 256.0 / max(m.throughput_tok_s, 1.0)
+        if queued_s > drain_s and m.waiting > 0:
+            assert cur.applied.power_cap_w >= prev.applied.power_cap_w - 1e-9, \
+                (name, cur.t_s, queued_s)
+
+
+@pytest.mark.slow
+@settings(max_examples=4, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(name=st.sampled_from(["search", "mpc", "pi"]), load=st.floats(0.2, 0.8),
+       seed=st.integers(0, 3))
+def test_batch_limit_changes_a_bounded_number_of_times_under_constant_load(name, load, seed):
+    from palsctl.plants.sim import steady_state
+
+    full = steady_state("mixtral-8x7b", "a100-sxm4-80gb", 4, 256, prompt_tokens=512,
+                        output_tokens=256).throughput_tok_s
+    sp = Setpoint(throughput_tok_s=load * full, tpot_slo_s=0.1, power_budget_w=1200.0)
+    rec = _closed_loop(name, rate_req_s=load * full / 256.0, sp=sp, duration_s=300.0, seed=seed)
+    batches = [s.applied.max_batch for s in rec.steps]
+    changes = sum(1 for a, b in zip(batches, batches[1:]) if a != b)
+    assert changes <= 10, (name, changes)
