@@ -220,7 +220,9 @@ def test_default_experiment_round_trips():
     d = cfg.to_dict()
     # defaults filled in: the controller's whole Config, the guard, the plant's noise
     assert d["plant"]["noise"] is True and d["guard"] == {"enabled": True}
-    assert d["controller"]["name"] == "search" and d["controller"]["margin"] == 0.3
+    from palsctl.controllers.search import SearchConfig
+    assert d["controller"]["name"] == "search"
+    assert d["controller"]["margin"] == SearchConfig().margin
     assert "power_cap_w" not in d["plant"]          # None is left out (TOML has no null)
     assert experiment_from_dict(tomllib.loads(cfg.to_toml())) == cfg
 
