@@ -114,11 +114,17 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def pi_gains(config) -> dict[str, tuple[float, float]]:
-    """(Kp, Ki) of each loop of a `PIConfig`, in the loop's units (see `identify.LOOPS`)."""
-    return {"batch": (float(config.kp_batch_per_tok_s), float(config.ki_batch_per_tok)),
-            "margin": (float(config.kp_cap_w_per_tok_s), float(config.ki_cap_w_per_tok)),
-            "budget": (float(config.kp_cap_budget), float(config.ki_cap_budget_per_s))}
+def pi_gains(gains) -> dict[str, tuple[float, float]]:
+    """(Kp, Ki) of each loop, in the loop's units (see `identify.LOOPS`), from the gains a `pi`
+    controller runs (a dict of `PIConfig` gain names, `palsctl.controllers.pi.resolve_gains`,
+    or a `PIConfig` whose gains are all set)."""
+    g = gains if isinstance(gains, dict) else {
+        k: getattr(gains, k) for k in ("kp_batch_per_tok_s", "ki_batch_per_tok",
+                                       "kp_cap_w_per_tok_s", "ki_cap_w_per_tok",
+                                       "kp_cap_budget", "ki_cap_budget_per_s")}
+    return {"batch": (float(g["kp_batch_per_tok_s"]), float(g["ki_batch_per_tok"])),
+            "margin": (float(g["kp_cap_w_per_tok_s"]), float(g["ki_cap_w_per_tok"])),
+            "budget": (float(g["kp_cap_budget"]), float(g["ki_cap_budget_per_s"]))}
 
 
 def analyze_points(*, experiment: str, model: str, gpu: str, num_gpus: int,

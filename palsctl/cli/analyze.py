@@ -93,6 +93,15 @@ def main(args: argparse.Namespace) -> int:
     prompt = float(getattr(workload, "mean_prompt_tokens", 200.0) or 200.0)
     output = float(getattr(workload, "mean_output_tokens", 400.0) or 400.0)
     p = cfg.plant
+    from palsctl.controllers.pi import resolve_gains
+
+    # the gains the pi controller runs on this plant (the analysis's recommendation for the
+    # ones its config leaves unset)
+    pi_run_gains, gains_source = resolve_gains(
+        pi_cfg, model=p["model"], gpu=p["gpu"], num_gpus=p["num_gpus"],
+        max_batch_launch=p["max_batch_launch"], prompt_tokens=prompt, output_tokens=output,
+        dt_s=cfg.dt_s)
+    notes.append(f"pi gains: {gains_source}")
     console = Console(stderr=args.json == "-")
     power_model = None
     if args.model and args.no_model:
@@ -127,7 +136,8 @@ def main(args: argparse.Namespace) -> int:
         probe.close()
         report = analyze_points(experiment=cfg.name, points=points, model=p["model"], gpu=p["gpu"],
                                 num_gpus=p["num_gpus"], max_batch_launch=p["max_batch_launch"],
-                                dt_s=cfg.dt_s, gains=pi_gains(pi_cfg), prompt_tokens=prompt,
+                                dt_s=cfg.dt_s, gains=pi_gains(pi_run_gains),
+                                prompt_tokens=prompt,
                                 output_tokens=output, power_model=power_model,
                                 min_gm_db=args.min_gm_db, min_pm_deg=args.min_pm_deg,
                                 seed=cfg.seed)

@@ -46,14 +46,21 @@ short of its target). The state is clamped to the actuator's range (anti-windup 
 saturation) and follows the applied cap whenever the two differ by a cap step or more (the
 guard, the budget or another controller moved it: anti-windup and bumpless transfer).
 
-Default gains: the batch loop's ``(0.002, 0.015)`` keep a gain margin ≥ 6 dB and a phase margin
-≥ 45° at the low, medium and high load points that ``palsctl analyze`` identifies on the Mixtral
-scenario (the previous ``(0.02, 0.02)`` had 3.6–4.4 dB at low and medium load). The margin and
-budget loops keep their gains (margins ≥ 6.8 dB / 86° there).
+Default gains come from the stability analysis: a gain of the batch or budget loop left
+``None`` in the Config is, at ``setup``, the one `palsctl.analysis.recommend_pi_gains`
+recommends for the plant — the
+simulator preset named by the plant's model and GPU, at its GPU count, launch batch, mean
+request lengths and control period: the gains meeting a 6 dB gain margin and a 45° phase margin
+at every load point ``palsctl analyze`` checks, with the fastest worst-case settling (memoised).
+So the controller runs exactly what the analysis verified, and no loop takes minutes to settle.
+On a plant that is not a preset the documented fallbacks ``FALLBACK_GAINS`` are used (the
+Mixtral-8x7B / 4 × A100 recommendation); ``diagnostics()['gains_source']`` says which. The
+margin loop keeps hand-tuned gains (see ``ANALYSED_GAINS``).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -61,6 +68,62 @@ from palsctl.controllers import common
 from palsctl.controllers.qos import DemandEstimator
 from palsctl.interfaces import Controller, ControllerConfig
 from palsctl.types import Action, Measurement, Setpoint
+
+
+GAIN_NAMES = ("kp_batch_per_tok_s", "ki_batch_per_tok", "kp_cap_w_per_tok_s", "ki_cap_w_per_tok",
+              "kp_cap_budget", "ki_cap_budget_per_s")
+#: gains used where the plant is not a simulator preset: ``recommend_pi_gains`` for
+#: Mixtral-8x7B on 4 × A100-SXM4-80GB, dt 1 s, launch batch 256, 1000 / 250 tokens
+FALLBACK_GAINS = {"kp_batch_per_tok_s": 0.0031, "ki_batch_per_tok": 0.0117,
+                  "kp_cap_w_per_tok_s": 0.002, "ki_cap_w_per_tok": 0.005,
+                  "kp_cap_budget": 0.082, "ki_cap_budget_per_s": 0.71}
+#: loops whose identified plant is the loop the controller closes: the analysis's
+#: recommendation applies. The margin loop holds the time per output token (Little's law, see
+#: the module doc) while the analysis identifies cap → throughput: its recommendation (e.g.
+#: Ki = 0.38 W per token on Mixtral, 76× the hand-tuned 0.005) drove the cap through bursts
+#: and raised QoS violations from 0.9 to 13 % on examples/moe_power_budget.toml, so its gains
+#: stay the hand-tuned ``FALLBACK_GAINS`` until the analysis models that loop.
+ANALYSED_GAINS = ("kp_batch_per_tok_s", "ki_batch_per_tok", "kp_cap_budget",
+                  "ki_cap_budget_per_s")
+
+
+@functools.lru_cache(maxsize=32)
+def recommended_gains(model: str, gpu: str, num_gpus: int, max_batch_launch: int,
+                      prompt_tokens: float, output_tokens: float, dt_s: float
+                      ) -> dict[str, float] | None:
+    """`palsctl.analysis.recommend_pi_gains` for a simulator preset (memoised); None when the
+    model or GPU is not a preset."""
+    from palsctl.analysis import recommend_pi_gains
+    from palsctl.errors import PalsctlError
+
+    try:
+        return dict(recommend_pi_gains(dt_s=dt_s, model=model, gpu=gpu, num_gpus=num_gpus,
+                                       max_batch_launch=max_batch_launch,
+                                       prompt_tokens=prompt_tokens,
+                                       output_tokens=output_tokens).params())
+    except (PalsctlError, KeyError, ValueError):
+        return None
+
+
+def resolve_gains(config: "PIConfig", *, model: str | None, gpu: str | None, num_gpus: int,
+                  max_batch_launch: int, prompt_tokens: float | None,
+                  output_tokens: float | None, dt_s: float) -> tuple[dict[str, float], str]:
+    """The gains a `PIController` with ``config`` runs on this plant, and where they come from
+    (``"config"``: all given; ``"analysis"``: the None ones recommended for the preset;
+    ``"fallback"``: not a preset, ``FALLBACK_GAINS``). `palsctl analyze` analyses these."""
+    given = {n: getattr(config, n) for n in GAIN_NAMES}
+    if all(v is not None for v in given.values()):
+        return {n: float(v) for n, v in given.items()}, "config"
+    rec = None
+    if model and gpu:
+        rec = recommended_gains(str(model), str(gpu), int(num_gpus), int(max_batch_launch),
+                                float(round(prompt_tokens or 1000.0)),
+                                float(round(output_tokens or 250.0)), float(dt_s))
+    base = dict(FALLBACK_GAINS)
+    if rec is not None:
+        base.update({n: rec[n] for n in ANALYSED_GAINS})
+    return ({n: float(v if v is not None else base[n]) for n, v in given.items()},
+            "analysis" if rec is not None else "fallback")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -80,12 +143,12 @@ class PIConfig(ControllerConfig):
     are averaged for the time per token.
     ``dt_s``: control period the gains were tuned for (None: any)."""
 
-    kp_batch_per_tok_s: float = 0.002
-    ki_batch_per_tok: float = 0.015
-    kp_cap_w_per_tok_s: float = 0.002
-    ki_cap_w_per_tok: float = 0.005
-    kp_cap_budget: float = 0.3
-    ki_cap_budget_per_s: float = 0.5
+    kp_batch_per_tok_s: float | None = None
+    ki_batch_per_tok: float | None = None
+    kp_cap_w_per_tok_s: float | None = None
+    ki_cap_w_per_tok: float | None = None
+    kp_cap_budget: float | None = None
+    ki_cap_budget_per_s: float | None = None
     margin: float = 0.1
     utilisation_ref: float = 0.15
     budget_margin: float = 0.02
@@ -99,9 +162,8 @@ class PIConfig(ControllerConfig):
     dt_s: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("kp_batch_per_tok_s", "ki_batch_per_tok", "kp_cap_w_per_tok_s",
-                     "ki_cap_w_per_tok", "kp_cap_budget", "ki_cap_budget_per_s"):
-            common.check_number(getattr(self, name), name, lo=0)
+        for name in GAIN_NAMES:
+            common.check_number(getattr(self, name), name, lo=0, allow_none=True)
         common.check_number(self.margin, "margin", lo=0, hi=2)
         common.check_number(self.utilisation_ref, "utilisation_ref", lo=0.01, hi=1.0)
         common.check_number(self.budget_margin, "budget_margin", lo=0, hi=0.5)
@@ -132,6 +194,17 @@ class PIController(Controller):
         self._demand = DemandEstimator(tau_s=self.config.demand_tau_s,
                                        drain_s=self.config.drain_s)
         self.reset()
+
+    def setup(self, *, limits, dt_s, plant_info) -> None:
+        """Bind to the plant; gains left None become the analysis's recommendation for it."""
+        info = plant_info
+        self.gains, self.gains_source = resolve_gains(
+            self.config, model=getattr(info, "model", None), gpu=getattr(info, "gpu", None),
+            num_gpus=int(getattr(info, "num_gpus", limits.num_gpus)),
+            max_batch_launch=int(limits.max_batch_max),
+            prompt_tokens=getattr(info, "prompt_tokens_mean", None),
+            output_tokens=getattr(info, "output_tokens_mean", None), dt_s=float(dt_s))
+        super().setup(limits=limits, dt_s=dt_s, plant_info=plant_info)
 
     def reset(self) -> None:
         self._e_prev: dict[str, float | None] = {"batch": None, "cap": None, "budget": None}
@@ -209,7 +282,8 @@ class PIController(Controller):
             e_b = max(r - y, 0.0) if saturated else 0.0
             if over_slo and saturated:
                 e_b = -r * (tpot - slo) / slo
-        db = self._increment("batch", e_b, cfg.kp_batch_per_tok_s, cfg.ki_batch_per_tok, dt)
+        gn = self.gains
+        db = self._increment("batch", e_b, gn["kp_batch_per_tok_s"], gn["ki_batch_per_tok"], dt)
         self._batch = min(max(self._batch + db, lim.max_batch_min), lim.max_batch_max)
 
         # margin loop: estimated capacity vs target -> cap
@@ -238,8 +312,8 @@ class PIController(Controller):
                 e_c = max(e_c, r * (1 + cfg.margin) - y)
             if over_slo:  # too slow per token: a faster clock is what helps
                 e_c = max(e_c, 0.0) + r * (tpot - slo) / slo
-            cand_margin = cap_state + self._increment("cap", e_c, cfg.kp_cap_w_per_tok_s,
-                                                    cfg.ki_cap_w_per_tok, dt)
+            cand_margin = cap_state + self._increment("cap", e_c, gn["kp_cap_w_per_tok_s"],
+                                                    gn["ki_cap_w_per_tok"], dt)
         else:
             self._increment("cap", None, 0, 0, dt)
         # budget / power-target loop -> cap
@@ -253,8 +327,8 @@ class PIController(Controller):
             p_ref = None
         if p_ref is not None:
             e_p = (p_ref - m.power_w) / n
-            cand_budget = cap_state + self._increment("budget", e_p, cfg.kp_cap_budget,
-                                                    cfg.ki_cap_budget_per_s, dt)
+            cand_budget = cap_state + self._increment("budget", e_p, gn["kp_cap_budget"],
+                                                    gn["ki_cap_budget_per_s"], dt)
         else:
             self._increment("budget", None, 0, 0, dt)
 
@@ -274,7 +348,8 @@ class PIController(Controller):
         self._diag = {"e_batch_tok_s": e_b, "e_cap_tok_s": e_c, "e_budget_w": e_p,
                       "batch_continuous": self._batch, "cap_margin_w": _finite(cand_margin),
                       "cap_budget_w": _finite(cand_budget), "saturated": saturated,
-                      "selected": "budget" if cand_budget < cand_margin else "margin"}
+                      "selected": "budget" if cand_budget < cand_margin else "margin",
+                      "gains_source": self.gains_source}
         return Action(power_cap_w=cap, max_batch=batch)
 
     def diagnostics(self) -> dict[str, Any]:

@@ -75,9 +75,9 @@ def test_report_uses_model_gradients_beside_the_step_test():
                                       max_batch_launch=128, cap_min_w=200.0, cap_max_w=700.0,
                                       prompt_tokens=200, output_tokens=400)
           if p.name == "high-load/tight-budget"]
-    from palsctl.controllers.pi import PIConfig
+    from palsctl.controllers.pi import FALLBACK_GAINS
     rep = analyze_points(experiment="t", model="llama-3.1-8b", gpu="h100-sxm", num_gpus=1,
-                         max_batch_launch=128, dt_s=1.0, gains=pi_gains(PIConfig()),
+                         max_batch_launch=128, dt_s=1.0, gains=pi_gains(FALLBACK_GAINS),
                          power_model=FakeModel(), points=pt, recommend=False)
     srcs = {r.model_source: r for r in rep.loops}
     assert set(srcs) == {"step-test", "model-gradients"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support.doubles import limits4, plant_info4
-from palsctl.controllers.pi import PIController
+from palsctl.controllers.pi import FALLBACK_GAINS, PIController
 from palsctl.errors import ConfigError
 from palsctl.types import Measurement, Setpoint
 
@@ -164,17 +164,40 @@ def test_per_token_time_reference_littles_law():
         PIController(tpot_ref_fraction=0.0)
 
 
-@pytest.mark.parametrize("gain, tau_s, delay_s", [
-    (41.1, 0.27, 0.0), (19.3, 0.02, 0.99), (9.93, 0.01, 1.58)])
-def test_default_batch_gains_meet_the_margins(gain, tau_s, delay_s):
-    # the batch loop's plant (tok/s per sequence) identified by `palsctl analyze` at the low,
-    # medium and high load points of the Mixtral scenario: the default gains keep 6 dB / 45°
-    from palsctl.analysis.stability import FOPDT, analyze_loop
+@pytest.mark.parametrize("model, gpu, n, prompt, output", [
+    ("mixtral-8x7b", "a100-sxm4-80gb", 4, 1000.0, 250.0),
+    ("llama-3.1-8b", "h100-sxm", 1, 512.0, 256.0)])
+def test_default_gains_are_the_analysis_recommendation_and_meet_its_margins(model, gpu, n,
+                                                                           prompt, output):
+    """The controller and `palsctl analyze` agree: the gains a default `pi` runs on a preset
+    plant are `recommend_pi_gains`' for it, and every loop keeps 6 dB / 45° at every load point
+    the recommendation checked (the slowest, the batch loop, settles in ~2 minutes at worst)."""
+    from palsctl.analysis import recommend_pi_gains
+    from palsctl.types import Limits, PlantInfo
 
-    cfg = PIController().config
-    plant = FOPDT(gain=gain, tau_s=tau_s, delay_s=delay_s, dt_s=1.0, window_s=1.0)
-    res = analyze_loop(plant, kp=cfg.kp_batch_per_tok_s, ki=cfg.ki_batch_per_tok)
-    assert res.stable and res.meets_margins, (res.gain_margin_db, res.phase_margin_deg)
+    lim = Limits(power_cap_min_w=100, power_cap_max_w=400, power_cap_default_w=400,
+                 max_batch_max=256, num_gpus=n)
+    c = PIController()
+    c.setup(limits=lim, dt_s=1.0, plant_info=PlantInfo(
+        model=model, gpu=gpu, num_gpus=n, simulated=True, prompt_tokens_mean=prompt,
+        output_tokens_mean=output))
+    rec = recommend_pi_gains(dt_s=1.0, model=model, gpu=gpu, num_gpus=n, max_batch_launch=256,
+                             prompt_tokens=prompt, output_tokens=output)
+    from palsctl.controllers.pi import ANALYSED_GAINS
+
+    assert c.gains_source == "analysis"
+    assert {k: c.gains[k] for k in ANALYSED_GAINS} == pytest.approx(
+        {k: rec.params()[k] for k in ANALYSED_GAINS})
+    for name in ("batch", "budget"):
+        loop = rec.loops[name]
+        assert loop.min_gain_margin_db >= 6.0 and loop.min_phase_margin_deg >= 45.0
+        assert loop.worst_settling_time_s <= 180.0
+    # a plant that is no preset: the documented fallback; gains given in the config win
+    c2 = PIController(ki_cap_w_per_tok=0.1)
+    c2.setup(limits=lim, dt_s=1.0, plant_info=PlantInfo(model="unknown", gpu="x", num_gpus=n,
+                                                        simulated=False))
+    assert c2.gains_source == "fallback" and c2.gains["ki_cap_w_per_tok"] == 0.1
+    assert c2.gains["ki_batch_per_tok"] == FALLBACK_GAINS["ki_batch_per_tok"]
 
 
 def test_deadbands_hold_small_moves_while_the_state_integrates():
