@@ -106,8 +106,12 @@ def loop_microbench(n_steps: int = 20000) -> dict:
     from palsctl.types import Action, Limits, Measurement, PlantInfo
     from palsctl.workloads import SetpointSchedule, Steps
 
-    m = Measurement(t_s=1.0, window_s=1.0, power_w=1000.0, energy_j=1000.0,
-                    throughput_tok_s=100.0, power_cap_w=400.0, max_batch=256)
+    # time and the energy counter advance, as a healthy sensor's do (a repeated measurement
+    # is stale data: the guard would hold a safe action without asking the controller), and
+    # the power stays under every budget of the schedule (the guard tightens otherwise)
+    ms = [Measurement(t_s=k + 1.0, window_s=1.0, power_w=800.0, energy_j=800.0 * (k + 1),
+                      throughput_tok_s=100.0, power_cap_w=400.0, max_batch=256)
+          for k in range(n_steps)]
     applied = Action(power_cap_w=350.0, max_batch=256)
 
     class NullPlant(SimulatedPlant):
@@ -117,11 +121,14 @@ def loop_microbench(n_steps: int = 20000) -> dict:
         info = PlantInfo(model="null", gpu="null", num_gpus=4, simulated=True)
         now_s = 0.0
 
+        def __init__(self):
+            self.k = -1
+
         def advance(self, dt_s):
-            pass
+            self.k += 1
 
         def read(self):
-            return m
+            return ms[self.k]
 
         def apply(self, action):
             return applied
@@ -140,6 +147,7 @@ def loop_microbench(n_steps: int = 20000) -> dict:
         plant.apply(a)
         plant.completed()
     direct = (time.process_time() - t0) / n_steps
+    plant = NullPlant()
     t0 = time.process_time()
     run_loop(plant, StaticController(), duration_s=float(n_steps), schedule=sched)
     looped = (time.process_time() - t0) / n_steps

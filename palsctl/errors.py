@@ -70,3 +70,18 @@ class ModelFileError(PalsctlError, ValueError):
 class PalsctlWarning(UserWarning):
     """Something a user should know that does not stop the run (the CLI prints it on one line:
     ``palsctl COMMAND: warning: ...``)."""
+
+
+class SensorError(PalsctlError, RuntimeError):
+    """A sensor could not produce a reading this time (endpoint down, driver error, a value that
+    is not a number). The loop records the step as stale with a fault note and keeps running."""
+
+
+class ActuatorError(PalsctlError, RuntimeError):
+    """An actuator could not apply an action (or confirm it). ``applied`` is what is known to be
+    in force after the attempt (knobs left ``None`` are unknown). The loop records the step with
+    a fault note and keeps trying on later steps."""
+
+    def __init__(self, message: str, *, applied: Any = None) -> None:
+        super().__init__(message)
+        self.applied = applied

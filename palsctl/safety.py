@@ -1,6 +1,6 @@
 """The safety layer between any controller and a plant.
 
-`SafetyGuard` is itself a `Controller` that wraps another one. Every action it returns
+`SafetyGuard` wraps a controller. Every action it commands
 
 * lies within the plant's `Limits` (cap clamped and rounded *down* to the cap step, batch
   clamped to ``[max_batch_min, max_batch_max]``);
@@ -10,13 +10,30 @@
 * changes the cap and the batch by at most ``max_cap_change_w`` / ``max_batch_change`` per step
   when those are set — except that *lowering* the cap to fit the budget is never rate-limited:
   the budget always wins;
-* when the measurement is stale or invalid (NaN, negative, energy counter going backwards) or the
+* when the measurement is stale or invalid (flagged stale, NaN, negative, energy counter going
+  backwards, time not advancing, energy counter standing still while power is drawn) or the
   wrapped controller raises or returns garbage, it holds a *safe action* instead: the cap that
   fits the budget, never higher than the last cap it commanded, and the last batch. The wrapped
   controller's exception is logged once (``logging``), then counted.
 
-What the guard did in the last step is in ``last_note`` (empty when it changed nothing) and the
-wrapped controller's raw output in ``last_requested``; the loop records both.
+**Closed-loop budget enforcement.** A cap that fits the budget on paper does not guarantee the
+power: an actuator may ignore or misreport a write, firmware may hold a cap loosely. So the guard
+also compares the **measured** power of each window with the budget that was in force during it.
+When it is over the budget by more than ``power_tolerance_frac`` (room for sensor noise and
+firmware settling) for ``power_persist_steps`` consecutive windows, the guard tightens: it sets a
+cap ceiling below the cap it last commanded by the measured excess (per GPU) — kept as a fraction
+of the cap that fits the budget, so it follows later budget changes — and, when that would go
+below the minimum cap or the cap read back from the device shows the cap is not obeyed, halves a
+batch ceiling (from what is running). It tightens again on every further window over the band.
+While measured power is under the budget the ceilings relax (the cap ceiling by half the relative
+headroom per step, the batch ceiling by a quarter) and vanish once they no longer bind. Plants
+marked ``dry_run`` in their `PlantInfo` (nothing is written, so power cannot respond) are not
+enforced.
+
+`SafetyGuard.step` returns a frozen `GuardStep`: the controller's raw output (``requested``), the
+action the guard commands (``action``), a ``note`` saying what it changed (empty: nothing) and the
+``fault`` that made it hold a safe action (empty: none). `PassThrough` has the same interface for
+an unguarded run, so the loop treats both alike.
 
 >>> from palsctl.types import Limits, Measurement, Setpoint
 >>> from palsctl.controllers.baselines import StaticController
@@ -25,7 +42,7 @@ wrapped controller's raw output in ``last_requested``; the loop records both.
 ...              power_cap_step_w=1, num_gpus=4)
 >>> g.setup(limits=lim, dt_s=1.0, plant_info=None)
 >>> m = Measurement(t_s=1, window_s=1, power_w=1000, energy_j=1000, throughput_tok_s=50)
->>> g.step(m, Setpoint(power_budget_w=900)).power_cap_w
+>>> g.step(m, Setpoint(power_budget_w=900)).action.power_cap_w
 225.0
 """
 from __future__ import annotations
@@ -34,12 +51,15 @@ import dataclasses
 import logging
 import math
 import numbers
+from abc import ABC, abstractmethod
 from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 
 from palsctl.interfaces import Controller, ControllerConfig
 from palsctl.types import Action, Limits, Measurement, PlantInfo, Setpoint
+
+__all__ = ["GuardConfig", "GuardStep", "Guard", "SafetyGuard", "PassThrough", "budget_cap_w"]
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +74,21 @@ class GuardConfig(ControllerConfig):
     ``max_cap_change_w``: largest per-GPU cap change per control step, watts, > 0 (None:
     unbounded). Decreases needed to fit the budget are exempt.
     ``max_batch_change``: largest batch-limit change per step, >= 1 (None: unbounded).
+    ``enforce_measured_power``: compare measured power with the budget and tighten when it is
+    over (closed-loop budget enforcement, see the module doc).
+    ``power_tolerance_frac``: measured power counts as over the budget above
+    ``budget × (1 + power_tolerance_frac)`` (room for sensor noise and firmware settling), a
+    fraction in [0, 1).
+    ``power_persist_steps``: consecutive windows over that band before the guard tightens, >= 1.
     """
 
     section: ClassVar[str] = "guard"
 
     max_cap_change_w: Annotated[float, Field(gt=0)] | None = None
     max_batch_change: Annotated[int, Field(ge=1)] | None = None
+    enforce_measured_power: bool = True
+    power_tolerance_frac: Annotated[float, Field(ge=0, lt=1)] = 0.03
+    power_persist_steps: Annotated[int, Field(ge=1)] = 2
 
 
 def budget_cap_w(limits: Limits, power_budget_w: float | None) -> tuple[float, bool]:
@@ -83,49 +112,120 @@ def _finite(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
-class SafetyGuard(Controller):
-    """A `Controller` that wraps a controller and makes its actions safe (see module doc)."""
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class GuardStep:
+    """What a guard decided in one step.
+
+    ``requested``: the wrapped controller's raw output (an empty `Action` when it was not asked
+    or failed); ``action``: what the guard commands (both knobs set by `SafetyGuard`);
+    ``note``: what the guard changed and why (empty: nothing); ``fault``: why it held a safe
+    action instead of the controller's (empty: no fault).
+    """
+
+    requested: Action
+    action: Action
+    note: str = ""
+    fault: str = ""
+
+
+class Guard(ABC):
+    """What the loop steps: a controller behind a guard. ``step(measurement, setpoint)`` returns
+    a `GuardStep`; ``setup``/``reset``/``diagnostics`` reach the wrapped ``controller``;
+    ``faults`` counts the steps the controller failed."""
+
+    name: ClassVar[str] = "guard"
+
+    def __init__(self, controller: Controller) -> None:
+        if not isinstance(controller, Controller):
+            raise TypeError(f"{type(self).__name__} wraps a Controller, "
+                            f"got {type(controller).__name__}")
+        self.controller = controller
+        self.limits: Limits | None = None
+        self.dt_s: float | None = None
+        self.plant_info: PlantInfo | None = None
+        self.faults = 0
+
+    @property
+    def expected_dt_s(self) -> float | None:
+        """The control period the wrapped controller was tuned for (None: any)."""
+        return self.controller.expected_dt_s
+
+    def setup(self, *, limits: Limits, dt_s: float, plant_info: PlantInfo | None) -> None:
+        """Bind the guard and the wrapped controller to a plant; resets both."""
+        self.limits, self.dt_s, self.plant_info = limits, dt_s, plant_info
+        self.reset()
+        self.controller.setup(limits=limits, dt_s=dt_s, plant_info=plant_info)
+
+    def reset(self) -> None:
+        """Forget the guard's own state (not the controller's)."""
+        self.faults = 0
+
+    def diagnostics(self) -> dict[str, Any]:
+        """The wrapped controller's diagnostics of its last step."""
+        return self.controller.diagnostics()
+
+    @abstractmethod
+    def step(self, measurement: Measurement, setpoint: Setpoint) -> GuardStep: ...
+
+
+class PassThrough(Guard):
+    """No guard: the controller's action goes to the plant as it is (experiments only)."""
+
+    name = "none"
+
+    def step(self, measurement: Measurement, setpoint: Setpoint) -> GuardStep:
+        a = self.controller.step(measurement, setpoint)
+        return GuardStep(requested=a, action=a)
+
+
+class SafetyGuard(Guard):
+    """Wraps a controller and makes its actions safe (see the module doc).
+
+    Parameters
+    ----------
+    controller : Controller
+        The controller to guard.
+    config : GuardConfig, optional
+        The guard's tunables (or give them as keyword parameters).
+    """
 
     Config = GuardConfig
     name = "guard"
 
     def __init__(self, controller: Controller, config: GuardConfig | None = None, /,
                  **params: Any) -> None:
-        super().__init__(config, **params)
-        if not isinstance(controller, Controller):
-            raise TypeError(f"SafetyGuard wraps a Controller, got {type(controller).__name__}")
-        self.controller = controller
-        self.last_note = ""
-        self.last_requested = Action()
-        self.faults = 0
+        super().__init__(controller)
+        if config is not None and params:
+            raise TypeError("pass either a GuardConfig or keyword parameters, not both")
+        if config is None:
+            config = GuardConfig.from_dict(params, section="guard")
+        elif not isinstance(config, GuardConfig):
+            raise TypeError(f"SafetyGuard needs a GuardConfig, got {type(config).__name__}")
+        self.config = config
         self._logged_exception = False
+        self.reset()
+
+    def setup(self, *, limits: Limits, dt_s: float, plant_info: PlantInfo | None) -> None:
+        super().setup(limits=limits, dt_s=dt_s, plant_info=plant_info)
+        extra = getattr(plant_info, "extra", None) or {}
+        self._enforce = self.config.enforce_measured_power and not extra.get("dry_run")
+
+    def reset(self) -> None:
+        super().reset()
         self._last_cap_w: float | None = None
         self._last_batch: int | None = None
         self._last_energy_j: float | None = None
+        self._last_t_s: float | None = None
         self._fit_cache: tuple | None = None
-
-    @property
-    def expected_dt_s(self) -> float | None:
-        return self.controller.expected_dt_s
-
-    def setup(self, *, limits: Limits, dt_s: float, plant_info: PlantInfo) -> None:
-        super().setup(limits=limits, dt_s=dt_s, plant_info=plant_info)
-        self.controller.setup(limits=limits, dt_s=dt_s, plant_info=plant_info)
-
-    def reset(self) -> None:
-        self.last_note = ""
-        self.last_requested = Action()
-        self.faults = 0
-        self._last_cap_w = None
-        self._last_batch = None
-        self._last_energy_j = None
-        self._fit_cache = None
-
-    def diagnostics(self) -> dict[str, Any]:
-        return self.controller.diagnostics()
+        self._window_budget_w: float | None = None   # budget in force during the next window
+        self._over_steps = 0
+        self._ceiling_frac: float | None = None       # cap ceiling / cap fitting the budget
+        self._batch_ceiling: int | None = None        # batch ceiling from measured power
+        self._enforce = self.config.enforce_measured_power
+        self.tightenings = 0
 
     # -- the step -----------------------------------------------------------------------------
-    def step(self, measurement: Measurement, setpoint: Setpoint) -> Action:
+    def step(self, measurement: Measurement, setpoint: Setpoint) -> GuardStep:
         if self.limits is None:
             raise RuntimeError("SafetyGuard.setup() must be called before step()")
         lim = self.limits
@@ -141,6 +241,11 @@ class SafetyGuard(Controller):
                          f"{lim.power_cap_min_w:g} W: min cap")
 
         fault = self._measurement_fault(measurement)
+        if fault is None and self._enforce:
+            self._enforce_measured(measurement, notes)
+        self._window_budget_w = budget
+        if self._ceiling_frac is not None:   # measured power said so: never rate-limited
+            cap_fit_w = min(cap_fit_w, lim.clamp_cap_w(cap_fit_w * self._ceiling_frac))
         requested = Action()
         if fault is None:
             try:
@@ -155,7 +260,6 @@ class SafetyGuard(Controller):
                     self._logged_exception = True
                     log.warning("controller %s raised; holding a safe action (logged once)",
                                 type(self.controller).__name__, exc_info=True)
-        self.last_requested = requested
 
         if fault is not None:
             cap_w, batch = self._safe_action(cap_fit_w, measurement)
@@ -165,8 +269,8 @@ class SafetyGuard(Controller):
 
         cap_w, batch = float(cap_w), int(batch)
         self._last_cap_w, self._last_batch = cap_w, batch
-        self.last_note = "; ".join(notes)
-        return Action(power_cap_w=cap_w, max_batch=batch)
+        return GuardStep(requested=requested, action=Action(power_cap_w=cap_w, max_batch=batch),
+                         note="; ".join(notes), fault=fault or "")
 
     def _measurement_fault(self, m: Measurement) -> str | None:
         if not isinstance(m, Measurement):
@@ -175,11 +279,65 @@ class SafetyGuard(Controller):
             return "stale measurement"
         if not m.is_valid():
             return "invalid measurement"
-        last_e = self._last_energy_j
-        self._last_energy_j = m.energy_j
+        last_e, last_t = self._last_energy_j, self._last_t_s
+        self._last_energy_j, self._last_t_s = m.energy_j, m.t_s
         if last_e is not None and m.energy_j < last_e - _ENERGY_DROP_TOLERANCE_J:
             return "energy counter went backwards"
+        if last_t is not None and m.t_s <= last_t:
+            return "stale measurement (time not advancing)"
+        if last_e is not None and m.energy_j == last_e and m.power_w > 0 and m.window_s > 0:
+            return "stale measurement (energy counter not advancing)"
         return None
+
+    def _enforce_measured(self, m: Measurement, notes: list[str]) -> None:
+        """Compare the window's measured power with the budget in force during it; tighten or
+        relax the ceilings (module doc). The cap ceiling is kept as a fraction of the cap that
+        fits the budget, so it follows the budget when the budget moves."""
+        b = self._window_budget_w
+        if b is None or not _finite(b) or b <= 0:
+            self._over_steps = 0
+            self._ceiling_frac = self._batch_ceiling = None
+            return
+        p = m.power_w
+        lim, cfg = self.limits, self.config
+        if p <= b * (1.0 + cfg.power_tolerance_frac):
+            self._over_steps = 0
+            if p < b:
+                self._relax(b, p)
+            return
+        self._over_steps += 1
+        if self._over_steps < cfg.power_persist_steps:
+            return
+        self.tightenings += 1
+        fit_w = budget_cap_w(lim, b)[0]
+        last_cap = self._last_cap_w if self._last_cap_w is not None else self._in_force_cap_w(m)
+        base = last_cap if self._ceiling_frac is None else min(last_cap,
+                                                               fit_w * self._ceiling_frac)
+        want = base - lim.per_gpu_w(p - b)
+        ceiling = lim.clamp_cap_w(want)
+        self._ceiling_frac = ceiling / fit_w
+        in_force = m.power_cap_w
+        obeyed = in_force is None or in_force <= last_cap + max(lim.power_cap_step_w, 1.0)
+        what = (f"measured power {p:.0f} W over budget {b:g} W for {self._over_steps} "
+                f"steps: cap ceiling {ceiling:g} W")
+        if want < lim.power_cap_min_w or not obeyed:
+            last_b = self._last_batch if self._last_batch is not None else self._in_force_batch(m)
+            running = m.running if m.running > 0 else last_b
+            cut = max(lim.max_batch_min, min(last_b, running) // 2)
+            self._batch_ceiling = cut if self._batch_ceiling is None \
+                else max(lim.max_batch_min, min(self._batch_ceiling, cut))
+            why = "" if obeyed else f", cap not obeyed ({in_force:g} W in force)"
+            what += f"{why}; batch ceiling {self._batch_ceiling}"
+        notes.append(what)
+
+    def _relax(self, budget_w: float, power_w: float) -> None:
+        headroom = (budget_w - power_w) / budget_w
+        if self._ceiling_frac is not None:
+            f = self._ceiling_frac + 0.5 * headroom
+            self._ceiling_frac = None if f >= 1.0 else f
+        if self._batch_ceiling is not None and headroom > self.config.power_tolerance_frac:
+            nb = self._batch_ceiling + max(1, self._batch_ceiling // 4)
+            self._batch_ceiling = None if nb >= self.limits.max_batch_max else nb
 
     def _in_force_cap_w(self, m: Measurement) -> float:
         if self._last_cap_w is not None:
@@ -199,7 +357,10 @@ class SafetyGuard(Controller):
 
     def _safe_action(self, cap_fit_w: float, m: Measurement) -> tuple[float, int]:
         cap = min(cap_fit_w, self._in_force_cap_w(m))
-        return self.limits.clamp_cap_w(cap), self._in_force_batch(m)
+        batch = self._in_force_batch(m)
+        if self._batch_ceiling is not None:
+            batch = min(batch, self._batch_ceiling)
+        return self.limits.clamp_cap_w(cap), batch
 
     def _guard_action(self, a: Action, cap_fit_w: float, m: Measurement,
                       notes: list[str]) -> tuple[float, int]:
@@ -223,11 +384,14 @@ class SafetyGuard(Controller):
             lo, hi = prev_cap - cfg.max_cap_change_w, prev_cap + cfg.max_cap_change_w
             if cap > hi or cap < lo:
                 limited = min(max(cap, lo), hi)
-                notes.append(f"cap change {cap - prev_cap:+g} W limited to {limited - prev_cap:+g} W")
+                notes.append(f"cap change {cap - prev_cap:+g} W limited to "
+                             f"{limited - prev_cap:+g} W")
                 cap = limited
         cap = lim.clamp_cap_w(cap)
         if cap > cap_fit_w:  # the budget always wins, whatever the rate limit said
-            notes.append(f"cap {cap:g} W lowered to {cap_fit_w:g} W to fit budget")
+            why = "to fit budget" if self._ceiling_frac is None else \
+                "to fit budget and measured power"
+            notes.append(f"cap {cap:g} W lowered to {cap_fit_w:g} W {why}")
             cap = cap_fit_w
 
         # batch
@@ -250,4 +414,8 @@ class SafetyGuard(Controller):
                 notes.append(f"batch change {batch - prev_batch:+d} limited to "
                              f"{limited_b - prev_batch:+d}")
                 batch = lim.clamp_batch(limited_b)
+        bc = self._batch_ceiling
+        if bc is not None and batch > bc:
+            notes.append(f"batch {batch} lowered to {bc}: measured power over budget")
+            batch = bc
         return cap, int(batch)

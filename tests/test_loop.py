@@ -42,6 +42,13 @@ class Recorder(Controller):
         return {"n": len(self.seen)}
 
 
+class CapToBudget(Controller):
+    """Asks for the whole budget on one GPU and a batch of 16."""
+
+    def step(self, measurement, setpoint):
+        return Action(power_cap_w=setpoint.power_budget_w, max_batch=16)
+
+
 def workload(rate=3.0, seed=0):
     return PoissonWorkload(rate, prompt=LogNormalLengths.from_mean(300, 0.5),
                            output=LogNormalLengths.from_mean(100, 0.5), seed=seed)
@@ -185,3 +192,56 @@ def test_a_plant_that_already_ran_is_driven_from_its_clock():
     assert rec.steps[0].t_s == 1.0 and rec.steps[-1].t_s == 20.0
     assert rec.requests and all(0 <= r.arrival_s < 20 and r.finish_s <= 20 + 1e-9
                                 for r in rec.requests)
+
+
+# -- faults never end the loop ----------------------------------------------------------------
+def test_sensor_and_actuator_faults_are_steps_with_notes_and_the_loop_goes_on(caplog):
+    from tests.support.chaos import FaultyPlant
+
+    sim = SimPlant("llama-3.1-8b", "h100-sxm", 1, seed=5)
+    plant = FaultyPlant(sim, sensor_script={2: "raise", 3: "none", 4: "nan", 6: "stale"},
+                        actuator_script={8: "raise", 9: "raise", 10: "raise", 11: "raise"})
+    seen = []
+    with caplog.at_level("WARNING", logger="palsctl.loop"):
+        rec = run_loop(plant, CapToBudget(), duration_s=14,
+                       schedule=SetpointSchedule(power_budget_w=500), workload=workload(),
+                       on_step=[seen.append], alarm_after=3)
+    assert len(rec.steps) == 14 and seen == rec.steps
+    faults = [s.fault for s in rec.steps]
+    assert faults[2].startswith("sensor: SensorError: injected") and "stale" in faults[2]
+    assert faults[3].startswith("sensor: TypeError: plant.read() returned NoneType")
+    assert faults[4] == "invalid measurement" and faults[6].startswith("stale measurement (time")
+    assert rec.steps[2].measurement.stale and rec.steps[3].measurement.stale
+    assert all("actuator: ActuatorError: injected" in f for f in faults[8:12])
+    assert all(s.applied == Action() for s in rec.steps[8:12])
+    assert faults[12] == faults[13] == "" and rec.steps[12].applied.power_cap_w == 500.0
+    assert all(s.applied.power_cap_w in (None, 500.0) for s in rec.steps)
+    meta = rec.meta
+    assert (meta["sensor_faults"], meta["actuator_faults"], meta["actuator_alarms"]) == (2, 4, 1)
+    text = caplog.text
+    assert text.count("sensor read failed") == 1 and text.count("actuator failed (") == 1
+    assert text.count("ALARM") == 1 and "recovered after 4 failed steps" in text
+
+
+def test_on_step_callbacks_and_unkept_steps(tmp_path, caplog):
+    from palsctl.loop import StepsWriter
+
+    def broken(rec):
+        raise OSError("disk full")
+
+    plant = SimPlant("llama-3.1-8b", "h100-sxm", 1, seed=6)
+    with StepsWriter(tmp_path / "steps.csv", fsync_every=4) as w:
+        rec = run_loop(plant, Recorder(), duration_s=6, schedule=SetpointSchedule(),
+                       workload=workload(), on_step=[broken, w], keep_steps=False)
+        assert w.rows == 6
+    assert rec.steps == [] and rec.meta["callback_errors"] == 6
+    assert caplog.text.count("step callback") == 1
+    plant = SimPlant("llama-3.1-8b", "h100-sxm", 1, seed=6)
+    kept = run_loop(plant, Recorder(), duration_s=6, schedule=SetpointSchedule(),
+                    workload=workload())
+    kept.write_csv(tmp_path / "whole.csv")
+    streamed = (tmp_path / "steps.csv").read_text().splitlines()
+    whole = (tmp_path / "whole.csv").read_text().splitlines()
+    assert len(streamed) == 7 and streamed[0] == whole[0] and streamed[0].endswith(",fault")
+    # the same rows but the wall-clock step latency (column 27)
+    assert [r.split(",")[:26] for r in streamed] == [r.split(",")[:26] for r in whole]

@@ -60,7 +60,8 @@ def test_applied_caps_within_limits_and_budget(steps, max_change):
     last_cap = None
     for k, (_, budget, stale, reset) in enumerate(steps):
         energy = 0.0 if reset else energy + 1000.0
-        a = g.step(meas(k + 1.0, energy, stale=stale), Setpoint(power_budget_w=budget))
+        r = g.step(meas(k + 1.0, energy, stale=stale), Setpoint(power_budget_w=budget))
+        a = r.action
         cap, batch = a.power_cap_w, a.max_batch
         assert isinstance(cap, float) and math.isfinite(cap)
         assert LIM.power_cap_min_w <= cap <= LIM.power_cap_max_w
@@ -72,7 +73,7 @@ def test_applied_caps_within_limits_and_budget(steps, max_change):
             if budget >= LIM.num_gpus * LIM.power_cap_min_w:
                 assert cap * LIM.num_gpus <= budget + 1e-9
             else:
-                assert cap == LIM.power_cap_min_w and "below" in g.last_note
+                assert cap == LIM.power_cap_min_w and "below" in r.note
         if stale and last_cap is not None:
             assert cap <= last_cap  # stale data never raises the cap
         if max_change is not None and last_cap is not None and cap > last_cap:
@@ -85,7 +86,7 @@ def test_applied_caps_within_limits_and_budget(steps, max_change):
 def test_lowering_for_budget_is_never_rate_limited(budget_seq):
     g = guarded([Action(power_cap_w=400.0, max_batch=64)], max_cap_change_w=5.0)
     for k, b in enumerate(budget_seq):
-        a = g.step(meas(k + 1.0, 1000.0 * (k + 1)), Setpoint(power_budget_w=b))
+        a = g.step(meas(k + 1.0, 1000.0 * (k + 1)), Setpoint(power_budget_w=b)).action
         assert a.power_cap_w == budget_cap_w(LIM, b)[0] or a.power_cap_w * 4 <= b
 
 
@@ -99,27 +100,29 @@ def test_budget_fit_rounds_down_to_step():
 def test_stale_and_counter_reset_hold_safe_action_and_say_so():
     g = guarded([Action(power_cap_w=300.0, max_batch=32), Action(power_cap_w=400.0, max_batch=64),
                  Action(power_cap_w=400.0, max_batch=64)])
-    a = g.step(meas(1, 1000), Setpoint(power_budget_w=1400))
-    assert (a.power_cap_w, a.max_batch) == (300.0, 32) and g.last_note == ""
-    a = g.step(meas(2, 2000, stale=True), Setpoint(power_budget_w=1400))
-    assert (a.power_cap_w, a.max_batch) == (300.0, 32) and "stale" in g.last_note
-    a = g.step(meas(3, 2000, stale=True), Setpoint(power_budget_w=900))
+    a = (r := g.step(meas(1, 1000), Setpoint(power_budget_w=1400))).action
+    assert (a.power_cap_w, a.max_batch) == (300.0, 32) and r.note == ""
+    a = (r := g.step(meas(2, 2000, stale=True), Setpoint(power_budget_w=1400))).action
+    assert (a.power_cap_w, a.max_batch) == (300.0, 32) and "stale" in r.note
+    a = (r := g.step(meas(3, 2000, stale=True), Setpoint(power_budget_w=900))).action
     assert a.power_cap_w == 225.0  # the budget still wins while holding
-    a = g.step(meas(4, 10.0), Setpoint(power_budget_w=1400))  # counter went backwards
-    assert a.power_cap_w == 225.0 and "backwards" in g.last_note
-    a = g.step(meas(5, float("nan")), Setpoint(power_budget_w=1400))
-    assert a.power_cap_w == 225.0 and "invalid" in g.last_note
-    a = g.step(meas(6, 1010.0), Setpoint(power_budget_w=1400))  # healthy again
+    # counter went backwards
+    a = (r := g.step(meas(4, 10.0), Setpoint(power_budget_w=1400))).action
+    assert a.power_cap_w == 225.0 and "backwards" in r.note
+    a = (r := g.step(meas(5, float("nan")), Setpoint(power_budget_w=1400))).action
+    assert a.power_cap_w == 225.0 and "invalid" in r.note
+    a = (r := g.step(meas(6, 1010.0), Setpoint(power_budget_w=1400))).action  # healthy again
     # healthy again: the controller's second output (400 W) lowered to fit 1400 W / 4 GPUs
-    assert a.power_cap_w == 350.0 and g.last_note == "cap 400 W lowered to 350 W to fit budget"
+    assert a.power_cap_w == 350.0 and r.note == "cap 400 W lowered to 350 W to fit budget"
 
 
 def test_controller_exception_falls_back_and_logs_once(caplog):
     g = guarded([RuntimeError])
     with caplog.at_level(logging.WARNING, logger="palsctl.safety"):
         for k in range(5):
-            a = g.step(meas(k + 1, 1000.0 * (k + 1)), Setpoint(power_budget_w=1000))
-            assert a.power_cap_w == 250.0 and "RuntimeError" in g.last_note
+            r = g.step(meas(k + 1, 1000.0 * (k + 1)), Setpoint(power_budget_w=1000))
+            a = r.action
+            assert a.power_cap_w == 250.0 and "RuntimeError" in r.note
     assert len([r for r in caplog.records if r.name == "palsctl.safety"]) == 1
     assert g.faults == 5
 
@@ -128,9 +131,9 @@ def test_rate_limit_on_increase_and_batch():
     g = guarded([Action(power_cap_w=200.0, max_batch=8), Action(power_cap_w=400.0, max_batch=200)],
                 max_cap_change_w=50.0, max_batch_change=16)
     g.step(meas(1, 1000), Setpoint())
-    a = g.step(meas(2, 2000), Setpoint())
+    a = (r := g.step(meas(2, 2000), Setpoint())).action
     assert (a.power_cap_w, a.max_batch) == (250.0, 24)
-    assert "limited" in g.last_note
+    assert "limited" in r.note
 
 
 def test_guard_config_validation():
@@ -154,3 +157,105 @@ def test_baselines():
     assert c.step(meas(2, 2), Setpoint()).power_cap_w == 400.0
     with pytest.raises(ConfigError, match="controller.max_batch"):
         CapToBudgetController(max_batch=0)
+
+
+# -- closed-loop budget enforcement, stale-data detection, the step record --------------------
+def over(t, power_w, *, cap=300.0, running=64):
+    return Measurement(t_s=t, window_s=1.0, power_w=power_w, energy_j=1000.0 * t,
+                       throughput_tok_s=100.0, power_cap_w=cap, max_batch=256, running=running)
+
+
+def test_measured_power_over_budget_tightens_on_the_second_window():
+    g = guarded([Action(power_cap_w=400.0, max_batch=200)])
+    sp = Setpoint(power_budget_w=1200)                     # fits 300 W per GPU
+    caps = [g.step(over(k + 1, 1500.0), sp).action.power_cap_w for k in range(2)]
+    assert caps == [300.0, 300.0]          # first window: no budget yet; second: 1 over
+    r = g.step(over(3, 1500.0), sp)        # two windows over by 25 %: cut by the excess
+    assert r.action.power_cap_w == 225.0 and "over budget 1200 W for 2 steps" in r.note
+    assert r.action.max_batch == 200 and r.fault == ""
+    r = g.step(over(4, 1500.0, cap=225.0), sp)   # still over (the cap is not delivered)
+    assert r.action.power_cap_w == 150.0
+    r = g.step(over(5, 1500.0, cap=150.0, running=40), sp)  # below the minimum: batch halves
+    assert r.action.power_cap_w == 100.0 and r.action.max_batch == 20
+    assert "batch ceiling 20" in r.note and g.tightenings == 3
+
+
+def test_cap_not_obeyed_cuts_the_batch_at_once():
+    g = guarded([Action(power_cap_w=400.0, max_batch=128)])
+    sp = Setpoint(power_budget_w=1200)
+    g.step(over(1, 1100.0), sp)
+    g.step(over(2, 1400.0, cap=400.0), sp)                    # the device kept 400 W
+    r = g.step(over(3, 1400.0, cap=400.0, running=100), sp)
+    assert "cap not obeyed (400 W in force)" in r.note
+    assert r.action.max_batch == 50 and r.action.power_cap_w == 250.0
+
+
+def test_ceilings_relax_when_power_is_back_under_budget():
+    g = guarded([Action(power_cap_w=400.0, max_batch=128)])
+    sp = Setpoint(power_budget_w=1200)
+    for k in range(3):
+        a = g.step(over(k + 1, 1320.0), sp).action
+    assert a.power_cap_w == 270.0                  # 300 - 120 / 4
+    caps = [g.step(over(k + 4, 1080.0, cap=270.0), sp).action.power_cap_w for k in range(4)]
+    assert caps[0] > 270.0 and caps == sorted(caps) and caps[-1] == 300.0
+
+
+def test_a_budget_step_and_noise_inside_the_band_never_tighten():
+    g = guarded([Action(power_cap_w=400.0, max_batch=64)])
+    # the budget steps down: the first window after it still ran under the old budget
+    g.step(over(1, 1590.0, cap=400.0), Setpoint(power_budget_w=1600))
+    r = g.step(over(2, 1590.0, cap=400.0), Setpoint(power_budget_w=800))
+    assert r.action.power_cap_w == 200.0 and "measured" not in r.note
+    for k in range(3, 40):   # power within 3 % over the budget: noise, never a fault
+        r = g.step(over(k, 800.0 * 1.029, cap=200.0), Setpoint(power_budget_w=800))
+        assert r.action.power_cap_w == 200.0 and "measured" not in r.note
+    assert g.tightenings == 0
+
+
+def test_dry_run_plant_is_not_enforced():
+    from palsctl.types import PlantInfo
+    g = SafetyGuard(Scripted([Action(power_cap_w=400.0, max_batch=64)]))
+    g.setup(limits=LIM, dt_s=1.0, plant_info=PlantInfo(model="m", gpu="g", num_gpus=4,
+                                                       simulated=False, extra={"dry_run": True}))
+    for k in range(5):
+        a = g.step(over(k + 1, 2000.0), Setpoint(power_budget_w=1200)).action
+    assert a.power_cap_w == 300.0 and g.tightenings == 0
+
+
+def test_unflagged_stale_measurements_are_detected():
+    g = guarded([Action(power_cap_w=300.0, max_batch=32), Action(power_cap_w=400.0, max_batch=64)])
+    sp = Setpoint(power_budget_w=1600)
+    assert g.step(meas(1, 1000), sp).fault == ""
+    r = g.step(meas(1, 2000), sp)                               # time did not advance
+    assert r.fault == "stale measurement (time not advancing)"
+    assert r.action == Action(power_cap_w=300.0, max_batch=32) and "hold safe cap" in r.note
+    r = g.step(meas(2, 2000), sp)                     # energy counter stands while 1 kW drawn
+    assert r.fault == "stale measurement (energy counter not advancing)"
+    assert r.requested == Action() and r.action.power_cap_w == 300.0
+    r = g.step(meas(3, 3000), sp)
+    assert r.fault == "" and r.requested == Action(power_cap_w=400.0, max_batch=64)
+
+
+def test_guard_step_is_frozen_and_pass_through_passes():
+    import dataclasses
+
+    from palsctl.safety import GuardStep, PassThrough
+    g = guarded([Action(power_cap_w=999.0, max_batch=64)])
+    r = g.step(meas(1, 1000), Setpoint(power_budget_w=1000))
+    assert isinstance(r, GuardStep) and r.requested == Action(power_cap_w=999.0, max_batch=64)
+    assert r.action == Action(power_cap_w=250.0, max_batch=64)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.note = "x"
+    p = PassThrough(Scripted([Action(power_cap_w=999.0)]))
+    p.setup(limits=LIM, dt_s=1.0, plant_info=None)
+    r = p.step(meas(1, 1000), Setpoint(power_budget_w=1000))
+    assert r.requested is r.action and r.action == Action(power_cap_w=999.0) and r.note == ""
+    with pytest.raises(TypeError):
+        PassThrough(object())
+
+
+def test_new_guard_settings_are_validated():
+    for key, bad in [("power_tolerance_frac", 1.5), ("power_tolerance_frac", -0.1),
+                     ("power_persist_steps", 0), ("enforce_measured_power", "yes")]:
+        with pytest.raises(ConfigError, match=f"guard.{key}"):
+            GuardConfig(**{key: bad})

@@ -139,7 +139,7 @@ def check_controller(name: str, *, model: Any = None, params: dict[str, Any] | N
     def limits_and_budget(m, sp):
         a = ctl.step(m, sp)
         assert _within(a, lim), f"{name}: action {a} outside {lim} for {m}, {sp}"
-        g = guard.step(m, sp)
+        g = guard.step(m, sp).action
         assert _within(g, lim), f"{name}: guarded action {g} outside limits"
         b = sp.power_budget_w
         if b is not None and b >= lim.power_cap_min_w * lim.num_gpus and g.power_cap_w is not None:
