@@ -219,7 +219,9 @@ def test_default_experiment_round_trips():
     cfg = load_experiment()
     d = cfg.to_dict()
     # defaults filled in: the controller's whole Config, the guard, the plant's noise
-    assert d["plant"]["noise"] is True and d["guard"] == {"enabled": True}
+    assert d["plant"]["noise"] is True
+    assert d["guard"] == {"enabled": True, "enforce_measured_power": True,
+                          "power_tolerance_frac": 0.03, "power_persist_steps": 2}
     from palsctl.controllers.search import SearchConfig
     assert d["controller"]["name"] == "search"
     assert d["controller"]["margin"] == SearchConfig().margin
