@@ -64,7 +64,7 @@ class Histogram:
 
 class _Seq:
     __slots__ = ("rid", "arrival_s", "prompt", "output", "need", "done", "gen", "d0", "first_s",
-                 "preempt", "fin", "state")
+                 "preempt", "fin", "state", "win")
 
     def __init__(self, r: Request) -> None:
         self.rid = r.request_id
@@ -79,6 +79,7 @@ class _Seq:
         self.preempt = 0
         self.fin = 0
         self.state = _PENDING
+        self.win = 0                   # KV of its sliding-window layers (full-layer tokens)
 
 
 class Engine:
@@ -94,6 +95,11 @@ class Engine:
         self.mnbt = int(max_num_batched_tokens)
         self.kv_cap = gm.kv_capacity_tokens
         self.kv_watermark = int(0.01 * self.kv_cap)   # free KV kept back when admitting
+        # sliding-window layers keep up to the window per sequence; a running sequence holds
+        # min(its final length, window) of them (in tokens of the full-attention layers)
+        self._win_w = gm.model.sliding_window if gm.kv_seq_tokens else 0
+        self._win_ratio = gm.kv_seq_tokens / self._win_w if self._win_w else 0.0
+        self._kv_win = 0
         self.t = 0.0                    # engine clock: end of the last simulated segment
         self.seg_start = 0.0            # start of the last segment
         self.seg_power_w = gm.idle_w * self.n_gpus   # total power during the last segment
@@ -131,7 +137,7 @@ class Engine:
     # ---- state -------------------------------------------------------------------------
     @property
     def kv_used(self) -> int:
-        return self._dec_ctx_base + self.dec_n * self.dstep + self._kv_pref
+        return self._dec_ctx_base + self.dec_n * self.dstep + self._kv_pref + self._kv_win
 
     def submit(self, req: Request) -> bool:
         """Queue a request; False (rejected) when it can never fit the KV cache."""
@@ -139,7 +145,9 @@ class Engine:
                 or req.request_id in self.rejected_ids:
             raise ValueError(f"duplicate request_id {req.request_id}")
         s = _Seq(req)
-        if s.prompt + s.output > self.kv_cap:
+        if self._win_w:
+            s.win = math.ceil(min(s.prompt + s.output, self._win_w) * self._win_ratio)
+        if s.prompt + s.output + s.win > self.kv_cap:
             self.rejected += 1                 # vLLM refuses a request longer than the cache
             self.rejected_ids.add(s.rid)
             return False
@@ -205,6 +213,7 @@ class Engine:
     def _finish(self, s: _Seq) -> None:
         s.state = _DONE
         del self.running[s.rid]
+        self._kv_win -= s.win
         del self.seqs[s.rid]
         self.done_tokens[s.rid] = s.output
         self.finished += 1
@@ -231,6 +240,7 @@ class Engine:
     def _preempt_last(self) -> None:
         rid = next(reversed(self.running))
         s = self.running.pop(rid)
+        self._kv_win -= s.win
         if s.state == _DEC:
             g = s.gen + self.dstep - s.d0
             self.dec_n -= 1
@@ -311,14 +321,17 @@ class Engine:
                 # admit only when the whole prompt fits above a watermark (as vLLM's block
                 # manager does); admitting into the last free slots only to preempt the
                 # newcomer at the next decode step would thrash
-                if w[0].need - w[0].done + 1 > free - reserve:
+                if w[0].need - w[0].done + 1 + w[0].win > free - reserve:
                     break
+                free -= w[0].win
                 c = self._chunk(w[0], budget, free)
                 if c <= 0:
+                    free += w[0].win
                     break
                 s = w.popleft()
                 s.state = _PREF
                 self.running[s.rid] = s
+                self._kv_win += s.win
                 self._pref[s.rid] = s
                 chunks.append((s, c))
                 budget -= c

@@ -79,16 +79,18 @@ def _p90(values: list[float]) -> float | None:
 
 
 class SimPlant(SimulatedPlant):
-    """Simulated ``num_gpus`` × ``gpu`` tensor-parallel group serving ``model`` with vLLM-like
-    continuous batching. Defaults: Mixtral-8x7B on 4 × A100-SXM4-80GB (tensor parallel), cap =
-    the GPU's default limit (TDP), batch = ``max_batch_launch``."""
+    """Simulated ``num_gpus`` × ``gpu`` group serving ``model`` with vLLM-like continuous
+    batching. Defaults: Mixtral-8x7B on 4 × A100-SXM4-80GB (tensor parallel), cap = the GPU's
+    default limit (TDP), batch = ``max_batch_launch``. ``parallelism``: ``"tp"`` (tensor
+    parallel) or ``"ep"`` (vLLM's expert parallel with data-parallel attention)."""
 
     def __init__(self, model: str | ModelSpec = "mixtral-8x7b", gpu: str | GPUSpec = "a100-sxm4-80gb",
                  num_gpus: int = 4, *, dt_s: float = 1.0, seed: int = 0,
                  max_batch_launch: int = 256, power_cap_w: float | None = None,
                  max_batch: int | None = None, noise: bool = True,
                  constants: PlantConstants | None = None,
-                 max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS) -> None:
+                 max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS,
+                 parallelism: str = "tp") -> None:
         m = get_model(model)
         g = get_gpu(gpu)
         if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 1:
@@ -103,7 +105,8 @@ class SimPlant(SimulatedPlant):
             raise ConfigError(f"max_batch_launch must not exceed max_num_batched_tokens "
                               f"({max_num_batched_tokens}), as in vLLM", key="max_batch_launch",
                               value=max_batch_launch)
-        check_fits(m, g, num_gpus)
+        check_fits(m, g, num_gpus, parallelism)
+        gm = group_model(m, g, num_gpus, constants, parallelism)
         self.limits = Limits(power_cap_min_w=g.min_cap_w, power_cap_max_w=g.tdp_w,
                              power_cap_default_w=g.tdp_w, power_cap_step_w=1.0, max_batch_min=1,
                              max_batch_max=max_batch_launch, num_gpus=num_gpus)
@@ -127,11 +130,13 @@ class SimPlant(SimulatedPlant):
         self.model, self.gpu, self.num_gpus = m, g, num_gpus
         self.seed = int(seed)
         self.noise = bool(noise)
-        self._gm = group_model(m, g, num_gpus, constants)
+        self.parallelism = parallelism
+        self._gm = gm
         self._eng = Engine(self._gm, max_batch=batch, power_cap_w=cap,
                            max_num_batched_tokens=max_num_batched_tokens)
         self.info = PlantInfo(model=m.name, gpu=g.name, num_gpus=num_gpus, simulated=True,
                               extra={"kv_capacity_tokens": self._gm.kv_capacity_tokens,
+                                     "parallelism": parallelism,
                                      "max_num_batched_tokens": int(max_num_batched_tokens)})
         self._rng = np.random.default_rng([self.seed, 0])
         self._rng_counters = np.random.default_rng([self.seed, 1])

@@ -13,8 +13,8 @@ from typing import Any, Mapping
 
 from palsctl.errors import ConfigError, UnknownNameError
 
-__all__ = ["GPUSpec", "ModelSpec", "GPU_PRESETS", "MODEL_PRESETS", "check_fits", "get_gpu",
-           "get_model"]
+__all__ = ["GPUSpec", "ModelSpec", "GPU_PRESETS", "MODEL_PRESETS", "check_fits",
+           "weight_bytes_per_gpu", "get_gpu", "get_model"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -74,9 +74,15 @@ class ModelSpec:
 
     ``dtype_bytes``: bytes per weight of the dense part; ``expert_dtype_bytes``: of the routed
     experts (MXFP4 ≈ 0.53); ``compute_bytes``: 2 = bf16 tensor cores, 1 = fp8.
-    ``num_dense_layers``: leading layers with a dense FFN in an MoE model (DeepSeek-MoE).
+    ``num_dense_layers``: layers with a dense FFN (width ``intermediate_size``) in an MoE model,
+    wherever they sit (DeepSeek's leading dense layers, Llama 4's interleaved ones).
     ``sliding_window`` / ``sliding_layer_fraction``: local-attention layers read at most the
-    window from the KV cache (Gemma 3, gpt-oss).
+    window from the KV cache (Gemma 3, gpt-oss; Llama 4's chunked attention), and vLLM's hybrid
+    KV-cache manager keeps only the window of them.
+    ``kv_lora_rank`` > 0 selects multi-head latent attention (MLA, DeepSeek-V2/V3): the cache
+    holds one latent of ``kv_lora_rank + qk_rope_head_dim`` values per token and layer (shared
+    by all heads, so tensor parallelism cannot split it); ``head_dim`` is then the query/key head
+    width (nope + rope) and ``v_head_dim`` the value head width.
     """
 
     name: str
@@ -100,6 +106,10 @@ class ModelSpec:
     sliding_window: int = 0
     sliding_layer_fraction: float = 0.0
     family: str = ""
+    kv_lora_rank: int = 0           # MLA latent width (0 = ordinary multi-/grouped-query)
+    q_lora_rank: int = 0            # MLA low-rank query projection (0 = full-rank query)
+    qk_rope_head_dim: int = 0       # MLA: rotary part of the query/key head
+    v_head_dim: int = 0             # MLA: value head width (0 = head_dim)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
@@ -133,10 +143,38 @@ class ModelSpec:
         return self.num_layers - self.num_dense_layers if self.is_moe else 0
 
     @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
     def attn_params_per_layer(self) -> int:
-        q = self.num_heads * self.head_dim
+        h, nh = self.hidden_size, self.num_heads
+        if self.is_mla:
+            vd = self.v_head_dim or self.head_dim
+            nope = self.head_dim - self.qk_rope_head_dim
+            q = (h * self.q_lora_rank + self.q_lora_rank * nh * self.head_dim
+                 if self.q_lora_rank else h * nh * self.head_dim)
+            kv = h * (self.kv_lora_rank + self.qk_rope_head_dim) + \
+                self.kv_lora_rank * nh * (nope + vd)
+            return q + kv + nh * vd * h
+        q = nh * self.head_dim
         kv = self.num_kv_heads * self.head_dim
-        return self.hidden_size * (q + 2 * kv) + q * self.hidden_size
+        return h * (q + 2 * kv) + q * h
+
+    @property
+    def kv_shards(self) -> int:
+        """How many ways tensor parallelism can split the KV cache (KV heads; 1 for MLA)."""
+        return 1 if self.is_mla else self.num_kv_heads
+
+    @property
+    def attn_flops_per_pair(self) -> float:
+        """FLOPs of one (query token, cached token) pair, all layers: scores plus weighted values
+        (MLA in vLLM's absorbed decode form: over the latent)."""
+        if self.is_mla:
+            per_head = 2.0 * (2 * self.kv_lora_rank + self.qk_rope_head_dim)
+        else:
+            per_head = 4.0 * self.head_dim
+        return self.num_layers * self.num_heads * per_head
 
     @property
     def expert_params(self) -> int:
@@ -186,23 +224,55 @@ class ModelSpec:
     @property
     def kv_bytes_per_token(self) -> float:
         """KV-cache bytes per token of context, all layers, all GPUs together."""
+        if self.is_mla:
+            return self.num_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * \
+                self.kv_dtype_bytes
         return 2.0 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_dtype_bytes
+
+    @property
+    def kv_cache_bytes_per_token(self) -> float:
+        """KV-cache bytes a long sequence holds per token: the full-attention layers only (vLLM's
+        hybrid KV-cache manager keeps at most the window of sliding-window layers)."""
+        return self.kv_bytes_per_token * (1.0 - self.sliding_layer_fraction
+                                          if self.sliding_window else 1.0)
+
+    @property
+    def kv_window_bytes_per_seq(self) -> float:
+        """KV-cache bytes a sequence holds in its sliding-window layers (at most)."""
+        if not self.sliding_window:
+            return 0.0
+        return self.kv_bytes_per_token * self.sliding_layer_fraction * self.sliding_window
 
     # ---- construction from a Hugging Face config -------------------------------------------
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any], *, name: str, dtype_bytes: float = 2.0,
+    def from_hf_config(cls, config: Mapping[str, Any], *, name: str,
+                       dtype_bytes: float | None = None,
                        expert_dtype_bytes: float | None = None, family: str = "") -> "ModelSpec":
         """Build a spec from the fields of a Hugging Face ``config.json`` (a dict).
 
         Required: hidden_size, num_hidden_layers, num_attention_heads, vocab_size, and
         intermediate_size (dense) or the MoE fields (num_local_experts / num_experts /
         n_routed_experts, num_experts_per_tok, moe_intermediate_size).
+
+        Covered: grouped-query and multi-head latent attention (DeepSeek-V2/V3: ``kv_lora_rank``,
+        ``q_lora_rank``, ``qk_rope_head_dim``, ``qk_nope_head_dim``, ``v_head_dim``); shared
+        experts (``n_shared_experts``, ``shared_expert_intermediate_size``, Llama 4's implicit
+        one); dense and MoE layer mixes (``first_k_dense_replace`` with ``moe_layer_freq``,
+        ``decoder_sparse_step`` and ``mlp_only_layers``, ``interleave_moe_layer_step``; dense
+        layers use ``intermediate_size_mlp`` where given); sliding-window and chunked local
+        attention; weight formats from ``quantization_config`` (fp8, fbgemm_fp8, 8-bit
+        compressed-tensors: 1 byte and fp8 tensor cores; mxfp4: 4.25-bit experts).
+        ``dtype_bytes`` / ``expert_dtype_bytes`` given here override the config's format.
         """
         if not isinstance(config, Mapping):
             raise ConfigError(f"model config for {name!r} must be a dict, got {type(config).__name__}")
         cfg = dict(config)
-        if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers (Gemma 3)
-            cfg = {**cfg, **cfg["text_config"]}
+        if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers (Gemma 3, Llama 4)
+            tc = cfg["text_config"]
+            if not isinstance(tc, Mapping):
+                raise ConfigError(f"model config for {name!r}: text_config must be a dict",
+                                  key="text_config", value=type(tc).__name__)
+            cfg = {**cfg, **tc}
 
         def req(key: str) -> Any:
             if key not in cfg or cfg[key] is None:
@@ -221,13 +291,22 @@ class ModelSpec:
                                   key=key, value=v)
             return iv
 
+        def opt_int(key: str) -> int:
+            return as_int(key, cfg[key]) if cfg.get(key) else 0
+
         hidden = as_int("hidden_size", req("hidden_size"))
         layers = as_int("num_hidden_layers", req("num_hidden_layers"))
         heads = as_int("num_attention_heads", req("num_attention_heads"))
         vocab = as_int("vocab_size", req("vocab_size"))
         kv_heads = as_int("num_key_value_heads", cfg.get("num_key_value_heads") or heads)
-        head_dim = cfg.get("head_dim")
-        head_dim = as_int("head_dim", head_dim) if head_dim else (hidden // heads if heads else 0)
+        kv_lora, q_lora, rope, v_dim = (opt_int("kv_lora_rank"), opt_int("q_lora_rank"),
+                                        opt_int("qk_rope_head_dim"), opt_int("v_head_dim"))
+        if kv_lora:   # MLA: query/key heads are nope + rope wide
+            head_dim = as_int("qk_nope_head_dim", req("qk_nope_head_dim")) + rope
+            kv_heads = heads
+        else:
+            head_dim = cfg.get("head_dim")
+            head_dim = as_int("head_dim", head_dim) if head_dim else (hidden // heads if heads else 0)
         n_exp = 0
         for key in ("num_local_experts", "num_experts", "n_routed_experts"):
             if cfg.get(key):
@@ -235,10 +314,11 @@ class ModelSpec:
                 break
         top_k, moe_inter, shared, dense_layers = 0, 0, 0, 0
         inter = cfg.get("intermediate_size")
+        model_type = str(cfg.get("model_type", ""))
         if n_exp:
             top_k = as_int("num_experts_per_tok", req("num_experts_per_tok"))
             moe_inter = cfg.get("moe_intermediate_size")
-            if moe_inter is None:  # Mixtral / gpt-oss: experts use intermediate_size
+            if moe_inter is None:  # Mixtral / gpt-oss / Llama 4: experts use intermediate_size
                 moe_inter = req("intermediate_size")
             moe_inter = as_int("moe_intermediate_size", moe_inter)
             if cfg.get("shared_expert_intermediate_size"):
@@ -246,8 +326,15 @@ class ModelSpec:
                                 cfg["shared_expert_intermediate_size"])
             elif cfg.get("n_shared_experts"):
                 shared = as_int("n_shared_experts", cfg["n_shared_experts"]) * moe_inter
-            dense_layers = as_int("first_k_dense_replace", cfg.get("first_k_dense_replace") or 0)
-            inter = as_int("intermediate_size", inter) if (inter and dense_layers) else 0
+            elif model_type.startswith("llama4"):   # one shared expert per MoE layer
+                shared = moe_inter
+            dense_layers = layers - len(_moe_layer_indices(cfg, layers, opt_int))
+            if dense_layers:
+                inter = cfg.get("intermediate_size_mlp") or inter
+                inter = as_int("intermediate_size", req("intermediate_size") if inter is None
+                               else inter)
+            else:
+                inter = 0
         else:
             inter = as_int("intermediate_size", req("intermediate_size"))
         window = cfg.get("sliding_window") or 0
@@ -259,8 +346,17 @@ class ModelSpec:
                 frac = sum(1 for t in lt if "sliding" in str(t)) / max(1, len(lt))
             elif cfg.get("sliding_window_pattern"):
                 frac = 1.0 - 1.0 / float(cfg["sliding_window_pattern"])
-            elif cfg.get("use_sliding_window", True) and cfg.get("model_type") in ("mistral",):
+            elif cfg.get("use_sliding_window", True) and model_type in ("mistral",):
                 frac = 1.0
+        elif cfg.get("attention_chunk_size"):  # Llama 4: chunked local attention, 3 of 4 layers
+            window = as_int("attention_chunk_size", cfg["attention_chunk_size"])
+            every = opt_int("nope_layer_interval") or 4
+            frac = 1.0 - 1.0 / every
+        d_bytes, e_bytes = _weight_format(cfg, name)
+        if dtype_bytes is not None:
+            d_bytes, e_bytes = float(dtype_bytes), None
+        if expert_dtype_bytes is not None:
+            e_bytes = float(expert_dtype_bytes)
         try:
             return cls(name=name, num_layers=layers, hidden_size=hidden, num_heads=heads,
                        num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=inter or 0,
@@ -268,14 +364,56 @@ class ModelSpec:
                        moe_intermediate_size=moe_inter, shared_intermediate_size=shared,
                        num_dense_layers=dense_layers,
                        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                       dtype_bytes=dtype_bytes, expert_dtype_bytes=expert_dtype_bytes,
-                       compute_bytes=1 if dtype_bytes <= 1 and expert_dtype_bytes is None else 2,
+                       dtype_bytes=d_bytes, expert_dtype_bytes=e_bytes,
+                       compute_bytes=1 if d_bytes <= 1 and e_bytes is None else 2,
                        sliding_window=window if frac > 0 else 0, sliding_layer_fraction=frac,
-                       family=family)
+                       family=family, kv_lora_rank=kv_lora, q_lora_rank=q_lora,
+                       qk_rope_head_dim=rope if kv_lora else 0,
+                       v_head_dim=v_dim if kv_lora else 0)
         except ConfigError:
             raise
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"model config for {name!r}: {exc}") from None
+
+
+def _moe_layer_indices(cfg: dict, layers: int, opt_int) -> list[int]:
+    """Indices of the MoE layers of a Hugging Face MoE config (the others have a dense FFN)."""
+    first_k = opt_int("first_k_dense_replace")
+    freq = opt_int("moe_layer_freq") or 1                       # DeepSeek
+    step = opt_int("decoder_sparse_step") or opt_int("interleave_moe_layer_step") or 1
+    only_mlp = cfg.get("mlp_only_layers") or []
+    if not isinstance(only_mlp, (list, tuple)):
+        raise ConfigError("mlp_only_layers must be a list of layer indices", key="mlp_only_layers",
+                          value=only_mlp)
+    dense = {int(i) for i in only_mlp}
+    return [i for i in range(layers) if i >= first_k and i % freq == 0 and (i + 1) % step == 0
+            and i not in dense]
+
+
+def _weight_format(cfg: dict, name: str) -> tuple[float, float | None]:
+    """(dense bytes per weight, routed-expert bytes per weight or None = same) from a config's
+    ``quantization_config`` (absent: 16-bit)."""
+    q = cfg.get("quantization_config")
+    if not q:
+        return 2.0, None
+    if not isinstance(q, Mapping):
+        raise ConfigError(f"model config for {name!r}: quantization_config must be a dict",
+                          key="quantization_config", value=type(q).__name__)
+    method = str(q.get("quant_method", "")).lower()
+    if method in ("fp8", "fbgemm_fp8"):
+        return 1.0, None
+    if method == "mxfp4":
+        return 2.0, _MX
+    if method == "compressed-tensors":
+        groups = q.get("config_groups") or {}
+        bits = {(g.get("weights") or {}).get("num_bits") for g in groups.values()
+                if isinstance(g, Mapping)}
+        if bits == {8}:
+            return 1.0, None
+        return 2.0, None
+    raise ConfigError(f"model config for {name!r}: unsupported quant_method; known: fp8, "
+                      "fbgemm_fp8, mxfp4, compressed-tensors", key="quantization_config",
+                      value=method)
 
 
 def _m(**kw: Any) -> ModelSpec:
@@ -372,13 +510,31 @@ def get_model(model: str | ModelSpec) -> ModelSpec:
     return _preset(model, ModelSpec, MODEL_PRESETS, "model")
 
 
-def check_fits(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int) -> None:
-    """Raise `ConfigError` (key ``num_gpus``) when the model's weights, split over ``num_gpus``
-    GPUs (tensor parallel), leave less than 10 % of each GPU's memory and 2 GB for the KV cache
-    and activations."""
+def check_fits(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int,
+               parallelism: str = "tp") -> None:
+    """Raise `ConfigError` (key ``num_gpus``) when the model's weights held by each GPU leave
+    less than 10 % of its memory and 2 GB for the KV cache and activations. ``parallelism``:
+    ``"tp"`` and ``"tp+ep"`` split every weight over the GPUs; ``"ep"`` (data-parallel
+    attention) keeps a full copy of the dense weights on every GPU and splits the experts."""
     m, g = get_model(model), get_gpu(gpu)
     room_b = 0.9 * g.mem_bytes - 2.0e9
-    if m.weight_bytes / num_gpus > room_b:
-        need = f"; needs num_gpus >= {math.ceil(m.weight_bytes / room_b)}" if room_b > 0 else ""
-        raise ConfigError(f"{m.name} ({m.weight_bytes / 1e9:.0f} GB of weights) does not fit on "
+    per_gpu = weight_bytes_per_gpu(m, num_gpus, parallelism)
+    if per_gpu > room_b:
+        need = ""
+        if room_b > 0 and parallelism != "ep":
+            need = f"; needs num_gpus >= {math.ceil(m.weight_bytes / room_b)}"
+        raise ConfigError(f"{m.name} ({m.weight_bytes / 1e9:.0f} GB of weights, "
+                          f"{per_gpu / 1e9:.0f} GB per GPU with {parallelism}) does not fit on "
                           f"{num_gpus} × {g.name}{need}", key="num_gpus", value=num_gpus)
+
+
+def weight_bytes_per_gpu(model: ModelSpec, num_gpus: int, parallelism: str = "tp") -> float:
+    """Weight bytes each of ``num_gpus`` GPUs holds under ``parallelism``."""
+    if parallelism not in ("tp", "ep", "tp+ep"):
+        raise ConfigError("parallelism must be one of tp, ep, tp+ep", key="parallelism",
+                          value=parallelism)
+    experts = model.num_moe_layers * model.num_experts * model.expert_bytes
+    dense = model.weight_bytes - experts
+    if parallelism == "ep" and num_gpus > 1:
+        return dense + experts / num_gpus
+    return model.weight_bytes / num_gpus

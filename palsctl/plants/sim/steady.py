@@ -18,7 +18,7 @@ from functools import lru_cache
 from statistics import NormalDist
 
 from palsctl.errors import ConfigError
-from palsctl.plants.sim.gpu import GroupModel, PlantConstants, default_constants
+from palsctl.plants.sim.gpu import GroupModel, PlantConstants
 from palsctl.plants.sim.specs import GPUSpec, ModelSpec, get_gpu, get_model
 
 __all__ = ["SteadyState", "steady_state", "group_model", "MAX_NUM_BATCHED_TOKENS"]
@@ -48,9 +48,9 @@ class SteadyState:
 
 @lru_cache(maxsize=256)
 def group_model(model: ModelSpec, gpu: GPUSpec, num_gpus: int,
-                constants: PlantConstants | None = None) -> GroupModel:
-    """Cached `GroupModel` (constants None = the committed calibration)."""
-    return GroupModel(model, gpu, num_gpus, constants or default_constants())
+                constants: PlantConstants | None = None, parallelism: str = "tp") -> GroupModel:
+    """Cached `GroupModel` (constants None = the committed calibration for that GPU)."""
+    return GroupModel(model, gpu, num_gpus, constants, parallelism)
 
 
 def _mix_points(n: float, q: float) -> list[tuple[float, float]]:
@@ -79,7 +79,7 @@ _Z21 = tuple(NormalDist().inv_cdf((i + 0.5) / 21) for i in range(21))
 
 def _mix_power(gm: GroupModel, costs, r: float) -> float:
     e = t = 0.0
-    for w, c, _ in costs:
+    for w, c, *_ in costs:
         dt = gm.step_time(c, r)
         e += w * dt * gm.power_per_gpu(c, r)
         t += w * dt
@@ -102,17 +102,59 @@ def _mix_clock(gm: GroupModel, costs, cap_w: float) -> float:
     return lo
 
 
-def _wquantile(pairs: list[tuple[float, float]], q: float) -> float:
-    """Weighted quantile of sorted (value, weight) pairs."""
-    total = sum(w for _, w in pairs)
-    if total <= 0:
-        return pairs[0][0]
-    acc = 0.0
-    for v, w in pairs:
-        acc += w
-        if acc >= q * total:
-            return v
-    return pairs[-1][0]
+class _ItlMix:
+    """Distribution of the inter-token latency a decode token observes: a mixture over the
+    step kinds (weight = decode tokens in such steps). Pure-decode steps spread normally with
+    the fluctuation of the summed context of the batch; a step that also prefills ``j`` prompts
+    exceeds the decode step by a shifted log-normal whose spread is that of the sum of ``j``
+    prompt lengths (coefficient of variation ``prompt_cv / √j``). Quantiles therefore move
+    smoothly with the load instead of jumping from one step kind to the other."""
+
+    __slots__ = ("comps", "total", "lo", "hi")
+
+    def __init__(self, t0: float, sd0: float, parts: list[tuple[float, float, int]],
+                 prompt_cv: float) -> None:
+        sd0 = max(sd0, 1e-9 * t0, 1e-12)
+        comps = []       # (weight, kind, a, b, shift): kind 0 normal(a, b); 1 lognormal(a, b)
+        lo, hi = t0 - 6.0 * sd0, t0 + 6.0 * sd0
+        for w, t, j in parts:
+            if w <= 0:
+                continue
+            excess = t - t0
+            if j == 0 or prompt_cv <= 0 or excess <= 1e-9 * t0:
+                comps.append((w, 0, t, sd0, 0.0))
+                lo, hi = min(lo, t - 6.0 * sd0), max(hi, t + 6.0 * sd0)
+            else:
+                s2 = math.log1p(prompt_cv * prompt_cv / j)
+                sig = math.sqrt(s2)
+                mu = math.log(excess) - 0.5 * s2
+                comps.append((w, 1, mu, sig, t0))
+                hi = max(hi, t0 + math.exp(mu + 6.0 * sig))
+        self.comps = comps
+        self.total = sum(c[0] for c in comps)
+        self.lo, self.hi = max(0.0, lo), hi
+
+    def cdf(self, x: float) -> float:
+        acc = 0.0
+        for w, kind, a, b, shift in self.comps:
+            if kind == 0:
+                acc += w * 0.5 * math.erfc((a - x) / (b * _SQRT2))
+            elif x > shift:
+                acc += w * 0.5 * math.erfc((a - math.log(x - shift)) / (b * _SQRT2))
+        return acc / self.total
+
+    def quantile(self, q: float) -> float:
+        lo, hi = self.lo, self.hi
+        for _ in range(26):
+            mid = 0.5 * (lo + hi)
+            if self.cdf(mid) < q:
+                lo = mid
+            else:
+                hi = mid
+        return 0.5 * (lo + hi)
+
+
+_SQRT2 = math.sqrt(2.0)
 
 
 def _check_int(name: str, v: object, lo: int) -> int:
@@ -121,18 +163,28 @@ def _check_int(name: str, v: object, lo: int) -> int:
     return int(v)
 
 
+def _check_nonneg(name: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ConfigError(f"{name} must be a number >= 0", key=name, value=v)
+    return float(v)
+
+
 def steady_state(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int, max_batch: int,
                  power_cap_w: float | None = None, prompt_tokens: float = 512,
                  output_tokens: float = 256, *, output_cv: float = 0.0,
                  constants: PlantConstants | None = None,
-                 max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS) -> SteadyState:
+                 max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS,
+                 parallelism: str = "tp", prompt_cv: float = 0.0) -> SteadyState:
     """The plant's saturated steady state with ``max_batch`` requests always in flight.
 
     ``power_cap_w`` is per GPU (None = the GPU's default limit, its TDP) and must lie within
     the GPU's limits. ``prompt_tokens``/``output_tokens`` are per request (means);
     ``output_cv`` is the coefficient of variation of the output length (0 = all equal): the
     sequences in flight are length-biased, so their mean context is
-    ``prompt + output · (1 + cv²) / 2``.
+    ``prompt + output · (1 + cv²) / 2``; ``prompt_cv`` that of the prompt length (it spreads
+    the time of the steps that carry prefill, hence the ITL quantiles).
+    ``parallelism``: ``"tp"`` (tensor parallel) or ``"ep"`` (expert parallel with
+    data-parallel attention). ``constants`` None = the committed calibration for ``gpu``.
     """
     m = get_model(model)
     g = get_gpu(gpu)
@@ -154,15 +206,23 @@ def steady_state(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int, max_
         raise ConfigError("prompt_tokens must be >= 1", key="prompt_tokens", value=prompt_tokens)
     if not (math.isfinite(o) and o >= 1):
         raise ConfigError("output_tokens must be >= 1", key="output_tokens", value=output_tokens)
-    gm = group_model(m, g, n, constants)
-    if gm.kv_capacity_tokens < p + o:
+    output_cv = _check_nonneg("output_cv", output_cv)
+    prompt_cv = _check_nonneg("prompt_cv", prompt_cv)
+    gm = group_model(m, g, n, constants, parallelism)
+    if not gm.fits:
+        raise ConfigError(f"{m.name} ({gm.weight_bytes_per_gpu / 1e9:.0f} GB of weights per GPU, "
+                          f"{parallelism}) does not fit on {n} × {g.name}", key="num_gpus",
+                          value=num_gpus)
+    # KV a sequence holds: its context in the full-attention layers, plus up to the window in
+    # sliding-window layers (as the engine charges it)
+    win = math.ceil(min(p + o, m.sliding_window) * gm.kv_seq_tokens / m.sliding_window) \
+        if gm.kv_seq_tokens else 0
+    if gm.kv_capacity_tokens < p + o + win:
         raise ConfigError(f"{m.name} on {n} × {g.name} leaves KV-cache room for "
                           f"{gm.kv_capacity_tokens} tokens, less than one request",
                           key="num_gpus", value=num_gpus)
-    if not (math.isfinite(output_cv) and output_cv >= 0):
-        raise ConfigError("output_cv must be >= 0", key="output_cv", value=output_cv)
     ctx_mean = p + 0.5 * o * (1.0 + output_cv * output_cv)
-    batch = float(min(b, max(1, math.floor(gm.kv_capacity_tokens / ctx_mean))))
+    batch = float(min(b, max(1, math.floor(gm.kv_capacity_tokens / (ctx_mean + win)))))
     kv_limited = batch < b
     # `batch / o` requests finish per step and as many are admitted; the number admitted in one
     # step is ~Binomial (output lengths vary), each bringing `p` prompt tokens (chunked by the
@@ -171,7 +231,7 @@ def steady_state(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int, max_
     pref_steps = max(1, math.ceil(p / budget))       # steps to prefill one prompt
     span = p / pref_steps                             # prompt tokens per sequence per step
     points = _mix_points(batch, min(1.0, pref_steps / o))
-    costs = []   # (weight, cost, decode tokens)
+    costs = []   # (weight, cost, decode tokens, prompts in the step)
     for j, wgt in points:
         j = min(j, batch)
         chunk = min(j * span, budget)
@@ -181,11 +241,11 @@ def steady_state(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int, max_
                              j * 0.5 * (p + span), j)
         else:
             c = gm.step_cost(nd, nd * ctx_mean)
-        costs.append((wgt, c, nd))
+        costs.append((wgt, c, nd, j))
     # the firmware holds the power averaged over a short window within the cap: one clock for
     # the whole mix of steps, the highest whose mean power fits
     r = _mix_clock(gm, costs, cap)
-    rows = [(w, gm.step_time(c, r), gm.power_per_gpu(c, r), r, nd) for w, c, nd in costs]
+    rows = [(w, gm.step_time(c, r), gm.power_per_gpu(c, r), r, nd, j) for w, c, nd, j in costs]
     wsum = sum(x[0] for x in rows)
     t_mean = sum(x[0] * x[1] for x in rows) / wsum
     energy_gpu = sum(x[0] * x[1] * x[2] for x in rows) / wsum
@@ -194,16 +254,16 @@ def steady_state(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int, max_
     # one request: o tokens over (o - 1) decode steps + its prefill steps
     thr = batch * o / (o - 1.0 + pref_steps) / t_mean
     # inter-token latency: each decode token observes its step's time
-    by_time = sorted((x[1], x[0] * x[4]) for x in rows)
-    itl_med = _wquantile(by_time, 0.5)
-    itl_p90 = _wquantile(by_time, 0.9)
-    if points[0][0] == 0 and rows[0][0] * rows[0][4] / sum(w for _, w in by_time) > 0.9:
-        # nearly all tokens come from pure decode steps: their p90 is set by the spread of
-        # context lengths (ages uniform over the output), not by prefill
-        c90 = gm.step_cost(batch, batch * (ctx_mean + 0.4 * o))
-        itl_p90 = max(itl_p90, gm.step_time(c90, r))
-    t_d = rows[0][1] if points[0][0] == 0 else gm.step_time(
-        gm.step_cost(batch, batch * ctx_mean), r)
+    c_d = gm.step_cost(batch, batch * ctx_mean)
+    t_d = gm.step_time(c_d, r)
+    # the summed context of the batch fluctuates (prompt lengths, ages of the sequences);
+    # the attention part of the decode step follows it
+    t_kv = t_d - gm.step_time(gm.step_cost(batch, 0.0), r)
+    var_ctx = (p * prompt_cv) ** 2 + o * o * (1.0 + output_cv * output_cv) / 12.0
+    sd0 = t_kv * math.sqrt(var_ctx / batch) / ctx_mean
+    mix = _ItlMix(t_d, sd0, [(x[0] * x[4], x[1], x[5]) for x in rows], prompt_cv)
+    itl_med = mix.quantile(0.5)
+    itl_p90 = mix.quantile(0.9)
     t_m = max(x[1] for x in rows)
     frac = sum(x[0] for x in rows if x[4] < batch) / wsum
     power = power_gpu * n

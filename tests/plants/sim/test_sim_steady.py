@@ -42,14 +42,17 @@ def test_saturated_plant_matches_steady_state(model, gpu, n, batch, cap, prompt,
     steady_state says: throughput and power within 6 %."""
     rng = np.random.default_rng(0)
     guess = steady_state(model, gpu, n, batch, cap, prompt, output)
-    count = int(guess.throughput_tok_s * 40.0 / output * 1.5) + 100
+    # the backlog starts as one synchronised wave: warm up over a few request lifetimes
+    warm = max(15.0, 4.0 * guess.request_latency_s)
+    window = max(20.0, 3.0 * guess.request_latency_s)
+    count = int(guess.throughput_tok_s * (warm + window) / output * 1.5) + 100
     outs = rng.integers(output // 2, output + output // 2 + 1, size=count)
     p = SimPlant(model, gpu, n, max_batch_launch=batch, power_cap_w=cap, noise=False)
     p.submit([Request(request_id=i, arrival_s=0.0, prompt_tokens=prompt,
                       output_tokens=int(o)) for i, o in enumerate(outs)])
-    p.advance(15.0)
+    p.advance(warm)
     p.read()
-    p.advance(20.0)
+    p.advance(window)
     m = p.read()
     assert m.waiting > 0, "backlog ran dry"
     s = steady_state(model, gpu, n, batch, cap, prompt, float(outs.mean()),
