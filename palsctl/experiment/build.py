@@ -34,7 +34,8 @@ def full_power_capacity_req_s(cfg: ExperimentConfig, prompt_tokens: float,
     p = cfg.plant
     try:
         ss = steady_state(p["model"], p["gpu"], p["num_gpus"], p["max_batch_launch"],
-                          prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+                          prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                          parallelism=p.get("parallelism", "tp"))
     except PalsctlError as exc:
         raise ConfigError(f"cannot compute the plant's capacity for workload.load: {exc}",
                           file=cfg.source) from None

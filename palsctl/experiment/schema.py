@@ -180,6 +180,7 @@ class PlantTable(_Table):
     power_cap_w: Positive | None = None
     max_batch: _count(1, 65536) | None = None
     noise: Flag = True
+    parallelism: Literal["tp", "ep", "tp+ep"] = "tp"
 
 
 class _WorkloadTable(_Table):
@@ -490,7 +491,7 @@ def _plant(c: _Check, raw: dict[str, Any], *, check: bool) -> dict[str, Any] | N
                 known = False
         if known:
             try:
-                check_fits(p.model, p.gpu, p.num_gpus)
+                check_fits(p.model, p.gpu, p.num_gpus, p.parallelism)
             except ConfigError as exc:
                 c.err("plant.num_gpus", exc.message, p.num_gpus)
     return p.model_dump()
