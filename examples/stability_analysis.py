@@ -1,9 +1,12 @@
 """Offline stability analysis of the `pi` controller's budget loop, from Python.
 
-1. identify the loop (power cap -> power) with a step test on the simulated plant,
+1. identify the loop (power cap -> power) with a step test on the simulated plant and check
+   that the model fits it (a loop whose model does not fit cannot be verified),
 2. analyse the configured PI gains: closed-loop poles, gain/phase margins, step metrics,
 3. draw the (Kp, Ki) stability map and pick the fastest gains with >= 6 dB and >= 45 deg,
-4. check the prediction with a closed-loop run of the real PIController on the plant.
+4. check the prediction with the loop closed on the plant (`verify_loop`) and with a
+   closed-loop run of the real PIController (`run_power_step`),
+5. draw the Bode plot of the loop.
 
 Run:  python examples/stability_analysis.py [OUT_DIR]      (headless: writes PNGs only)
 """
@@ -18,11 +21,19 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from palsctl.analysis.identify import identify_from_step_test, step_test  # noqa: E402
+from palsctl.analysis.identify import (  # noqa: E402
+    assess_fit,
+    identify_from_step_test,
+    step_test,
+)
 from palsctl.analysis.report import map_grid  # noqa: E402
-from palsctl.analysis.stability import (analyze_loop, plot_stability_map,  # noqa: E402
-                                        recommend_gains, stability_map)
-from palsctl.analysis.verify import run_power_step  # noqa: E402
+from palsctl.analysis.stability import (  # noqa: E402
+    analyze_loop,
+    plot_stability_map,
+    recommend_gains,
+    stability_map,
+)
+from palsctl.analysis.verify import run_power_step, verify_loop  # noqa: E402
 from palsctl.plants.sim import SimPlant  # noqa: E402
 
 MODEL, GPU, NUM_GPUS, BATCH = "llama-3.1-8b", "h100-sxm", 1, 64
@@ -36,11 +47,14 @@ def main(out_dir: Path) -> int:
     make = functools.partial(SimPlant, MODEL, GPU, NUM_GPUS, dt_s=DT_S, seed=0, noise=False)
 
     # 1. step test: cap +30 W at the operating point, plant saturated by a backlog
-    plant = identify_from_step_test(step_test(make, loop="budget", power_cap_w=CAP_W,
-                                              max_batch=BATCH, step=30.0))
+    test = step_test(make, loop="budget", power_cap_w=CAP_W, max_batch=BATCH, step=30.0)
+    plant = identify_from_step_test(test)
+    fit = assess_fit(test, plant)
     print(f"identified: K = {plant.gain:.3f} W/W, tau = {plant.tau_s:.3f} s, "
           f"theta = {plant.delay_s:.3f} s, window = {plant.window_s:.2f} s "
-          f"(fit RMS {plant.fit_rms:.3f} W)")
+          f"({fit.text()}, RMS {fit.residual_rms:.3f} W)")
+    if not fit.ok:
+        print("the model does not fit its step test: the analysis below is unverified")
 
     # 2. the configured gains
     res = analyze_loop(plant, kp=KP, ki=KI)
@@ -62,12 +76,26 @@ def main(out_dir: Path) -> int:
               f"settling {rec.analysis.step.settling_time_s:.2f} s)")
     print(f"stability map: {png}")
 
-    # 4. prediction vs the simulated plant (power target step of +100 W)
+    # 4. prediction vs the simulated plant (setpoint step of +100 W)
+    check = verify_loop(make, plant, loop="budget", kp=KP, ki=KI, power_cap_w=CAP_W,
+                        max_batch=BATCH, step=100.0)
+    print(f"the loop as analysed, closed on the plant: {check.text()}")
     run = run_power_step(make, kp=KP, ki_per_s=KI, power_cap_w=CAP_W, max_batch=BATCH,
                          step_w=100.0, record_s=15.0)
-    print(f"closed loop on the simulated plant: oscillation decays = {run.decays()}, "
+    print(f"the PIController on the plant: oscillation decays = {run.decays()}, "
           f"settling (about the final value) = {run.settling_time_s(final='measured'):.2f} s "
           f"vs predicted {res.step.settling_time_s:.2f} s")
+
+    # 5. Bode plot of the open loop with the exact margins
+    import control as ct
+
+    from palsctl.analysis.stability import loop_tf, pi_tf
+
+    cp = ct.bode_plot(loop_tf(plant, pi_tf(KP, KI, DT_S)), dB=True, display_margins=False)
+    cp.figure.suptitle(f"budget loop: GM {res.gain_margin_db:.1f} dB, "
+                       f"PM {res.phase_margin_deg:.0f} deg", fontsize=9)
+    cp.figure.savefig(out_dir / "budget_loop_bode.png")
+    print(f"Bode plot: {out_dir / 'budget_loop_bode.png'}")
     return 0
 
 

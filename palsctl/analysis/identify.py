@@ -15,22 +15,40 @@ A step test holds the plant at the operating point with a backlog of requests (t
 saturated: throughput is the configuration's capacity, not the offered load), steps one knob
 and records the readings; `identify_fopdt` fits gain, lag and dead time with the sensor's
 averaging window (the plant's read window, one control period) known.
+
+The throughput of a continuous-batching engine is noisy at the control period (tokens arrive in
+whole engine steps; requests finish and are admitted at their own times), so the throughput
+loops' tests are repeated with different request lengths (seeds) and the mean response is
+fitted; the spread between the repeats measures the noise left in that mean. `assess_fit` says
+whether a model explains the recorded response: its normalised fit, or, for a noisy output, a
+residual no larger than that noise with a step well above it. A loop whose model does not fit
+cannot be verified by the analysis.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from palsctl.analysis.stability import FOPDT, identify_fopdt
+from palsctl.analysis.plant_model import fit_percent
+from palsctl.analysis.stability import FOPDT, identify_fopdt, simulate_fopdt_response
 from palsctl.errors import ConfigError, PalsctlError
 from palsctl.interfaces import SimulatedPlant
 from palsctl.types import Action, Request
 
-__all__ = ["LOOPS", "LoopSpec", "StepTest", "backlog", "backlog_size", "step_test",
-           "identify_from_step_test", "fopdt_from_gradients"]
+__all__ = ["LOOPS", "LoopSpec", "StepTest", "FitQuality", "backlog", "backlog_size",
+           "step_test", "identify_from_step_test", "fopdt_from_gradients", "assess_fit",
+           "FIT_OK_PCT", "NOISE_RATIO_OK", "MIN_SNR"]
+
+#: A model fits when it explains this share of the response (normalised fit, per cent) ...
+FIT_OK_PCT = 80.0
+#: ... or, for a noisy output, when its residual is at most this multiple of the noise left in
+#: the (averaged) response, and the step's amplitude is at least `MIN_SNR` times that noise.
+NOISE_RATIO_OK = 1.5
+MIN_SNR = 5.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +81,11 @@ def _loop(name: str) -> LoopSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class StepTest:
-    """A recorded step test: ``y[k]`` read at ``t_s[k]``, ``u[k]`` applied right after."""
+    """A recorded step test: ``y[k]`` read at ``t_s[k]``, ``u[k]`` applied right after.
+
+    ``y`` is the mean over ``repeats`` runs with different request lengths; ``noise_rms`` the
+    standard error of that mean (RMS over the samples from the step on, output units), None
+    for a single run."""
 
     loop: str
     t_s: np.ndarray
@@ -73,6 +95,84 @@ class StepTest:
     window_s: float
     power_cap_w: float
     max_batch: int
+    repeats: int = 1
+    noise_rms: float | None = None
+
+    @property
+    def step_index(self) -> int:
+        """Index of the first sample under the new input."""
+        return int(np.flatnonzero(np.abs(np.diff(self.u)) > 0)[0]) + 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitQuality:
+    """How well a plant model explains a step test (see `assess_fit`).
+
+    ``fit_pct``: normalised fit of the response from the step on (100 = exact);
+    ``residual_rms``: RMS of model − data there (output units); ``noise_rms``: the noise left in
+    the recorded response (None: unknown, a single run); ``step_amplitude``: ``|K·Δu|`` of the
+    model; ``verdict``: ``"fits"``, ``"fits within the noise"``, ``"does not fit"`` or
+    ``"step lost in noise"``."""
+
+    fit_pct: float
+    residual_rms: float
+    noise_rms: float | None
+    step_amplitude: float
+    verdict: str
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict in ("fits", "fits within the noise")
+
+    @property
+    def snr(self) -> float:
+        """Step amplitude over the noise (inf when the noise is 0 or unknown)."""
+        if not self.noise_rms:
+            return math.inf
+        return self.step_amplitude / self.noise_rms
+
+    def text(self) -> str:
+        """E.g. ``fit 99.8 %`` or ``fit 22 %, residual 2.8x the noise: does not fit``."""
+        head = f"fit {self.fit_pct:.0f} %" if math.isfinite(self.fit_pct) else "fit -"
+        if self.verdict == "fits":
+            return head
+        if self.noise_rms:
+            head += f", residual {self.residual_rms / self.noise_rms:.1f}x the noise"
+            if self.snr < MIN_SNR:
+                head += f", step {self.snr:.1f}x the noise"
+        return f"{head}: {self.verdict}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fit_pct": self.fit_pct, "residual_rms": self.residual_rms,
+                "noise_rms": self.noise_rms, "step_amplitude": self.step_amplitude,
+                "verdict": self.verdict, "ok": self.ok}
+
+
+def assess_fit(test: StepTest, plant: FOPDT) -> FitQuality:
+    """Does ``plant`` explain ``test``? Its response to the recorded input is compared with the
+    recorded output from the step on: it **fits** when the normalised fit reaches `FIT_OK_PCT`;
+    it **fits within the noise** when the residual is at most `NOISE_RATIO_OK` times the noise
+    of the recorded (averaged) response and the step stands `MIN_SNR` times above that noise;
+    otherwise the step is **lost in noise** (too small against the noise to tell) or the model
+    **does not fit** (first order plus dead time does not describe this loop here)."""
+    k0 = test.step_index
+    y0 = float(np.mean(test.y[max(0, k0 - 3):k0]))
+    model = simulate_fopdt_response(plant, test.u - test.u[0], method="closed-form") + y0
+    resid = model[k0:] - test.y[k0:]
+    rms = float(np.sqrt(np.mean(resid ** 2)))
+    fit = fit_percent(test.y[k0:], model[k0:])
+    amp = abs(plant.gain * float(test.u[-1] - test.u[0]))
+    noise = test.noise_rms
+    if math.isfinite(fit) and fit >= FIT_OK_PCT:
+        verdict = "fits"
+    elif noise and amp < MIN_SNR * noise:
+        verdict = "step lost in noise"
+    elif noise and rms <= NOISE_RATIO_OK * noise:
+        verdict = "fits within the noise"
+    else:
+        verdict = "does not fit"
+    return FitQuality(fit_pct=fit, residual_rms=rms, noise_rms=noise, step_amplitude=amp,
+                      verdict=verdict)
 
 
 def backlog(n: int, *, prompt_tokens: int, output_tokens: int, seed: int = 0,
@@ -86,7 +186,7 @@ def backlog(n: int, *, prompt_tokens: int, output_tokens: int, seed: int = 0,
     ps = rng.integers(lo_p, hi_p, n)
     os_ = rng.integers(lo_o, hi_o, n)
     return [Request(request_id=start_id + i, arrival_s=0.0, prompt_tokens=int(p),
-                    output_tokens=int(o)) for i, (p, o) in enumerate(zip(ps, os_))]
+                    output_tokens=int(o)) for i, (p, o) in enumerate(zip(ps, os_, strict=True))]
 
 
 def backlog_size(max_batch: int, duration_s: float, output_tokens: int) -> int:
@@ -135,7 +235,7 @@ def _record(make_plant, spec: LoopSpec, *, power_cap_w: float, max_batch: int, u
 def step_test(make_plant: Callable[..., SimulatedPlant], *, loop: str, power_cap_w: float,
               max_batch: int, step: float, warmup_s: float = 20.0, record_s: float | None = None,
               pre_s: float = 3.0, prompt_tokens: int = 200, output_tokens: int = 400,
-              seed: int = 0, paired: bool | None = None) -> StepTest:
+              seed: int = 0, paired: bool | None = None, repeats: int | None = None) -> StepTest:
     """Run a step test on a fresh plant from ``make_plant(power_cap_w=..., max_batch=...)``.
 
     The plant gets a backlog large enough for the whole test, runs ``warmup_s`` at the
@@ -148,6 +248,9 @@ def step_test(make_plant: Callable[..., SimulatedPlant], *, loop: str, power_cap
     requests far more than a small step moves it, and the paired run removes the part of that
     swing the step does not change. The plant must be deterministic (noise off) for this.
     ``record_s`` defaults to 10 s (power) or 30 s (throughput loops, for the gain).
+    ``repeats`` (default: 4 for the throughput loops, 1 for power) runs the test with seeds
+    ``seed, seed + 1, ...`` (other request lengths) and records the mean response and its
+    standard error (`StepTest.noise_rms`).
     """
     spec = _loop(loop)
     if paired is None:
@@ -158,11 +261,13 @@ def step_test(make_plant: Callable[..., SimulatedPlant], *, loop: str, power_cap
     dt = float(probe.dt_s)
     limits = probe.limits
     probe.close()
+    if repeats is None:
+        repeats = 4 if spec.output == "throughput" else 1
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError("must be a whole number >= 1", key="repeats", value=repeats)
     total_s = warmup_s + pre_s + record_s
     # enough requests for the whole test at a generous bound on the token rate
     n_req = backlog_size(max_batch, total_s, output_tokens)
-    requests = backlog(n_req, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                       seed=seed)
     n_warm = int(round(warmup_s / dt))
     n_pre = max(2, int(round(pre_s / dt)))
     n_rec = max(3, int(round(record_s / dt)))
@@ -173,16 +278,27 @@ def step_test(make_plant: Callable[..., SimulatedPlant], *, loop: str, power_cap
     if u1 == u0:
         raise ConfigError("the step test's step is lost in the actuator's limits/rounding",
                           key="step", value=step)
-    kw = dict(power_cap_w=power_cap_w, max_batch=max_batch, n_warm=n_warm, n_pre=n_pre,
-              n_rec=n_rec, requests=requests)
-    ts, us, ys, dt = _record(make_plant, spec, u1=u1, **kw)
-    y = np.asarray(ys)
-    if paired:
-        _, _, ys_ref, _ = _record(make_plant, spec, u1=None, **kw)
-        ref = np.asarray(ys_ref)
-        y = y - ref + float(np.mean(ref[:n_pre]))
-    return StepTest(loop=loop, t_s=np.asarray(ts), u=np.asarray(us), y=y, dt_s=dt,
-                    window_s=dt, power_cap_w=float(power_cap_w), max_batch=int(max_batch))
+    runs = []
+    for r in range(repeats):
+        requests = backlog(n_req, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                           seed=seed + r)
+        kw = dict(power_cap_w=power_cap_w, max_batch=max_batch, n_warm=n_warm, n_pre=n_pre,
+                  n_rec=n_rec, requests=requests)
+        ts, us, ys, dt = _record(make_plant, spec, u1=u1, **kw)
+        y = np.asarray(ys)
+        if paired:
+            _, _, ys_ref, _ = _record(make_plant, spec, u1=None, **kw)
+            ref = np.asarray(ys_ref)
+            y = y - ref + float(np.mean(ref[:n_pre]))
+        runs.append(y)
+    ys_all = np.asarray(runs)
+    noise = None
+    if repeats > 1:
+        k0 = n_pre      # first sample under the new input
+        noise = float(np.sqrt(np.mean(ys_all[:, k0:].var(axis=0, ddof=1)) / repeats))
+    return StepTest(loop=loop, t_s=np.asarray(ts), u=np.asarray(us), y=ys_all.mean(axis=0),
+                    dt_s=dt, window_s=dt, power_cap_w=float(power_cap_w),
+                    max_batch=int(max_batch), repeats=repeats, noise_rms=noise)
 
 
 def identify_from_step_test(test: StepTest) -> FOPDT:

@@ -59,7 +59,7 @@ def test_operating_points_span_load_and_budget():
                            max_batch_launch=128, cap_min_w=200.0, cap_max_w=700.0,
                            prompt_tokens=200, output_tokens=400)
     assert [(p.load, p.budget) for p in pts] == [
-        (l, b) for l in ("low", "medium", "high") for b in ("loose", "tight")]
+        (ld, b) for ld in ("low", "medium", "high") for b in ("loose", "tight")]
     for p in pts:   # the cap binds
         assert max(200.0, p.power_floor_per_gpu_w) < p.power_cap_w < p.natural_draw_per_gpu_w
     assert [p.max_batch for p in pts[::2]] == [8, 32, 64]

@@ -34,8 +34,16 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from palsctl.analysis.identify import identify_from_step_test, step_test
-from palsctl.analysis.stability import SETTLING_THRESHOLD, analyze_loop, critical_gain_scale, \
-    input_excursion, loop_tf, pi_tf, predicted_response, settling_time_of
+from palsctl.analysis.stability import (
+    SETTLING_THRESHOLD,
+    analyze_loop,
+    critical_gain_scale,
+    input_excursion,
+    loop_tf,
+    pi_tf,
+    predicted_response,
+    settling_time_of,
+)
 from palsctl.analysis.verify import run_power_step
 
 sim = pytest.importorskip("palsctl.plants.sim")

@@ -6,8 +6,18 @@ import numpy as np
 import pytest
 
 from palsctl.analysis.stability import (
-    FOPDT, analyze_loop, closed_loop, critical_gain_scale, discrete_plant, identify_fopdt,
-    loop_tf, margins, pi_tf, plot_stability_map, recommend_gains, simulate_fopdt_response,
+    FOPDT,
+    analyze_loop,
+    closed_loop,
+    critical_gain_scale,
+    discrete_plant,
+    identify_fopdt,
+    loop_tf,
+    margins,
+    pi_tf,
+    plot_stability_map,
+    recommend_gains,
+    simulate_fopdt_response,
     stability_map,
 )
 

@@ -1,0 +1,67 @@
+"""Options shared by the sub-commands: one name, one meaning everywhere.
+
+=====================  ======================================================================
+option                 meaning in every command that has it
+=====================  ======================================================================
+``--out DIR``          a results *folder* the command writes into
+``--plot FILE``        one PNG *file* (a folder of plots is ``--out``)
+``--json PATH``        a JSON file (``-``: stdout)
+``--model NAME``       an LLM preset of the simulator (``palsctl.plants.sim``) — a fitted
+                       power-performance model file is ``--model-file PATH``
+``--gpu NAME``         a GPU preset of the simulator
+``--num-gpus N``       how many GPUs (a count) — GPU *indices* are ``--gpus 0,1,...``
+``--controller NAME``  one registered controller; ``--controllers a,b`` a list, run as given
+``--seed N``           the seed of every random source
+``--duration-s S``     how long to run, seconds
+``--quiet``            no progress output
+=====================  ======================================================================
+
+`deprecated_alias` keeps an old spelling working: it sets the new option's destination and
+prints one warning line naming the new spelling.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+__all__ = ["deprecated_alias", "SHARED_OPTIONS"]
+
+#: Option string → (what it takes, in words): the meaning every command must give it.
+SHARED_OPTIONS: dict[str, str] = {
+    "--out": "folder",
+    "--plot": "file",
+    "--json": "file",
+    "--model": "llm-preset",
+    "--model-file": "model-file",
+    "--gpu": "gpu-preset",
+    "--num-gpus": "gpu-count",
+    "--gpus": "gpu-indices",
+    "--controller": "controller-name",
+    "--controllers": "controller-list",
+    "--seed": "seed",
+    "--duration-s": "seconds",
+    "--quiet": "flag",
+}
+
+
+class _DeprecatedAlias(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str, *, new: str, **kw: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.new}",
+              file=sys.stderr)
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)
+
+
+def deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, *, dest: str,
+                     takes_value: bool = True, metavar: str | None = None) -> None:
+    """Accept ``old`` as a deprecated spelling of ``new`` (same destination ``dest``)."""
+    kw: dict[str, Any] = {"nargs": None if takes_value else 0, "default": argparse.SUPPRESS,
+                          "help": f"deprecated spelling of {new}"}
+    if takes_value and metavar:
+        kw["metavar"] = metavar
+    parser.add_argument(old, action=_DeprecatedAlias, dest=dest, new=new, **kw)
