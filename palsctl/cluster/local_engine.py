@@ -38,6 +38,9 @@ class LocalEngine:
     def run_until(self, k_end: int) -> None:
         self.host.run_until(k_end)
 
+    def dead(self) -> set[str]:
+        return set()
+
     def kill(self, name: str) -> None:
         self.host.kill(name)
 

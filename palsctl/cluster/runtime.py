@@ -199,16 +199,21 @@ class Agent:
         if not self.alive:
             return
         loop, acc = self.loop, self._acc
-        keep = self.keep_record
         power, share, caps = self.power_w, self.share_w, self.caps_w
         n_gpus = self.spec.num_gpus
+        n = power.size
+        field_ = "power_target_w" if self.spec.tracking else "power_budget_w"
         while loop.k < k_end:
             k = loop.k
+            if k == 0:
+                share[0] = self.share_at(0.0)
             rec = loop.step()
             m = rec.measurement
             power[k] = m.power_w
-            share[k] = self.share_at(rec.t_s - self.dt_s)
-            c = rec.applied.power_cap_w
+            # the share handed to the decision at the end of this step governs the next window
+            if k + 1 < n:
+                share[k + 1] = getattr(rec.setpoint, field_)
+            c = m.power_cap_w   # the cap in force during this window
             caps[k] = c * n_gpus if c is not None else np.nan
             acc[0] += m.power_w
             acc[1] += m.throughput_tok_s
@@ -216,8 +221,6 @@ class Agent:
             acc[3] += m.waiting > 0
             self._n += 1
             self._last_m = m
-            if not keep:
-                loop.record.steps.clear()
 
     def report(self) -> AgentReport | None:
         """Means since the last report (None when dead)."""
@@ -572,11 +575,14 @@ class Router:
 class FaultPlan:
     """Faults injected at fleet times (seconds): ``kill_replicas`` {name: t_s} (the replica
     dies), ``restart_coordinator_s`` (the coordinator loses its state), and
-    ``coordinator_down`` [(t0_s, t1_s)] (no tick reaches the agents in that interval)."""
+    ``coordinator_down`` [(t0_s, t1_s)] (no tick reaches the agents in that interval).
+    ``on_segment(t_s, engine)`` is called before each stretch of steps (outside faults: a
+    node removed from a Ray cluster, ...)."""
 
     kill_replicas: dict[str, float] = field(default_factory=dict)
     restart_coordinator_s: tuple[float, ...] = ()
     coordinator_down: tuple[tuple[float, float], ...] = ()
+    on_segment: Callable[[float, Any], None] | None = None
 
     def down(self, t_s: float) -> bool:
         return any(a <= t_s < b for a, b in self.coordinator_down)
@@ -788,10 +794,13 @@ def run_fleet(fleet: Any, *, engine: str = "local", faults: FaultPlan | None = N
             while restarts and restarts[0] <= t_now:
                 restarts.pop(0)
                 eng.restart_coordinator()
+            if faults.on_segment is not None:
+                faults.on_segment(t_now, eng)
             committed = eng.committed_w(t_dec)
             drop = not fleet.site.tracking and budget(t_dec) < committed - _EPS_W
             if (k >= next_tick or drop) and not faults.down(t_now):
                 tr = eng.tick(t_dec, dead=dead)
+                dead |= eng.dead()
                 if tr is not None:
                     last_reports.update(tr.reports)
                     last_shares.update(tr.shares_w)
