@@ -24,8 +24,15 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from palsctl.cluster.runtime import Coordinator, LocalHost, ReplicaResult, ReplicaSpec
-from palsctl.cluster.runtime import TickResult, _Held, site_schedule
+from palsctl.cluster.runtime import (
+    Coordinator,
+    HeldShare,
+    LocalHost,
+    ReplicaResult,
+    ReplicaSpec,
+    TickResult,
+    site_schedule,
+)
 from palsctl.errors import ConfigError
 
 __all__ = ["RayEngine", "init_ray_loopback", "NAMESPACE"]
@@ -123,7 +130,7 @@ class _CoordinatorActor:
         self.coord = Coordinator(site=site, specs=specs, budget=site_schedule(site),
                                  envelopes=envelopes, models=models, epoch=0)
 
-    def tick(self, t_s: float, dead: set[str]) -> tuple[TickResult, dict[str, _Held], set[str]]:
+    def tick(self, t_s: float, dead: set[str]) -> tuple[TickResult, dict[str, HeldShare], set[str]]:
         dead = set(dead) | self.hosts.dead
         tr = self.coord.tick(t_s, self.hosts, dead=dead)
         return tr, dict(self.coord.held), self.hosts.dead
@@ -182,7 +189,7 @@ class RayEngine:
                                        lifetime="detached", max_restarts=-1,
                                        max_task_retries=0, num_cpus=0).remote(
             fleet.site, self.specs, envelopes, models, self.handles, self.names)
-        self._held: dict[str, _Held] = {}
+        self._held: dict[str, HeldShare] = {}
         self.tick_failures = 0
 
     def host_nodes(self) -> dict[str, str]:

@@ -331,7 +331,7 @@ class LocalHost:
 
 # ---- the coordinator ---------------------------------------------------------------------------
 @dataclass
-class _Held:
+class HeldShare:
     share_w: float
     expires_s: float
     safe_w: float
@@ -415,7 +415,7 @@ class Coordinator:
         self.models = {s.name: _Model(envelopes.get(s.name), models.get(s.name)) for s in specs}
         self.epoch = epoch
         self.seq = 0
-        self.held: dict[str, _Held] = {}
+        self.held: dict[str, HeldShare] = {}
         self.rebuilt = False
         self.alloc_times_s: list[float] = []
 
@@ -429,10 +429,10 @@ class Coordinator:
         that does not answer may hold up to its maximum for one lease from now."""
         for name, rep in reports.items():
             self.epoch = max(self.epoch, rep.lease_epoch + 1)
-            self.held[name] = _Held(rep.lease_share_w, rep.lease_expires_s,
+            self.held[name] = HeldShare(rep.lease_share_w, rep.lease_expires_s,
                                     self.specs[name].safe_w)
         for name, spec in self.specs.items():
-            self.held.setdefault(name, _Held(spec.max_w, t_s + self.site.lease_s, spec.safe_w))
+            self.held.setdefault(name, HeldShare(spec.max_w, t_s + self.site.lease_s, spec.safe_w))
         self.rebuilt = True
 
     # -- one tick ------------------------------------------------------------------------------
@@ -478,7 +478,7 @@ class Coordinator:
             acks = hosts.grant(leases)
             for ls in leases:
                 if acks.get(ls.replica):
-                    self.held[ls.replica] = _Held(ls.share_w, ls.expires_s,
+                    self.held[ls.replica] = HeldShare(ls.share_w, ls.expires_s,
                                                   self.specs[ls.replica].safe_w)
         # phase 2: raises (and renewals) within what the budget leaves
         raises = [n for n in alive if n not in cuts]
@@ -492,12 +492,12 @@ class Coordinator:
                                   else new[n], expires) for n in raises]
             for ls in leases:   # counted before sending: a lost acknowledgement is no excuse
                 prev = self.held[ls.replica].at(t_s)
-                self.held[ls.replica] = _Held(max(ls.share_w, prev), ls.expires_s,
+                self.held[ls.replica] = HeldShare(max(ls.share_w, prev), ls.expires_s,
                                               self.specs[ls.replica].safe_w)
             acks = hosts.grant(leases)
             for ls in leases:
                 if acks.get(ls.replica):
-                    self.held[ls.replica] = _Held(ls.share_w, ls.expires_s,
+                    self.held[ls.replica] = HeldShare(ls.share_w, ls.expires_s,
                                                   self.specs[ls.replica].safe_w)
             new.update({ls.replica: ls.share_w for ls in leases})
         return TickResult(t_s=t_s, reports=reports, shares_w=new,
