@@ -34,6 +34,7 @@ same bounds (a greedy fill of concave pieces), so it is never below ``equal`` in
 """
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -110,6 +111,13 @@ class Envelope:
             hp.append(pi)
             hx.append(xi)
         return cls(power_w=tuple(hp), throughput_tok_s=tuple(hx))
+
+    def _lists(self) -> tuple[list[float], list[float]]:
+        cached = self.__dict__.get("_as_lists")
+        if cached is None:
+            cached = (self._p.tolist(), self._x.tolist())
+            object.__setattr__(self, "_as_lists", cached)
+        return cached
 
     def __call__(self, power_w: Any) -> Any:
         """Tokens/s at ``power_w`` (scalar or array)."""
@@ -198,6 +206,17 @@ class Allocation:
         return float(sum(self.shares_w))
 
 
+def _interp(P: list[float], X: list[float], q: float) -> float:
+    """``np.interp`` for one point on short lists."""
+    if q <= P[0]:
+        return X[0]
+    if q >= P[-1]:
+        return X[-1]
+    j = bisect.bisect_right(P, q)
+    p0, p1 = P[j - 1], P[j]
+    return X[j - 1] + (X[j] - X[j - 1]) * (q - p0) / (p1 - p0)
+
+
 def served_tok_s(replicas: Sequence[Replica], shares_w: Sequence[float]) -> float:
     """Modelled tokens/s served: ``Σ min(envelope_i(share_i), demand_i)``."""
     total = 0.0
@@ -239,35 +258,37 @@ def _marginal(reps: Sequence[Replica], lo: np.ndarray, hi: np.ndarray, needs: np
               avail: float) -> tuple[np.ndarray, float | None]:
     """Greedy fill of concave pieces (phase 0: up to the need; 1: envelope above the need;
     2: flat headroom up to max_w), best gain first within a phase."""
-    owner: list[np.ndarray] = []
-    length: list[np.ndarray] = []
-    slope: list[np.ndarray] = []
-    phase: list[np.ndarray] = []
+    # plain Python per replica (a dozen breakpoints each), numpy for the global order
+    owner: list[int] = []
+    length: list[float] = []
+    slope: list[float] = []
+    phase: list[int] = []
     for i, r in enumerate(reps):
         env = r.envelope
         if env is None:
             raise ValueError(f"policy 'marginal' needs an envelope for replica {r.name!r}")
-        a, b, n = lo[i], hi[i], needs[i]
-        p = env._p
-        inner = p[(p > a + _EPS) & (p < b - _EPS)]
-        cuts = np.unique(np.concatenate([[a, b], inner, [n] if a < n < b else []]))
-        if cuts.size < 2:
-            continue
-        p0, p1 = cuts[:-1], cuts[1:]
-        x0, x1 = env(p0), env(p1)
-        s = (x1 - x0) / (p1 - p0)
-        ph = np.where(p1 <= n + _EPS, 0, np.where(s > _EPS, 1, 2))
-        owner.append(np.full(p0.size, i))
-        length.append(p1 - p0)
-        slope.append(s)
-        phase.append(ph)
+        a, b, n = float(lo[i]), float(hi[i]), float(needs[i])
+        P, X = env._lists()
+        cuts = [a] + [q for q in P if a + _EPS < q < b - _EPS] + [b]
+        if a + _EPS < n < b - _EPS and all(abs(n - q) > _EPS for q in cuts):
+            bisect.insort(cuts, n)
+        xs = [_interp(P, X, c) for c in cuts]
+        for j in range(len(cuts) - 1):
+            ln = cuts[j + 1] - cuts[j]
+            if ln <= 0:
+                continue
+            sl = (xs[j + 1] - xs[j]) / ln
+            owner.append(i)
+            length.append(ln)
+            slope.append(sl)
+            phase.append(0 if cuts[j + 1] <= n + _EPS else (1 if sl > _EPS else 2))
     out = lo.copy()
     if not owner:
         return out, None
-    own = np.concatenate(owner)
-    ln = np.concatenate(length)
-    sl = np.concatenate(slope)
-    ph = np.concatenate(phase)
+    own = np.array(owner)
+    ln = np.array(length)
+    sl = np.array(slope)
+    ph = np.array(phase)
     order = np.lexsort((own, -sl, ph))   # phase, then best gain, then replica index
     own, ln, sl, ph = own[order], ln[order], sl[order], ph[order]
     cum = np.cumsum(ln)

@@ -268,7 +268,7 @@ class RayEngine:
             if r is None:   # its data died with its host
                 nan = np.full(self.n_steps, np.nan)
                 r = ReplicaResult(name=s.name, pool=s.pool, summary={}, power_w=nan,
-                                  share_w=nan, caps_w=nan, alive=False)
+                                  share_w=nan, caps_w=nan, throughput_tok_s=nan, alive=False)
             out.append(r)
         return out
 

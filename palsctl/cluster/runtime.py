@@ -149,6 +149,7 @@ class Agent:
                                        spec.mean_output_tokens)
         self.keep_record = keep_record
         self.power_w = np.full(n_steps, np.nan)
+        self.throughput_tok_s = np.full(n_steps, np.nan)
         self.share_w = np.full(n_steps, np.nan)
         self.caps_w = np.full(n_steps, np.nan)
         self.loop = build_loop(self)
@@ -186,7 +187,7 @@ class Agent:
             return False
         first = cur.epoch < 0
         self.lease = lease
-        if first and self.loop.k == 0 and not self.spec.tracking:
+        if first and self.loop.k == 0 and self.loop.simulated and not self.spec.tracking:
             # join capped at the share: the plant's launch cap may exceed it
             lim = self.loop.plant.limits
             cap = lim.clamp_cap_w(max(lim.per_gpu_w(lease.share_w), lim.power_cap_min_w))
@@ -200,6 +201,7 @@ class Agent:
             return
         loop, acc = self.loop, self._acc
         power, share, caps = self.power_w, self.share_w, self.caps_w
+        thr = self.throughput_tok_s
         n_gpus = self.spec.num_gpus
         n = power.size
         field_ = "power_target_w" if self.spec.tracking else "power_budget_w"
@@ -210,6 +212,7 @@ class Agent:
             rec = loop.step()
             m = rec.measurement
             power[k] = m.power_w
+            thr[k] = m.throughput_tok_s
             # the share handed to the decision at the end of this step governs the next window
             if k + 1 < n:
                 share[k + 1] = getattr(rec.setpoint, field_)
@@ -258,13 +261,15 @@ class Agent:
             pass
         return ReplicaResult(name=self.name, pool=self.spec.pool, summary=summary,
                              power_w=self.power_w, share_w=self.share_w, caps_w=self.caps_w,
+                             throughput_tok_s=self.throughput_tok_s,
                              record=rec if self.keep_record else None, alive=self.alive)
 
 
 @dataclass(kw_only=True)
 class ReplicaResult:
     """One replica's outcome: its summary (`palsctl.metrics.summarize`), per-step arrays
-    (power, share in force, sum of caps; NaN after it died) and its record (when kept)."""
+    (power, share in force, sum of caps, generated tokens/s; NaN after it died) and its record
+    (when kept)."""
 
     name: str
     pool: str
@@ -272,6 +277,7 @@ class ReplicaResult:
     power_w: np.ndarray
     share_w: np.ndarray
     caps_w: np.ndarray
+    throughput_tok_s: np.ndarray | None = None
     record: Any = None
     alive: bool = True
 
@@ -705,6 +711,7 @@ class FleetResult:
     power_w: np.ndarray
     shares_w: np.ndarray
     caps_w: np.ndarray
+    throughput_tok_s: np.ndarray
     replicas: list[ReplicaResult]
     pools: dict[str, list[str]]
     ticks: list[dict[str, Any]]
@@ -864,9 +871,12 @@ def _assemble(fleet, engine, results, pools, ticks, alloc_s, budget, n_steps, wa
     power = np.sum([_ffill(r.power_w) for r in results], axis=0)
     shares = np.sum([_ffill(r.share_w) for r in results], axis=0)
     caps = np.sum([_ffill(r.caps_w) for r in results], axis=0)
+    thr = np.sum([np.nan_to_num(r.throughput_tok_s) if r.throughput_tok_s is not None
+                  else np.zeros(n_steps) for r in results], axis=0)
     return FleetResult(name=fleet.name, policy=fleet.site.policy, engine=engine, dt_s=dt,
                        tracking=fleet.site.tracking, t_s=t, budget_w=b, power_w=power,
-                       shares_w=shares, caps_w=caps, replicas=results, pools=pools, ticks=ticks,
+                       shares_w=shares, caps_w=caps, throughput_tok_s=thr, replicas=results,
+                       pools=pools, ticks=ticks,
                        allocation_s=list(alloc_s), wall_s=wall_s,
                        meta={"period_s": fleet.site.period_s, "lease_s": fleet.site.lease_s,
                              "replicas": len(results), "seed": fleet.seed})

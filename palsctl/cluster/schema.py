@@ -42,7 +42,7 @@ from typing import Any
 from palsctl.errors import ConfigError
 
 __all__ = ["FleetConfig", "PoolConfig", "SiteConfig", "fleet_from_dict", "load_fleet",
-           "ROUTERS", "pool_experiment"]
+           "ROUTERS", "pool_experiment", "parse_fleet_text", "with_controller"]
 
 ROUTERS = ("round-robin", "jsq", "power-aware")
 _POLICIES = ("equal", "proportional", "marginal")
@@ -115,6 +115,18 @@ class FleetConfig:
                     duration_s=cfg.duration_s, dt_s=cfg.dt_s, seed=cfg.seed))
                 for p in cfg.pools))
         return cfg
+
+
+def with_controller(fleet: FleetConfig, name: str, **params: Any) -> FleetConfig:
+    """The same fleet with every pool running controller ``name`` (its defaults, updated with
+    ``params``; checked when the controllers are built)."""
+    pools = []
+    for p in fleet.pools:
+        exp = p.experiment.with_controller(name)
+        if params:
+            exp = exp.with_overrides(controller_params={**exp.controller_params, **params})
+        pools.append(dataclasses.replace(p, experiment=exp))
+    return dataclasses.replace(fleet, pools=tuple(pools))
 
 
 def _err(file: str | None, key: str, msg: str, value: Any = None) -> ConfigError:

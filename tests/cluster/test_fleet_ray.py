@@ -165,6 +165,90 @@ def test_lease_expires_agents_fall_back_then_coordinator_returns(cluster):
     assert time.monotonic() - t0 < 30.0
 
 
+@pytest.fixture
+def emulators(tmp_path):
+    """Three `palsctl emulate` servers (Llama-3.1-8B on one H100 each) on 127.0.0.1."""
+    import socket
+    import subprocess
+    import sys
+
+    procs, urls, files = [], [], []
+    try:
+        for i in range(3):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            bf = tmp_path / f"batch{i}"
+            log = tmp_path / f"emulator{i}.log"
+            p = subprocess.Popen(
+                [sys.executable, "-m", "palsctl", "emulate", "--host", "127.0.0.1", "--port",
+                 str(port), "--seed", str(i), "--no-noise", "--batch-file", str(bf),
+                 "--duration-s", "120"],
+                stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+            procs.append((p, log))
+            urls.append(f"http://127.0.0.1:{port}")
+            files.append(str(bf))
+        for p, log in procs:   # the ready line
+            deadline = time.monotonic() + 30.0
+            while "emulating" not in log.read_text() and time.monotonic() < deadline:
+                assert p.poll() is None, log.read_text()
+                time.sleep(0.1)
+            assert "emulating" in log.read_text(), log.read_text()
+        yield urls, files
+    finally:
+        for p, _ in procs:
+            p.terminate()
+        for p, _ in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_real_path_three_emulators_three_agents_ray_coordinator(cluster, emulators):
+    """Three agents drive three emulated servers (emulator power endpoint, vLLM /metrics, the
+    scheduler plugin's batch file) on the wall clock; a Ray coordinator splits a site budget
+    that drops from 1800 W to 900 W: the caps follow, never over, and are restored at the
+    end."""
+    from palsctl.adapters.emulator import EmulatorPower
+    from palsctl.cluster.real import run_real_fleet
+    from palsctl.cluster.schema import SiteConfig
+    from palsctl.experiment.schema import setpoint_value
+    from palsctl.experiment.serving import parse_serving
+
+    urls, files = emulators
+    servings = {f"r{i}": parse_serving({
+        "metrics_url": u + "/metrics", "power": "emulator", "emulator_url": u,
+        "batch": "scheduler", "batch_file": f, "max_batch_launch": 256}, file=None)
+        for i, (u, f) in enumerate(zip(urls, files))}
+    site = SiteConfig(power_budget_w=setpoint_value({"steps": [[0.0, 1800.0], [6.0, 900.0]]},
+                                                    key="site.power_budget_w"),
+                      power_target_w=None, period_s=3.0, policy="equal", reserve_w=0.0,
+                      lease_s=6.0)
+    t0 = time.monotonic()
+    out = run_real_fleet(site, servings, duration_s=12.0, controller="cap-to-budget",
+                         controller_params={"max_batch": 32})
+    assert time.monotonic() - t0 < 30.0
+    for t in out["ticks"]:
+        assert t["committed_w"] <= t["budget_w"] + 1e-6
+        assert sum(t["shares_w"].values()) <= t["budget_w"] + 1e-6
+    assert any(t["t_s"] == 6.0 and t["budget_w"] == 900.0 for t in out["ticks"])
+    caps = np.zeros(12)
+    for name, res in out["replicas"].items():
+        assert res["error"] is None and res["steps"] >= 11
+        assert res["summary"]["steps"] >= 11
+        share = np.array(res["share_w"], dtype=float)
+        cap = np.array(res["caps_w"], dtype=float)
+        ok = np.isfinite(cap) & np.isfinite(share)
+        assert (cap[ok][1:] <= share[ok][1:] + 1e-6).all(), (name, cap, share)
+        caps += np.nan_to_num(cap)
+        assert cap[-1] == pytest.approx(300.0)   # 900 W / 3, read back from the server
+    assert caps[-1] <= 900.0 + 1e-6 and caps[2] == pytest.approx(1800.0)
+    # every agent restored its server's cap on stop
+    for u in urls:
+        assert EmulatorPower(u).read()[0].power_limit_w == 700.0
+
+
 def test_node_removed_watts_reassigned_after_the_lease_never_over(cluster):
     """Last in the module: the cluster loses a node for good."""
     c, nodes = cluster
