@@ -363,33 +363,51 @@ class _Model:
     def __post_init__(self) -> None:
         self.envelope = self.base
 
-    def update(self, rep: AgentReport, *, alpha: float = 0.3) -> None:
-        if self.base is None or self.ppm is None or rep.steps == 0:
-            return
-        if rep.power_cap_w is None or rep.max_batch is None:
-            return
-        import warnings
-
+    def update(self, rep: AgentReport, thr_pred: float | None, pow_pred: float | None, *,
+               alpha: float = 0.3) -> None:
+        """EWMA of measured ÷ predicted tokens/s (saturated windows) and power at the
+        replica's operating point; the envelope is rescaled when a factor moves by > 1 %."""
         changed = False
+        if thr_pred is not None and thr_pred > 0:
+            r = min(max(rep.throughput_tok_s / thr_pred, 0.3), 3.0)
+            new = (1 - alpha) * self.thr_factor + alpha * r
+            changed |= abs(new - self.thr_factor) > 0.01 * self.thr_factor
+            self.thr_factor = new
+        if pow_pred is not None and pow_pred > 0:
+            r = min(max(rep.power_w / pow_pred, 0.5), 2.0)
+            new = (1 - alpha) * self.pow_factor + alpha * r
+            changed |= abs(new - self.pow_factor) > 0.01 * self.pow_factor
+            self.pow_factor = new
+        if changed and self.base is not None:
+            self.envelope = self.base.scaled(self.thr_factor, self.pow_factor)
+
+
+def _refit(models: dict[str, _Model], reports: dict[str, AgentReport]) -> None:
+    """Online corrections of every reporting replica's envelope: one vectorised prediction per
+    distinct offline model."""
+    import warnings
+
+    groups: dict[int, list[str]] = {}
+    for n, rep in reports.items():
+        m = models[n]
+        if m.base is None or m.ppm is None or rep.steps == 0 or rep.power_cap_w is None \
+                or rep.max_batch is None:
+            continue
+        groups.setdefault(id(m.ppm), []).append(n)
+    for names in groups.values():
+        ppm = models[names[0]].ppm
+        reps = [reports[n] for n in names]
+        cap = np.array([r.power_cap_w for r in reps], dtype=float)
+        batch = np.array([r.max_batch for r in reps], dtype=float)
+        running = np.clip([r.running for r in reps], 1, batch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if rep.saturated and rep.throughput_tok_s > 0:
-                p = self.ppm.predict(power_cap_w=rep.power_cap_w, max_batch=rep.max_batch)
-                if p.throughput_tok_s > 0:
-                    r = min(max(rep.throughput_tok_s / p.throughput_tok_s, 0.3), 3.0)
-                    new = (1 - alpha) * self.thr_factor + alpha * r
-                    changed |= abs(new - self.thr_factor) > 0.01 * self.thr_factor
-                    self.thr_factor = new
-            if rep.running > 0 and rep.power_w > 0:
-                p = self.ppm.predict(power_cap_w=rep.power_cap_w,
-                                     max_batch=max(1, min(rep.running, rep.max_batch)))
-                if p.power_w > 0:
-                    r = min(max(rep.power_w / p.power_w, 0.5), 2.0)
-                    new = (1 - alpha) * self.pow_factor + alpha * r
-                    changed |= abs(new - self.pow_factor) > 0.01 * self.pow_factor
-                    self.pow_factor = new
-        if changed:
-            self.envelope = self.base.scaled(self.thr_factor, self.pow_factor)
+            thr = ppm.predict(power_cap_w=cap, max_batch=batch).throughput_tok_s
+            pw = ppm.predict(power_cap_w=cap, max_batch=running).power_w
+        for i, (n, r) in enumerate(zip(names, reps)):
+            models[n].update(
+                r, float(thr[i]) if r.saturated and r.throughput_tok_s > 0 else None,
+                float(pw[i]) if r.running > 0 and r.power_w > 0 else None)
 
 
 @dataclass(kw_only=True)
@@ -453,8 +471,8 @@ class Coordinator:
             if name in self.held:
                 self.held[name].dead = True
         alive = [n for n in self.specs if n in reports]
+        _refit(self.models, reports)
         for n in alive:
-            self.models[n].update(reports[n])
             self.held[n].dead = False
 
         site = self.site

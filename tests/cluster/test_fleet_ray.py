@@ -261,6 +261,18 @@ def test_node_removed_watts_reassigned_after_the_lease_never_over(cluster):
             assert victim is not c.head_node, "b's host must be on a worker node"
             c.remove_node(victim, allow_graceful=False)
             state["removed_at"] = t_s
+            # the node is gone once its actor's worker is: it may answer for a moment after
+            # its raylet was killed
+            import ray
+
+            h = eng.handles[eng.where["b"]]
+            deadline = time.monotonic() + 20.0
+            while time.monotonic() < deadline:
+                try:
+                    ray.get(h.names.remote(), timeout=2.0)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    break
+                time.sleep(0.2)
 
     r = run_fleet(fleet(duration_s=60.0), engine="ray", keep_records=False,
                   faults=FaultPlan(on_segment=remove))
