@@ -92,3 +92,16 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     f.write_text(GOOD)
     assert main(["fleet", "compare", str(f), "--policies", "equal,fair", "-q"]) == 2
     assert "--policies" in capsys.readouterr().err
+
+
+FLEET_EXAMPLES = sorted((__import__("pathlib").Path(__file__).resolve().parents[2]
+                         / "examples").glob("fleet_*.toml"))
+
+
+@pytest.mark.parametrize("path", FLEET_EXAMPLES, ids=[p.stem for p in FLEET_EXAMPLES])
+def test_fleet_examples_load(path, require_data):
+    from palsctl.cluster import load_fleet
+
+    require_data(config=path)
+    cfg = load_fleet(path)
+    assert cfg.num_replicas >= 3 and cfg.duration_s >= 1200.0
