@@ -5,7 +5,9 @@
 3. one step test on the simulated plant + ``identify_fopdt`` (budget loop, and the paired
    throughput step test of the batch loop);
 4. the whole ``palsctl analyze`` command on a small experiment (six operating points, no model
-   profiling), wall and CPU time of the process.
+   profiling), wall and CPU time of the process, without and with ``--verify``;
+5. ``recommend_pi_gains`` for a plant preset, uncached (what a `pi` controller's setup pays
+   once per plant), CPU time per call.
 
 Run: ``python bench/bench_analysis.py [--repeat N]``. Prints medians (CPU time: the machine is
 shared).
@@ -90,21 +92,35 @@ def main() -> int:
         make, loop="batch", power_cap_w=480.0, max_batch=32, step=4.0)), args.repeat)
     print(f"paired step test + identification, batch loop: {t:.2f} s CPU")
 
-    walls, cpus = [], []
+    from palsctl.analysis import gains as gains_mod
+
+    def uncached():
+        gains_mod._recommend.cache_clear()
+        gains_mod.preset_gradients.cache_clear()
+        gains_mod.recommend_pi_gains(dt_s=1.0, model="mixtral-8x7b", gpu="a100-sxm4-80gb",
+                                     num_gpus=4, max_batch_launch=256)
+
+    uncached()     # imports
+    t = cpu_median(uncached, args.repeat)
+    print(f"recommend_pi_gains (preset, uncached, 3 loops): {t * 1e3:.0f} ms CPU per call")
+
     with tempfile.TemporaryDirectory() as d:
         cfg = Path(d) / "exp.toml"
         cfg.write_text(CONFIG)
-        for _ in range(args.repeat):
-            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            w0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "palsctl", "analyze", str(cfg), "--no-model"],
-                           check=True, capture_output=True)
-            walls.append(time.perf_counter() - w0)
-            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            cpus.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
-    print(f"palsctl analyze (6 points, 9 loops, --no-model): wall {statistics.median(walls):.1f} s"
-          f", CPU {statistics.median(cpus):.1f} s (runs: "
-          f"{', '.join(f'{w:.1f}' for w in walls)} s wall)")
+        for extra in ([], ["--verify"]):
+            walls, cpus = [], []
+            for _ in range(args.repeat):
+                r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                w0 = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "palsctl", "analyze", str(cfg),
+                                "--no-model", *extra], check=False, capture_output=True)
+                walls.append(time.perf_counter() - w0)
+                r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpus.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+            print(f"palsctl analyze {' '.join(extra)} (6 points, 9 loops + 3 closed-loop budget "
+                  f"steps, --no-model): wall {statistics.median(walls):.1f} s, CPU "
+                  f"{statistics.median(cpus):.1f} s (runs: "
+                  f"{', '.join(f'{w:.1f}' for w in walls)} s wall)")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     return 0
 

@@ -117,12 +117,15 @@ class LoopReport:
         v, a = self.verdict, self.analysis
         if v == "unverified":
             if self.fit is None:
-                return "no step test to check the model against"
-            if self.fit.verdict == "step lost in noise":
-                return ("the step test's response is lost in the output's noise: the model "
-                        "cannot be checked, so its margins are no verdict")
-            return ("the first-order model does not describe this loop here: its margins are "
-                    "no verdict")
+                why = "no step test to check the model against"
+            elif self.fit.verdict == "step lost in noise":
+                why = ("the step test's response is lost in the output's noise: the model "
+                       "cannot be checked, so its margins are no verdict")
+            else:
+                why = ("the first-order model does not describe this loop here: its margins "
+                       "are no verdict")
+            would = self._model_verdict()
+            return why if would == "stable" else f"{why} (the model itself is {would})"
         if v == "UNSTABLE":
             return f"closed-loop spectral radius {a.spectral_radius:.3f} >= 1"
         if v == "under margins":
@@ -135,6 +138,18 @@ class LoopReport:
                     else "does not settle")
         return (f"GM >= {a.min_gm_db:g} dB, PM >= {a.min_pm_deg:g} deg, settling <= "
                 f"{self.max_settling_s:g} s")
+
+    def _model_verdict(self) -> str:
+        """What the model alone says (as if it fitted)."""
+        a = self.analysis
+        if not a.stable:
+            return "UNSTABLE"
+        if not a.meets_margins:
+            return "under margins"
+        ts = a.step.settling_time_s
+        if not (math.isfinite(ts) and ts <= self.max_settling_s):
+            return f"sluggish: settling {fmt(ts)} s"
+        return "stable"
 
     def warnings(self) -> list[str]:
         return [] if self.verdict == "stable" else [f"{self.verdict}: {self.reason()}"]

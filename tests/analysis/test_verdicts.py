@@ -65,7 +65,9 @@ def test_loop_verdicts():
     assert ok.analysis.stable and ok.analysis.meets_margins and ok.verdict == "stable"
     unfit = _report(fit_ok=False)
     assert unfit.analysis.meets_margins and unfit.verdict == "unverified"
-    assert "no verdict" in unfit.reason()
+    assert "no verdict" in unfit.reason() and "the model itself" not in unfit.reason()
+    assert "(the model itself is sluggish: settling" in _report(fit_ok=False, kp=0.0,
+                                                                ki=0.005).reason()
     assert _report(kp=0.0, ki=2.0).verdict == "UNSTABLE"
     assert _report(fit_ok=False, kp=0.0, ki=2.0).verdict == "unverified"
     assert _report(kp=0.0, ki=0.6).verdict == "under margins"
