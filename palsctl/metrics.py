@@ -55,6 +55,9 @@ Definitions (``P`` window-mean power of all GPUs, ``B`` budget, ``X`` generated 
   else *loose*. ``qos_violation_rate_binding`` / ``_loose`` and
   ``throughput_violation_rate_binding`` / ``_loose`` are the rates over those windows (None when
   there are none); ``binding_fraction`` the share of binding windows.
+* ``time_over_budget_late_s``: the same, without the first window after each budget cut (a cap
+  lowered at the cut acts from the next window on): what a controller that follows budget steps
+  at once still spends over the budget.
 * **Thrashing**: ``batch_changes_per_100s`` counts steps whose applied batch limit differs from
   the previous step's; ``cap_reversals_per_100s`` counts changes of direction of the applied cap
   (moves under 0.5 W ignored) — both per 100 s of run.
@@ -275,6 +278,11 @@ def summarize(record: RunRecord, *, reference: RunRecord | None = None,
     has_target = any(sp.throughput_tok_s is not None for sp in sps)
     has_latency_slo = any(sp.tpot_slo_s is not None or sp.ttft_slo_s is not None for sp in sps)
     bch, crev = _thrash(steps, duration_s)
+    late = over.copy()
+    for i in range(1, n):
+        b0, b1 = sps[i - 1].power_budget_w, sps[i].power_budget_w
+        if b1 is not None and (b0 is None or b1 < b0):
+            late[i] = False
     bad = shortfall | latency_bad
     split: dict[str, Any] = {"binding_fraction": None, "qos_violation_rate_binding": None,
                              "qos_violation_rate_loose": None,
@@ -299,6 +307,7 @@ def summarize(record: RunRecord, *, reference: RunRecord | None = None,
         "latency_violation_rate": float(latency_bad.mean()) if n and has_latency_slo else None,
         "slo_attainment": slo_attainment,
         "time_over_budget_s": float(w[over].sum()),
+        "time_over_budget_late_s": float(w[late].sum()),
         "energy_over_budget_j": float(excess_j),
         "settling_time_s": max(settling) if settling else None,
         "settling_times_s": settling,

@@ -62,12 +62,18 @@ class StaticController(Controller):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CapToBudgetConfig(ControllerConfig):
     """``max_batch``: the fixed running-sequence limit. The cap follows the budget (or, in
-    power-target mode with no budget, the power target)."""
+    power-target mode with no budget, the power target) less ``budget_margin`` (a fraction;
+    0 by default: facility capping puts the caps at the budget itself)."""
 
     max_batch: int = 256
+    budget_margin: float = 0.0
 
     def __post_init__(self) -> None:
         _check_batch(self.max_batch, "controller.max_batch")
+        m = self.budget_margin
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 0.5:
+            raise ConfigError("must be a number in [0, 0.5]", key="controller.budget_margin",
+                              value=m)
 
 
 class CapToBudgetController(Controller):
@@ -93,7 +99,7 @@ class CapToBudgetController(Controller):
         if total_w is None:
             cap_w = lim.power_cap_default_w
         else:
-            cap_w = lim.clamp_cap_w(total_w / lim.num_gpus)
+            cap_w = lim.clamp_cap_w(total_w * (1.0 - self.config.budget_margin) / lim.num_gpus)
         self._cap_w = cap_w
         return Action(power_cap_w=cap_w, max_batch=lim.clamp_batch(self.config.max_batch))
 

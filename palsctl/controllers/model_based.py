@@ -47,7 +47,8 @@ class ModelBasedConfig(ControllerConfig):
     predicted p90 ITL must stay below TPOT SLO × (1 − it). ``cap_step_w``: grid spacing of
     per-GPU caps. ``max_batch``: largest batch limit considered (None: the plant's launch limit).
     ``residual_alpha`` / ``residual_bound``: EWMA weight and clip of the measured/predicted
-    correction. ``demand_tau_s``: time constant of the measured arrival rate. ``drain_s``: the
+    correction. ``demand_tau_s`` / ``burst_tau_s``: time constants of the slow and the fast
+    average of the measured arrival rate (the larger counts; None: no fast one). ``drain_s``: the
     waiting queue is served within this horizon. ``qos_guard`` / ``ttft_guard``: fractions of the
     TPOT / TTFT SLO at which the feasible set tightens; ``qos_memory_s``: how long the tightening
     takes to decay (the aggressiveness knob: shorter saves more energy and risks more SLO
@@ -66,6 +67,7 @@ class ModelBasedConfig(ControllerConfig):
     residual_alpha: float = 0.1
     residual_bound: float = 2.0
     demand_tau_s: float = 60.0
+    burst_tau_s: float | None = 10.0
     drain_s: float = 30.0
     qos_guard: float = 0.85
     ttft_guard: float = 0.6
@@ -86,6 +88,7 @@ class ModelBasedConfig(ControllerConfig):
         common.check_number(self.residual_alpha, "residual_alpha", lo=0, hi=1)
         common.check_number(self.residual_bound, "residual_bound", lo=1)
         common.check_number(self.demand_tau_s, "demand_tau_s", lo=0, lo_open=True)
+        common.check_number(self.burst_tau_s, "burst_tau_s", lo=0, lo_open=True, allow_none=True)
         common.check_number(self.drain_s, "drain_s", lo=0)
         common.check_number(self.qos_guard, "qos_guard", lo=0, lo_open=True, hi=1)
         common.check_number(self.ttft_guard, "ttft_guard", lo=0, lo_open=True, hi=1)
@@ -186,7 +189,8 @@ class ModelBasedController(Controller):
         self.model = model
         self._grid: common.Grid | None = None
         self._res = common.Residuals(cfg.residual_alpha, cfg.residual_bound)
-        self._demand = DemandEstimator(tau_s=cfg.demand_tau_s, drain_s=cfg.drain_s)
+        self._demand = DemandEstimator(tau_s=cfg.demand_tau_s, drain_s=cfg.drain_s,
+                                       burst_tau_s=cfg.burst_tau_s)
         self._qos = QosTightening(guard=cfg.qos_guard, ttft_guard=cfg.ttft_guard,
                                   memory_s=cfg.qos_memory_s)
         self.reset()

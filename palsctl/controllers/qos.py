@@ -73,15 +73,22 @@ class DemandEstimator:
         Time constant of the arrival-rate EWMA, seconds (> 0).
     drain_s : float
         Horizon within which the waiting queue should be served, seconds (0: ignore the queue).
+    burst_tau_s : float, optional
+        Time constant of a second, faster EWMA; the arrival rate is the larger of the two, so a
+        burst raises the demand within seconds while the slow average keeps it from falling
+        back on every lull.
     """
 
-    def __init__(self, *, tau_s: float = 20.0, drain_s: float = 30.0) -> None:
+    def __init__(self, *, tau_s: float = 20.0, drain_s: float = 30.0,
+                 burst_tau_s: float | None = None) -> None:
         self.tau_s, self.drain_s = float(tau_s), float(drain_s)
+        self.burst_tau_s = None if burst_tau_s is None else float(burst_tau_s)
         self.reset()
 
     def reset(self) -> None:
         """Forget the arrival-rate history."""
         self._arrivals: float | None = None
+        self._fast: float | None = None
 
     def update(self, m: Measurement, sp: Setpoint, *, dt_s: float,
                output_tokens_mean: float | None) -> Demand:
@@ -107,12 +114,17 @@ class DemandEstimator:
                 a = 1.0 - math.exp(-max(dt_s, 1e-9) / self.tau_s)
                 self._arrivals = x if self._arrivals is None else \
                     self._arrivals + a * (x - self._arrivals)
+                if self.burst_tau_s:
+                    b = 1.0 - math.exp(-max(dt_s, 1e-9) / self.burst_tau_s)
+                    self._fast = x if self._fast is None else self._fast + b * (x - self._fast)
         backlog = 0.0
         if (m.waiting > 0 and _finite_pos(output_tokens_mean) and self.drain_s > 0):
             backlog = m.waiting * float(output_tokens_mean) / self.drain_s
         target = sp.throughput_tok_s if _finite_pos(sp.throughput_tok_s) or \
             sp.throughput_tok_s == 0 else None
         arrivals = self._arrivals
+        if arrivals is not None and self._fast is not None:
+            arrivals = max(arrivals, self._fast)   # a burst shows in the fast average first
         if target is None and arrivals is None:
             return Demand(target_tok_s=None, arrivals_tok_s=None, backlog_tok_s=backlog,
                           demand_tok_s=backlog if backlog > 0 else None, source="none")
