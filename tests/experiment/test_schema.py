@@ -239,7 +239,7 @@ def test_round_trip_with_overrides_and_other_tables(tmp_path):
     overridden = cfg.with_overrides(seed=9, duration_s=7.0).with_controller("cap-to-budget")
     again = round_trip(overridden, tmp_path)
     assert again.seed == 9 and again.controller_name == "cap-to-budget"
-    assert again.controller_params == {"max_batch": 256}     # its defaults, not pi's params
+    assert again.controller_params == {"max_batch": 256, "budget_margin": 0.0}  # its defaults
     assert cfg.with_controller("pi") is cfg
 
 
