@@ -60,7 +60,8 @@ Definitions (``P`` window-mean power of all GPUs, ``B`` budget, ``X`` generated 
   at once still spends over the budget.
 * **Thrashing**: ``batch_changes_per_100s`` counts steps whose applied batch limit differs from
   the previous step's; ``cap_reversals_per_100s`` counts changes of direction of the applied cap
-  (moves under 0.5 W ignored) — both per 100 s of run.
+  (moves under 0.5 W ignored) — both per 100 s of run; ``budget_reversals_per_100s`` counts the
+  same for the power budget itself (a controller that follows a moving budget reverses with it).
 * Stale windows count with the values the sensor repeated.
 """
 from __future__ import annotations
@@ -150,9 +151,13 @@ def _thrash(steps: list[StepRecord], duration_s: float) -> tuple[float | None, f
     changes = sum(1 for a, b in zip(batches, batches[1:])
                   if a is not None and b is not None and a != b)
     caps = [s.applied.power_cap_w for s in steps if s.applied.power_cap_w is not None]
-    moves = [b - a for a, b in zip(caps, caps[1:]) if abs(b - a) >= 0.5]
-    reversals = sum(1 for a, b in zip(moves, moves[1:]) if (a > 0) != (b > 0))
-    return 100.0 * changes / duration_s, 100.0 * reversals / duration_s
+    return 100.0 * changes / duration_s, 100.0 * _reversals(caps, 0.5) / duration_s
+
+
+def _reversals(values: list[float], min_move: float) -> int:
+    """Changes of direction of a series (moves under ``min_move`` ignored)."""
+    moves = [b - a for a, b in zip(values, values[1:]) if abs(b - a) >= min_move]
+    return sum(1 for a, b in zip(moves, moves[1:]) if (a > 0) != (b > 0))
 
 
 def _rate(mask: np.ndarray, where: np.ndarray) -> float | None:
@@ -333,6 +338,9 @@ def summarize(record: RunRecord, *, reference: RunRecord | None = None,
         "step_latency_p99_s": _pct(lat, 99),
         "batch_changes_per_100s": bch,
         "cap_reversals_per_100s": crev,
+        "budget_reversals_per_100s": (100.0 * _reversals(
+            [sp.power_budget_w for sp in sps if sp.power_budget_w is not None], 0.5)
+            / duration_s) if duration_s > 0 else None,
         **split,
         "steps": n,
         "dt_s": record.dt_s,
