@@ -18,14 +18,15 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "examples" / "moe_throughput_targets.toml"
-TARGETS_MS = {"search": 1.0, "pi": 0.05, "mpc": 10.0}
+TARGETS_MS = {"search": 1.0, "pi": 0.05, "mpc": 20.0}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--controllers", default="search,pi,mpc,oracle,zeus,batch-only,static")
+    ap.add_argument("--controllers",
+                    default="search,pi,mpc,cap-only,search-truth,zeus,batch-only,static")
     args = ap.parse_args()
 
     from palsctl.experiment import load_experiment, run_experiment

@@ -112,3 +112,39 @@ def test_compare_controllers_example_runs_headless(tmp_path):
                                if k.startswith("PALSCTL")}})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "search" in r.stdout
+
+
+def test_frontier_marks_the_non_dominated_points():
+    from palsctl.experiment.compare import frontier
+
+    pts = [(0.10, 1.0), (0.05, 1.2), (0.05, 1.1), (0.00, 0.9), (0.20, 1.3), (0.20, 1.2)]
+    assert frontier(pts) == [False, True, False, True, True, False]
+
+
+def test_compare_pareto_writes_points_png_and_names_the_frontier(tmp_path, capsys):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY.replace("duration_s = 30.0", "duration_s = 20.0"))
+    out_json = tmp_path / "pareto.json"
+    rc = main(["compare", str(cfg), "--controllers", "search,cap-only", "--seeds", "1",
+               "--pareto", "--json", str(out_json), "--out", str(tmp_path / "p")])
+    assert rc == 0
+    data = json.loads(out_json.read_text())
+    by = {}
+    for p in data["points"]:
+        by.setdefault(p["controller"], []).append(p)
+    # static's grid (5 caps x 3 batches) and each controller's knob settings
+    assert len(by["static"]) == 15
+    from palsctl.controllers.cap_only import CapOnlyController
+    from palsctl.controllers.search import SearchController
+    assert [p["params"]["latency_margin"] for p in by["search"]] == \
+        list(SearchController.aggressiveness[1])
+    assert len(by["cap-only"]) == len(CapOnlyController.aggressiveness[1])
+    front = [p for p in data["points"] if p["on_frontier"]]
+    assert front and set(data["on_frontier"]) == {p["controller"] for p in front}
+    for p in data["points"]:   # no frontier point is dominated by any point
+        if p["on_frontier"]:
+            assert not any(q["qos_violation_rate"] <= p["qos_violation_rate"]
+                           and q["tokens_per_joule"] > p["tokens_per_joule"]
+                           for q in data["points"])
+    assert (tmp_path / "p" / "pareto.png").stat().st_size > 0
+    assert "on the frontier:" in capsys.readouterr().out
