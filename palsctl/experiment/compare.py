@@ -243,6 +243,7 @@ def pareto(cfg: Any, names: Sequence[str] | None = None, *, seeds: Sequence[int]
     settings: list[tuple[str, dict[str, Any], Callable[[], Any]]] = []
     for params in _static_grid(cfg, static_caps, static_batches):
         settings.append(("static", params, lambda p=params: FixedController(**p)))
+    shown: list[dict[str, Any]] = [dict(p) for _, p, _ in settings]
     for name in names:
         cls = resolve(name)
         knob = getattr(cls, "aggressiveness", None)
@@ -251,16 +252,17 @@ def pareto(cfg: Any, names: Sequence[str] | None = None, *, seeds: Sequence[int]
         for v in values:
             params = dict(base) if v is None else {**base, knob[0]: v}
             settings.append((name, params, lambda c=cls, p=params: c(**p)))
+            shown.append({} if v is None else {knob[0]: v})
     points = []
-    for name, params, make in settings:
+    for (name, params, make), knob_value in zip(settings, shown):
         if progress is not None:
-            progress(name, params)
+            progress(name, knob_value)
         tpj, qos = [], []
         for seed in seeds:
             s = summarize(run_experiment(cfg, controller=make(), seed=seed))
             tpj.append(s["tokens_per_joule"] or 0.0)
             qos.append(s["qos_violation_rate"] or 0.0)
-        points.append({"controller": name, "params": params,
+        points.append({"controller": name, "params": params, "setting": knob_value,
                        "tokens_per_joule": float(np.mean(tpj)),
                        "qos_violation_rate": float(np.mean(qos))})
     flags = frontier([(p["qos_violation_rate"], p["tokens_per_joule"]) for p in points])
