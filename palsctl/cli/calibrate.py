@@ -10,8 +10,10 @@ HELP = ("fit the simulated plant's global constants (H100 and B200 sets) to the 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true",
-                        help="evaluate the committed constants (no fit); exit 1 if a target is missed")
-    parser.add_argument("--json", metavar="PATH", help="write the full report (per-row table) as JSON")
+                        help="evaluate the committed constants (no fit); exit 1 if a target is "
+                             "missed")
+    parser.add_argument("--json", metavar="PATH",
+                        help="write the full report (per-row table) as JSON")
     parser.add_argument("--data", metavar="PATH",
                         help="ML.ENERGY llm_configs.csv (default: the shared data folder)")
     parser.add_argument("--write", metavar="PATH",

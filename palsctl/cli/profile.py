@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, metavar="N",
                         help="sweep seed (default: the experiment's seed); each point's plant is "
                              "seeded from (seed, cap, batch)")
+    parser.add_argument("--parallelism", choices=("tp", "ep", "tp+ep"),
+                        help="how the simulated plant splits the model over its GPUs: tensor "
+                             "parallel, expert parallel with data-parallel attention, or expert "
+                             "parallel MoE layers with tensor-parallel attention (default: the "
+                             "config's [plant] parallelism)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
@@ -51,6 +56,10 @@ def main(args: argparse.Namespace) -> int:
                                         sample_points)
 
     cfg = load_experiment(args.config)
+    if args.parallelism is not None:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, plant={**cfg.plant, "parallelism": args.parallelism})
     seed = cfg.seed if args.seed is None else args.seed
     if seed < 0:
         raise ConfigError("must be >= 0", key="--seed", value=seed)
@@ -101,7 +110,8 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     kw = dict(warmup_s=args.warmup_s, window_s=args.window_s, prompt_tokens=int(prompt),
               output_tokens=int(output), out_csv=out, seed=seed)
-    desc = f"{cfg.plant.get('model', '?')} on {cfg.plant.get('num_gpus', '?')} x {cfg.plant.get('gpu', '?')}"
+    desc = (f"{cfg.plant.get('model', '?')} on {cfg.plant.get('num_gpus', '?')} x "
+            f"{cfg.plant.get('gpu', '?')} ({cfg.plant.get('parallelism', 'tp')})")
     rows = _sweep(make, points, kw, desc, args.quiet)
     if args.refine:
         from palsctl.models import PowerPerfModel

@@ -443,7 +443,8 @@ def build_model_for(model: str, gpu: str, num_gpus: int, *, prompt_tokens: int,
                     output_tokens: int, points: int = 12, kind: str = "parametric", seed: int = 0,
                     warmup_s: float = 20.0, window_s: float = 30.0, cv_folds: int = 0,
                     plant_kwargs: dict[str, Any] | None = None,
-                    batches: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)):
+                    batches: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+                    parallelism: str = "tp"):
     """Profile ``points`` points of the default 7-cap x 7-batch grid on the *simulated* plant
     (``palsctl.plants.sim.SimPlant``) through `profile_plant` and fit a `PowerPerfModel` of
     ``kind``. Two thirds of the points are space-filling (`sample_points`), the rest lie where
@@ -452,12 +453,14 @@ def build_model_for(model: str, gpu: str, num_gpus: int, *, prompt_tokens: int,
     simulator's steady state, so the model carries honest errors. ``cv_folds`` > 0 also
     reports k-fold CV errors in ``model.cv_mape`` (slower: one more fit per fold).
     ``plant_kwargs`` go to ``SimPlant`` (e.g. ``constants`` of another calibration);
-    ``batches``: the batch levels of the grid (limited to the plant's launch batch)."""
+    ``batches``: the batch levels of the grid (limited to the plant's launch batch);
+    ``parallelism``: the plant's ``"tp"``, ``"ep"`` or ``"tp+ep"``."""
     from palsctl.models.power_perf import PowerPerfModel
     from palsctl.plants.sim import SimPlant
 
     def make(s: int):
-        return SimPlant(model=model, gpu=gpu, num_gpus=num_gpus, seed=s, **(plant_kwargs or {}))
+        return SimPlant(model=model, gpu=gpu, num_gpus=num_gpus, seed=s,
+                        **{"parallelism": parallelism, **(plant_kwargs or {})})
 
     probe = make(seed)
     try:

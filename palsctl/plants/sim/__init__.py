@@ -1,7 +1,8 @@
 """The simulated GPU + vLLM serving plant (ground truth for every experiment).
 
 >>> from palsctl.plants.sim import steady_state
->>> s = steady_state("llama-3.1-8b", "h100-sxm", 1, max_batch=64, prompt_tokens=200, output_tokens=400)
+>>> s = steady_state("llama-3.1-8b", "h100-sxm", 1, max_batch=64, prompt_tokens=200,
+...                  output_tokens=400)
 >>> s.throughput_tok_s > 0 and s.power_w <= 700
 True
 """

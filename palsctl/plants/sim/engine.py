@@ -272,7 +272,9 @@ class Engine:
 
         def fits(r: float) -> bool:
             t = gm.step_time(cost, r) * n
-            return e_win + gm.power_per_gpu(cost, r) * t <= cap * (t_win + t)
+            p = gm.power_per_gpu(cost, r)
+            # a stretch longer than the window must itself hold the cap (no slack to borrow)
+            return e_win + p * t <= cap * (t_win + t) and (t <= FW_WINDOW_S or p <= cap)
 
         if fits(1.0):
             return 1.0
@@ -399,7 +401,11 @@ class Engine:
         ctx0 = self._dec_ctx_base + n * self.dstep
         c0 = gm.step_cost(n, ctx0)
         c1 = gm.step_cost(n, ctx0 + n * (k_max - 1))
-        r = min(self._firmware_clock(c0, k_max), self._firmware_clock(c1, k_max))
+        # the cost is affine in the context per kernel, its roofline time and power are not:
+        # the clock must fit the cap at both ends and in the middle of the leap
+        ch = StepCost(*(0.5 * (a + b) for a, b in zip(c0, c1)))
+        r = min(self._firmware_clock(c0, k_max), self._firmware_clock(c1, k_max),
+                self._firmware_clock(ch, k_max))
         t0 = gm.step_time(c0, r)
         slope = (gm.step_time(c1, r) - t0) / (k_max - 1)
         # smallest k with k*t0 + slope*k*(k-1)/2 >= T  (the step crossing T ends the leap)

@@ -91,7 +91,8 @@ class PlantConstants:
         for name in ("bw_eff", "flops_eff", "mem_activity", "v_floor", "comm_bw_eff",
                      "fp8_flops_eff"):
             if getattr(self, name) > 1.0:
-                raise ConfigError("plant constant must be <= 1", key=name, value=getattr(self, name))
+                raise ConfigError("plant constant must be <= 1", key=name,
+                                  value=getattr(self, name))
         if self.route_skew > 3.0:
             raise ConfigError("route_skew must be <= 3", key="route_skew", value=self.route_skew)
 

@@ -84,7 +84,8 @@ class SimPlant(SimulatedPlant):
     default limit (TDP), batch = ``max_batch_launch``. ``parallelism``: ``"tp"`` (tensor
     parallel) or ``"ep"`` (vLLM's expert parallel with data-parallel attention)."""
 
-    def __init__(self, model: str | ModelSpec = "mixtral-8x7b", gpu: str | GPUSpec = "a100-sxm4-80gb",
+    def __init__(self, model: str | ModelSpec = "mixtral-8x7b",
+                 gpu: str | GPUSpec = "a100-sxm4-80gb",
                  num_gpus: int = 4, *, dt_s: float = 1.0, seed: int = 0,
                  max_batch_launch: int = 256, power_cap_w: float | None = None,
                  max_batch: int | None = None, noise: bool = True,

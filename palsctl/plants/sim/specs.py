@@ -31,7 +31,7 @@ class GPUSpec:
     idle_w: float                  # power at rest with a model loaded
     max_sm_clock_mhz: float        # highest (boost) SM clock
     min_sm_clock_mhz: float        # lowest SM clock the firmware may use under a cap
-    link_bw_bytes_s: float         # NVLink bandwidth per GPU per direction (tensor-parallel traffic)
+    link_bw_bytes_s: float         # NVLink bandwidth per GPU per direction (collectives)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -44,7 +44,8 @@ class GPUSpec:
             raise ConfigError(f"GPUSpec {self.name!r}: need idle_w < min_cap_w <= tdp_w, got "
                               f"{self.idle_w}, {self.min_cap_w}, {self.tdp_w}")
         if self.min_sm_clock_mhz >= self.max_sm_clock_mhz:
-            raise ConfigError(f"GPUSpec {self.name!r}: min_sm_clock_mhz must be below max_sm_clock_mhz")
+            raise ConfigError(f"GPUSpec {self.name!r}: min_sm_clock_mhz must be below "
+                              "max_sm_clock_mhz")
 
 
 GPU_PRESETS: dict[str, GPUSpec] = {
@@ -119,7 +120,8 @@ class ModelSpec:
                 raise ConfigError(f"ModelSpec {self.name!r}: {name} must be a positive integer",
                                   key=name, value=v)
         if self.is_moe:
-            if not (1 <= self.experts_per_token <= self.num_experts) or self.moe_intermediate_size < 1:
+            if not (1 <= self.experts_per_token <= self.num_experts) \
+                    or self.moe_intermediate_size < 1:
                 raise ConfigError(f"ModelSpec {self.name!r}: MoE needs 1 <= experts_per_token <= "
                                   "num_experts and moe_intermediate_size >= 1",
                                   key="experts_per_token", value=self.experts_per_token)
@@ -130,7 +132,8 @@ class ModelSpec:
             raise ConfigError(f"ModelSpec {self.name!r}: sliding_layer_fraction must be in [0, 1]",
                               key="sliding_layer_fraction", value=self.sliding_layer_fraction)
         if self.dtype_bytes <= 0 or self.kv_dtype_bytes <= 0:
-            raise ConfigError(f"ModelSpec {self.name!r}: dtype bytes must be > 0", key="dtype_bytes",
+            raise ConfigError(f"ModelSpec {self.name!r}: dtype bytes must be > 0",
+                              key="dtype_bytes",
                               value=self.dtype_bytes)
 
     # ---- derived sizes -------------------------------------------------------------------
@@ -190,7 +193,8 @@ class ModelSpec:
         dense_ffn_layers = self.num_layers if not self.is_moe else self.num_dense_layers
         p += dense_ffn_layers * 3 * h * self.intermediate_size
         if self.is_moe:
-            p += self.num_moe_layers * (3 * h * self.shared_intermediate_size + h * self.num_experts)
+            p += self.num_moe_layers * (3 * h * self.shared_intermediate_size
+                                        + h * self.num_experts)
         p += self.vocab_size * h  # LM head
         return p
 
@@ -265,9 +269,10 @@ class ModelSpec:
         ``dtype_bytes`` / ``expert_dtype_bytes`` given here override the config's format.
         """
         if not isinstance(config, Mapping):
-            raise ConfigError(f"model config for {name!r} must be a dict, got {type(config).__name__}")
+            raise ConfigError(f"model config for {name!r} must be a dict, "
+                              f"got {type(config).__name__}")
         cfg = dict(config)
-        if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers (Gemma 3, Llama 4)
+        if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal: Gemma 3, Llama 4
             tc = cfg["text_config"]
             if not isinstance(tc, Mapping):
                 raise ConfigError(f"model config for {name!r}: text_config must be a dict",
@@ -287,7 +292,8 @@ class ModelSpec:
                 raise ConfigError(f"model config for {name!r}: field must be an integer",
                                   key=key, value=v) from None
             if iv != v or iv < 0:
-                raise ConfigError(f"model config for {name!r}: field must be a non-negative integer",
+                raise ConfigError(f"model config for {name!r}: field must be a non-negative "
+                                  "integer",
                                   key=key, value=v)
             return iv
 
@@ -306,7 +312,8 @@ class ModelSpec:
             kv_heads = heads
         else:
             head_dim = cfg.get("head_dim")
-            head_dim = as_int("head_dim", head_dim) if head_dim else (hidden // heads if heads else 0)
+            head_dim = as_int("head_dim", head_dim) if head_dim else \
+                (hidden // heads if heads else 0)
         n_exp = 0
         for key in ("num_local_experts", "num_experts", "n_routed_experts"):
             if cfg.get(key):
@@ -483,6 +490,26 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
            num_kv_heads=8, head_dim=64, intermediate_size=2880, vocab_size=201088,
            num_experts=128, experts_per_token=4, moe_intermediate_size=2880,
            expert_dtype_bytes=_MX, sliding_window=128, sliding_layer_fraction=0.5),
+        # MLA + shared expert + leading dense layers, block-FP8 weights (DeepSeek-V3/V3.1/R1)
+        _m(name="deepseek-v3", family="deepseek-v3", num_layers=61, hidden_size=7168,
+           num_heads=128, num_kv_heads=128, head_dim=192, intermediate_size=18432,
+           vocab_size=129280, num_experts=256, experts_per_token=8, moe_intermediate_size=2048,
+           shared_intermediate_size=2048, num_dense_layers=3, dtype_bytes=1.0, compute_bytes=1,
+           kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128),
+        # interleaved dense / MoE layers (every second), one shared expert, chunked attention
+        _m(name="llama-4-maverick-fp8", family="llama4", num_layers=48, hidden_size=5120,
+           num_heads=40, num_kv_heads=8, head_dim=128, intermediate_size=16384,
+           vocab_size=202048, num_experts=128, experts_per_token=1, moe_intermediate_size=8192,
+           shared_intermediate_size=8192, num_dense_layers=24, dtype_bytes=1.0,
+           compute_bytes=1, sliding_window=8192, sliding_layer_fraction=0.75),
+        # Qwen3-MoE at 480B (the largest Qwen3 coder)
+        _m(name="qwen3-coder-480b-a35b", family="qwen3-moe", num_layers=62, hidden_size=6144,
+           num_heads=96, num_kv_heads=8, head_dim=128, intermediate_size=8192,
+           vocab_size=151936, num_experts=160, experts_per_token=8, moe_intermediate_size=2560),
+        _m(name="qwen3-coder-480b-a35b-fp8", family="qwen3-moe", num_layers=62, hidden_size=6144,
+           num_heads=96, num_kv_heads=8, head_dim=128, intermediate_size=8192,
+           vocab_size=151936, num_experts=160, experts_per_token=8, moe_intermediate_size=2560,
+           dtype_bytes=1.0, compute_bytes=1),
     )
 }
 

@@ -199,7 +199,8 @@ def steady_state(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int, max_
         cap = float(power_cap_w)
         if not (math.isfinite(cap) and g.min_cap_w - 1e-9 <= cap <= g.tdp_w + 1e-9):
             raise ConfigError(f"power cap outside the limits of {g.name} "
-                              f"[{g.min_cap_w:g}, {g.tdp_w:g}] W", key="power_cap_w", value=power_cap_w)
+                              f"[{g.min_cap_w:g}, {g.tdp_w:g}] W", key="power_cap_w",
+                              value=power_cap_w)
     p = float(prompt_tokens)
     o = float(output_tokens)
     if not (math.isfinite(p) and p >= 1):
