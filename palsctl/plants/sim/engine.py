@@ -39,20 +39,48 @@ _DEC, _PREF, _WAIT, _PENDING, _DONE = 0, 1, 2, 3, 4
 
 
 class Histogram:
-    """Prometheus-style histogram: per-bucket counts (+Inf last), sum, count."""
+    """Prometheus-style histogram: per-bucket counts (+Inf last), sum, count. Observations are
+    binned in bulk when the histogram is read (or every few thousand), not one call each."""
 
-    __slots__ = ("bounds", "counts", "sum", "count")
+    __slots__ = ("bounds", "_counts", "_sum", "_count", "_pending")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-        self.count = 0
+        self._counts = [0] * (len(bounds) + 1)
+        self._sum = 0.0
+        self._count = 0
+        self._pending: list[tuple[float, int]] = []
 
     def observe(self, value: float, n: int = 1) -> None:
-        self.counts[bisect_left(self.bounds, value)] += n
-        self.sum += value * n
-        self.count += n
+        self._pending.append((value, n))
+        if len(self._pending) >= 4096:
+            self._flush()
+
+    def _flush(self) -> None:
+        counts, bounds = self._counts, self.bounds
+        tot = cnt = 0
+        for v, n in self._pending:
+            counts[bisect_left(bounds, v)] += n
+            tot += v * n
+            cnt += n
+        self._sum += tot
+        self._count += cnt
+        self._pending.clear()
+
+    @property
+    def counts(self) -> list[int]:
+        self._flush()
+        return self._counts
+
+    @property
+    def sum(self) -> float:
+        self._flush()
+        return self._sum
+
+    @property
+    def count(self) -> int:
+        self._flush()
+        return self._count
 
     def cumulative(self) -> tuple[int, ...]:
         out, acc = [], 0
@@ -212,19 +240,20 @@ class Engine:
 
     def _finish(self, s: _Seq) -> None:
         s.state = _DONE
-        del self.running[s.rid]
+        rid = s.rid
+        del self.running[rid]
         self._kv_win -= s.win
-        del self.seqs[s.rid]
-        self.done_tokens[s.rid] = s.output
+        del self.seqs[rid]
+        out = s.output
+        self.done_tokens[rid] = out
         self.finished += 1
         now = self.t
-        res = RequestResult(request_id=s.rid, arrival_s=s.arrival_s, prompt_tokens=s.prompt,
-                            output_tokens=s.output, first_token_s=s.first_s, finish_s=now,
-                            preemptions=s.preempt)
-        self.results.append(res)
+        self.results.append(RequestResult(
+            request_id=rid, arrival_s=s.arrival_s, prompt_tokens=s.prompt, output_tokens=out,
+            first_token_s=s.first_s, finish_s=now, preemptions=s.preempt))
         self.e2e_hist.observe(now - s.arrival_s)
-        if s.output > 1:
-            self.tpot_hist.observe(res.tpot_s)
+        if out > 1:
+            self.tpot_hist.observe((now - s.first_s) / (out - 1))
 
     def _process_finishes(self) -> None:
         h, d = self._fin_heap, self.dstep
@@ -261,9 +290,14 @@ class Engine:
         power averaged over the trailing ``FW_WINDOW_S`` (including these steps) within the
         limit in force. Short bursts above the cap borrow slack from a quieter recent past."""
         gm = self.gm
-        cap = self.cap_eff_w
-        if gm.power_per_gpu(cost, 1.0) <= cap:
+        if gm.power_per_gpu(cost, 1.0) <= self.cap_eff_w:
             return 1.0
+        return self._throttled_clock(cost, n)
+
+    def _throttled_clock(self, cost, n: int) -> float:
+        """`_firmware_clock` once the step's power at the max clock exceeds the cap."""
+        gm = self.gm
+        cap = self.cap_eff_w
         ws = self.t - FW_WINDOW_S
         if ws < 0.0:
             ws = 0.0
@@ -301,69 +335,82 @@ class Engine:
     def _general_step(self) -> bool:
         """One engine step with prefill/admission; False when there is nothing to do."""
         preempted = False
-        while self.running and self.kv_used + self.dec_n > self.kv_cap:
+        running = self.running
+        while running and self.kv_used + self.dec_n > self.kv_cap:
             self._preempt_last()
             preempted = True
-        budget = self.mnbt - self.dec_n
-        free = self.kv_cap - self.kv_used - self.dec_n
+        n_dec = self.dec_n
+        budget = self.mnbt - n_dec
+        free = self.kv_cap - self.kv_used - n_dec
         chunks: list[tuple[_Seq, int]] = []
-        for s in self._pref.values():
+        pref = self._pref
+        chunk = self._chunk
+        for s in pref.values():
             if budget <= 0 or free <= 0:
                 break
-            c = self._chunk(s, budget, free)
+            c = chunk(s, budget, free)
             if c <= 0:
                 break
             chunks.append((s, c))
             budget -= c
             free -= c + (s.done + c >= s.need)
-        if not preempted:
-            w = self.waiting
+        w = self.waiting
+        if not preempted and w:
             reserve = self.kv_watermark
-            while w and len(self.running) < self.max_batch and budget > 0 and free > 0:
+            max_batch = self.max_batch
+            while w and len(running) < max_batch and budget > 0 and free > 0:
                 # admit only when the whole prompt fits above a watermark (as vLLM's block
                 # manager does); admitting into the last free slots only to preempt the
                 # newcomer at the next decode step would thrash
-                if w[0].need - w[0].done + 1 + w[0].win > free - reserve:
+                s = w[0]
+                if s.need - s.done + 1 + s.win > free - reserve:
                     break
-                free -= w[0].win
-                c = self._chunk(w[0], budget, free)
+                free -= s.win
+                c = chunk(s, budget, free)
                 if c <= 0:
-                    free += w[0].win
+                    free += s.win
                     break
-                s = w.popleft()
+                w.popleft()
                 s.state = _PREF
-                self.running[s.rid] = s
+                running[s.rid] = s
                 self._kv_win += s.win
-                self._pref[s.rid] = s
+                pref[s.rid] = s
                 chunks.append((s, c))
                 budget -= c
                 free -= c + (s.done + c >= s.need)
-        n_dec = self.dec_n
         if not n_dec and not chunks:
             return False
         n_pref = pattn = pkv = 0
         for s, c in chunks:
+            d = s.done
             n_pref += c
-            pattn += c * s.done + c * (c + 1) // 2
-            pkv += s.done + c
+            pattn += c * d + c * (c + 1) // 2
+            pkv += d + c
         gm = self.gm
         cost = gm.step_cost(n_dec, self._dec_ctx_base + n_dec * self.dstep, n_pref, pattn, pkv,
                             len(chunks))
-        r = self._firmware_clock(cost)
-        dt = gm.step_time(cost, r)
-        self._segment(dt, gm.power_per_gpu(cost, r) * self.n_gpus, r)
+        p1 = gm.power_per_gpu(cost, 1.0)
+        if p1 <= self.cap_eff_w:        # the firmware's common case: no throttling
+            r = 1.0
+            dt = gm.step_time(cost, 1.0)
+        else:
+            r = self._throttled_clock(cost, 1)
+            dt = gm.step_time(cost, r)
+            p1 = gm.power_per_gpu(cost, r)
+        self._segment(dt, p1 * self.n_gpus, r)
         self.dstep += 1
         self.gen_tokens += n_dec
         self.prompt_tokens += n_pref
         if n_dec:
             self.itl_hist.observe(dt, n_dec)
         now = self.t
+        kv_pref = self._kv_pref
         for s, c in chunks:
             s.done += c
-            self._kv_pref += c
+            kv_pref += c
             if s.done >= s.need:
-                del self._pref[s.rid]
-                self._kv_pref -= s.done
+                del pref[s.rid]
+                kv_pref -= s.done
                 s.done = 0
                 if s.first_s is None:
                     s.first_s = now
@@ -372,10 +419,13 @@ class Engine:
                 s.gen += 1
                 self.gen_tokens += 1
                 if s.gen >= s.output:
+                    self._kv_pref = kv_pref
                     self._finish(s)
                 else:
                     self._enter_decode(s)
-        self._process_finishes()
+        self._kv_pref = kv_pref
+        if self._fin_heap and self._fin_heap[0][0] <= self.dstep:
+            self._process_finishes()
         return True
 
     def _leap(self, t_limit: float) -> bool:
