@@ -29,12 +29,13 @@ def scenarios(names: list[str] | None) -> list[tuple[str, Path | None]]:
     return [s for s in out if not names or s[0] in names]
 
 
-def run_scenario(cfg, seeds: list[int]) -> dict:
+def run_scenario(cfg, seeds: list[int], hindsight_batches: tuple[int, ...]) -> dict:
     from palsctl.controllers.baselines import CapToBudgetController
     from palsctl.experiment.compare import add_derived, aggregate, run_all, summarize_all
     from palsctl.experiment.run import run_experiment
 
-    recs = run_all(cfg, list(CONTROLLERS) + ["hindsight"], seeds)
+    recs = run_all(cfg, list(CONTROLLERS) + ["hindsight"], seeds,
+                   hindsight={"batches": hindsight_batches})
     recs[MARGIN_VARIANT] = [run_experiment(cfg, controller=CapToBudgetController(
         budget_margin=0.015), seed=s) for s in seeds]
     summaries = summarize_all(recs)
@@ -113,6 +114,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--scenarios", default=None, help="comma-separated names (default: all)")
     ap.add_argument("--json", default=str(HERE / "results" / "qos.json"))
+    ap.add_argument("--hindsight-batches", default="64,128,256",
+                    help="batch limits of hindsight's grid (caps: every 25 W)")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
     from _machine import machine as describe
@@ -130,7 +133,8 @@ def main() -> int:
             print(f"\n{name}: skipped ({exc})", flush=True)
             continue
         t0 = time.perf_counter()
-        r = run_scenario(cfg, [cfg.seed + i for i in range(args.seeds)])
+        r = run_scenario(cfg, [cfg.seed + i for i in range(args.seeds)],
+                         tuple(int(b) for b in args.hindsight_batches.split(",")))
         results[name] = r
         all_checks[name] = [{"check": c, "ok": ok, "value": v} for c, ok, v in checks(name, r)]
         print("\n" + table(f"{name} ({args.seeds} seeds, {time.perf_counter() - t0:.0f} s)", r),
