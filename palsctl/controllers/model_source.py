@@ -31,7 +31,7 @@ PROFILE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 @functools.lru_cache(maxsize=16)
 def _built(model: str, gpu: str, num_gpus: int, prompt_tokens: int, output_tokens: int,
-           points: int, kind: str) -> Any:
+           points: int, kind: str, parallelism: str = "tp") -> Any:
     """Profile ``points`` space-filling points of 7 caps × batches 1..256 (limited to the
     plant's range) on the simulated plant and fit a `PowerPerfModel`. Unlike
     ``build_model_for``'s default 1..64 batch grid, the profile spans the launch batch limit the
@@ -41,7 +41,8 @@ def _built(model: str, gpu: str, num_gpus: int, prompt_tokens: int, output_token
     from palsctl.plants.sim import SimPlant
 
     def make(seed: int):
-        return SimPlant(model=model, gpu=gpu, num_gpus=num_gpus, seed=seed)
+        return SimPlant(model=model, gpu=gpu, num_gpus=num_gpus, seed=seed,
+                        parallelism=parallelism)
 
     probe = make(0)
     try:
@@ -63,7 +64,8 @@ def model_for(plant_info: PlantInfo, *, points: int = 16, kind: str = "parametri
     prompt = plant_info.prompt_tokens_mean or DEFAULT_PROMPT_TOKENS
     output = plant_info.output_tokens_mean or DEFAULT_OUTPUT_TOKENS
     return _built(plant_info.model, plant_info.gpu, int(plant_info.num_gpus),
-                  max(1, int(round(prompt))), max(1, int(round(output))), int(points), kind)
+                  max(1, int(round(prompt))), max(1, int(round(output))), int(points), kind,
+                  str((plant_info.extra or {}).get("parallelism", "tp")))
 
 
 def ensure_model(controller: Any, plant_info: PlantInfo | None = None) -> Any:

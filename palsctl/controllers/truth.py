@@ -32,7 +32,8 @@ class SearchTruthConfig(SearchConfig):
 
 @functools.lru_cache(maxsize=8)
 def _truth(model: str, gpu: str, num_gpus: int, caps: tuple[float, ...],
-           batches: tuple[float, ...], prompt: float, output: float) -> tuple[np.ndarray, ...]:
+           batches: tuple[float, ...], prompt: float, output: float,
+           parallelism: str = "tp") -> tuple[np.ndarray, ...]:
     from palsctl.plants.sim import steady_state
 
     n = len(caps) * len(batches)
@@ -41,7 +42,8 @@ def _truth(model: str, gpu: str, num_gpus: int, caps: tuple[float, ...],
     for c in caps:
         for b in batches:
             s = steady_state(model, gpu, num_gpus, int(b), power_cap_w=c,
-                             prompt_tokens=prompt, output_tokens=output)
+                             prompt_tokens=prompt, output_tokens=output,
+                             parallelism=parallelism)
             thr[i], pw[i] = s.throughput_tok_s, s.power_w
             itl[i] = getattr(s, "itl_p90_s", np.nan)
             i += 1
@@ -58,7 +60,8 @@ def truth_grid(plant_info: PlantInfo, limits: Limits, *, cap_step_w: float = 10.
     output = plant_info.output_tokens_mean or DEFAULT_OUTPUT_TOKENS
     thr, pw, itl = _truth(plant_info.model, plant_info.gpu, int(plant_info.num_gpus),
                           tuple(float(c) for c in caps), tuple(float(b) for b in batches),
-                          float(round(prompt)), float(round(output)))
+                          float(round(prompt)), float(round(output)),
+                          str(plant_info.extra.get("parallelism", "tp")))
     cc, bb = np.meshgrid(caps, batches, indexing="ij")
     return common.Grid(cap_w=cc.ravel(), batch=bb.ravel(), throughput_tok_s=thr, power_w=pw,
                        itl_p90_s=itl, shape=(caps.size, batches.size))
