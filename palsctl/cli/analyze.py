@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     deprecated_alias(parser, "--model", "--model-file", dest="model_file", metavar="PATH")
     parser.add_argument("--no-model", action="store_true",
                         help="step tests only: skip the model-gradient estimate")
-    parser.add_argument("--controllers", metavar="LIST",
+    parser.add_argument("--controllers", metavar="A,B,...",
                         help="controllers to analyse, comma-separated (default: pi and the "
                              "config's controller): each gets closed-loop budget steps on the "
                              "simulated plant; pi's loops are also analysed on their linear "

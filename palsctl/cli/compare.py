@@ -19,13 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", nargs="?",
                         help="experiment TOML file (default: the embedded default experiment)")
     parser.add_argument("--controllers", metavar="A,B,...",
-                        help="controllers to compare, exactly these (default: every registered "
-                             "one but `fixed`)")
+                        help="controllers to compare, exactly these: no reference row is added "
+                             "unless --references asks (default: every registered one but "
+                             "`fixed`, with the reference rows)")
     parser.add_argument("--references", metavar="A,B,...", default=None,
                         help="reference rows, shown apart from the controllers: registered "
                              "controllers or `hindsight` (best fixed configuration per segment, "
                              "chosen in hindsight; simulated plants only); 'none' for none "
-                             "(default: static,hindsight)")
+                             "(default: static,hindsight, but none when --controllers is given)")
     parser.add_argument("--pareto", action="store_true",
                         help="instead of the table: sweep each controller's aggressiveness knob "
                              "and static's (cap, batch) grid, plot tokens/J against QoS "
@@ -115,9 +116,14 @@ def main(args: argparse.Namespace) -> int:
 
     if args.pareto:
         return _pareto(args, cfg, names, seeds)
-    refs = [] if args.references in ("none", "") else (
-        [r.strip() for r in args.references.split(",") if r.strip()]
-        if args.references is not None else None)
+    # reference rows: as asked; by default static and hindsight, but none beside a
+    # --controllers list (nothing is added to a list the user gave)
+    if args.references is None and args.controllers:
+        refs = []
+    else:
+        refs = [] if args.references in ("none", "") else (
+            [r.strip() for r in args.references.split(",") if r.strip()]
+            if args.references is not None else None)
     refs = [r for r in resolve_references(cfg, refs) if r not in names]
 
     def progress_hs(done: int, total: int) -> None:

@@ -7,20 +7,32 @@ HELP = "serve the simulated GPU + vLLM plant in real time (OpenAI API, /metrics,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="llama-3.1-8b", help="model preset (default llama-3.1-8b)")
-    p.add_argument("--gpu", default="h100-sxm", help="GPU preset (default h100-sxm)")
-    p.add_argument("--gpus", type=int, default=1, help="tensor-parallel GPUs (default 1)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None, help="name in /v1/models "
-                   "(default: the model preset)")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="launch batch limit")
-    p.add_argument("--seed", type=int, default=0)
+    from palsctl.cli.options import deprecated_alias
+
+    p.add_argument("--model", default="llama-3.1-8b", metavar="NAME",
+                   help="LLM preset of the simulator (default llama-3.1-8b)")
+    p.add_argument("--gpu", default="h100-sxm", metavar="NAME",
+                   help="GPU preset (default h100-sxm)")
+    p.add_argument("--num-gpus", type=int, default=1, metavar="N", dest="gpus",
+                   help="how many GPUs serve the model, tensor parallel (default 1)")
+    deprecated_alias(p, "--gpus", "--num-gpus", dest="gpus", metavar="N", type=int)
+    p.add_argument("--host", default="127.0.0.1", metavar="HOST",
+                   help="address to listen on (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, metavar="PORT",
+                   help="port to listen on (default 8000; 0 picks a free one and prints it)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="name in /v1/models and the model_name label of /metrics (default: "
+                        "the model preset)")
+    p.add_argument("--max-num-seqs", type=int, default=256, metavar="N",
+                   help="launch batch limit, as vLLM's --max-num-seqs (default 256)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of the plant's noise and request lengths (default 0)")
     p.add_argument("--no-noise", action="store_true", help="noise-free power readings")
-    p.add_argument("--speedup", type=float, default=1.0, help="plant seconds per wall second")
-    p.add_argument("--batch-file", default=None, help="batch target control file (as read by "
-                   "the vLLM scheduler plugin)")
-    p.add_argument("--duration-s", type=float, default=None,
+    p.add_argument("--speedup", type=float, default=1.0, metavar="X",
+                   help="plant seconds per wall second (default 1)")
+    p.add_argument("--batch-file", default=None, metavar="PATH",
+                   help="batch target control file (as read by the vLLM scheduler plugin)")
+    p.add_argument("--duration-s", type=float, default=None, metavar="S",
                    help="stop after this many seconds (default: until SIGINT/SIGTERM)")
 
 

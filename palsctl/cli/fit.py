@@ -7,9 +7,12 @@ HELP = "fit a power-performance model (parametric, gbt or forest) to a profile C
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from palsctl.cli.options import deprecated_alias
+
     parser.add_argument("profile", metavar="PROFILE", help="CSV written by `palsctl profile`")
-    parser.add_argument("--out", metavar="JSON", default="model.json",
-                        help="model file to write (default: model.json)")
+    parser.add_argument("--model-file", metavar="PATH", default="model.json", dest="out",
+                        help="power-performance model file to write (default: model.json)")
+    deprecated_alias(parser, "--out", "--model-file", dest="out", metavar="PATH")
     parser.add_argument("--kind", choices=("parametric", "gbt", "forest"), default="parametric",
                         help="parametric (physical, few parameters) or tree ensembles "
                              "(default: parametric)")

@@ -6,12 +6,15 @@ option                 meaning in every command that has it
 ``--out DIR``          a results *folder* the command writes into
 ``--plot FILE``        one PNG *file* (a folder of plots is ``--out``)
 ``--json PATH``        a JSON file (``-``: stdout)
+``--csv PATH``         a CSV file
 ``--model NAME``       an LLM preset of the simulator (``palsctl.plants.sim``) — a fitted
                        power-performance model file is ``--model-file PATH``
 ``--gpu NAME``         a GPU preset of the simulator
 ``--num-gpus N``       how many GPUs (a count) — GPU *indices* are ``--gpus 0,1,...``
-``--controller NAME``  one registered controller; ``--controllers a,b`` a list, run as given
+``--controller NAME``  one registered controller; ``--controllers A,B,...`` a list, run
+                       exactly as given (nothing added to it)
 ``--seed N``           the seed of every random source
+``--data DIR``         the data folder (``palsctl data``)
 ``--duration-s S``     how long to run, seconds
 ``--quiet``            no progress output
 =====================  ======================================================================
@@ -31,7 +34,9 @@ __all__ = ["deprecated_alias", "SHARED_OPTIONS"]
 SHARED_OPTIONS: dict[str, str] = {
     "--out": "folder",
     "--plot": "file",
-    "--json": "file",
+    "--json": "json-file",
+    "--csv": "csv-file",
+    "--data": "data-folder",
     "--model": "llm-preset",
     "--model-file": "model-file",
     "--gpu": "gpu-preset",
@@ -58,10 +63,14 @@ class _DeprecatedAlias(argparse.Action):
 
 
 def deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, *, dest: str,
-                     takes_value: bool = True, metavar: str | None = None) -> None:
-    """Accept ``old`` as a deprecated spelling of ``new`` (same destination ``dest``)."""
+                     takes_value: bool = True, metavar: str | None = None,
+                     type: Any = None) -> None:   # noqa: A002 (argparse's name)
+    """Accept ``old`` as a deprecated spelling of ``new`` (same destination ``dest``; ``type``
+    converts the value as the new option does)."""
     kw: dict[str, Any] = {"nargs": None if takes_value else 0, "default": argparse.SUPPRESS,
                           "help": f"deprecated spelling of {new}"}
     if takes_value and metavar:
         kw["metavar"] = metavar
+    if takes_value and type is not None:
+        kw["type"] = type
     parser.add_argument(old, action=_DeprecatedAlias, dest=dest, new=new, **kw)

@@ -28,7 +28,7 @@ def test_profile_fit_plot(tmp_path, capsys):
     assert out.read_text() == before
     model_path = tmp_path / "model.json"
     png = tmp_path / "model.png"
-    assert main(["fit", str(out), "--out", str(model_path), "--folds", "3",
+    assert main(["fit", str(out), "--model-file", str(model_path), "--folds", "3",
                  "--plot", str(png)]) == 0
     text = capsys.readouterr().out
     assert "CV MAPE" in text and "throughput_tok_s" in text
@@ -36,9 +36,11 @@ def test_profile_fit_plot(tmp_path, capsys):
     assert m.kind == "parametric" and m.num_gpus == 4 and m.n_points == 6
     assert json.loads(model_path.read_text())["plant"]["gpu"] == "a100-sxm4-80gb"
     assert png.stat().st_size > 10_000
+    # the old spelling still works and says it is deprecated
     assert main(["fit", str(out), "--out", str(tmp_path / "g.json"), "--kind", "forest",
                  "--folds", "0"]) == 0
     assert PowerPerfModel.load(tmp_path / "g.json").kind == "forest"
+    assert "--out is deprecated; use --model-file" in capsys.readouterr().err
 
 
 def test_profile_refine_adds_frontier_points_and_resumes(tmp_path):
@@ -73,5 +75,5 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, capsys, monkeypatch, argv,
 def test_fit_rejects_a_file_that_is_not_a_profile(tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
-    assert main(["fit", str(bad), "--out", str(tmp_path / "m.json")]) == 2
+    assert main(["fit", str(bad), "--model-file", str(tmp_path / "m.json")]) == 2
     assert "power_cap_w" in capsys.readouterr().err

@@ -53,10 +53,11 @@ def test_compare_cli_writes_json_and_plots(tmp_path, capsys):
     cfg.write_text(TINY)
     out_json = tmp_path / "cmp.json"
     rc = main(["compare", str(cfg), "--controllers", "search,cap-to-budget", "--seeds", "2",
-               "--json", str(out_json), "--out", str(tmp_path / "plots"), "-q"])
+               "--references", "static,hindsight", "--json", str(out_json), "--out",
+               str(tmp_path / "plots"), "-q"])
     assert rc == 0
     data = json.loads(out_json.read_text())
-    # exactly the controllers asked for, plus the reference rows (marked)
+    # exactly the controllers asked for, plus the reference rows asked for (marked)
     assert set(data) == {"search", "cap-to-budget", "static", "hindsight"}
     assert [n for n, a in data.items() if a["reference"]] in (["static", "hindsight"],
                                                               ["hindsight", "static"])
@@ -75,6 +76,16 @@ def test_compare_cli_writes_json_and_plots(tmp_path, capsys):
     # the budget drops below what static draws at 15 s: binding stretches exist
     assert 0.0 < data["search"]["binding_fraction"] < 1.0
     assert (tmp_path / "plots" / "timeline_all.png").stat().st_size > 0
+
+
+def test_compare_runs_exactly_the_controllers_given(tmp_path, capsys):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY)
+    rc = main(["compare", str(cfg), "--controllers", "cap-to-budget", "--seeds", "1",
+               "--duration-s", "10", "--json", "-", "-q"])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) == {"cap-to-budget"}          # no static or hindsight row added
 
 
 def test_compare_unknown_controller_is_one_line_exit_2(tmp_path, capsys):
