@@ -99,7 +99,7 @@ class CapToBudgetController(Controller):
         if total_w is None:
             cap_w = lim.power_cap_default_w
         else:
-            cap_w = lim.clamp_cap_w(total_w * (1.0 - self.config.budget_margin) / lim.num_gpus)
+            cap_w = lim.clamp_cap_w(lim.per_gpu_w(total_w * (1.0 - self.config.budget_margin)))
         self._cap_w = cap_w
         return Action(power_cap_w=cap_w, max_batch=lim.clamp_batch(self.config.max_batch))
 
@@ -198,7 +198,7 @@ class ZeusController(Controller):
         cap = self._chosen_w if self._chosen_w is not None else self._limits_w[self._i]
         total = setpoint.power_budget_w
         if total is not None:
-            cap = min(cap, total / lim.num_gpus)
+            cap = min(cap, lim.per_gpu_w(total))
         return Action(power_cap_w=lim.clamp_cap_w(cap), max_batch=lim.clamp_batch(cfg.max_batch))
 
     def diagnostics(self) -> dict:
@@ -277,7 +277,7 @@ class BatchOnlyController(Controller):
         self._e_prev = e
         cap = lim.power_cap_max_w
         if setpoint.power_budget_w is not None:
-            cap = min(cap, setpoint.power_budget_w / lim.num_gpus)
+            cap = min(cap, lim.per_gpu_w(setpoint.power_budget_w))
         self._diag = {"e_tok_s": e, "batch_continuous": self._batch}
         return Action(power_cap_w=lim.clamp_cap_w(cap),
                       max_batch=lim.clamp_batch(round(self._batch)))
@@ -319,5 +319,5 @@ class FixedController(Controller):
             return Action(power_cap_w=cfg.power_cap_w, max_batch=cfg.max_batch)
         cap = lim.power_cap_default_w if cfg.power_cap_w is None else cfg.power_cap_w
         if setpoint.power_budget_w is not None:
-            cap = min(cap, setpoint.power_budget_w / lim.num_gpus)
+            cap = min(cap, lim.per_gpu_w(setpoint.power_budget_w))
         return Action(power_cap_w=lim.clamp_cap_w(cap), max_batch=lim.clamp_batch(cfg.max_batch))

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from palsctl.errors import ConfigError
-from palsctl.types import Limits, Measurement, Setpoint
+from palsctl.types import SETPOINT_FIELDS, Limits, Measurement, Setpoint
 
 # -- config validation helpers ---------------------------------------------------------------
 
@@ -371,11 +371,11 @@ def rank_throughput_first(grid_cap_w: np.ndarray, thr: np.ndarray, power: np.nda
 
 
 def setpoint_changed(a: Setpoint | None, b: Setpoint, rel_tol: float = 0.01) -> bool:
-    """True when the target, budget, power target or SLOs differ by more than ``rel_tol``."""
+    """True when a setpoint field (target, budget, power target, an SLO) differs by more than
+    ``rel_tol`` (relative)."""
     if a is None:
         return True
-    for name in ("throughput_tok_s", "power_budget_w", "power_target_w", "tpot_slo_s",
-                 "ttft_slo_s"):
+    for name in SETPOINT_FIELDS:
         x, y = getattr(a, name), getattr(b, name)
         if (x is None) != (y is None):
             return True

@@ -250,7 +250,7 @@ class ModelBasedController(Controller):
         budget = sp.power_budget_w if sp.power_budget_w is not None else sp.power_target_w
         budget_w = None if budget is None else budget * (1.0 - cfg.budget_margin)
         ceiling = lim.power_cap_max_w if budget_w is None else max(
-            lim.power_cap_min_w, min(lim.power_cap_max_w, budget_w / lim.num_gpus))
+            lim.power_cap_min_w, min(lim.power_cap_max_w, lim.per_gpu_w(budget_w)))
         tpot_obj = None if sp.tpot_slo_s is None else sp.tpot_slo_s * (1.0 - cfg.latency_margin)
         return Situation(
             measurement=m, setpoint=sp, dt_s=dt, cap_now_w=float(cap_now), batch_now=b_now,

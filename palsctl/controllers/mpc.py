@@ -200,7 +200,7 @@ class MPCController(ModelBasedController):
         # cap's sensitivities visible instead of a flat zero above the natural draw.
         cap_lin = cap_now
         if not m.stale and m.power_w > 0:
-            cap_lin = max(lim.power_cap_min_w, min(cap_now, 1.02 * m.power_w / n))
+            cap_lin = max(lim.power_cap_min_w, min(cap_now, lim.per_gpu_w(1.02 * m.power_w)))
         x_now = np.array([cap_lin / cs, b_now / bs])
         if self._u0 is None or np.max(np.abs(x_now - self._u0)) > cfg.relinearize_tol:
             self._linearize(cap_lin, b_now)

@@ -233,7 +233,7 @@ class PIController(Controller):
         lim = self.limits
         if lim is None:
             raise RuntimeError("PIController.step() called before setup()")
-        cfg, m, n = self.config, measurement, lim.num_gpus
+        cfg, m = self.config, measurement
         dt = float(self.dt_s or m.window_s or 1.0)
 
         # the knobs in force (bumpless start; anti-windup through the applied values)
@@ -256,7 +256,7 @@ class PIController(Controller):
 
         budget = setpoint.power_budget_w
         ceiling = lim.power_cap_max_w if budget is None else max(
-            lim.power_cap_min_w, min(lim.power_cap_max_w, budget * (1.0 - cfg.budget_margin) / n))
+            lim.power_cap_min_w, min(lim.power_cap_max_w, lim.per_gpu_w(budget * (1.0 - cfg.budget_margin))))
 
         if m.stale:  # hold; the guard reacts to stale data
             cap = lim.clamp_cap_w(min(cap_state, ceiling))
@@ -326,7 +326,7 @@ class PIController(Controller):
         else:
             p_ref = None
         if p_ref is not None:
-            e_p = (p_ref - m.power_w) / n
+            e_p = lim.per_gpu_w(p_ref - m.power_w)
             cand_budget = cap_state + self._increment("budget", e_p, gn["kp_cap_budget"],
                                                     gn["ki_cap_budget_per_s"], dt)
         else:
