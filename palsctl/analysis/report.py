@@ -465,31 +465,34 @@ def plot_maps(report: AnalysisReport, out_dir) -> list[str]:
     return paths
 
 
-def _pyplot():
+def _plot_dir(out_dir):
+    """(pyplot on a headless backend, the output folder, created)."""
+    from pathlib import Path
+
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    return plt
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return plt, out
+
+
+def _step_test_loops(report: AnalysisReport):
+    return (r for r in report.loops if r.model_source == "step-test")
 
 
 def plot_bode(report: AnalysisReport, out_dir) -> list[str]:
     """One Bode plot PNG of the open loop ``L = C·G`` per loop and operating point (step-test
     model, configured gains), titled with the verdict, the fit and the exact margins; the gain
     crossover is marked. Returns the paths written."""
-    from pathlib import Path
-
     import control as ct
 
     from palsctl.analysis.stability import loop_tf, pi_tf
 
-    plt = _pyplot()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    plt, out = _plot_dir(out_dir)
     paths = []
-    for r in report.loops:
-        if r.model_source != "step-test":
-            continue
+    for r in _step_test_loops(report):
         a, p = r.analysis, r.analysis.plant
         L = loop_tf(p, pi_tf(a.kp, a.ki, p.dt_s))
         nyq = math.pi / p.dt_s
@@ -525,19 +528,13 @@ def plot_steps(report: AnalysisReport, out_dir) -> list[str]:
     """Step-response PNGs: per analysed loop (step-test model) the predicted closed-loop
     response to a unit setpoint step, with the simulated one when verified; per empirical test
     the measured power against the budget. Returns the paths written."""
-    from pathlib import Path
-
     import numpy as np
 
     from palsctl.analysis.stability import predicted_response
 
-    plt = _pyplot()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    plt, out = _plot_dir(out_dir)
     paths = []
-    for r in report.loops:
-        if r.model_source != "step-test":
-            continue
+    for r in _step_test_loops(report):
         a, p = r.analysis, r.analysis.plant
         ts = a.step.settling_time_s
         horizon = min(300.0, max(20 * p.dt_s, 3 * ts if math.isfinite(ts) else 300.0))
