@@ -234,8 +234,15 @@ class AnalysisReport:
         """One line: ``all N loops stable with ...`` only when that is true."""
         n = len(self.loops) + len(self.empirical)
         if n and self.all_stable:
-            return (f"all {n} loops stable with GM >= {min_gm_db:g} dB, PM >= {min_pm_deg:g} "
-                    f"deg and settling <= {max_settling_s:g} s, each model fitting its step test")
+            parts = []
+            if self.loops:
+                parts.append(f"all {len(self.loops)} loops stable with GM >= {min_gm_db:g} dB, "
+                             f"PM >= {min_pm_deg:g} deg and settling <= {max_settling_s:g} s, "
+                             f"each model fitting its step test")
+            if self.empirical:
+                parts.append(f"all {len(self.empirical)} closed-loop budget steps settle within "
+                             f"{max_settling_s:g} s")
+            return "; ".join(parts)
         c = self.counts()
         order = VERDICTS + ("oscillates", "does not settle")
         parts = [f"{c[v]} {v}" for v in order if c.get(v)]
@@ -243,7 +250,8 @@ class AnalysisReport:
                "sluggish": f"settling over {max_settling_s:g} s"}
         parts = [p + (f" ({why[v]})" if v in why and c.get(v) else "")
                  for p, v in zip(parts, [v for v in order if c.get(v)], strict=True)]
-        return f"{n} loops: " + ", ".join(parts)
+        return f"{n} loops and closed-loop steps: " + ", ".join(parts) if self.empirical \
+            else f"{n} loops: " + ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (non-finite numbers become None)."""

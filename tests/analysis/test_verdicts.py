@@ -90,9 +90,15 @@ def test_summary_never_says_all_stable_unless_it_is():
     rep = AnalysisReport(experiment="x", plant={}, dt_s=1.0, gains={}, loops=[_report()])
     assert rep.all_stable and rep.summary(min_gm_db=6, min_pm_deg=45,
                                           max_settling_s=60).startswith("all 1 loops stable")
+    good = SimpleNamespace(decays=True, limit_cycle=False, settling_time_s=3.0)
+    rep.empirical.append(EmpiricalReport(point=PT, step=good))
+    assert rep.summary(min_gm_db=6, min_pm_deg=45, max_settling_s=60).endswith(
+        "; all 1 closed-loop budget steps settle within 60 s")
     bad = SimpleNamespace(decays=False, limit_cycle=True, settling_time_s=math.nan)
     rep.empirical.append(EmpiricalReport(point=PT, step=bad))
-    assert not rep.all_stable and rep.counts() == {"stable": 1, "oscillates": 1}
+    assert not rep.all_stable and rep.counts() == {"stable": 2, "oscillates": 1}
+    assert rep.summary(min_gm_db=6, min_pm_deg=45, max_settling_s=60) == (
+        "3 loops and closed-loop steps: 2 stable, 1 oscillates")
 
 
 def _b200():
