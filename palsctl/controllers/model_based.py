@@ -59,7 +59,7 @@ class ModelBasedConfig(ControllerConfig):
     """
 
     model_path: str | None = None
-    margin: float = 0.1
+    margin: float = 0.05
     budget_margin: float = 0.015
     latency_margin: float = 0.0
     cap_step_w: float = 10.0

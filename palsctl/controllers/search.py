@@ -22,7 +22,8 @@ Each control step (the shared half is `palsctl.controllers.model_based.ModelBase
    just changed the setpoint). The batch limit is lowered at once when it is too slow per token
    at the cap chosen, and raised only where it binds (`batch_move`): a safe limit that does not
    bind is left alone.
-5. **Cap trim.** An integral term on the relative throughput shortfall while requests wait adds
+5. **Cap trim.** An integral term on the relative throughput shortfall (averaged over
+   ``trim_backlog_s``) while requests have waited for ``trim_backlog_s`` adds
    up to ``trim_max_w`` to the cap (leaks away at ``trim_leak_per_s``; anti-windup at the
    ceiling; reset on a setpoint change).
 
@@ -48,7 +49,9 @@ class SearchConfig(ModelBasedConfig):
     """Tunables of `SearchController` (the shared ones are `ModelBasedConfig`'s).
 
     ``trim_gain_w_per_s``: cap trim integral gain, watts per second per unit relative shortfall;
-    ``trim_max_w``: trim bound; ``trim_leak_per_s``: trim decay rate without shortfall.
+    ``trim_max_w``: trim bound; ``trim_leak_per_s``: trim decay rate without shortfall;
+    ``trim_backlog_s``: how long requests must have been waiting, and the time over which the
+    throughput is averaged, before a shortfall counts.
     ``min_benefit``: a voluntary move must cut the predicted operating power by at
     least this fraction. ``cap_deadband_w``: smallest voluntary cap decrease, watts per GPU.
     ``batch_headroom``: the batch limit is the smallest meeting the requirement raised by this
@@ -59,13 +62,15 @@ class SearchConfig(ModelBasedConfig):
     trim_gain_w_per_s: float = 60.0
     trim_max_w: float = 100.0
     trim_leak_per_s: float = 0.05
+    trim_backlog_s: float = 5.0
     min_benefit: float = 0.02
     cap_deadband_w: float = 10.0
     batch_headroom: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("trim_gain_w_per_s", "trim_max_w", "trim_leak_per_s", "cap_deadband_w"):
+        for name in ("trim_gain_w_per_s", "trim_max_w", "trim_leak_per_s", "cap_deadband_w",
+                     "trim_backlog_s"):
             common.check_number(getattr(self, name), name, lo=0)
         common.check_number(self.min_benefit, "min_benefit", lo=0, hi=1)
         common.check_number(self.batch_headroom, "batch_headroom", lo=0, allow_none=True)
@@ -219,6 +224,8 @@ class SearchController(ModelBasedController):
         self._batch: int | None = None
         self._since_up_s = math.inf
         self._trim_w = 0.0
+        self._backlog_s = 0.0
+        self._thr_avg: float | None = None
 
     def _row_of(self, cap_w: float) -> int:
         """The grid row of the largest grid cap at or below ``cap_w`` (the lowest row when
@@ -279,10 +286,17 @@ class SearchController(ModelBasedController):
         self._batch = batch
 
         # -- trim on a throughput shortfall while requests wait --------------------------------
+        # only a backlog that persists (``trim_backlog_s``) counts, against the throughput
+        # averaged over that time: one window's dip during a prefill stall is no shortfall
         target = s.demand.demand_tok_s
+        if not m.stale:
+            self._backlog_s = self._backlog_s + dt if m.waiting > 0 else 0.0
+            k = 1.0 - math.exp(-dt / max(cfg.trim_backlog_s, dt))
+            self._thr_avg = m.throughput_tok_s if self._thr_avg is None else \
+                self._thr_avg + k * (m.throughput_tok_s - self._thr_avg)
         shortfall = 0.0
-        if target and m.waiting > 0 and not m.stale:
-            shortfall = max(0.0, (target - m.throughput_tok_s) / target)
+        if target and self._backlog_s >= cfg.trim_backlog_s and not m.stale:
+            shortfall = max(0.0, (target - self._thr_avg) / target)
         if shortfall > 0 and cap + self._trim_w < ceiling:
             self._trim_w += cfg.trim_gain_w_per_s * dt * shortfall
         elif shortfall == 0:

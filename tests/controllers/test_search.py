@@ -143,9 +143,9 @@ def test_hysteresis_and_dwell_keep_the_configuration():
 
 def test_trim_integrates_shortfall_with_antiwindup_and_resets_on_setpoint_change():
     ctl = _ctl(trim_gain_w_per_s=50.0, trim_max_w=30.0, trim_leak_per_s=0.0, residual_alpha=0.0,
-               drain_s=0.0)
+               drain_s=0.0, trim_backlog_s=1.0)
     sp = Setpoint(throughput_tok_s=1000.0)
-    a0 = ctl.step(_meas(), sp)
+    a0 = ctl.step(_meas(thr=500.0), sp)   # the averaged throughput starts at 500
     base = ctl.diagnostics()["cap_base_w"]
     trims = []
     for _ in range(20):  # 50 % short with a backlog: trim rises, bounded by trim_max_w
@@ -157,6 +157,21 @@ def test_trim_integrates_shortfall_with_antiwindup_and_resets_on_setpoint_change
     assert ctl.diagnostics()["cap_base_w"] == base
     ctl.step(_meas(), Setpoint(throughput_tok_s=1500.0))
     assert ctl.diagnostics()["trim_w"] == 0.0
+
+
+def test_trim_ignores_a_one_window_dip_and_acts_on_a_persistent_backlog():
+    ctl = _ctl(trim_gain_w_per_s=50.0, trim_leak_per_s=0.0, residual_alpha=0.0, drain_s=0.0)
+    sp = Setpoint(throughput_tok_s=1000.0)
+    a0 = ctl.step(_meas(), sp)
+    kw = dict(cap=a0.power_cap_w, batch=a0.max_batch, running=a0.max_batch)
+    ctl.step(_meas(thr=100.0, waiting=3, **kw), sp)          # a prefill stall: one window
+    ctl.step(_meas(thr=1000.0, **kw), sp)
+    assert ctl.diagnostics()["trim_w"] == 0.0
+    for _ in range(4):                                       # 4 s of backlog: not yet
+        ctl.step(_meas(thr=500.0, waiting=10, **kw), sp)
+    assert ctl.diagnostics()["trim_w"] == 0.0
+    ctl.step(_meas(thr=500.0, waiting=10, **kw), sp)         # 5 s: the shortfall counts
+    assert ctl.diagnostics()["trim_w"] > 0.0
 
 
 def test_trim_never_pushes_the_cap_over_the_budget():

@@ -162,7 +162,7 @@ def test_results_folder_reproduces_bit_for_bit(tmp_path, capsys):
                  "25", "--versus", "static", "--out", str(a)]) == 0
     cfg = tomllib.loads((a / "config.toml").read_text())
     assert (cfg["seed"], cfg["duration_s"], cfg["controller"]["name"]) == (7, 25.0, "pi")
-    assert cfg["controller"]["margin"] == 0.1  # the complete Config, defaults included
+    assert cfg["controller"]["margin"] == 0.1  # the complete Config, defaults included (pi)
     assert cfg["workload"]["kind"] == "poisson" and cfg["workload"]["rate_req_s"] == 4.0
     prov = json.loads((a / "provenance.json").read_text())
     import palsctl
