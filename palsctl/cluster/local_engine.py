@@ -18,7 +18,7 @@ class LocalEngine:
                  keep_records: bool = True) -> None:
         self.fleet, self.specs, self.budget = fleet, list(specs), budget
         self.envelopes, self.models = envelopes, models
-        self.host = LocalHost(specs, n_steps=n_steps, keep_record=keep_records)
+        self.host = LocalHost(specs, n_steps=n_steps, keep_record=keep_records, models=models)
         self.coord = self._new_coordinator(epoch=0)
         self._alloc_s: list[float] = []
 

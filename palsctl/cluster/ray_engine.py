@@ -67,6 +67,10 @@ def init_ray_loopback(num_cpus: int | None = None, **kwargs: Any) -> Any:
     return ray
 
 
+def _models_of(specs: Sequence[ReplicaSpec], models: dict) -> dict:
+    return {s.name: models[s.name] for s in specs if s.name in models}
+
+
 class _RemoteHosts:
     """The `LocalHost` interface over host actors, for the coordinator: a host that fails is
     dead, and so are its replicas."""
@@ -169,14 +173,16 @@ class RayEngine:
             # one host per replica, pinned to its GPUs' node
             groups = [[s] for s in specs]
             self.handles = [host_cls.options(num_cpus=0, num_gpus=s.num_gpus, max_restarts=0)
-                            .remote([s], n_steps=n_steps, keep_record=keep_records)
+                            .remote([s], n_steps=n_steps, keep_record=keep_records,
+                                    models=_models_of([s], models))
                             for s in specs]
         else:
             n = hosts or max(1, int(res.get("CPU", 1)))
             n = max(1, min(n, len(specs)))
             groups = [list(specs[i::n]) for i in range(n)]
             self.handles = [host_cls.options(num_cpus=0, max_restarts=0)
-                            .remote(g, n_steps=n_steps, keep_record=keep_records)
+                            .remote(g, n_steps=n_steps, keep_record=keep_records,
+                                    models=_models_of(g, models))
                             for g in groups]
         self.names = [[s.name for s in g] for g in groups]
         self.where = {n: i for i, names in enumerate(self.names) for n in names}

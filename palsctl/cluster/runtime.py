@@ -280,10 +280,15 @@ class ReplicaResult:
     throughput_tok_s: np.ndarray | None = None
     record: Any = None
     alive: bool = True
+    held_until: int | None = None   # dead: the step its last lease ended
 
 
-def build_agent(spec: ReplicaSpec, *, n_steps: int, keep_record: bool = True) -> Agent:
-    """Build a replica's plant, controller and closed loop (runs where the agent lives)."""
+def build_agent(spec: ReplicaSpec, *, n_steps: int, keep_record: bool = True,
+                model: Any = None) -> Agent:
+    """Build a replica's plant, controller and closed loop (runs where the agent lives).
+    ``model``: the offline power-performance model already profiled for this replica (the
+    one `palsctl.controllers.model_source.model_for` gives), handed to a model-based controller
+    that names no model file, so that a host process does not profile it again."""
     from palsctl.experiment.build import build_controller, build_plant, build_schedule
     from palsctl.loop import ClosedLoop
 
@@ -292,6 +297,9 @@ def build_agent(spec: ReplicaSpec, *, n_steps: int, keep_record: bool = True) ->
     def build_loop(agent: Agent):
         plant = build_plant(cfg, seed=spec.seed)
         ctl = build_controller(cfg)
+        if model is not None and ctl.needs_model and getattr(ctl, "model", None) is None \
+                and not getattr(ctl.config, "model_path", None):
+            ctl.model = model
         unguarded = not ctl.guarded and plant.info.simulated
         guard = cfg.guard if cfg.guard_enabled and not unguarded else False
         agent.set_base_schedule(build_schedule(cfg, agent.workload))
@@ -304,9 +312,11 @@ def build_agent(spec: ReplicaSpec, *, n_steps: int, keep_record: bool = True) ->
 class LocalHost:
     """Agents in this process (the `local` engine; a `ray` host actor wraps one)."""
 
-    def __init__(self, specs: Sequence[ReplicaSpec], *, n_steps: int, keep_record: bool = True):
-        self.agents = {s.name: build_agent(s, n_steps=n_steps, keep_record=keep_record)
-                       for s in specs}
+    def __init__(self, specs: Sequence[ReplicaSpec], *, n_steps: int, keep_record: bool = True,
+                 models: dict[str, Any] | None = None):
+        models = models or {}
+        self.agents = {s.name: build_agent(s, n_steps=n_steps, keep_record=keep_record,
+                                           model=models.get(s.name)) for s in specs}
 
     def names(self) -> list[str]:
         return list(self.agents)
@@ -741,12 +751,15 @@ class FleetResult:
         out = {}
         by = {r.name: r for r in self.replicas}
         for pool, names in self.pools.items():
-            out[pool] = np.sum([_ffill(by[n].power_w) for n in names], axis=0)
+            out[pool] = np.sum([_ffill(by[n].power_w, by[n].held_until)
+                                for n in names], axis=0)
         return out
 
 
-def _ffill(a: np.ndarray) -> np.ndarray:
-    """NaN after a replica died: its last measured power holds (its GPUs keep their cap)."""
+def _ffill(a: np.ndarray, until: int | None = None) -> np.ndarray:
+    """A dead replica's series (NaN after it died): its last value holds until step ``until``
+    (the end of its last lease: its GPUs keep their cap, its watts stay reserved), then 0
+    (its watts are reused; nothing measures it any more)."""
     a = np.array(a, dtype=float)
     ok = np.isfinite(a)
     if ok.all() or not ok.any():
@@ -755,6 +768,9 @@ def _ffill(a: np.ndarray) -> np.ndarray:
     np.maximum.accumulate(idx, out=idx)
     out = a[idx]
     out[: int(np.argmax(ok))] = 0.0
+    if until is not None:
+        last = int(np.flatnonzero(ok)[-1])
+        out[max(until, last + 1):] = 0.0
     return out
 
 
@@ -886,9 +902,14 @@ def _assemble(fleet, engine, results, pools, ticks, alloc_s, budget, n_steps, wa
     t = (np.arange(n_steps) + 1) * dt
     # the budget in force during window i (ending at t_i): the one handed out at t_{i-1}
     b = np.array([budget(max(0.0, x - dt)) if i else budget(dt) for i, x in enumerate(t)])
-    power = np.sum([_ffill(r.power_w) for r in results], axis=0)
-    shares = np.sum([_ffill(r.share_w) for r in results], axis=0)
-    caps = np.sum([_ffill(r.caps_w) for r in results], axis=0)
+    lease_s = fleet.site.lease_s
+    for r in results:
+        if not r.alive:
+            last = [tk["t_s"] for tk in ticks if r.name in tk["shares_w"]]
+            r.held_until = int(round(((max(last) if last else 0.0) + lease_s) / dt))
+    power = np.sum([_ffill(r.power_w, r.held_until) for r in results], axis=0)
+    shares = np.sum([_ffill(r.share_w, r.held_until) for r in results], axis=0)
+    caps = np.sum([_ffill(r.caps_w, r.held_until) for r in results], axis=0)
     thr = np.sum([np.nan_to_num(r.throughput_tok_s) if r.throughput_tok_s is not None
                   else np.zeros(n_steps) for r in results], axis=0)
     return FleetResult(name=fleet.name, policy=fleet.site.policy, engine=engine, dt_s=dt,

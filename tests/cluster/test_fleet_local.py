@@ -109,3 +109,12 @@ controller = { name = "pi" }
         assert sp.power_target_w == pytest.approx(600.0) and sp.power_budget_w is None
     s = summarize_fleet(r)
     assert s["power_tracking_mae_w"] is not None and s["time_over_budget_s"] is None
+
+
+def test_site_series_hold_a_dead_replicas_share_until_its_lease_ends():
+    fleet = small_fleet(duration_s=60.0, budget=f"{0.6 * PEAK_W}", lease_s=10.0)
+    r = run_fleet(fleet, faults=FaultPlan(kill_replicas={"llama-1": 21.0}), keep_records=False)
+    s = summarize_fleet(r)
+    assert s["max_shares_over_budget_w"] == 0.0 and s["max_caps_over_budget_w"] == 0.0
+    dead = next(x for x in r.replicas if x.name == "llama-1")
+    assert dead.held_until is not None and 25 <= dead.held_until <= 35

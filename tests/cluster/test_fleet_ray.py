@@ -20,6 +20,15 @@ BUDGET_W = 3 * 4 * 400.0 * 0.8
 
 
 def fleet(duration_s: float = 60.0, lease_s: float = 10.0, policy: str = "proportional"):
+    """Three one-replica pools (a, b, c) of Llama-3.1-8B on 4 x A100 at different loads."""
+    pools = "".join(f"""
+[[pool]]
+name = "{name}"
+plant = {{ model = "llama-3.1-8b", gpu = "a100-sxm4-80gb", num_gpus = 4, max_batch_launch = 64 }}
+workload = {{ kind = "poisson", load = {load}, prompt_tokens_mean = 256, output_tokens_mean = 128 }}
+setpoint = {{ throughput_tok_s = "demand", tpot_slo_s = 0.1 }}
+controller = {{ name = "pi" }}
+""" for name, load in (("a", 0.7), ("b", 0.4), ("c", 0.5)))
     return parse_fleet_text(f"""
 name = "raytest"
 duration_s = {duration_s}
@@ -29,25 +38,7 @@ power_budget_w = {BUDGET_W}
 period_s = 5.0
 lease_s = {lease_s}
 policy = "{policy}"
-[[pool]]
-name = "a"
-plant = {{ model = "llama-3.1-8b", gpu = "a100-sxm4-80gb", num_gpus = 4, max_batch_launch = 64 }}
-workload = {{ kind = "poisson", load = 0.7, prompt_tokens_mean = 256, output_tokens_mean = 128 }}
-setpoint = {{ throughput_tok_s = "demand", tpot_slo_s = 0.1 }}
-controller = {{ name = "pi" }}
-[[pool]]
-name = "b"
-plant = {{ model = "llama-3.1-8b", gpu = "a100-sxm4-80gb", num_gpus = 4, max_batch_launch = 64 }}
-workload = {{ kind = "poisson", load = 0.4, prompt_tokens_mean = 256, output_tokens_mean = 128 }}
-setpoint = {{ throughput_tok_s = "demand", tpot_slo_s = 0.1 }}
-controller = {{ name = "pi" }}
-[[pool]]
-name = "c"
-plant = {{ model = "llama-3.1-8b", gpu = "a100-sxm4-80gb", num_gpus = 4, max_batch_launch = 64 }}
-workload = {{ kind = "poisson", load = 0.5, prompt_tokens_mean = 256, output_tokens_mean = 128 }}
-setpoint = {{ throughput_tok_s = "demand", tpot_slo_s = 0.1 }}
-controller = {{ name = "pi" }}
-""")
+{pools}""")
 
 
 def _listening_inodes() -> dict[str, str]:
