@@ -10,7 +10,7 @@
     python bench/bench_fleet.py pals53     # the PALS paper's Section 5.3 (demand response)
     python bench/bench_fleet.py all
 
-Each prints its figures as JSON lines (and writes bench/out/fleet_<name>.json), with the
+Each prints its figures as JSON lines (and writes results/bench/fleet_<name>.json), with the
 machine. Wall times are medians where repeated; the machine is shared and noisy, so compare
 ratios measured in the same run.
 """
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from _machine import machine  # noqa: E402
 
-OUT = HERE / "out"
+OUT = ROOT / "results" / "bench"
 
 
 def _emit(name: str, obj: dict) -> None:
@@ -293,7 +293,7 @@ def bench_pals53() -> None:
     from palsctl.cluster.schema import with_controller
 
     fleet = _fleet("fleet_pals_5_3.toml")
-    base = ("cap-only", {"max_batch": 64}) if _available("cap-only") \
+    base = ("cap-only", {"fixed_batch": 64}) if _available("cap-only") \
         else ("cap-to-budget", {"max_batch": 64})
     out = {}
     for label, (name, params) in (("search", ("search", {})), ("fixed-batch-64", base)):
