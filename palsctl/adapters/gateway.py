@@ -459,6 +459,8 @@ class Gateway:
         for srv in self._servers:
             srv.close()
         self._servers.clear()
+        for guarded in self._guarded:
+            guarded.close_unserved()
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()

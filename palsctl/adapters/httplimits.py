@@ -11,9 +11,12 @@ connections is bounded only by the open-file limit. `GuardedServer` (a drop-in f
 - ``keepalive_timeout_s``: a connection with no request in progress (new, or after a response)
   is closed after this long without a request;
 - ``max_connections``: at the limit, a new connection takes the place of the oldest one that
-  has no request in progress (one still sending its head first, then idle keep-alive ones);
-  when every connection has a request in progress the newcomer gets ``503`` with
-  ``Retry-After`` and is closed.
+  has no request in progress and has had its chance (open for at least ``grace_s``): one still
+  sending a head, else one that never sent anything; only when every connection has served a
+  request, the oldest idle keep-alive one. When there is none, the newcomer gets ``503`` with
+  ``Retry-After`` and is closed. The grace keeps a burst of newcomers from evicting one another
+  before they could send a request; clients that sent whole requests are never evicted for
+  connections that have not.
 
 The request handler marks a connection busy / idle with `mark_busy` / `mark_idle`; body limits
 are the handler's (`ByteBudget` bounds the bytes all request bodies hold together).
@@ -34,7 +37,6 @@ __all__ = ["ByteBudget", "ConnectionLimits", "GuardedServer", "RateLimitedLog", 
 _IDLE, _HEAD, _BUSY, _CLOSED = 0, 1, 2, 3
 _HEAD_END = b"\r\n\r\n"
 _LINGER_S = 1.0          # a refused connection is read (and discarded) this long before closing
-_MAX_LINGERING = 256     # refused connections lingering at once; beyond, they are reset
 
 
 def _reply(status: int, reason: str, *, retry_after_s: int | None = None) -> bytes:
@@ -206,11 +208,14 @@ class ConnectionLimits:
     """The per-listener limits `GuardedServer` enforces (see the module docstring)."""
 
     def __init__(self, *, max_connections: int, max_header_b: int, header_timeout_s: float,
-                 keepalive_timeout_s: float) -> None:
+                 keepalive_timeout_s: float, grace_s: float | None = None) -> None:
         self.max_connections = int(max_connections)
         self.max_header_b = int(max_header_b)
         self.header_timeout_s = float(header_timeout_s)
         self.keepalive_timeout_s = float(keepalive_timeout_s)
+        self.grace_s = min(1.0, self.header_timeout_s / 2) if grace_s is None else float(grace_s)
+        # refused connections lingering at once (each holds a descriptor); beyond, reset
+        self.max_lingering = max(8, self.max_connections // 16)
 
 
 def fd_bound_connections(requested: int, *, reserve: int = 64) -> tuple[int, int | None]:
@@ -228,34 +233,37 @@ def fd_bound_connections(requested: int, *, reserve: int = 64) -> tuple[int, int
 
 
 class _Conn(asyncio.Protocol):
-    """One client connection: aiohttp's protocol inside, the limits around it."""
+    """One client connection: the limits around aiohttp's protocol. aiohttp's protocol is made
+    only once a first request head is complete (kept in ``pending`` until then): a connection
+    that never sends one costs little."""
 
-    __slots__ = ("server", "inner", "transport", "state", "timer", "head_b", "tail")
+    __slots__ = ("server", "inner", "transport", "state", "timer", "head_b", "tail", "pending",
+                 "opened_s")
 
-    def __init__(self, server: "GuardedServer", inner: Any) -> None:
-        self.server, self.inner = server, inner
+    def __init__(self, server: "GuardedServer") -> None:
+        self.server = server
+        self.opened_s = server.loop.time()
+        self.inner: Any = None
         self.transport: Any = None
         self.state = _IDLE
         self.timer: asyncio.TimerHandle | None = None
         self.head_b = 0
         self.tail = b""
+        self.pending: list[bytes] = []
 
     # ------------------------------------------------------------ transport callbacks
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         if not self.server._admit(self):
-            self.inner = None
             self.state = _CLOSED
-            self.server._refuse(self, transport)
+            self.server._refuse(transport)
             return
-        self.inner.connection_made(transport)
         self._to_idle()
 
     def data_received(self, data: bytes) -> None:
-        inner = self.inner
-        if inner is None:                  # a refused connection: read and discard
-            return
         state = self.state
+        if state == _CLOSED:               # refused or being closed: discard
+            return
         if state == _IDLE:
             self._to_head()
             state = _HEAD
@@ -266,9 +274,8 @@ class _Conn(asyncio.Protocol):
                 end -= len(tail)
             else:
                 end = data.find(_HEAD_END)
-            if end >= 0:                        # the head is complete: the handler takes over
+            if end >= 0:
                 head_b = self.head_b + end + 4
-                self._to_busy()
             else:
                 head_b = self.head_b = self.head_b + len(data)
                 self.tail = data[-3:] if len(data) >= 3 else (tail + data)[-3:]
@@ -276,13 +283,23 @@ class _Conn(asyncio.Protocol):
                 self.server.counters["header_too_large"] += 1
                 self._close_with(_431)
                 return
-        inner.data_received(data)
+            if end < 0:
+                if self.inner is None:     # no aiohttp protocol before a first whole head
+                    self.pending.append(data)
+                    return
+            else:                          # the head is complete: the handler takes over
+                self._to_busy()
+                if self.inner is None:
+                    if self.pending:
+                        data = b"".join(self.pending) + data
+                        self.pending = []
+                    self.inner = self.server.web_server()
+                    self.inner.connection_made(self.transport)
+        self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
         if self.inner is None:
-            if self.transport is not None:
-                self.transport.close()
-            return None
+            return None                    # the transport closes
         return self.inner.eof_received()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -395,13 +412,15 @@ class GuardedServer:
             counters.setdefault(k, 0.0)
         self.loop = asyncio.get_running_loop()
         self.open: set[_Conn] = set()
-        # connections with no request in progress, oldest first: heads first, then idle ones
+        # connections with no request in progress, oldest first, in the order they make room:
+        # those sending a head, those that never sent a whole one, idle keep-alive ones
         self._heads: dict[_Conn, None] = {}
+        self._fresh: dict[_Conn, None] = {}
         self._idles: dict[_Conn, None] = {}
         self._lingering = 0
 
     def __call__(self) -> _Conn:
-        return _Conn(self, self.web_server())
+        return _Conn(self)
 
     @property
     def connections(self) -> int:
@@ -409,7 +428,15 @@ class GuardedServer:
 
     def _admit(self, conn: _Conn) -> bool:
         if len(self.open) >= self.limits.max_connections:
-            victim = next(iter(self._heads), None) or next(iter(self._idles), None)
+            old_s = conn.opened_s - self.limits.grace_s
+            victim = None
+            for waiting in (self._heads, self._fresh):
+                first = next(iter(waiting), None)     # the oldest of its kind
+                if first is not None and first.opened_s <= old_s:
+                    victim = first
+                    break
+            if victim is None and not self._heads and not self._fresh:
+                victim = next(iter(self._idles), None)     # all proven clients: the oldest
             if victim is None:
                 return False
             self.counters["connections_evicted"] += 1
@@ -419,23 +446,38 @@ class GuardedServer:
 
     def _forget(self, conn: _Conn) -> None:
         self.open.discard(conn)
-        self._heads.pop(conn, None)
-        self._idles.pop(conn, None)
+        self._set_busy(conn)
 
     def _set_waiting(self, conn: _Conn, *, idle: bool) -> None:
-        (self._heads if not idle else self._idles).pop(conn, None)
-        (self._idles if idle else self._heads)[conn] = None
+        self._set_busy(conn)
+        if not idle:
+            self._heads[conn] = None
+        elif conn.inner is None:
+            self._fresh[conn] = None
+        else:
+            self._idles[conn] = None
 
     def _set_busy(self, conn: _Conn) -> None:
         self._heads.pop(conn, None)
+        self._fresh.pop(conn, None)
         self._idles.pop(conn, None)
 
-    def _refuse(self, conn: _Conn, transport: Any) -> None:
+    def close_unserved(self) -> None:
+        """Close the connections that never completed a request head (aiohttp's shutdown does
+        not know them)."""
+        for conn in list(self.open):
+            if conn.inner is None:
+                self._forget(conn)
+                conn._cancel_timer()
+                conn.state = _CLOSED
+                conn.transport.close()
+
+    def _refuse(self, transport: Any) -> None:
         """503 + Retry-After; the client's request is read and discarded for a moment so that
         closing does not reset the connection before the client has read the answer."""
         self.counters["connections_refused"] += 1
         transport.write(_503)
-        if self._lingering >= _MAX_LINGERING or not transport.can_write_eof():
+        if self._lingering >= self.limits.max_lingering or not transport.can_write_eof():
             transport.close()
             return
         transport.write_eof()

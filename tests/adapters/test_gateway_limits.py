@@ -94,6 +94,7 @@ def test_head_over_the_limit_gets_431(terminated):
 # ------------------------------------------------------------------ connections
 def test_at_the_connection_limit_the_oldest_waiting_connection_makes_room():
     async def fn(gw, s, up):
+        gw._guarded[0].limits.grace_s = 0.05    # (1 s by default)
         slow = []
         for _ in range(4):
             r, w = await open_raw(gw.url)
@@ -104,6 +105,7 @@ def test_at_the_connection_limit_the_oldest_waiting_connection_makes_room():
             if gw.connections == 4:
                 break
         assert gw.connections == 4
+        await asyncio.sleep(0.1)                # past the grace
         await good_request(s, gw.url)           # a 5th connection: the oldest slow one goes
         first = await closed_by_peer(slow[0][0])
         assert first.startswith(b"HTTP/1.1 408 ")
@@ -112,6 +114,27 @@ def test_at_the_connection_limit_the_oldest_waiting_connection_makes_room():
             w.close()
 
     run(with_digest(fn, max_connections=4))
+
+
+def test_connections_within_their_grace_are_not_evicted():
+    async def fn(gw, s, up):
+        slow = []
+        for _ in range(2):
+            r, w = await open_raw(gw.url)
+            w.write(b"POST /v1/comp")
+            slow.append((r, w))
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if gw.connections == 2:
+                break
+        r, w = await open_raw(gw.url)            # both are younger than the grace (1 s)
+        status, headers, _ = await read_response(r)
+        assert status == 503 and headers["retry-after"] == "1"
+        assert gw._counters["connections_evicted"] == 0 and gw.connections == 2
+        for _, wb in [*slow, (r, w)]:
+            wb.close()
+
+    run(with_digest(fn, max_connections=2))
 
 
 def test_when_every_connection_is_busy_a_newcomer_gets_503_retry_after():
