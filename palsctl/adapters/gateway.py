@@ -206,8 +206,8 @@ class _GateCollector:
                                       "Connections or requests refused or closed by a limit",
                                       labels=["reason"])
         for reason in ("connections_refused", "connections_evicted", "header_timeouts",
-                       "header_too_large", "idle_closed", "body_too_large", "body_timeouts",
-                       "buffer_full", "bad_body"):
+                       "header_too_large", "bad_version", "idle_closed", "body_too_large",
+                       "body_timeouts", "buffer_full", "bad_body"):
             refused.add_metric([reason], counters.get(reason, 0.0))
         yield refused
 

@@ -8,6 +8,8 @@ connections is bounded only by the open-file limit. `GuardedServer` (a drop-in f
 - ``header_timeout_s``: a request head must be complete this long after its first byte
   (else ``408`` and close);
 - ``max_header_b``: the request line and headers together (else ``431`` and close);
+- a request line must end in ``HTTP/1.1`` or ``HTTP/1.0`` (else ``505`` and close: aiohttp
+  would answer another version in kind, ``HTTP/2.0 200``, which no client can read);
 - ``keepalive_timeout_s``: a connection with no request in progress (new, or after a response)
   is closed after this long without a request;
 - ``max_connections``: at the limit, a new connection takes the place of the oldest one that
@@ -47,6 +49,7 @@ def _reply(status: int, reason: str, *, retry_after_s: int | None = None) -> byt
 
 
 _408 = _reply(408, "Request Timeout")
+_505 = _reply(505, "HTTP Version Not Supported")
 _431 = _reply(431, "Request Header Fields Too Large")
 _503 = _reply(503, "Service Unavailable", retry_after_s=1)
 
@@ -238,7 +241,7 @@ class _Conn(asyncio.Protocol):
     that never sends one costs little."""
 
     __slots__ = ("server", "inner", "transport", "state", "timer", "head_b", "tail", "pending",
-                 "opened_s")
+                 "opened_s", "line", "line_ok")
 
     def __init__(self, server: "GuardedServer") -> None:
         self.server = server
@@ -250,6 +253,8 @@ class _Conn(asyncio.Protocol):
         self.head_b = 0
         self.tail = b""
         self.pending: list[bytes] = []
+        self.line = b""            # the request line so far, until its end is seen
+        self.line_ok = False
 
     # ------------------------------------------------------------ transport callbacks
     def connection_made(self, transport: Any) -> None:
@@ -268,6 +273,8 @@ class _Conn(asyncio.Protocol):
             self._to_head()
             state = _HEAD
         if state == _HEAD:
+            if not self.line_ok and not self._check_line(data):
+                return
             tail = self.tail
             end = (tail + data[:3]).find(_HEAD_END) if tail else -1
             if end >= 0:
@@ -296,6 +303,23 @@ class _Conn(asyncio.Protocol):
                     self.inner = self.server.web_server()
                     self.inner.connection_made(self.transport)
         self.inner.data_received(data)
+
+    def _check_line(self, data: bytes) -> bool:
+        """Watch for the end of the request line; False when it names an HTTP version other
+        than 1.0 / 1.1 (answered 505, closed)."""
+        buf = self.line + data if self.line else data
+        if buf[:1] in (b"\r", b"\n"):          # empty lines before a request are allowed
+            buf = buf.lstrip(b"\r\n")
+        nl = buf.find(b"\n")
+        if nl < 0:
+            self.line = buf[:self.server.limits.max_header_b + 1]
+            return True
+        self.line, self.line_ok = b"", True
+        if buf[:nl].rstrip(b"\r").endswith((b" HTTP/1.1", b" HTTP/1.0")):
+            return True
+        self.server.counters["bad_version"] += 1
+        self._close_with(_505)
+        return False
 
     def eof_received(self) -> bool | None:
         if self.inner is None:
@@ -334,6 +358,7 @@ class _Conn(asyncio.Protocol):
     def _to_head(self) -> None:
         self._cancel_timer()
         self.state = _HEAD
+        self.line, self.line_ok = b"", False
         self.server._set_waiting(self, idle=False)
         self.timer = self.server.loop.call_later(self.server.limits.header_timeout_s,
                                                  self._head_expired)
@@ -408,7 +433,7 @@ class GuardedServer:
         self.limits = limits
         self.counters = counters
         for k in ("connections_refused", "connections_evicted", "header_timeouts",
-                  "header_too_large", "idle_closed"):
+                  "header_too_large", "idle_closed", "bad_version"):
             counters.setdefault(k, 0.0)
         self.loop = asyncio.get_running_loop()
         self.open: set[_Conn] = set()

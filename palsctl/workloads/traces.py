@@ -154,6 +154,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str | _BadRow]]:
                 yield line_no, _BadRow("invalid UTF-8", f"byte {exc.start}")
                 continue
             text = text.rstrip("\r\n")
+            if line_no == 1:
+                text = text.removeprefix("\ufeff")     # a byte-order mark (spreadsheet export)
             if text.strip():
                 yield line_no, text
 

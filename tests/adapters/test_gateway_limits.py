@@ -91,6 +91,24 @@ def test_head_over_the_limit_gets_431(terminated):
     run(with_digest(fn, max_header_b=4 * KIB))
 
 
+@pytest.mark.parametrize("line", [b"POST /v1/completions HTTP/2.0", b"GET /health HTTP/9.9",
+                                  b"GET /health"])
+def test_other_http_versions_get_505(line):
+    async def fn(gw, s, up):
+        r, w = await open_raw(gw.url)
+        w.write(b"\r\n" + line + b"\r\nHost: gw\r\nContent-Length: 2\r\n\r\n{}")
+        got = await closed_by_peer(r)
+        assert got.startswith(b"HTTP/1.1 505 ") and up.requests == 0
+        assert gw._counters["bad_version"] == 1
+        r, w = await open_raw(gw.url)                    # 1.0 passes (a stray CRLF first)
+        w.write(b"\r\nPOST /v1/completions HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}")
+        status, _, _ = await read_response(r)
+        assert status == 200
+        w.close()
+
+    run(with_digest(fn))
+
+
 # ------------------------------------------------------------------ connections
 def test_at_the_connection_limit_the_oldest_waiting_connection_makes_room():
     async def fn(gw, s, up):
@@ -335,7 +353,7 @@ def test_garbage_from_a_client_is_one_log_line_without_a_traceback(caplog):
             r, w = await open_raw(gw.url)
             w.write(junk)
             got = await closed_by_peer(r)
-            assert got.startswith(b"HTTP/1.") and got[8:13] == b" 400 "
+            assert got.startswith(b"HTTP/1.") and got[8:13] in (b" 400 ", b" 505 ")
             w.close()
         await good_request(s, gw.url)
 

@@ -108,6 +108,12 @@ def test_nothing_valid_left_is_an_error_even_when_lenient(tmp_path):
         load_trace(header_only_bad, lenient=True)
 
 
+def test_a_byte_order_mark_and_crlf_line_ends_are_accepted(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + good_azure(3).replace(b"\n", b"\r\n"))
+    assert load_trace(path).prompt_tokens.tolist() == [374, 374, 374]
+
+
 def test_lengths_at_the_bounds_and_integral_floats(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_bytes(mooncake_row(0, inp=1, out=MAX_TRACE_TOKENS) + mooncake_row(5, inp=7.0))
