@@ -460,6 +460,7 @@ class Gateway:
             srv.close()
         self._servers.clear()
         for guarded in self._guarded:
+            guarded.close()
             guarded.close_unserved()
         for runner in self._runners:
             await runner.cleanup()
@@ -484,15 +485,16 @@ class Gateway:
     async def _route(self, request: Any) -> Any:
         conn = mark_busy(request)
         try:
+            if request.method == "POST" and request.path in ADMITTED_PATHS:
+                return await self._admitted(request)
             return await self._dispatch(request)
         finally:
             mark_idle(conn, request)
 
     async def _dispatch(self, request: Any) -> Any:
+        """Everything but an admitted request."""
         web = self._web
         path, method = request.path, request.method
-        if method == "POST" and path in ADMITTED_PATHS:
-            return await self._admitted(request)
         expect = request.headers.get("Expect")
         if expect is not None:
             refused = await self._expect(request, expect)
@@ -536,7 +538,8 @@ class Gateway:
             return self._refusal(413, "body_too_large",
                                  f"request body of {n} bytes is over {c.max_body_b}")
         body = _Body(self.budget)
-        if n and not await self.budget.take(n, c.body_timeout_s):
+        if n and not self.budget.take_nowait(n) and not await self.budget.take(n,
+                                                                              c.body_timeout_s):
             return self._refusal(503, "buffer_full", "too many request bodies in memory; retry",
                                  retry_after_s=1)
         body.held_b = n or 0

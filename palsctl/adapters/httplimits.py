@@ -164,11 +164,17 @@ class ByteBudget:
             return True
         return False
 
+    def take_nowait(self, n: int) -> bool:
+        """`take` without waiting: True if ``n`` bytes were taken now (queue order kept)."""
+        if self._fits(n) and (not self._waiters or n <= self._small_b):
+            self._hold(n)
+            return True
+        return False
+
     async def take(self, n: int, timeout_s: float) -> bool:
         if n > (self.limit_b if n <= self._small_b else self.large_limit_b):
             return False
-        if self._fits(n) and (not self._waiters or n <= self._small_b):
-            self._hold(n)
+        if self.take_nowait(n):
             return True
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (n, fut)
@@ -240,7 +246,7 @@ class _Conn(asyncio.Protocol):
     only once a first request head is complete (kept in ``pending`` until then): a connection
     that never sends one costs little."""
 
-    __slots__ = ("server", "inner", "transport", "state", "timer", "head_b", "tail", "pending",
+    __slots__ = ("server", "inner", "transport", "state", "since_s", "head_b", "tail", "pending",
                  "opened_s", "line", "line_ok")
 
     def __init__(self, server: "GuardedServer") -> None:
@@ -249,7 +255,7 @@ class _Conn(asyncio.Protocol):
         self.inner: Any = None
         self.transport: Any = None
         self.state = _IDLE
-        self.timer: asyncio.TimerHandle | None = None
+        self.since_s = 0.0         # when the current idle or head state began (loop time)
         self.head_b = 0
         self.tail = b""
         self.pending: list[bytes] = []
@@ -327,7 +333,6 @@ class _Conn(asyncio.Protocol):
         return self.inner.eof_received()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._cancel_timer()
         self.server._forget(self)
         self.state = _CLOSED
         if self.inner is not None:
@@ -341,56 +346,41 @@ class _Conn(asyncio.Protocol):
         if self.inner is not None:
             self.inner.resume_writing()
 
-    # ------------------------------------------------------------ states
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
+    # ------------------------------------------------------------ states (the server's sweep
+    # enforces the timeouts: no timer is made per request)
     def _to_idle(self) -> None:
-        self._cancel_timer()
         self.state = _IDLE
         self.head_b, self.tail = 0, b""
+        self.since_s = self.server.loop.time()
         self.server._set_waiting(self, idle=True)
-        self.timer = self.server.loop.call_later(self.server.limits.keepalive_timeout_s,
-                                                 self._idle_expired)
 
     def _to_head(self) -> None:
-        self._cancel_timer()
         self.state = _HEAD
         self.line, self.line_ok = b"", False
+        self.since_s = self.server.loop.time()
         self.server._set_waiting(self, idle=False)
-        self.timer = self.server.loop.call_later(self.server.limits.header_timeout_s,
-                                                 self._head_expired)
 
     def _to_busy(self) -> None:
         if self.state == _BUSY or self.state == _CLOSED:
             return
-        self._cancel_timer()
         self.state = _BUSY
         self.server._set_busy(self)
 
-    def _idle_expired(self) -> None:
-        self.timer = None
-        if self.state != _IDLE or self.transport is None:
-            return
+    def _idle_expired(self, now_s: float) -> None:
         if self.transport.get_write_buffer_size():    # a response is still being written
-            self.timer = self.server.loop.call_later(self.server.limits.keepalive_timeout_s,
-                                                     self._idle_expired)
+            self.since_s = now_s
+            self.server._set_waiting(self, idle=True)
             return
         self.server.counters["idle_closed"] += 1
         self.state = _CLOSED
         self.server._forget(self)
         self.transport.close()
 
-    def _head_expired(self) -> None:
-        self.timer = None
-        if self.state == _HEAD:
-            self.server.counters["header_timeouts"] += 1
-            self._close_with(_408)
+    def _head_expired(self, now_s: float) -> None:
+        self.server.counters["header_timeouts"] += 1
+        self._close_with(_408)
 
     def _close_with(self, reply: bytes) -> None:
-        self._cancel_timer()
         self.state = _CLOSED
         self.server._forget(self)
         tr = self.transport
@@ -404,7 +394,7 @@ class _Conn(asyncio.Protocol):
 
 
 def mark_busy(request: Any) -> Any:
-    """A request handler starts: the connection's idle and head timers stop. Returns a token
+    """A request handler starts: the connection's idle and head timeouts stop. Returns a token
     for `mark_idle` (None where the connection is not guarded or already gone)."""
     tr = request.transport
     conn = tr.get_protocol() if tr is not None else None
@@ -415,7 +405,7 @@ def mark_busy(request: Any) -> Any:
 
 
 def mark_idle(conn: Any, request: Any) -> None:
-    """The handler returned: the connection waits for its next request (keep-alive timer).
+    """The handler returned: the connection waits for its next request (keep-alive timeout).
     While an unread request body is still arriving it stays busy: aiohttp reads and discards
     the rest for a bounded time, or closes the connection."""
     if conn is not None and conn.state == _BUSY and request.content.is_eof():
@@ -443,6 +433,34 @@ class GuardedServer:
         self._fresh: dict[_Conn, None] = {}
         self._idles: dict[_Conn, None] = {}
         self._lingering = 0
+        lim = limits
+        self.sweep_period_s = max(0.005, min(0.25, lim.header_timeout_s / 8,
+                                             lim.keepalive_timeout_s / 8))
+        self._sweeper = self.loop.create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_period_s)
+            self.sweep(self.loop.time())
+
+    def sweep(self, now_s: float) -> None:
+        """Close the connections whose head or idle time ran out (at loop time ``now_s``).
+        Each waiting list is in the order its states began, so a pass stops at the first
+        connection with time left."""
+        lim = self.limits
+        for waiting, timeout_s, expire in (
+                (self._heads, lim.header_timeout_s, _Conn._head_expired),
+                (self._fresh, lim.keepalive_timeout_s, _Conn._idle_expired),
+                (self._idles, lim.keepalive_timeout_s, _Conn._idle_expired)):
+            while waiting:
+                conn = next(iter(waiting))
+                if now_s - conn.since_s < timeout_s:
+                    break
+                expire(conn, now_s)      # leaves the list, or goes to its end
+
+    def close(self) -> None:
+        """Stop the sweep (the listener is closed by its owner)."""
+        self._sweeper.cancel()
 
     def __call__(self) -> _Conn:
         return _Conn(self)
@@ -493,7 +511,6 @@ class GuardedServer:
         for conn in list(self.open):
             if conn.inner is None:
                 self._forget(conn)
-                conn._cancel_timer()
                 conn.state = _CLOSED
                 conn.transport.close()
 
