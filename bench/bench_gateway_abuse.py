@@ -302,7 +302,8 @@ def start_gateway(upstream: str, budget_s: float, *, src: str | None,
                                                                               str]:
     env = dict(os.environ, PALSCTL_GATEWAY_TOKEN="bench-token-0123456789")
     if src:
-        env["PYTHONPATH"] = os.path.abspath(src)
+        src = os.path.abspath(src)
+        env["PYTHONPATH"] = src
 
     def limit() -> None:
         if nofile:
@@ -313,6 +314,7 @@ def start_gateway(upstream: str, budget_s: float, *, src: str | None,
                              "--listen", "127.0.0.1:0", "--control", "127.0.0.1:0",
                              "--max-concurrency", "64", "--duration-s", str(budget_s), *extra],
                             stdout=subprocess.PIPE, text=True, env=env, preexec_fn=limit,
+                            cwd=src,       # `-m` puts the working directory first on sys.path
                             stderr=open(LOG, "a") if LOG else subprocess.DEVNULL)
     m = re.search(r"gateway (http://\S+)", proc.stdout.readline())
     if not m:

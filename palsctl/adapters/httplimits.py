@@ -247,7 +247,7 @@ class _Conn(asyncio.Protocol):
     that never sends one costs little."""
 
     __slots__ = ("server", "inner", "transport", "state", "since_s", "head_b", "tail", "pending",
-                 "opened_s", "line", "line_ok")
+                 "opened_s", "line", "line_ok", "waiting")
 
     def __init__(self, server: "GuardedServer") -> None:
         self.server = server
@@ -256,6 +256,7 @@ class _Conn(asyncio.Protocol):
         self.transport: Any = None
         self.state = _IDLE
         self.since_s = 0.0         # when the current idle or head state began (loop time)
+        self.waiting: dict | None = None   # the server's list of waiting connections it is in
         self.head_b = 0
         self.tail = b""
         self.pending: list[bytes] = []
@@ -492,18 +493,16 @@ class GuardedServer:
         self._set_busy(conn)
 
     def _set_waiting(self, conn: _Conn, *, idle: bool) -> None:
-        self._set_busy(conn)
-        if not idle:
-            self._heads[conn] = None
-        elif conn.inner is None:
-            self._fresh[conn] = None
-        else:
-            self._idles[conn] = None
+        if conn.waiting is not None:
+            del conn.waiting[conn]
+        waiting = self._heads if not idle else self._fresh if conn.inner is None else self._idles
+        waiting[conn] = None
+        conn.waiting = waiting
 
     def _set_busy(self, conn: _Conn) -> None:
-        self._heads.pop(conn, None)
-        self._fresh.pop(conn, None)
-        self._idles.pop(conn, None)
+        if conn.waiting is not None:
+            del conn.waiting[conn]
+            conn.waiting = None
 
     def close_unserved(self) -> None:
         """Close the connections that never completed a request head (aiohttp's shutdown does
