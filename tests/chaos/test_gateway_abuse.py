@@ -266,7 +266,7 @@ def test_a_flood_of_slow_connections_leaves_good_clients_served():
         up = await DigestUpstream().start()
         try:
             async with running_gateway(up.url, max_connections=40, header_timeout_s=0.5,
-                                       keepalive_timeout_s=1.0) as gw:
+                                       keepalive_timeout_s=5.0) as gw:
                 gw._guarded[0].limits.grace_s = 0.1
                 loop = asyncio.get_running_loop()
                 host, port = hostport(gw.url)
@@ -300,8 +300,9 @@ def test_a_flood_of_slow_connections_leaves_good_clients_served():
                         await asyncio.sleep(0.02)
                 stop = True
                 assert seen_max <= 40 and opened > 120          # evicted ones came back
-                assert gw._counters["connections_evicted"] + gw._counters["header_timeouts"] \
-                    > 80
+                c = gw._counters                                # 120 cannot fit in 40
+                assert c["connections_evicted"] + c["connections_refused"] \
+                    + c["header_timeouts"] >= 80
                 for _ in range(300):                            # all gone once clients are
                     if gw.connections == 0:
                         break
