@@ -5,9 +5,10 @@ A run is cut into segments wherever the power budget, the power target or the th
 target changes by more than 1 % (the events `palsctl.metrics` scores settling on). For each
 segment in turn, every candidate (cap, batch limit) of a grid is simulated over the segment from
 the state the previous segments left (the plant is copied, queue and all), and scored on that
-segment alone by `palsctl.metrics.summarize`. Candidates whose measured power goes over the
-budget after the segment's first window are dropped (unless every one does: the controllers are
-held to the same rule). The choice is QoS first: among candidates within ``qos_slack``
+segment alone by `palsctl.metrics.summarize`. Candidate caps stay below the segment's budget ×
+(1 − ``budget_margin``) ÷ GPUs — the budget discipline of the model-based controllers, which
+keeps the measured power inside the budget despite the sensor's noise — and that ceiling is a
+candidate itself. The choice is QoS first: among candidates within ``qos_slack``
 (absolute) of the lowest QoS violation rate any candidate reaches, the highest tokens/J. The run continues from the chosen candidate's state. So for every segment no fixed
 configuration of the grid has a lower violation rate by more than ``qos_slack``, or more tokens/J
 at a violation rate within it: a true reference for fixed configurations — not for adaptive
@@ -81,18 +82,17 @@ def segments(schedule: Callable[[float], Any], n_steps: int, dt_s: float) -> lis
     return out
 
 
-def _score(summary: dict[str, Any], dt_s: float) -> tuple[float, float, bool]:
-    """(QoS violation rate, tokens/J, within budget: no window over it after the first)."""
+def _score(summary: dict[str, Any]) -> tuple[float, float]:
+    """(QoS violation rate, tokens/J) of a segment."""
     q = summary.get("qos_violation_rate")
     t = summary.get("tokens_per_joule")
-    over = summary.get("time_over_budget_s") or 0.0
-    return (0.0 if q is None else float(q)), (0.0 if t is None else float(t)), \
-        over <= dt_s + 1e-9
+    return (0.0 if q is None else float(q)), (0.0 if t is None else float(t))
 
 
 def hindsight_run(cfg: ExperimentConfig, *, seed: int | None = None,
                   caps_w: Sequence[float] | None = None,
                   batches: Sequence[int] = DEFAULT_BATCHES, qos_slack: float = 0.0,
+                  budget_margin: float = 0.015,
                   progress: Callable[[int, int], None] | None = None
                   ) -> tuple[RunRecord, list[HindsightChoice]]:
     """Simulate the hindsight reference of ``cfg`` (see the module doc).
@@ -105,12 +105,14 @@ def hindsight_run(cfg: ExperimentConfig, *, seed: int | None = None,
         Overrides the experiment's seed.
     caps_w : sequence of float, optional
         Per-GPU caps to try (default: every 25 W from the minimum to the maximum limit); caps
-        above a segment's budget ÷ GPUs are not tried there (the fixed controller would lower
-        them to it, which the grid's top cap already covers).
+        above a segment's budget × (1 − ``budget_margin``) ÷ GPUs are not tried there, that
+        ceiling is.
     batches : sequence of int
         Batch limits to try.
     qos_slack : float
         Absolute QoS violation rate tolerated above the segment's best for more tokens/J.
+    budget_margin : float
+        Fraction of the budget kept free (as the model-based controllers' default).
     progress : callable, optional
         ``progress(done, total)`` after each simulated candidate.
 
@@ -141,7 +143,8 @@ def hindsight_run(cfg: ExperimentConfig, *, seed: int | None = None,
     plans = []
     for k0, _ in segs:
         budget = schedule((k0 + 1) * loop.dt_s).power_budget_w
-        top = lim.power_cap_max_w if budget is None else budget / lim.num_gpus
+        top = lim.power_cap_max_w if budget is None else \
+            lim.per_gpu_w(budget * (1.0 - budget_margin))
         cs = [c for c in caps if c <= top + 1e-9] or [caps[0]]
         if budget is not None and lim.clamp_cap_w(top) not in cs and top >= caps[0]:
             cs.append(lim.clamp_cap_w(top))
@@ -157,14 +160,13 @@ def hindsight_run(cfg: ExperimentConfig, *, seed: int | None = None,
                 branch.step()
             part = dataclasses.replace(branch.record, steps=branch.record.steps[k0:k1],
                                        requests=[])
-            results.append((_score(summarize(part), loop.dt_s), cap, batch, branch))
+            results.append((_score(summarize(part)), cap, batch, branch))
             done += 1
             if progress is not None:
                 progress(done, total)
-        results = [r for r in results if r[0][2]] or results   # within the budget
         q_min = min(r[0][0] for r in results)
         ok = [r for r in results if r[0][0] <= q_min + qos_slack + 1e-12]
-        (q, t, _), cap, batch, loop = max(ok, key=lambda r: (r[0][1], -r[0][0]))
+        (q, t), cap, batch, loop = max(ok, key=lambda r: (r[0][1], -r[0][0]))
         choices.append(HindsightChoice(t0_s=k0 * loop.dt_s, t1_s=k1 * loop.dt_s,
                                        power_cap_w=cap, max_batch=batch,
                                        qos_violation_rate=q, tokens_per_joule=t,
