@@ -14,12 +14,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "missed")
     parser.add_argument("--json", metavar="PATH",
                         help="write the full report (per-row table) as JSON")
-    parser.add_argument("--data", metavar="PATH",
-                        help="ML.ENERGY llm_configs.csv (default: the shared data folder)")
+    parser.add_argument("--data", metavar="DIR",
+                        help="the data folder holding mlenergy-v3/llm_configs.csv (default: "
+                             "PALSCTL_DATA, else the data folder beside a source checkout, else "
+                             "the user cache; see palsctl data)")
+    parser.add_argument("--csv", metavar="PATH",
+                        help="the ML.ENERGY llm_configs.csv file itself (instead of --data)")
     parser.add_argument("--write", metavar="PATH",
                         help="write the fitted constants file (the committed one is "
                              "palsctl/data/calibration.json)")
-    parser.add_argument("--plot", metavar="PATH",
+    parser.add_argument("--plot", metavar="PNG",
                         help="write a predicted-vs-measured PNG (throughput, power, median ITL)")
     parser.add_argument("--no-lofo", action="store_true",
                         help="skip the leave-one-family-out refits")
@@ -65,6 +69,32 @@ def print_summary(report: dict) -> None:
             print(_line(f"{grp.upper()} leave out {fam}", s))
 
 
+def _csv_path(args: argparse.Namespace) -> str | None:
+    """The ML.ENERGY CSV: ``--csv``, else inside ``--data`` (a folder; a file there is the old
+    meaning of ``--data``, still accepted with a warning), else None (the data folder lookup)."""
+    import sys
+    from pathlib import Path
+
+    from palsctl.errors import ConfigError
+    from palsctl.plants.sim import calibration as cal
+
+    from palsctl.paths import data_file
+
+    if args.csv is not None and args.data is not None:
+        raise ConfigError("give --csv or --data, not both", key="--csv", value=args.csv)
+    if args.data is None and args.csv is None:
+        return None
+    key, path = ("--csv", Path(args.csv)) if args.csv is not None else ("--data", Path(args.data))
+    if key == "--data" and not (path.suffix.lower() == ".csv" or path.is_file()):
+        return str(data_file(cal.DATA_RELATIVE, explicit=path))   # the data folder
+    if key == "--data":
+        print("palsctl calibrate: warning: --data with a CSV file is deprecated; use --csv "
+              "(--data names the data folder)", file=sys.stderr)
+    if not path.is_file():
+        raise ConfigError("file not found", key=key, value=str(path))
+    return str(path)
+
+
 def main(args: argparse.Namespace) -> int:
     import json
     import sys
@@ -75,7 +105,8 @@ def main(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(f"calibrate: {msg}", file=sys.stderr, flush=True)
 
-    rows = cal.load_rows(args.data, with_excluded=True)
+    csv_path = _csv_path(args)
+    rows = cal.load_rows(csv_path, with_excluded=True)
     committed = {"h100": default_constants("h100-sxm"), "b200": default_constants("b200")}
     if args.check:
         report = cal.evaluate(committed, rows)
@@ -83,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
             report.update(cal.leave_one_family_out(rows, committed, progress=progress))
     else:
         # from the built-in starting values, so the committed file is reproducible
-        report = cal.calibrate(args.data, lofo=not args.no_lofo, progress=progress, rows=rows)
+        report = cal.calibrate(csv_path, lofo=not args.no_lofo, progress=progress, rows=rows)
     if not args.quiet:
         _print_rows("H100 rows (fitted: H100 constants)", report["rows_h100"])
         _print_rows("B200 rows (fitted: B200 constants)", report["rows_b200"])

@@ -75,8 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", default=None, help=f"control token file (created, mode "
                    f"0600, when missing; refused when others may read it); default: "
                    f"${TOKEN_ENV}, else a random token printed at start")
-    p.add_argument("--upstream-timeout-s", type=float, default=600.0)
-    p.add_argument("--duration-s", type=float, default=None,
+    p.add_argument("--upstream-timeout-s", type=float, default=600.0, metavar="S",
+                   help="connect / read timeout towards the upstream server (default 600)")
+    p.add_argument("--duration-s", type=float, default=None, metavar="S",
                    help="stop after this many seconds (default: run until SIGINT/SIGTERM)")
     g = p.add_argument_group("limits on clients")
     g.add_argument("--max-body-mib", type=float, default=64.0,

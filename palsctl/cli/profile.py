@@ -8,6 +8,8 @@ HELP = ("profile the configured plant (default: the default experiment's) over p
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from palsctl.cli.options import deprecated_alias
+
     parser.add_argument("config", nargs="?", metavar="CONFIG",
                         help="experiment TOML whose [plant] (and workload lengths) to profile "
                              "(default: the embedded default experiment)")
@@ -24,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="then fit a parametric model and profile K more grid points where "
                              "it places the tokens/J-best configurations for a range of "
                              "throughput targets (default 0)")
-    parser.add_argument("--out", metavar="CSV", default="profile.csv",
-                        help="output CSV; an existing file is resumed (default: profile.csv)")
+    parser.add_argument("--csv", metavar="PATH", default="profile.csv", dest="out",
+                        help="the profile CSV to write; an existing file is resumed (default: "
+                             "profile.csv)")
+    deprecated_alias(parser, "--out", "--csv", dest="out", metavar="PATH")
     parser.add_argument("--warmup-s", type=float, default=30.0, metavar="S",
                         help="warm-up per point before measuring (default: 30)")
     parser.add_argument("--window-s", type=float, default=60.0, metavar="S",

@@ -16,7 +16,7 @@ def _rows(path):
 def test_profile_fit_plot(tmp_path, capsys):
     out = tmp_path / "profile.csv"
     args = ["profile", "--caps", "100:400:100", "--batches", "1,8,64", "--sample", "6",
-            "--warmup-s", "15", "--window-s", "15", "--out", str(out)]
+            "--warmup-s", "15", "--window-s", "15", "--csv", str(out)]
     assert main(args + ["-q"]) == 0
     rows = _rows(out)
     assert len(rows) == 6

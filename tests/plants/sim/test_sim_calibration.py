@@ -49,7 +49,7 @@ def test_check_report_flags_a_bad_plant(rows):
 def test_cli_check_passes_and_writes_json(tmp_path, capsys, shared_data):
     out = tmp_path / "report.json"
     rc = cli_main(["calibrate", "--check", "--no-lofo", "--quiet", "--json", str(out),
-                   "--data", str(shared_data / cal.DATA_RELATIVE)])
+                   "--data", str(shared_data)])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "all calibration targets met" in text and "H100" in text
@@ -58,18 +58,26 @@ def test_cli_check_passes_and_writes_json(tmp_path, capsys, shared_data):
 
 
 def test_cli_missing_data_file_is_one_line_error(tmp_path, capsys):
-    rc = cli_main(["calibrate", "--check", "--data", str(tmp_path / "nope.csv")])
+    rc = cli_main(["calibrate", "--check", "--csv", str(tmp_path / "nope.csv")])
     err = capsys.readouterr().err
-    assert rc == 2 and "nope.csv" in err and "Traceback" not in err
+    assert rc == 2 and "nope.csv" in err and "--csv" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+    # --data names a data folder: one without the file says which file and how to get it
+    rc = cli_main(["calibrate", "--check", "--data", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "llm_configs.csv" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_wrong_csv_is_one_line_error(tmp_path, capsys):
     f = tmp_path / "x.csv"
     f.write_text("a,b\n1,2\n")
-    rc = cli_main(["calibrate", "--check", "--data", str(f)])
+    rc = cli_main(["calibrate", "--check", "--csv", str(f)])
     err = capsys.readouterr().err
     assert rc == 2 and "missing columns" in err
+    # the old meaning of --data (the CSV itself) still works, with a warning
+    rc = cli_main(["calibrate", "--check", "--data", str(f)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "missing columns" in err and "--data with a CSV file is deprecated" in err
 
 
 # ---- Hugging Face configs ------------------------------------------------------------------
