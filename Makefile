@@ -2,7 +2,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install bench clean
+.PHONY: demo test lint install bench clean
 
 $(BIN)/.installed: pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH"; exit 1; }
@@ -26,6 +26,14 @@ $(VLLM_BIN)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/palsctl run
+
+# ruff (pyflakes, pycodestyle, bugbear, pydocstyle, isort) on the tree, mypy on palsctl (strict
+# on types, interfaces and controllers); every ``# noqa`` says why (``# noqa: CODE - reason``).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	@! grep -rnE --include='*.py' '# noqa(: *[A-Z]+[0-9]+( *, *[A-Z]+[0-9]+)*)? *$$' \
+		palsctl tests bench examples || { echo 'a "# noqa" needs a reason: # noqa: CODE - why'; exit 1; }
 
 test: install $(VLLM_BIN)/.installed
 	$(BIN)/python -m pytest -q --ignore=tests/real_vllm
