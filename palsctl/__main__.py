@@ -1,3 +1,4 @@
+"""``python -m palsctl``: the command line."""
 import sys
 
 from palsctl.cli import main

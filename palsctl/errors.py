@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+__all__ = ["ActuatorError", "ConfigError", "HardwareError", "ModelFileError", "PalsctlError",
+           "PalsctlWarning", "SensorError", "UnknownNameError"]
+
 
 class PalsctlError(Exception):
     """Base class of every error palsctl raises on purpose."""
@@ -13,8 +16,19 @@ class PalsctlError(Exception):
 class ConfigError(PalsctlError, ValueError):
     """Invalid configuration: names the file (if any), the key and the offending value.
 
-    ``message`` is the bare message; ``errors`` every error found (one, or several when a
-    validator reports them all at once: `collect`). ``str()`` has one line per error.
+    ``str()`` has one line per error; ``errors`` holds every error found (one, or several when a
+    validator reports them all at once: `collect`).
+
+    Parameters
+    ----------
+    message : str
+        The bare message (what is wrong).
+    file : str or None
+        The file the value came from.
+    key : str or None
+        Dotted key of the value (``controller.margin``).
+    value : object
+        The offending value (shown as ``(got ...)`` when a key is given).
     """
 
     def __init__(self, message: str, *, file: str | None = None, key: str | None = None,
@@ -33,9 +47,19 @@ class ConfigError(PalsctlError, ValueError):
 
     @classmethod
     def collect(cls, errors: Sequence[ConfigError]) -> ConfigError:
-        """One exception for several errors (flattened): the error itself when there is one;
-        otherwise one whose ``str()`` has a line per error and whose ``file``/``key``/``value``
-        are the first error's."""
+        """Make one exception of several errors (flattened).
+
+        Parameters
+        ----------
+        errors : sequence of ConfigError
+            At least one error (each may hold several).
+
+        Returns
+        -------
+        ConfigError
+            The error itself when there is one; otherwise one whose ``str()`` has a line per
+            error and whose ``file``/``key``/``value`` are the first error's.
+        """
         flat = tuple(e for err in errors for e in err.errors)
         if not flat:
             raise ValueError("ConfigError.collect needs at least one error")
@@ -49,7 +73,17 @@ class ConfigError(PalsctlError, ValueError):
 
 
 class UnknownNameError(PalsctlError, KeyError):
-    """Unknown preset / controller / plant name; the message lists the known names."""
+    """Unknown preset / controller / plant name; the message lists the known names.
+
+    Parameters
+    ----------
+    kind : str
+        What was looked up (``controller``, ``GPU preset``, ...).
+    name : str
+        The unknown name.
+    known : list of str
+        The names that exist.
+    """
 
     def __init__(self, kind: str, name: str, known: list[str]) -> None:
         self.kind, self.name, self.known = kind, name, sorted(known)
@@ -78,9 +112,17 @@ class SensorError(PalsctlError, RuntimeError):
 
 
 class ActuatorError(PalsctlError, RuntimeError):
-    """An actuator could not apply an action (or confirm it). ``applied`` is what is known to be
-    in force after the attempt (knobs left ``None`` are unknown). The loop records the step with
-    a fault note and keeps trying on later steps."""
+    """An actuator could not apply an action (or confirm it).
+
+    The loop records the step with a fault note and keeps trying on later steps.
+
+    Parameters
+    ----------
+    message : str
+        What failed.
+    applied : Action or None
+        What is known to be in force after the attempt (knobs left ``None`` are unknown).
+    """
 
     def __init__(self, message: str, *, applied: Any = None) -> None:
         super().__init__(message)

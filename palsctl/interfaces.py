@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, Self, cast, runtime_checkable
 
 from palsctl.types import Action, Limits, Measurement, PlantInfo, Request, RequestResult, Setpoint
+
+__all__ = ["Actuator", "Controller", "ControllerConfig", "Plant", "Sensor", "SimulatedPlant"]
 
 
 @runtime_checkable
@@ -34,8 +36,16 @@ class Actuator(Protocol):
 class Plant(ABC):
     """A serving deployment: sensor + actuator + limits + control period.
 
-    Attributes: ``limits`` (`Limits`), ``dt_s`` (control period in seconds), ``info``
-    (`PlantInfo`).
+    Attributes
+    ----------
+    limits : Limits
+        Bounds of the knobs (caps per GPU, W; batch limits).
+    dt_s : float
+        Control period, s.
+    info : PlantInfo
+        What controllers are told about the plant.
+    simulated : bool
+        True for a plant whose clock the loop advances (`SimulatedPlant`).
     """
 
     limits: Limits
@@ -44,24 +54,37 @@ class Plant(ABC):
     simulated: ClassVar[bool] = False
 
     @abstractmethod
-    def read(self) -> Measurement: ...
+    def read(self) -> Measurement:
+        """Measurement over the window since the previous read (see `Sensor.read`)."""
 
     @abstractmethod
-    def apply(self, action: Action) -> Action: ...
+    def apply(self, action: Action) -> Action:
+        """Apply an action and return what was really applied (see `Actuator.apply`)."""
 
     def submit(self, requests: Sequence[Request]) -> None:
-        """Offer requests (their ``arrival_s`` may lie in the future of the plant's clock).
-        Real plants whose load comes from outside do not implement this."""
+        """Offer requests to the plant; real plants whose load comes from outside do not.
+
+        Parameters
+        ----------
+        requests : sequence of Request
+            Requests whose ``arrival_s`` (s) may lie in the future of the plant's clock.
+        """
         raise NotImplementedError(f"{type(self).__name__} does not accept submitted requests")
 
     def completed(self) -> list[RequestResult]:
-        """Requests finished since the previous call (drained)."""
+        """Drain the requests finished since the previous call.
+
+        Returns
+        -------
+        list of RequestResult
+            The finished requests with their timings.
+        """
         return []
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: a plant with nothing to release
         """Release resources and restore any hardware settings changed."""
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -75,7 +98,8 @@ class SimulatedPlant(Plant):
 
     @property
     @abstractmethod
-    def now_s(self) -> float: ...
+    def now_s(self) -> float:
+        """The simulated clock, seconds."""
 
     @abstractmethod
     def advance(self, dt_s: float) -> None:
@@ -85,6 +109,8 @@ class SimulatedPlant(Plant):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ControllerConfig:
     """Base of every controller's frozen Config, validated with pydantic v2.
+
+    It has no field of its own; a subclass declares the tunables.
 
     A subclass declares its tunables (units in the names) with their constraints as
     ``Annotated`` types; ``from_dict`` (and so ``make_controller(name, **params)`` and the
@@ -121,21 +147,58 @@ class ControllerConfig:
 
     @classmethod
     def from_dict(cls, params: dict[str, Any], *, file: str | None = None,
-                  section: str | None = None) -> "ControllerConfig":
-        """Build from a dict (keys: field names). Every invalid key or value is reported at
-        once: a `ConfigError` with one line per error naming ``file``, ``<section>.<key>``
-        and the value (unknown keys with "did you mean")."""
+                  section: str | None = None) -> Self:
+        """Build a Config from a dict, every invalid key or value reported at once.
+
+        Parameters
+        ----------
+        params : dict
+            Field name -> value.
+        file : str or None
+            The file the values came from (named in the errors).
+        section : str or None
+            Table the keys live in (default: the class's ``section``).
+
+        Returns
+        -------
+        ControllerConfig
+            An instance of the class it is called on.
+
+        Raises
+        ------
+        ConfigError
+            One line per error naming ``file``, ``<section>.<key>`` and the value (unknown keys
+            with "did you mean").
+        """
         from palsctl.validation import config_from_dict
 
-        return config_from_dict(cls, params, file=file, section=section or cls.section)
+        return cast(Self, config_from_dict(cls, params, file=file, section=section or cls.section))
 
 
 class Controller(ABC):
     """Decides the next `Action` from a `Measurement` and a `Setpoint`.
 
     Pure: no clock, no I/O, no globals; randomness only from a generator seeded by the config.
-    Construct with a Config object or keyword parameters (``PIController(kp=...)``); unknown
-    keys raise `ConfigError`. The loop calls ``setup()`` once before the first ``step()``.
+    The loop calls `setup` once before the first `step`.
+
+    Parameters
+    ----------
+    config : ControllerConfig, optional
+        An instance of the class's ``Config`` (positional only).
+    **params
+        Or the Config's fields as keyword parameters (``PIController(margin=0.1)``); unknown
+        keys raise `ConfigError`.
+
+    Attributes
+    ----------
+    config : ControllerConfig
+        The validated configuration.
+    limits : Limits or None
+        The plant's limits once `setup` ran.
+    dt_s : float or None
+        The control period once `setup` ran, s.
+    plant_info : PlantInfo or None
+        The plant's description once `setup` ran.
     """
 
     Config: ClassVar[type[ControllerConfig]] = ControllerConfig
@@ -162,19 +225,51 @@ class Controller(ABC):
 
     @property
     def expected_dt_s(self) -> float | None:
-        """The control period the controller was tuned for (None: any). The loop refuses a
-        plant whose ``dt_s`` differs."""
+        """The control period the controller was tuned for, s (None: any).
+
+        The loop refuses a plant whose ``dt_s`` differs."""
         return getattr(self.config, "dt_s", None)
 
-    def setup(self, *, limits: Limits, dt_s: float, plant_info: PlantInfo) -> None:
-        """Bind to a plant's limits and control period; resets internal state."""
+    def setup(self, *, limits: Limits, dt_s: float, plant_info: PlantInfo | None) -> None:
+        """Bind to a plant's limits and control period; resets internal state.
+
+        Parameters
+        ----------
+        limits : Limits
+            The plant's bounds.
+        dt_s : float
+            The control period, s.
+        plant_info : PlantInfo or None
+            What the controller may know about the plant (None: nothing).
+        """
         self.limits, self.dt_s, self.plant_info = limits, dt_s, plant_info
         self.reset()
 
-    @abstractmethod
-    def step(self, measurement: Measurement, setpoint: Setpoint) -> Action: ...
+    @property
+    def bound_limits(self) -> Limits:
+        """The plant's `Limits` bound by `setup` (`RuntimeError` before it)."""
+        if self.limits is None:
+            raise RuntimeError(f"{type(self).__name__}.step() called before setup()")
+        return self.limits
 
-    def reset(self) -> None:
+    @abstractmethod
+    def step(self, measurement: Measurement, setpoint: Setpoint) -> Action:
+        """The action for this control period.
+
+        Parameters
+        ----------
+        measurement : Measurement
+            What the plant measured over the last window.
+        setpoint : Setpoint
+            What the operator asks for now (target, SLOs, power budget or target).
+
+        Returns
+        -------
+        Action
+            Per-GPU power cap (W) and batch limit; a knob left ``None`` stays as it is.
+        """
+
+    def reset(self) -> None:  # noqa: B027 - optional hook: a stateless controller has none
         """Forget internal state (integrators, filters, dwell timers)."""
 
     def diagnostics(self) -> dict[str, Any]:

@@ -17,11 +17,26 @@ __all__ = ["lazy_exports"]
 
 def lazy_exports(package: str, exports: Mapping[str, str],
                  ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """Module ``__getattr__`` and ``__dir__`` for ``package`` re-exporting ``exports``
-    (public name -> ``"module:attribute"``). A name, once imported, is kept in the package's
-    namespace (the next access is a plain attribute lookup)::
+    """Make a package's module ``__getattr__`` and ``__dir__`` that re-export names lazily.
+
+    A name, once imported, is kept in the package's namespace (the next access is a plain
+    attribute lookup)::
 
         __getattr__, __dir__ = lazy_exports(__name__, {"SimPlant": "palsctl.plants.sim:SimPlant"})
+
+    Parameters
+    ----------
+    package : str
+        The package's ``__name__``.
+    exports : mapping of str to str
+        Public name -> ``"module:attribute"``.
+
+    Returns
+    -------
+    __getattr__ : callable
+        The module ``__getattr__`` (`AttributeError` for a name not in ``exports``).
+    __dir__ : callable
+        The module ``__dir__`` (the package's names and ``exports``).
     """
     table = dict(exports)
 

@@ -113,8 +113,25 @@ def step_row(s: StepRecord) -> list[Any]:
 
 @dataclass(kw_only=True)
 class RunRecord:
-    """Everything a run produced; `palsctl.metrics.summarize` scores it. Step and request
-    times are seconds since the start of the run."""
+    """Everything a run produced; `palsctl.metrics.summarize` scores it.
+
+    Parameters
+    ----------
+    steps : list of StepRecord
+        One record per control period; times in s since the start of the run.
+    requests : list of RequestResult
+        The requests finished during the run; times in s since its start.
+    limits : Limits
+        The plant's bounds.
+    dt_s : float
+        The control period, s.
+    plant_info : PlantInfo or None
+        The plant's description.
+    controller : str
+        The controller's registered name.
+    meta : dict
+        Counts and settings of the run (``sensor_faults``, ``guard_interventions``, ...).
+    """
 
     steps: list[StepRecord]
     requests: list[RequestResult]
@@ -160,6 +177,7 @@ class StepsWriter:
         self._sync()
 
     def __call__(self, rec: StepRecord) -> None:
+        """Append one step's row (flushed; ``fsync``-ed every ``fsync_every`` rows)."""
         if self._fh is None:
             raise ValueError(f"steps file {self.path} is closed")
         self._w.writerow(step_row(rec))
@@ -170,6 +188,7 @@ class StepsWriter:
             self._fh.flush()
 
     def _sync(self) -> None:
+        assert self._fh is not None
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
@@ -270,7 +289,7 @@ class ClosedLoop:
         self._last_m: Measurement | None = None
         self._last_m_k = 0
         self._failed_callbacks: set[int] = set()
-        self._t0_plant = plant.now_s if self.simulated else 0.0
+        self._t0_plant = plant.now_s if isinstance(plant, SimulatedPlant) else 0.0
         self.k = 0
 
     @property
@@ -293,7 +312,7 @@ class ClosedLoop:
                 if self._t0_plant:
                     arrivals = [_shift(r, self._t0_plant) for r in arrivals]
                 plant.submit(arrivals)
-        if self.simulated:
+        if isinstance(plant, SimulatedPlant):
             plant.advance(dt)
         sensor_fault = ""
         try:

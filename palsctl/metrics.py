@@ -39,7 +39,8 @@ Definitions (``P`` window-mean power of all GPUs, ``B`` budget, ``X`` generated 
   new setpoint: a window is *out of spec* when the mean power over the trailing
   ``settle_window_s`` (10 s, only windows since ``t_e``) is over budget, or when the window has
   a throughput shortfall.
-  Averaging keeps sensor noise and single-second bursts from counting. The settling time is ``end of the last out-of-spec window in [t_e, next step) - t_e`` (0 when
+  Averaging keeps sensor noise and single-second bursts from counting. The settling time is
+  ``end of the last out-of-spec window in [t_e, next step) - t_e`` (0 when
   none). When the segment's final window is still out of spec the step never settled: it gets
   the segment's length and is counted in ``unsettled_steps``. ``settling_time_s`` is the worst
   (largest) over all steps, ``settling_times_s`` the list; None when the run has no step.
@@ -73,6 +74,8 @@ import numpy as np
 
 from palsctl.loop import RunRecord, StepRecord
 from palsctl.types import Setpoint
+
+__all__ = ["SUMMARY_KEYS", "binding_windows", "summarize", "trailing_means", "window_setpoints"]
 
 SUMMARY_KEYS = ("tokens_per_joule", "qos_violation_rate", "slo_attainment", "time_over_budget_s",
                 "energy_over_budget_j", "settling_time_s", "energy_j", "generated_tokens",
@@ -180,6 +183,11 @@ def summarize(record: RunRecord, *, reference: RunRecord | None = None,
         Relative bands of the over-budget and shortfall tests.
     backlog_window_s, settle_window_s : float
         Trailing windows of the shortfall and settling tests, seconds.
+
+    Returns
+    -------
+    dict
+        Metric name (unit in the name) -> value; None where a metric does not apply.
     """
     steps = record.steps
     sps = window_setpoints(steps)
@@ -216,7 +224,8 @@ def summarize(record: RunRecord, *, reference: RunRecord | None = None,
             span = cw_all[i + 1] - cw_all[lo_i]
             x_mean = (cx_all[i + 1] - cx_all[lo_i]) / span if span > 1e-12 else x[i]
             shortfall[i] = x_mean < (1 - throughput_tolerance) * sp.throughput_tok_s
-        if (sp.tpot_slo_s is not None and m.tpot_p90_s is not None and m.tpot_p90_s > sp.tpot_slo_s) \
+        if (sp.tpot_slo_s is not None and m.tpot_p90_s is not None
+                and m.tpot_p90_s > sp.tpot_slo_s) \
                 or (sp.ttft_slo_s is not None and m.ttft_p90_s is not None
                     and m.ttft_p90_s > sp.ttft_slo_s):
             latency_bad[i] = True
@@ -252,12 +261,12 @@ def summarize(record: RunRecord, *, reference: RunRecord | None = None,
     for j, e in enumerate(events):
         end = events[j + 1] if j + 1 < len(events) else n
         t_e = steps[e].t_s - steps[e].measurement.window_s
-        bad = [e + k for k in np.flatnonzero(out_of_spec(e, end))]
-        if not bad:
+        off_spec = [e + k for k in np.flatnonzero(out_of_spec(e, end))]
+        if not off_spec:
             settling.append(0.0)
         else:
-            settling.append(float(steps[bad[-1]].t_s - t_e))
-            if bad[-1] == end - 1:
+            settling.append(float(steps[off_spec[-1]].t_s - t_e))
+            if off_spec[-1] == end - 1:
                 unsettled += 1
 
     # request-level SLOs
@@ -345,7 +354,7 @@ def summarize(record: RunRecord, *, reference: RunRecord | None = None,
         "steps": n,
         "dt_s": record.dt_s,
     }
-    for k, v in summary.items():  # JSON has no NaN/inf
+    for key, v in summary.items():  # JSON has no NaN/inf
         if isinstance(v, float) and not math.isfinite(v):
-            summary[k] = None
+            summary[key] = None
     return summary

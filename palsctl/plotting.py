@@ -78,7 +78,7 @@ def plot_timeline(record: RunRecord, path: str | Path, *, title: str | None = No
 def timeline_figure(record: RunRecord, *, title: str | None = None,
                     baselines: dict[str, RunRecord] | None = None,
                     qos_window_s: float = 30.0):
-    """Four stacked panels over time (s), for a simulated or a real run:
+    """Draw four stacked panels over time (s), for a simulated or a real run.
 
     1. power of all GPUs (W) against the budget and power target;
     2. generated tokens/s (per window and its ``qos_window_s`` trailing mean) against the
@@ -189,8 +189,9 @@ def plot_overlay(records: dict[str, Any], path: Any, *, title: str | None = None
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from pathlib import Path
+
+    import matplotlib.pyplot as plt
 
     from palsctl.metrics import window_setpoints
 

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import importlib
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from palsctl.errors import UnknownNameError
+
+if TYPE_CHECKING:
+    from palsctl.interfaces import Controller, Plant
+
+__all__ = ["available", "builtin", "make_controller", "make_plant", "register", "resolve",
+           "unregister"]
 
 _REGISTRY: dict[str, dict[str, str | type]] = {
     "controller": {
@@ -36,13 +42,56 @@ _BUILTIN = {kind: dict(names) for kind, names in _REGISTRY.items()}
 _entry_points_loaded: set[str] = set()
 
 
-def register(name: str, target: str | type, *, kind: str = "controller") -> None:
-    """Register ``name`` for a class or a lazy ``"module:Class"`` path."""
+def _check_kind(kind: str) -> None:
     if kind not in _REGISTRY:
         raise ValueError(f"kind must be one of {sorted(_REGISTRY)}, got {kind!r}")
+
+
+def register(name: str, target: str | type, *, kind: str = "controller") -> None:
+    """Register a name for a class or a lazy ``"module:Class"`` path.
+
+    Parameters
+    ----------
+    name : str
+        The name (``make_controller(name)``, ``[controller] name`` of an experiment).
+    target : str or type
+        The class, or ``"module:Class"`` (imported on first use).
+    kind : {"controller", "plant"}
+        What the class is.
+
+    See Also
+    --------
+    unregister : undo a registration (tests that register a controller clean up with it).
+    """
+    _check_kind(kind)
     if isinstance(target, str) and ":" not in target:
         raise ValueError(f"target must look like 'module:Class', got {target!r}")
     _REGISTRY[kind][name] = target
+
+
+def unregister(name: str, *, kind: str = "controller") -> None:
+    """Remove a name `register` added; a built-in name goes back to palsctl's own class.
+
+    Parameters
+    ----------
+    name : str
+        A registered name.
+    kind : {"controller", "plant"}
+        What the class is.
+
+    Raises
+    ------
+    UnknownNameError
+        When ``name`` is not registered.
+    """
+    _check_kind(kind)
+    _load_entry_points(kind)
+    if name not in _REGISTRY[kind]:
+        raise UnknownNameError(kind, name, list(_REGISTRY[kind]))
+    if name in _BUILTIN[kind]:
+        _REGISTRY[kind][name] = _BUILTIN[kind][name]
+    else:
+        del _REGISTRY[kind][name]
 
 
 def _load_entry_points(kind: str) -> None:
@@ -54,18 +103,58 @@ def _load_entry_points(kind: str) -> None:
 
 
 def builtin(kind: str = "controller") -> dict[str, str]:
-    """The names palsctl itself registers for a kind, with their ``"module:Class"`` paths."""
-    return dict(_BUILTIN[kind])
+    """List the names palsctl itself registers for a kind.
+
+    Parameters
+    ----------
+    kind : {"controller", "plant"}
+        What the classes are.
+
+    Returns
+    -------
+    dict of str to str
+        Name -> ``"module:Class"`` path.
+    """
+    return {name: str(target) for name, target in _BUILTIN[kind].items()}
 
 
 def available(kind: str = "controller") -> list[str]:
-    """Registered names of a kind, sorted."""
+    """List the registered names of a kind (built-in, registered, entry points).
+
+    Parameters
+    ----------
+    kind : {"controller", "plant"}
+        What the classes are.
+
+    Returns
+    -------
+    list of str
+        The names, sorted.
+    """
     _load_entry_points(kind)
     return sorted(_REGISTRY[kind])
 
 
 def resolve(name: str, kind: str = "controller") -> type:
-    """The class registered under ``name`` (imports its module on first use)."""
+    """Find the class registered under a name (importing its module on first use).
+
+    Parameters
+    ----------
+    name : str
+        A registered name.
+    kind : {"controller", "plant"}
+        What the class is.
+
+    Returns
+    -------
+    type
+        The class.
+
+    Raises
+    ------
+    UnknownNameError
+        When ``name`` is not registered (the message lists the known names).
+    """
     _load_entry_points(kind)
     try:
         target = _REGISTRY[kind][name]
@@ -78,11 +167,37 @@ def resolve(name: str, kind: str = "controller") -> type:
     return target
 
 
-def make_controller(name: str, /, **params: Any):
-    """Instantiate the controller registered as ``name`` with keyword parameters."""
-    return resolve(name, "controller")(**params)
+def make_controller(name: str, /, **params: Any) -> Controller:
+    """Instantiate a registered controller.
+
+    Parameters
+    ----------
+    name : str
+        The controller's registered name (``"pi"``, ``"search"``, ...).
+    **params
+        Its Config's fields (units in the names); unknown keys raise `ConfigError`.
+
+    Returns
+    -------
+    Controller
+        The controller, not yet bound to a plant.
+    """
+    return cast("Controller", resolve(name, "controller")(**params))
 
 
-def make_plant(name: str, /, **params: Any):
-    """Instantiate the plant registered as ``name`` with keyword parameters."""
-    return resolve(name, "plant")(**params)
+def make_plant(name: str, /, **params: Any) -> Plant:
+    """Instantiate a registered plant.
+
+    Parameters
+    ----------
+    name : str
+        The plant's registered name (``"sim"``).
+    **params
+        Its constructor's keyword parameters.
+
+    Returns
+    -------
+    Plant
+        The plant.
+    """
+    return cast("Plant", resolve(name, "plant")(**params))

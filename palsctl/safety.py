@@ -52,9 +52,10 @@ import logging
 import math
 import numbers
 from abc import ABC, abstractmethod
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, TypeGuard
 
 from pydantic import Field
+from typing_extensions import override
 
 from palsctl.interfaces import Controller, ControllerConfig
 from palsctl.types import Action, Limits, Measurement, PlantInfo, Setpoint
@@ -71,15 +72,21 @@ _ENERGY_DROP_TOLERANCE_J = 1e-6
 class GuardConfig(ControllerConfig):
     """Tunables of the safety guard (the ``[guard]`` table of an experiment).
 
-    ``max_cap_change_w``: largest per-GPU cap change per control step, watts, > 0 (None:
-    unbounded). Decreases needed to fit the budget are exempt.
-    ``max_batch_change``: largest batch-limit change per step, >= 1 (None: unbounded).
-    ``enforce_measured_power``: compare measured power with the budget and tighten when it is
-    over (closed-loop budget enforcement, see the module doc).
-    ``power_tolerance_frac``: measured power counts as over the budget above
-    ``budget × (1 + power_tolerance_frac)`` (room for sensor noise and firmware settling), a
-    fraction in [0, 1).
-    ``power_persist_steps``: consecutive windows over that band before the guard tightens, >= 1.
+    Parameters
+    ----------
+    max_cap_change_w : float or None
+        Largest per-GPU cap change per control step, W, > 0 (None: unbounded). Decreases
+        needed to fit the budget are exempt.
+    max_batch_change : int or None
+        Largest batch-limit change per step, >= 1 (None: unbounded).
+    enforce_measured_power : bool, default True
+        Compare measured power with the budget and tighten when it is over (closed-loop budget
+        enforcement, see the module doc).
+    power_tolerance_frac : float, default 0.03
+        Measured power counts as over the budget above ``budget × (1 + power_tolerance_frac)``
+        (room for sensor noise and firmware settling), a fraction in [0, 1).
+    power_persist_steps : int, default 2
+        Consecutive windows over that band before the guard tightens, >= 1.
     """
 
     section: ClassVar[str] = "guard"
@@ -92,10 +99,21 @@ class GuardConfig(ControllerConfig):
 
 
 def budget_cap_w(limits: Limits, power_budget_w: float | None) -> tuple[float, bool]:
-    """Highest per-GPU cap on the cap grid whose sum over the GPUs fits ``power_budget_w``.
+    """Find the highest per-GPU cap on the cap grid whose sum over the GPUs fits a budget.
 
-    Returns ``(cap_w, feasible)``; ``feasible`` is False when even the minimum cap on every GPU
-    exceeds the budget (the minimum cap is returned then). No budget: the maximum cap.
+    Parameters
+    ----------
+    limits : Limits
+        The plant's bounds.
+    power_budget_w : float or None
+        Budget for all GPUs together, W (None: no budget, the maximum cap).
+
+    Returns
+    -------
+    cap_w : float
+        The cap per GPU, W (the minimum cap when even it does not fit).
+    feasible : bool
+        False when even the minimum cap on every GPU exceeds the budget.
     """
     if power_budget_w is None or not _finite(power_budget_w):
         return limits.power_cap_max_w, True
@@ -105,7 +123,7 @@ def budget_cap_w(limits: Limits, power_budget_w: float | None) -> tuple[float, b
     return limits.clamp_cap_w(per_gpu), True
 
 
-def _finite(x: Any) -> bool:
+def _finite(x: Any) -> TypeGuard[float]:
     t = type(x)
     if t is float or t is int:  # fast path for the common case
         return math.isfinite(x)
@@ -147,8 +165,15 @@ class Guard(ABC):
 
     @property
     def expected_dt_s(self) -> float | None:
-        """The control period the wrapped controller was tuned for (None: any)."""
+        """The control period the wrapped controller was tuned for, s (None: any)."""
         return self.controller.expected_dt_s
+
+    @property
+    def bound_limits(self) -> Limits:
+        """The plant's `Limits` bound by `setup` (`RuntimeError` before it)."""
+        if self.limits is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must be called before step()")
+        return self.limits
 
     def setup(self, *, limits: Limits, dt_s: float, plant_info: PlantInfo | None) -> None:
         """Bind the guard and the wrapped controller to a plant; resets both."""
@@ -165,7 +190,21 @@ class Guard(ABC):
         return self.controller.diagnostics()
 
     @abstractmethod
-    def step(self, measurement: Measurement, setpoint: Setpoint) -> GuardStep: ...
+    def step(self, measurement: Measurement, setpoint: Setpoint) -> GuardStep:
+        """Ask the controller and decide what goes to the plant.
+
+        Parameters
+        ----------
+        measurement : Measurement
+            What the plant measured over the last window.
+        setpoint : Setpoint
+            What the operator asks for now.
+
+        Returns
+        -------
+        GuardStep
+            The controller's request, the action commanded, the guard's note and fault.
+        """
 
 
 class PassThrough(Guard):
@@ -173,6 +212,7 @@ class PassThrough(Guard):
 
     name = "none"
 
+    @override
     def step(self, measurement: Measurement, setpoint: Setpoint) -> GuardStep:
         a = self.controller.step(measurement, setpoint)
         return GuardStep(requested=a, action=a)
@@ -186,7 +226,9 @@ class SafetyGuard(Guard):
     controller : Controller
         The controller to guard.
     config : GuardConfig, optional
-        The guard's tunables (or give them as keyword parameters).
+        The guard's tunables (positional only).
+    **params
+        Or `GuardConfig`'s fields as keyword parameters.
     """
 
     Config = GuardConfig
@@ -205,11 +247,13 @@ class SafetyGuard(Guard):
         self._logged_exception = False
         self.reset()
 
+    @override
     def setup(self, *, limits: Limits, dt_s: float, plant_info: PlantInfo | None) -> None:
         super().setup(limits=limits, dt_s=dt_s, plant_info=plant_info)
         extra = getattr(plant_info, "extra", None) or {}
         self._enforce = self.config.enforce_measured_power and not extra.get("dry_run")
 
+    @override
     def reset(self) -> None:
         super().reset()
         self._last_cap_w: float | None = None
@@ -225,6 +269,7 @@ class SafetyGuard(Guard):
         self.tightenings = 0
 
     # -- the step -----------------------------------------------------------------------------
+    @override
     def step(self, measurement: Measurement, setpoint: Setpoint) -> GuardStep:
         if self.limits is None:
             raise RuntimeError("SafetyGuard.setup() must be called before step()")
@@ -253,7 +298,7 @@ class SafetyGuard(Guard):
                 if not isinstance(requested, Action):
                     fault = f"controller returned {type(requested).__name__}, not Action"
                     requested = Action()
-            except Exception as exc:  # noqa: BLE001 - any controller failure must be contained
+            except Exception as exc:  # any controller failure must be contained
                 fault = f"controller raised {type(exc).__name__}"
                 self.faults += 1
                 if not self._logged_exception:
@@ -299,7 +344,7 @@ class SafetyGuard(Guard):
             self._ceiling_frac = self._batch_ceiling = None
             return
         p = m.power_w
-        lim, cfg = self.limits, self.config
+        lim, cfg = self.bound_limits, self.config
         if p <= b * (1.0 + cfg.power_tolerance_frac):
             self._over_steps = 0
             if p < b:
@@ -337,34 +382,34 @@ class SafetyGuard(Guard):
             self._ceiling_frac = None if f >= 1.0 else f
         if self._batch_ceiling is not None and headroom > self.config.power_tolerance_frac:
             nb = self._batch_ceiling + max(1, self._batch_ceiling // 4)
-            self._batch_ceiling = None if nb >= self.limits.max_batch_max else nb
+            self._batch_ceiling = None if nb >= self.bound_limits.max_batch_max else nb
 
     def _in_force_cap_w(self, m: Measurement) -> float:
         if self._last_cap_w is not None:
             return self._last_cap_w
         c = getattr(m, "power_cap_w", None)
         if _finite(c) and c > 0:
-            return self.limits.clamp_cap_w(c)
-        return self.limits.power_cap_default_w
+            return self.bound_limits.clamp_cap_w(c)
+        return self.bound_limits.power_cap_default_w
 
     def _in_force_batch(self, m: Measurement) -> int:
         if self._last_batch is not None:
             return self._last_batch
         b = getattr(m, "max_batch", None)
         if _finite(b):
-            return self.limits.clamp_batch(int(b))
-        return self.limits.max_batch_max
+            return self.bound_limits.clamp_batch(int(b))
+        return self.bound_limits.max_batch_max
 
     def _safe_action(self, cap_fit_w: float, m: Measurement) -> tuple[float, int]:
         cap = min(cap_fit_w, self._in_force_cap_w(m))
         batch = self._in_force_batch(m)
         if self._batch_ceiling is not None:
             batch = min(batch, self._batch_ceiling)
-        return self.limits.clamp_cap_w(cap), batch
+        return self.bound_limits.clamp_cap_w(cap), batch
 
     def _guard_action(self, a: Action, cap_fit_w: float, m: Measurement,
                       notes: list[str]) -> tuple[float, int]:
-        lim, cfg = self.limits, self.config
+        lim, cfg = self.bound_limits, self.config
         prev_cap = self._in_force_cap_w(m)
         prev_batch = self._in_force_batch(m)
 

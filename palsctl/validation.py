@@ -187,7 +187,7 @@ def _fields_adapter(cls: type) -> TypeAdapter:
         if _has_tuple(hint):
             hint = Annotated[hint, BeforeValidator(_as_tuples)]
         spec[f.name] = NotRequired[hint]
-    fields_type = TypedDict(f"{cls.__name__}Fields", spec)  # type: ignore[operator]
+    fields_type = TypedDict(f"{cls.__name__}Fields", spec)  # type: ignore[misc]
     fields_type.__pydantic_config__ = CONFIG_FIELDS  # type: ignore[attr-defined]
     return TypeAdapter(fields_type)
 
@@ -234,7 +234,7 @@ def config_from_dict(cls: type, params: Any, *, file: str | None, section: str) 
 def check_config_fields(config: Any) -> None:
     """Check a constructed Config's fields against their types and ``Annotated`` constraints
     (what `config_from_dict` checks before construction); raise every error at once."""
-    cls = type(config)
+    cls: type = type(config)
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if f.init}
     try:
         _fields_adapter(cls).validate_python(values)
