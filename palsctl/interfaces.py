@@ -209,6 +209,9 @@ class Controller(ABC):
     #: False for a baseline that stands for a deployment without power management: on the
     #: simulated plant `palsctl.experiment.run_experiment` runs it without the `SafetyGuard`.
     guarded: ClassVar[bool] = True
+    #: The Config field ``palsctl compare --pareto`` sweeps and the values it takes (None: the
+    #: controller has no such knob).
+    aggressiveness: ClassVar[tuple[str, tuple[float, ...]] | None] = None
 
     def __init__(self, config: ControllerConfig | None = None, /, **params: Any) -> None:
         if config is not None and params:

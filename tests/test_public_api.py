@@ -58,7 +58,8 @@ def test_readme_names_come_from_the_top_level():
 
 
 @pytest.mark.parametrize("package", ["palsctl.adapters", "palsctl.analysis", "palsctl.cluster",
-                                     "palsctl.experiment", "palsctl.models", "palsctl.plants",
+                                     "palsctl.controllers", "palsctl.experiment",
+                                     "palsctl.models", "palsctl.plants",
                                      "palsctl.plants.sim", "palsctl.testing",
                                      "palsctl.workloads"])
 def test_subpackages_export_their_main_names(package):

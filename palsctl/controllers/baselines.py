@@ -13,10 +13,17 @@ appended below.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
+
+from typing_extensions import override
 
 from palsctl.errors import ConfigError
 from palsctl.interfaces import Controller, ControllerConfig
 from palsctl.types import Action, Measurement, Setpoint
+
+__all__ = ["BatchOnlyConfig", "BatchOnlyController", "CapToBudgetConfig", "CapToBudgetController",
+           "FixedConfig", "FixedController", "StaticConfig", "StaticController", "ZeusConfig",
+           "ZeusController"]
 
 
 def _check_batch(value: object, key: str) -> None:
@@ -41,12 +48,21 @@ class StaticController(Controller):
     ``guarded = False``: a deployment without power management has no safety layer either, so
     `palsctl.experiment.run_experiment` runs it unguarded on the simulated plant (a power budget is
     then exceeded whenever the plant draws more than it). On a real plant the guard stays.
+
+    Parameters
+    ----------
+    config : StaticConfig, optional
+        The tunables (positional only).
+    **params
+        Or `StaticConfig`'s fields as keyword parameters (``max_batch``).
     """
 
     Config = StaticConfig
+    config: StaticConfig
     name = "static"
     guarded = False
 
+    @override
     def step(self, measurement: Measurement, setpoint: Setpoint) -> Action:
         lim = self.limits
         if lim is None:
@@ -54,7 +70,8 @@ class StaticController(Controller):
         return Action(power_cap_w=lim.power_cap_default_w,
                       max_batch=lim.clamp_batch(self.config.max_batch))
 
-    def diagnostics(self) -> dict:
+    @override
+    def diagnostics(self) -> dict[str, Any]:
         return {}
 
 
@@ -77,18 +94,30 @@ class CapToBudgetConfig(ControllerConfig):
 
 
 class CapToBudgetController(Controller):
-    """Per-GPU cap = power budget / number of GPUs (rounded down to the cap step), fixed batch."""
+    """Per-GPU cap = power budget / number of GPUs (rounded down to the cap step), fixed batch.
+
+    Parameters
+    ----------
+    config : CapToBudgetConfig, optional
+        The tunables (positional only).
+    **params
+        Or `CapToBudgetConfig`'s fields as keyword parameters (``max_batch``,
+        ``budget_margin``).
+    """
 
     Config = CapToBudgetConfig
+    config: CapToBudgetConfig
     name = "cap-to-budget"
 
-    def __init__(self, config: CapToBudgetConfig | None = None, /, **params) -> None:
+    def __init__(self, config: CapToBudgetConfig | None = None, /, **params: Any) -> None:
         super().__init__(config, **params)
         self._cap_w: float | None = None
 
+    @override
     def reset(self) -> None:
         self._cap_w = None
 
+    @override
     def step(self, measurement: Measurement, setpoint: Setpoint) -> Action:
         lim = self.limits
         if lim is None:
@@ -103,7 +132,8 @@ class CapToBudgetController(Controller):
         self._cap_w = cap_w
         return Action(power_cap_w=cap_w, max_batch=lim.clamp_batch(self.config.max_batch))
 
-    def diagnostics(self) -> dict:
+    @override
+    def diagnostics(self) -> dict[str, Any]:
         return {"cap_w": self._cap_w}
 
 
@@ -142,15 +172,25 @@ class ZeusController(Controller):
     """Profile every power limit from the maximum down in ``power_limit_step_w`` steps (each for
     ``warmup_s`` + ``profile_s``), measuring energy and time per generated token, then hold the
     limit minimising η·E_tok + (1 − η)·MaxPower·T_tok (MaxPower = maximum limit × GPUs). The
-    batch stays fixed. A power budget only clamps the limit (the guard would anyway)."""
+    batch stays fixed. A power budget only clamps the limit (the guard would anyway).
+
+    Parameters
+    ----------
+    config : ZeusConfig, optional
+        The tunables (positional only).
+    **params
+        Or `ZeusConfig`'s fields as keyword parameters (``eta``, ``power_limit_step_w``, ...).
+    """
 
     Config = ZeusConfig
+    config: ZeusConfig
     name = "zeus"
 
-    def __init__(self, config: ZeusConfig | None = None, /, **params) -> None:
+    def __init__(self, config: ZeusConfig | None = None, /, **params: Any) -> None:
         super().__init__(config, **params)
         self.reset()
 
+    @override
     def reset(self) -> None:
         self._limits_w: list[float] = []
         self._i = 0
@@ -172,12 +212,13 @@ class ZeusController(Controller):
     def _cost(self) -> float:
         if self._tokens <= 0:
             return float("inf")
-        lim = self.limits
+        lim = self.bound_limits
         e_tok = self._energy_j / self._tokens
         t_tok = self._time_s / self._tokens
         eta = self.config.eta
-        return eta * e_tok + (1 - eta) * lim.power_cap_max_w * lim.num_gpus * t_tok
+        return float(eta * e_tok + (1 - eta) * lim.power_cap_max_w * lim.num_gpus * t_tok)
 
+    @override
     def step(self, measurement: Measurement, setpoint: Setpoint) -> Action:
         lim, cfg, m = self.limits, self.config, measurement
         if lim is None:
@@ -201,9 +242,11 @@ class ZeusController(Controller):
             cap = min(cap, lim.per_gpu_w(total))
         return Action(power_cap_w=lim.clamp_cap_w(cap), max_batch=lim.clamp_batch(cfg.max_batch))
 
-    def diagnostics(self) -> dict:
+    @override
+    def diagnostics(self) -> dict[str, Any]:
         phase = "optimal" if self._chosen_w is not None else "profiling"
-        d = {"phase": phase, "chosen_w": self._chosen_w, "profiled_limits": len(self._costs)}
+        d: dict[str, Any] = {"phase": phase, "chosen_w": self._chosen_w,
+                             "profiled_limits": len(self._costs)}
         if self._chosen_w is not None and self._costs.get(self._chosen_w) is not None:
             d["cost"] = self._costs[self._chosen_w]
         return d
@@ -238,20 +281,31 @@ class BatchOnlyConfig(ControllerConfig):
 
 
 class BatchOnlyController(Controller):
-    """Batch-size feedback at full cap (see `BatchOnlyConfig`)."""
+    """Batch-size feedback at full cap (see `BatchOnlyConfig`).
+
+    Parameters
+    ----------
+    config : BatchOnlyConfig, optional
+        The tunables (positional only).
+    **params
+        Or `BatchOnlyConfig`'s fields as keyword parameters (``margin``, ``max_batch``, ...).
+    """
 
     Config = BatchOnlyConfig
+    config: BatchOnlyConfig
     name = "batch-only"
 
-    def __init__(self, config: BatchOnlyConfig | None = None, /, **params) -> None:
+    def __init__(self, config: BatchOnlyConfig | None = None, /, **params: Any) -> None:
         super().__init__(config, **params)
         self.reset()
 
+    @override
     def reset(self) -> None:
         self._batch: float | None = None
         self._e_prev: float | None = None
-        self._diag: dict = {}
+        self._diag: dict[str, Any] = {}
 
+    @override
     def step(self, measurement: Measurement, setpoint: Setpoint) -> Action:
         from palsctl.controllers.common import capacity_estimate
 
@@ -282,7 +336,8 @@ class BatchOnlyController(Controller):
         return Action(power_cap_w=lim.clamp_cap_w(cap),
                       max_batch=lim.clamp_batch(round(self._batch)))
 
-    def diagnostics(self) -> dict:
+    @override
+    def diagnostics(self) -> dict[str, Any]:
         return dict(self._diag)
 
 
@@ -308,11 +363,21 @@ class FixedConfig(ControllerConfig):
 
 class FixedController(Controller):
     """One fixed configuration (cap, batch limit), the cap lowered to budget / GPUs when a budget
-    is set: the candidates `hindsight` and the Pareto sweep of ``palsctl compare`` simulate."""
+    is set: the candidates `hindsight` and the Pareto sweep of ``palsctl compare`` simulate.
+
+    Parameters
+    ----------
+    config : FixedConfig, optional
+        The tunables (positional only).
+    **params
+        Or `FixedConfig`'s fields as keyword parameters (``power_cap_w``, ``max_batch``).
+    """
 
     Config = FixedConfig
+    config: FixedConfig
     name = "fixed"
 
+    @override
     def step(self, measurement: Measurement, setpoint: Setpoint) -> Action:
         lim, cfg = self.limits, self.config
         if lim is None:

@@ -5,14 +5,16 @@ The fixed batch defaults to the largest whose predicted p90 ITL meets the TPOT S
 (per the model; the launch limit without an SLO). Each step the cap is the lowest whose
 predicted throughput at that batch reaches the operator's target × (1 + ``margin``) within the
 budget (the measured demand when no target is set), plus a PI trim on ``target − measured``
-(velocity form, while requests wait; it leaks 5 %/s otherwise; bounded by ``trim_max_w``). It follows the operator's target as given: no queue,
-no arrival rate, no latency feedback — the behaviour the QoS-first controllers improve on.
+(velocity form, while requests wait; it leaks 5 %/s otherwise; bounded by ``trim_max_w``). It
+follows the operator's target as given: no queue, no arrival rate, no latency feedback — the
+behaviour the QoS-first controllers improve on.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
+from typing_extensions import override
 
 from palsctl.controllers import common
 from palsctl.controllers.model_based import ModelBasedConfig, ModelBasedController, Situation
@@ -40,17 +42,32 @@ class CapOnlyConfig(ModelBasedConfig):
 
 
 class CapOnlyController(ModelBasedController):
-    """Model-selected cap + PI trim, fixed batch (see the module docstring)."""
+    """Model-selected cap + PI trim, fixed batch (see the module docstring).
+
+    Parameters
+    ----------
+    config : CapOnlyConfig, optional
+        The tunables (positional only).
+    model : PowerPerfModel, optional
+        The offline power-performance model (None: the Config's ``model_path``, or one
+        profiled on the simulator's presets at setup).
+    **params
+        Or `CapOnlyConfig`'s fields as keyword parameters (``fixed_batch``, trim gains, ...).
+    """
 
     Config = CapOnlyConfig
+    config: CapOnlyConfig
     name = "cap-only"
     aggressiveness = ("margin", (0.4, 0.2, 0.1, 0.05, 0.0))
 
+    @override
     def reset(self) -> None:
         super().reset()
         self._batch_j: int | None = None
-        self._trim_w, self._e_prev = 0.0, None
+        self._trim_w = 0.0
+        self._e_prev: float | None = None
 
+    @override
     def decide(self, s: Situation) -> Action:
         g, cfg, m, nb = s.grid, self.config, s.measurement, s.grid.shape[1]
         if self._batch_j is None:
@@ -74,6 +91,6 @@ class CapOnlyController(ModelBasedController):
             self._trim_w *= 0.95 ** s.dt_s
             self._e_prev = None
         self._trim_w = min(max(self._trim_w, 0.0), cfg.trim_max_w)
-        cap = self.limits.clamp_cap_w(min(base + self._trim_w, s.cap_ceiling_w))
+        cap = self.bound_limits.clamp_cap_w(min(base + self._trim_w, s.cap_ceiling_w))
         self._diag = {"cap_model_w": base, "trim_w": self._trim_w, **self.base_diagnostics(s)}
         return Action(power_cap_w=cap, max_batch=int(round(g.batch[j])))

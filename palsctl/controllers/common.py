@@ -15,6 +15,10 @@ import numpy as np
 from palsctl.errors import ConfigError
 from palsctl.types import SETPOINT_FIELDS, Limits, Measurement, Setpoint
 
+__all__ = ["Choice", "Grid", "Residuals", "batch_values", "cap_values", "capacity_estimate",
+           "check_int", "check_number", "effective_batch", "is_saturated", "model_grid", "rank",
+           "rank_throughput_first", "required_throughput", "setpoint_changed"]
+
 # -- config validation helpers ---------------------------------------------------------------
 
 
@@ -34,6 +38,8 @@ def check_number(value: Any, key: str, *, lo: float | None = None, hi: float | N
 
 
 def check_int(value: Any, key: str, *, lo: int = 1, allow_none: bool = False) -> None:
+    """Raise `ConfigError` (key ``controller.<key>``) unless ``value`` is an integer >= ``lo``
+    (or None when ``allow_none``)."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
@@ -100,8 +106,8 @@ class Grid:
         caps = self.cap_w[::nb]
         lb = np.log(self.batch[:nb])
         x, y = float(cap_w), math.log(max(float(batch), 1e-9))
-        i = int(min(max(np.searchsorted(caps, x) - 1, 0), nc - 2)) if nc > 1 else 0
-        j = int(min(max(np.searchsorted(lb, y) - 1, 0), nb - 2)) if nb > 1 else 0
+        i = min(max(int(np.searchsorted(caps, x)) - 1, 0), nc - 2) if nc > 1 else 0
+        j = min(max(int(np.searchsorted(lb, y)) - 1, 0), nb - 2) if nb > 1 else 0
         fx = 0.0 if nc == 1 else min(max((x - caps[i]) / (caps[i + 1] - caps[i]), 0.0), 1.0)
         fy = 0.0 if nb == 1 else min(max((y - lb[j]) / (lb[j + 1] - lb[j]), 0.0), 1.0)
         out = []
@@ -187,6 +193,7 @@ class Residuals:
         self.reset()
 
     def reset(self) -> None:
+        """Forget the corrections (every ratio back to 1)."""
         self.throughput = 1.0
         self.power = 1.0
         self.itl = 1.0
@@ -208,6 +215,7 @@ class Residuals:
         self.itl = self._mix(self.itl, m.tpot_p90_s, itl_p)
 
     def as_dict(self) -> dict[str, float]:
+        """The corrections as diagnostics (``residual_throughput``, ``_power``, ``_itl``)."""
         return {"residual_throughput": self.throughput, "residual_power": self.power,
                 "residual_itl": self.itl}
 
@@ -272,11 +280,11 @@ def rank(grid_cap_w: np.ndarray, thr: np.ndarray, power: np.ndarray, itl: np.nda
     energy). Without a requirement the fastest candidate is chosen.
 
     Constraints: predicted throughput (capacity at the batch limit) ≥ required, predicted
-    power ≤ budget and cap × GPUs ≤ budget, predicted p90 ITL ≤ TPOT objective. **Degradation order** when nothing is feasible —
-    the budget is kept first, then throughput, then latency: (1) drop the latency objective;
-    (2) drop the throughput requirement and take the fastest candidate within the budget (those
-    meeting the latency objective preferred); (3) drop the budget and take the lowest-power
-    candidate (the safety guard then clamps the cap)."""
+    power ≤ budget and cap × GPUs ≤ budget, predicted p90 ITL ≤ TPOT objective. **Degradation
+    order** when nothing is feasible — the budget is kept first, then throughput, then latency:
+    (1) drop the latency objective; (2) drop the throughput requirement and take the fastest
+    candidate within the budget (those meeting the latency objective preferred); (3) drop the
+    budget and take the lowest-power candidate (the safety guard then clamps the cap)."""
     nc, nb = shape
     ok_budget = np.ones(thr.shape, dtype=bool)
     if budget_w is not None:

@@ -25,6 +25,7 @@ from abc import abstractmethod
 from typing import Any
 
 import numpy as np
+from typing_extensions import override
 
 from palsctl.controllers import common
 from palsctl.controllers.model_source import ensure_model
@@ -40,22 +41,42 @@ __all__ = ["ModelBasedConfig", "ModelBasedController", "Situation"]
 class ModelBasedConfig(ControllerConfig):
     """Tunables every model-based controller shares (units in the names).
 
-    ``model_path``: model file from ``palsctl fit`` (None: the model given at construction, or
-    one profiled on the simulator's presets for the plant). ``margin``: capacity kept over the
-    demand (fraction). ``budget_margin``: predicted power and the total cap are kept below
-    budget × (1 − it) — the sensor's noise then stays inside the budget. ``latency_margin``: the
-    predicted p90 ITL must stay below TPOT SLO × (1 − it). ``cap_step_w``: grid spacing of
-    per-GPU caps. ``max_batch``: largest batch limit considered (None: the plant's launch limit).
-    ``residual_alpha`` / ``residual_bound``: EWMA weight and clip of the measured/predicted
-    correction. ``demand_tau_s`` / ``burst_tau_s``: time constants of the slow and the fast
-    average of the measured arrival rate (the larger counts; None: no fast one). ``drain_s``: the
-    waiting queue is served within this horizon. ``qos_guard`` / ``ttft_guard``: fractions of the
-    TPOT / TTFT SLO at which the feasible set tightens; ``qos_memory_s``: how long the tightening
-    takes to decay (the aggressiveness knob: shorter saves more energy and risks more SLO
-    misses). ``hysteresis``: relative capacity shortfall tolerated before the configuration in
-    force counts as infeasible (keeps the knobs still under a noisy demand). ``dwell_s``: time
-    since the last cap increase or latency tightening before the cap may come down. ``dt_s``:
-    control period the controller is tuned for (None: any).
+    Parameters
+    ----------
+    model_path : str or None
+        Model file from ``palsctl fit`` (None: the model given at construction, or one profiled
+        on the simulator's presets for the plant).
+    margin : float, default 0.1
+        Capacity kept over the demand (fraction).
+    budget_margin : float, default 0.015
+        Predicted power and the total cap are kept below budget × (1 − it): the sensor's noise
+        then stays inside the budget.
+    latency_margin : float, default 0.0
+        The predicted p90 ITL must stay below TPOT SLO × (1 − it).
+    cap_step_w : float, default 10.0
+        Grid spacing of the per-GPU caps, W.
+    max_batch : int or None
+        Largest batch limit considered (None: the plant's launch limit).
+    residual_alpha, residual_bound : float, default 0.1 and 2.0
+        EWMA weight and clip of the measured/predicted correction.
+    demand_tau_s : float, default 60.0
+        Time constant of the slow average of the measured arrival rate, s.
+    burst_tau_s : float or None, default 10.0
+        Time constant of the fast average, s (the larger average counts; None: no fast one).
+    drain_s : float, default 30.0
+        The waiting queue is served within this horizon, s.
+    qos_guard, ttft_guard : float, default 0.85 and 0.6
+        Fractions of the TPOT / TTFT SLO at which the feasible set tightens.
+    qos_memory_s : float, default 180.0
+        How long the tightening takes to decay, s (the aggressiveness knob: shorter saves more
+        energy and risks more SLO misses).
+    hysteresis : float, default 0.05
+        Relative capacity shortfall tolerated before the configuration in force counts as
+        infeasible (keeps the knobs still under a noisy demand).
+    dwell_s : float, default 30.0
+        Time since the last cap increase or latency tightening before the cap may come down, s.
+    dt_s : float or None
+        Control period the controller is tuned for, s (None: any).
     """
 
     model_path: str | None = None
@@ -177,9 +198,20 @@ class ModelBasedController(Controller):
     Subclasses set ``Config`` (a `ModelBasedConfig` subclass) and ``name`` and implement
     `decide`; they may override `build_grid` (``search-truth`` reads the simulator's ground
     truth instead of a model) and `reset` (calling ``super().reset()``).
+
+    Parameters
+    ----------
+    config : ModelBasedConfig, optional
+        The tunables (positional only).
+    model : PowerPerfModel, optional
+        The offline power-performance model (None: the Config's ``model_path``, or one
+        profiled on the simulator's presets at setup).
+    **params
+        Or the Config's fields as keyword parameters.
     """
 
     Config = ModelBasedConfig
+    config: ModelBasedConfig
     needs_model = True
 
     def __init__(self, config: ModelBasedConfig | None = None, /, *, model: Any = None,
@@ -196,16 +228,38 @@ class ModelBasedController(Controller):
         self.reset()
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def build_grid(self, limits: Limits, plant_info: PlantInfo) -> common.Grid:
-        """The candidate grid with its predictions (the offline model's by default)."""
+    def build_grid(self, limits: Limits, plant_info: PlantInfo | None) -> common.Grid:
+        """Build the candidate grid with its predictions (the offline model's by default).
+
+        Parameters
+        ----------
+        limits : Limits
+            The plant's bounds (caps per GPU, W; batch limits).
+        plant_info : PlantInfo or None
+            The plant's description (for a model profiled on the simulator's presets).
+
+        Returns
+        -------
+        common.Grid
+            Every (cap, batch) candidate and its predicted throughput, power and p90 ITL.
+        """
         ensure_model(self, plant_info)
         return common.model_grid(self.model, limits, cap_step_w=self.config.cap_step_w,
                                  max_batch=self.config.max_batch)
 
-    def setup(self, *, limits: Limits, dt_s: float, plant_info: PlantInfo) -> None:
+    @property
+    def grid(self) -> common.Grid:
+        """The candidate grid built at setup (`RuntimeError` before it)."""
+        if self._grid is None:
+            raise RuntimeError(f"{type(self).__name__}.step() called before setup()")
+        return self._grid
+
+    @override
+    def setup(self, *, limits: Limits, dt_s: float, plant_info: PlantInfo | None) -> None:
         self._grid = self.build_grid(limits, plant_info)
         super().setup(limits=limits, dt_s=dt_s, plant_info=plant_info)
 
+    @override
     def reset(self) -> None:
         self._res.reset()
         self._demand.reset()
@@ -214,12 +268,26 @@ class ModelBasedController(Controller):
         self._last: Action | None = None
         self._diag: dict[str, Any] = {}
 
+    @override
     def diagnostics(self) -> dict[str, Any]:
         return dict(self._diag)
 
     # -- the shared half of a step -----------------------------------------------------------
     def observe(self, m: Measurement, sp: Setpoint) -> Situation:
-        """Fold the measurement into the corrections and describe the step (see `Situation`)."""
+        """Fold the measurement into the corrections and describe the step.
+
+        Parameters
+        ----------
+        m : Measurement
+            What the plant measured over the last window.
+        sp : Setpoint
+            What the operator asks for now.
+
+        Returns
+        -------
+        Situation
+            The step seen through the model.
+        """
         if self._grid is None or self.limits is None:
             raise RuntimeError(f"{type(self).__name__}.step() called before setup()")
         cfg, lim, g = self.config, self.limits, self._grid
@@ -262,12 +330,24 @@ class ModelBasedController(Controller):
             tightened=tightened)
 
     def base_diagnostics(self, s: Situation) -> dict[str, Any]:
-        """Diagnostics every model-based controller reports."""
+        """Collect the diagnostics every model-based controller reports.
+
+        Parameters
+        ----------
+        s : Situation
+            This step's situation.
+
+        Returns
+        -------
+        dict
+            Demand, its source, backlog, required capacity, tightening and corrections.
+        """
         d = s.demand
         return {"demand_tok_s": d.demand_tok_s, "demand_source": d.source,
                 "backlog_tok_s": d.backlog_tok_s, "required_tok_s": s.required_tok_s,
                 "tightened": s.tightened, **self._res.as_dict(), **self._qos.as_dict()}
 
+    @override
     def step(self, measurement: Measurement, setpoint: Setpoint) -> Action:
         s = self.observe(measurement, setpoint)
         action = self.decide(s)
@@ -276,9 +356,31 @@ class ModelBasedController(Controller):
 
     @abstractmethod
     def decide(self, s: Situation) -> Action:
-        """The action for this step (set ``self._diag`` for `diagnostics`)."""
+        """Decide this step's action (and set ``self._diag`` for `diagnostics`).
+
+        Parameters
+        ----------
+        s : Situation
+            The step seen through the model.
+
+        Returns
+        -------
+        Action
+            Per-GPU power cap (W) and batch limit.
+        """
 
 
-def finite_or_none(x: float) -> float | None:
-    """``x`` when finite, else None (for JSON diagnostics)."""
+def finite_or_none(x: float | None) -> float | None:
+    """Return ``x`` when it is a finite number, else None (for JSON diagnostics).
+
+    Parameters
+    ----------
+    x : float or None
+        A number.
+
+    Returns
+    -------
+    float or None
+        ``x`` as a float, or None.
+    """
     return float(x) if x is not None and math.isfinite(x) else None

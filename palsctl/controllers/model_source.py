@@ -15,6 +15,9 @@ from typing import Any
 from palsctl.errors import ConfigError
 from palsctl.types import PlantInfo
 
+__all__ = ["DEFAULT_OUTPUT_TOKENS", "DEFAULT_PROMPT_TOKENS", "PROFILE_BATCHES", "ensure_model",
+           "load_model", "model_for"]
+
 DEFAULT_PROMPT_TOKENS = 1024.0
 DEFAULT_OUTPUT_TOKENS = 256.0
 
@@ -40,7 +43,7 @@ def _built(model: str, gpu: str, num_gpus: int, prompt_tokens: int, output_token
     from palsctl.models.profile import default_grid, profile_plant, sample_points
     from palsctl.plants.sim import SimPlant
 
-    def make(seed: int):
+    def make(seed: int) -> SimPlant:
         return SimPlant(model=model, gpu=gpu, num_gpus=num_gpus, seed=seed,
                         parallelism=parallelism)
 
@@ -55,9 +58,32 @@ def _built(model: str, gpu: str, num_gpus: int, prompt_tokens: int, output_token
     return PowerPerfModel.fit(rows, kind=kind, seed=0, cv_folds=0)
 
 
-def model_for(plant_info: PlantInfo, *, points: int = 16, kind: str = "parametric") -> Any:
-    """An offline model for the plant described by ``plant_info``, profiled on the simulator's
-    presets at the workload's mean prompt/output lengths (memoised per plant and lengths)."""
+def model_for(plant_info: PlantInfo | None, *, points: int = 16,
+              kind: str = "parametric") -> Any:
+    """Profile an offline model for a plant on the simulator's presets.
+
+    The profile runs at the workload's mean prompt/output lengths and is memoised per plant and
+    lengths.
+
+    Parameters
+    ----------
+    plant_info : PlantInfo or None
+        The plant (its model and GPU presets, GPU count, mean lengths); None raises.
+    points : int, default 16
+        Profiled (cap, batch) points.
+    kind : str, default "parametric"
+        The `PowerPerfModel` kind fitted.
+
+    Returns
+    -------
+    PowerPerfModel
+        The fitted model.
+
+    Raises
+    ------
+    ConfigError
+        When ``plant_info`` is None (nothing to profile).
+    """
     if plant_info is None:
         raise ConfigError("a model-based controller needs a model: pass model=, set "
                           "controller.model_path, or run it on a plant whose model/GPU are known")

@@ -19,10 +19,11 @@ the TTFT capacity factor); the cap is bounded below by the lowest cap whose oper
 meets the TPOT objective with the learned burst tightening (`search`'s feasibility), above by
 budget × (1 − budget_margin) / N_gpus; the batch by the largest batch whose steady-state p90 ITL
 meets the TPOT objective. The first move is applied, unless it is smaller than
-``cap_deadband_w`` and no bound forces it (with ``w_move`` this keeps the cap from chattering). The cvxpy problem is built once with `Parameter`s (DPP: products of a
-parameter and a variable only; every parameter-only expression is computed in numpy) and
-warm-started; OSQP by default, CLARABEL as fallback; if both fail, the last action is held and
-the status is reported in ``diagnostics()``.
+``cap_deadband_w`` and no bound forces it (with ``w_move`` this keeps the cap from chattering).
+The cvxpy problem is built once with `Parameter`s (DPP: products of a parameter and a variable
+only; every parameter-only expression is computed in numpy) and warm-started; OSQP by default,
+CLARABEL as fallback; if both fail, the last action is held and the status is reported in
+``diagnostics()``.
 """
 from __future__ import annotations
 
@@ -33,12 +34,15 @@ import warnings
 from typing import Any
 
 import numpy as np
+from typing_extensions import override
 
 from palsctl.controllers import common
 from palsctl.controllers.model_based import ModelBasedConfig, ModelBasedController, Situation
 from palsctl.controllers.search import batch_move, row_feasibility
 from palsctl.errors import ConfigError
 from palsctl.types import Action, Limits, PlantInfo
+
+__all__ = ["MPCConfig", "MPCController"]
 
 _SOLVERS = ("OSQP", "CLARABEL", "SCS")
 
@@ -145,9 +149,21 @@ class _QP:
 
 
 class MPCController(ModelBasedController):
-    """Linear MPC over (cap, batch), QoS first; see the module docstring."""
+    """Linear MPC over (cap, batch), QoS first; see the module docstring.
+
+    Parameters
+    ----------
+    config : MPCConfig, optional
+        The tunables (positional only).
+    model : PowerPerfModel, optional
+        The offline power-performance model (None: the Config's ``model_path``, or one
+        profiled on the simulator's presets at setup).
+    **params
+        Or `MPCConfig`'s fields as keyword parameters (horizon, weights, rate limits, ...).
+    """
 
     Config = MPCConfig
+    config: MPCConfig
     name = "mpc"
     aggressiveness = ("w_energy", (0.25, 0.5, 1.0, 2.0, 4.0))
 
@@ -157,15 +173,17 @@ class MPCController(ModelBasedController):
         super().__init__(config, model=model, **params)
 
     @property
-    def problem(self):
-        """The cvxpy problem (built at setup)."""
+    def problem(self) -> Any:
+        """The cvxpy problem (None before setup)."""
         return None if self._qp is None else self._qp.problem
 
-    def setup(self, *, limits: Limits, dt_s: float, plant_info: PlantInfo) -> None:
+    @override
+    def setup(self, *, limits: Limits, dt_s: float, plant_info: PlantInfo | None) -> None:
         if self._qp is None:
             self._qp = _QP(self.config)
         super().setup(limits=limits, dt_s=dt_s, plant_info=plant_info)
 
+    @override
     def reset(self) -> None:
         super().reset()
         self._u0: np.ndarray | None = None
@@ -174,14 +192,14 @@ class MPCController(ModelBasedController):
         self._since_up_s = math.inf
 
     def _scale(self) -> tuple[float, float]:
-        lim = self.limits
+        lim = self.bound_limits
         return lim.power_cap_max_w, float(lim.max_batch_max)
 
     def _linearize(self, cap_w: float, batch: float) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             g = self.model.gradients(float(cap_w), float(batch))
-        thr, pw, _ = self._grid.interp(cap_w, batch)
+        thr, pw, _ = self.grid.interp(cap_w, batch)
         cs, bs = self._scale()
         g_t = np.array([float(g.dthroughput_dcap) * cs, float(g.dthroughput_dbatch) * bs])
         g_p = np.array([float(g.dpower_dcap) * cs, float(g.dpower_dbatch) * bs])
@@ -190,8 +208,11 @@ class MPCController(ModelBasedController):
         self._lin = (thr, pw, g_t, g_p)
         self._u0 = np.array([cap_w / cs, batch / bs])
 
+    @override
     def decide(self, s: Situation) -> Action:
-        cfg, lim, m, qp, g = self.config, self.limits, s.measurement, self._qp, s.grid
+        cfg, lim, m, qp, g = self.config, self.bound_limits, s.measurement, self._qp, s.grid
+        if qp is None:
+            raise RuntimeError("MPCController.step() called before setup()")
         dt, n = s.dt_s, lim.num_gpus
         cs, bs = self._scale()
         cap_now, b_now = s.cap_now_w, s.batch_now
@@ -204,6 +225,7 @@ class MPCController(ModelBasedController):
         x_now = np.array([cap_lin / cs, b_now / bs])
         if self._u0 is None or np.max(np.abs(x_now - self._u0)) > cfg.relinearize_tol:
             self._linearize(cap_lin, b_now)
+        assert self._lin is not None and self._u0 is not None  # set by _linearize
         thr0, pw0, g_t, g_p = self._lin
         res = self._res
         thr0c, pw0c = thr0 * res.throughput, pw0 * res.power
@@ -236,6 +258,8 @@ class MPCController(ModelBasedController):
             else:
                 self._floor = prev_floor
         prev_cap = self._last.power_cap_w if self._last is not None else cap_now
+        if prev_cap is None:  # every action decide returns sets the cap
+            prev_cap = cap_now
         cap_lo_qos = min(max(self._floor, lim.power_cap_min_w), cap_hi)
         b_hi = float(lim.max_batch_max)
         if s.tpot_objective_s is not None:
@@ -276,19 +300,18 @@ class MPCController(ModelBasedController):
                     warnings.filterwarnings("ignore", message="Solution may be inaccurate")
                     qp.problem.solve(solver=name.upper(), warm_start=True)
                 status = qp.problem.status
-            except Exception as exc:  # solver errors are reported, never raised
+            except Exception as exc:  # noqa: BLE001 - solver errors are reported, never raised
                 status = f"error: {type(exc).__name__}"
             solver = name.upper()
             if status in ("optimal", "optimal_inaccurate") and qp.xc.value is not None:
                 break
         solve_s = time.perf_counter() - t0
 
-        ok = status in ("optimal", "optimal_inaccurate") and qp.xc.value is not None \
-            and qp.xb.value is not None and np.isfinite(qp.xc.value[0]) \
-            and np.isfinite(qp.xb.value[0])
-        if ok:
-            cap = float(qp.xc.value[0]) * cs
-            batch = lim.clamp_batch(int(round(float(qp.xb.value[0]) * bs)))
+        xc, xb = qp.xc.value, qp.xb.value
+        if status in ("optimal", "optimal_inaccurate") and xc is not None and xb is not None \
+                and np.isfinite(xc[0]) and np.isfinite(xb[0]):
+            cap = float(xc[0]) * cs
+            batch = lim.clamp_batch(int(round(float(xb[0]) * bs)))
             held = False
         else:  # hold what is in force, within the bounds (never above the budget)
             cap, batch, held = cap_now, lim.clamp_batch(int(round(b_now))), True

@@ -64,11 +64,15 @@ import functools
 import math
 from typing import Any
 
+from typing_extensions import override
+
 from palsctl.controllers import common
 from palsctl.controllers.qos import DemandEstimator
 from palsctl.interfaces import Controller, ControllerConfig
-from palsctl.types import Action, Measurement, Setpoint
+from palsctl.types import Action, Limits, Measurement, PlantInfo, Setpoint
 
+__all__ = ["ANALYSED_GAINS", "GAIN_NAMES", "PIConfig", "PIController", "recommended_gains",
+           "resolve_gains"]
 
 GAIN_NAMES = ("kp_batch_per_tok_s", "ki_batch_per_tok", "kp_cap_w_per_tok_s", "ki_cap_w_per_tok",
               "kp_cap_budget", "ki_cap_budget_per_s")
@@ -181,11 +185,21 @@ class PIConfig(ControllerConfig):
 class PIController(Controller):
     """Velocity-form PI on batch (throughput error) and cap (throughput margin, budget).
 
+    Parameters
+    ----------
+    config : PIConfig, optional
+        The tunables (positional only).
+    **params
+        Or `PIConfig`'s fields as keyword parameters (gains, margins, time constants).
+
+    Examples
+    --------
     >>> PIController(kp_batch_per_tok_s=0.01).config.kp_batch_per_tok_s
     0.01
     """
 
     Config = PIConfig
+    config: PIConfig
     name = "pi"
     aggressiveness = ("tpot_ref_fraction", (0.4, 0.5, 0.6, 0.7, 0.8))
 
@@ -195,7 +209,8 @@ class PIController(Controller):
                                        drain_s=self.config.drain_s)
         self.reset()
 
-    def setup(self, *, limits, dt_s, plant_info) -> None:
+    @override
+    def setup(self, *, limits: Limits, dt_s: float, plant_info: PlantInfo | None) -> None:
         """Bind to the plant; gains left None become the analysis's recommendation for it."""
         info = plant_info
         self.gains, self.gains_source = resolve_gains(
@@ -206,6 +221,7 @@ class PIController(Controller):
             output_tokens=getattr(info, "output_tokens_mean", None), dt_s=float(dt_s))
         super().setup(limits=limits, dt_s=dt_s, plant_info=plant_info)
 
+    @override
     def reset(self) -> None:
         self._e_prev: dict[str, float | None] = {"batch": None, "cap": None, "budget": None}
         self._batch: float | None = None  # continuous batch state (rounded on output)
@@ -229,6 +245,7 @@ class PIController(Controller):
         self._e_prev[loop] = e
         return kp * (e - prev) + ki * dt * e
 
+    @override
     def step(self, measurement: Measurement, setpoint: Setpoint) -> Action:
         lim = self.limits
         if lim is None:
@@ -256,7 +273,8 @@ class PIController(Controller):
 
         budget = setpoint.power_budget_w
         ceiling = lim.power_cap_max_w if budget is None else max(
-            lim.power_cap_min_w, min(lim.power_cap_max_w, lim.per_gpu_w(budget * (1.0 - cfg.budget_margin))))
+            lim.power_cap_min_w,
+            min(lim.power_cap_max_w, lim.per_gpu_w(budget * (1.0 - cfg.budget_margin))))
 
         if m.stale:  # hold; the guard reacts to stale data
             cap = lim.clamp_cap_w(min(cap_state, ceiling))
@@ -276,11 +294,12 @@ class PIController(Controller):
         slo, tpot = setpoint.tpot_slo_s, m.tpot_p90_s
         if slo:  # the loops aim below the objective by the latency margin
             slo = slo * (1.0 - cfg.latency_margin)
-        over_slo = bool(slo) and tpot is not None and tpot > slo
+        over_slo = bool(slo) and slo is not None and tpot is not None and tpot > slo
         e_b = None
         if r is not None:
             e_b = max(r - y, 0.0) if saturated else 0.0
             if over_slo and saturated:
+                assert tpot is not None and slo is not None
                 e_b = -r * (tpot - slo) / slo
         gn = self.gains
         db = self._increment("batch", e_b, gn["kp_batch_per_tok_s"], gn["ki_batch_per_tok"], dt)
@@ -311,6 +330,7 @@ class PIController(Controller):
             if m.waiting > 0:  # backlog: the capacity itself is measured
                 e_c = max(e_c, r * (1 + cfg.margin) - y)
             if over_slo:  # too slow per token: a faster clock is what helps
+                assert tpot is not None and slo is not None
                 e_c = max(e_c, 0.0) + r * (tpot - slo) / slo
             cand_margin = cap_state + self._increment("cap", e_c, gn["kp_cap_w_per_tok_s"],
                                                     gn["ki_cap_w_per_tok"], dt)
@@ -352,6 +372,7 @@ class PIController(Controller):
                       "gains_source": self.gains_source}
         return Action(power_cap_w=cap, max_batch=batch)
 
+    @override
     def diagnostics(self) -> dict[str, Any]:
         return dict(self._diag)
 

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TypeGuard
 
 from palsctl.types import Measurement, Setpoint
 
 __all__ = ["Demand", "DemandEstimator", "QosTightening"]
 
 
-def _finite_pos(x: float | None) -> bool:
+def _finite_pos(x: float | None) -> TypeGuard[float]:
     return x is not None and math.isfinite(x) and x > 0
 
 
@@ -130,6 +131,7 @@ class DemandEstimator:
                           demand_tok_s=backlog if backlog > 0 else None, source="none")
         base, source = (target, "target") if arrivals is None or (
             target is not None and target >= arrivals) else (arrivals, "arrivals")
+        assert base is not None  # target or arrivals is known here
         return Demand(target_tok_s=target, arrivals_tok_s=arrivals, backlog_tok_s=backlog,
                       demand_tok_s=max(base, 0.0) + backlog, source=source)
 

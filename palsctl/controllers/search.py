@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import numpy as np
+from typing_extensions import override
 
 from palsctl.controllers import common
 from palsctl.controllers.model_based import ModelBasedConfig, ModelBasedController, Situation
@@ -209,15 +211,30 @@ def best_batch(s: Situation, row: int) -> int:
 class SearchController(ModelBasedController):
     """PALS model-guided search, QoS first (see the module docstring).
 
+    Parameters
+    ----------
+    config : SearchConfig, optional
+        The tunables (positional only).
+    model : PowerPerfModel, optional
+        The offline power-performance model (None: the Config's ``model_path``, or one
+        profiled on the simulator's presets at setup).
+    **params
+        Or `SearchConfig`'s fields as keyword parameters (margins, trim, dwell, ...).
+
+    Examples
+    --------
     >>> SearchController(margin=0.1).config.margin
     0.1
     """
 
     Config = SearchConfig
+    config: SearchConfig
     name = "search"
     #: the knob `palsctl compare --pareto` sweeps, conservative first
-    aggressiveness = ("latency_margin", (0.4, 0.3, 0.2, 0.1, 0.0))
+    aggressiveness: ClassVar[tuple[str, tuple[float, ...]] | None] = (
+        "latency_margin", (0.4, 0.3, 0.2, 0.1, 0.0))
 
+    @override
     def reset(self) -> None:
         super().reset()
         self._cap_w: float | None = None      # base cap commanded (before the trim)
@@ -230,18 +247,19 @@ class SearchController(ModelBasedController):
     def _row_of(self, cap_w: float) -> int:
         """The grid row of the largest grid cap at or below ``cap_w`` (the lowest row when
         ``cap_w`` is below the grid)."""
-        g = self._grid
+        g = self.grid
         caps = g.cap_w[::g.shape[1]]
         return max(int(np.searchsorted(caps, cap_w + 1e-6, side="right")) - 1, 0)
 
     def _index(self, row: int, batch: float) -> int:
-        g = self._grid
+        g = self.grid
         nb = g.shape[1]
         j = int(np.argmin(np.abs(np.log(g.batch[:nb]) - math.log(max(batch, 1.0)))))
         return row * nb + j
 
+    @override
     def decide(self, s: Situation) -> Action:
-        cfg, lim, g, m = self.config, self.limits, s.grid, s.measurement
+        cfg, lim, g, m = self.config, self.bound_limits, s.grid, s.measurement
         dt = s.dt_s
         if s.setpoint_changed:
             self._trim_w = 0.0

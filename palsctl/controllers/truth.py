@@ -15,6 +15,7 @@ import dataclasses
 import functools
 
 import numpy as np
+from typing_extensions import override
 
 from palsctl.controllers import common
 from palsctl.controllers.model_source import DEFAULT_OUTPUT_TOKENS, DEFAULT_PROMPT_TOKENS
@@ -68,14 +69,26 @@ def truth_grid(plant_info: PlantInfo, limits: Limits, *, cap_step_w: float = 10.
 
 
 class SearchTruthController(SearchController):
-    """`search` whose candidate grid is the simulator's ground truth (`truth_grid`)."""
+    """`search` whose candidate grid is the simulator's ground truth (`truth_grid`).
+
+    Parameters
+    ----------
+    config : SearchTruthConfig, optional
+        The tunables (positional only).
+    model : object, optional
+        Ignored: the ground truth replaces the model.
+    **params
+        Or `SearchTruthConfig`'s fields as keyword parameters (those of `SearchConfig`).
+    """
 
     Config = SearchTruthConfig
+    config: SearchTruthConfig
     name = "search-truth"
     needs_model = False
     aggressiveness = None
 
-    def build_grid(self, limits: Limits, plant_info: PlantInfo) -> common.Grid:
+    @override
+    def build_grid(self, limits: Limits, plant_info: PlantInfo | None) -> common.Grid:
         if plant_info is None or not plant_info.simulated:
             raise ConfigError("search-truth reads the simulator's ground truth; this plant is "
                               "not simulated", key="controller.name", value="search-truth")
