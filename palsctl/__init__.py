@@ -39,6 +39,8 @@ _LAZY = {
     "Ramp": "palsctl.workloads:Ramp",
     "PoissonWorkload": "palsctl.workloads:PoissonWorkload",
     "LogNormalLengths": "palsctl.workloads:LogNormalLengths",
+    "azure_conv_workload": "palsctl.workloads:azure_conv_workload",
+    "steady_state": "palsctl.plants.sim:steady_state",
     "ExperimentConfig": "palsctl.experiment:ExperimentConfig",
     "load_experiment": "palsctl.experiment:load_experiment",
     "run_experiment": "palsctl.experiment:run_experiment",
