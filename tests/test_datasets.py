@@ -258,8 +258,8 @@ def test_cli_fetch_stores_in_the_user_cache_unless_told_otherwise(server, tmp_pa
     assert f"note: palsctl reads the data folder {tmp_path / 'env'} first" in out
     assert main(["data", "list", "--data", str(tmp_path / "flag")]) == 0
     out = capsys.readouterr().out
-    assert "demo" in out and "yes" in out and f"{tmp_path / 'flag'} (--data)" in out.replace(
-        "\n", "")
+    assert "demo" in out and "yes" in out
+    assert f"data folder: {tmp_path / 'flag'} (--data)\n" in out
 
 
 def test_cli_errors_are_one_line_exit_2(server, tmp_path, capsys):

@@ -53,10 +53,9 @@ def _list(args: argparse.Namespace) -> int:
                                          else f"{len(missing)} of {len(ds.data_files)} missing")
         t.add_row(ds.name, ds.title, ds.license, f"{ds.repo} @ {ds.commit[:8]}",
                   f"{ds.size_bytes / 1e6:.1f} MB", here)
-    console = Console()
-    console.print(t)
-    console.print(f"data folder: {folder} ({origin})" if folder is not None else
-                  "data folder: none yet (`palsctl data fetch` creates the user cache folder)")
+    Console().print(t)
+    print(f"data folder: {folder} ({origin})" if folder is not None else
+          "data folder: none yet (`palsctl data fetch` creates the user cache folder)")
     return 0
 
 
