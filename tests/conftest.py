@@ -5,6 +5,7 @@ import pytest
 
 from palsctl.datasets import DATASETS
 from palsctl.paths import ENV_VAR, data_dir
+from palsctl.registry import register, unregister
 
 _NAMED = re.compile(r"""["']((?:%s)/[^"']+)["']""" % "|".join(map(re.escape, DATASETS)))
 
@@ -35,3 +36,18 @@ def shared_data():
 def require_data():
     """``require_data(*relative, config=None)``: skip unless those data files are present."""
     return skip_unless_data
+
+
+@pytest.fixture
+def registered():
+    """``registered(name, target, kind="controller")``: `palsctl.registry.register` for this
+    test only; every name it registered is unregistered when the test ends."""
+    added: list[tuple[str, str]] = []
+
+    def _register(name, target, *, kind="controller"):
+        register(name, target, kind=kind)
+        added.append((name, kind))
+
+    yield _register
+    for name, kind in reversed(added):
+        unregister(name, kind=kind)

@@ -6,7 +6,7 @@ import pytest
 from palsctl import Action, Limits, Measurement, Setpoint, register
 from palsctl.errors import ConfigError, UnknownNameError
 from palsctl.interfaces import Controller, ControllerConfig
-from palsctl.registry import available, make_controller, resolve
+from palsctl.registry import available, builtin, make_controller, resolve, unregister
 
 
 def test_types_are_frozen_and_keyword_only():
@@ -48,8 +48,8 @@ class _Hold(Controller):
         return Action(power_cap_w=self.config.power_cap_w)
 
 
-def test_registry_lazy_and_class_targets_and_unknown_names():
-    register("test-hold", _Hold)
+def test_registry_lazy_and_class_targets_and_unknown_names(registered):
+    registered("test-hold", _Hold)
     ctl = make_controller("test-hold", power_cap_w=150.0)
     assert ctl.config.power_cap_w == 150.0
     assert "test-hold" in available()
@@ -57,7 +57,21 @@ def test_registry_lazy_and_class_targets_and_unknown_names():
         make_controller("test-hold", bogus=1)
     with pytest.raises(UnknownNameError, match="known: .*test-hold"):
         resolve("no-such-controller")
-    register("test-lazy", "palsctl.types:Action")
+    registered("test-lazy", "palsctl.types:Action")
     assert resolve("test-lazy") is Action
     with pytest.raises(ValueError):
         register("bad", "no_colon_here")
+    assert "bad" not in available()
+
+
+def test_unregister_removes_a_name_and_restores_a_builtin_one():
+    register("test-gone", _Hold)
+    unregister("test-gone")
+    assert "test-gone" not in available()
+    with pytest.raises(UnknownNameError):
+        unregister("test-gone")
+    static = resolve("static")
+    register("static", _Hold)            # a registration may shadow a built-in name ...
+    assert resolve("static") is _Hold
+    unregister("static")                 # ... and unregistering restores palsctl's class
+    assert resolve("static") is static and "static" in builtin()

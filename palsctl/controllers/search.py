@@ -313,7 +313,8 @@ class SearchController(ModelBasedController):
             self._thr_avg = m.throughput_tok_s if self._thr_avg is None else \
                 self._thr_avg + k * (m.throughput_tok_s - self._thr_avg)
         shortfall = 0.0
-        if target and self._backlog_s >= cfg.trim_backlog_s and not m.stale:
+        if target and self._backlog_s >= cfg.trim_backlog_s and not m.stale \
+                and self._thr_avg is not None:
             shortfall = max(0.0, (target - self._thr_avg) / target)
         if shortfall > 0 and cap + self._trim_w < ceiling:
             self._trim_w += cfg.trim_gain_w_per_s * dt * shortfall

@@ -10,8 +10,11 @@ from hypothesis import strategies as st
 
 from palsctl.types import Limits, Measurement, Setpoint
 
+__all__ = ["finite", "limits", "measurements", "setpoints"]
+
 
 def finite(lo: float, hi: float) -> st.SearchStrategy[float]:
+    """Finite floats in ``[lo, hi]`` (no NaN, no infinity)."""
     return st.floats(min_value=lo, max_value=hi, allow_nan=False, allow_infinity=False)
 
 
