@@ -3,6 +3,7 @@
     python bench/bench_fleet.py alloc      # allocate() time, 1..256 replicas (real envelopes)
     python bench/bench_fleet.py scale      # wall time vs replicas (local), plot
     python bench/bench_fleet.py hour64     # 64 replicas x 1 simulated hour (local)
+    python bench/bench_fleet.py hour64ray  # the same on the ray engine
     python bench/bench_fleet.py ray        # ray engine vs local on the same fleet
     python bench/bench_fleet.py policies   # equal / proportional / marginal, heterogeneous fleet
     python bench/bench_fleet.py faults     # budget step and dead replica: time to comply
@@ -168,6 +169,21 @@ def bench_hour64() -> None:
                      **_pick(s)})
 
 
+def bench_hour64ray() -> None:
+    """The same hour on the ray engine (one host actor per CPU)."""
+    from palsctl.cluster import run_fleet, summarize_fleet
+    from palsctl.cluster.ray_engine import init_ray_loopback
+
+    fleet = _fleet("fleet_64.toml")
+    run_fleet(_scaled(4, 10.0), keep_records=False)
+    init_ray_loopback()
+    t0 = time.perf_counter()
+    r = run_fleet(fleet, engine="ray", keep_records=False)
+    wall = time.perf_counter() - t0
+    _emit("hour64ray", {"replicas": 64, "simulated_s": fleet.duration_s, "wall_s": wall,
+                        **_pick(summarize_fleet(r))})
+
+
 def bench_ray() -> None:
     from palsctl.cluster import run_fleet, summarize_fleet
     from palsctl.cluster.ray_engine import init_ray_loopback
@@ -320,7 +336,8 @@ def bench_pals53() -> None:
                                "tracking_error": "not reported"}})
 
 
-BENCHES = {"alloc": bench_alloc, "scale": bench_scale, "hour64": bench_hour64, "ray": bench_ray,
+BENCHES = {"alloc": bench_alloc, "scale": bench_scale, "hour64": bench_hour64,
+           "hour64ray": bench_hour64ray, "ray": bench_ray,
            "policies": bench_policies, "faults": bench_faults, "pals52": bench_pals52,
            "pals53": bench_pals53}
 
