@@ -104,17 +104,17 @@ EXCLUDED_REASONS = {
 
 # targets: the regression guard (`palsctl calibrate --check`, the calibration test) and the
 # issue's targets (reported met/missed; medians of absolute percentage errors)
-TARGETS = {
+TARGETS: dict[str, Any] = {
     "mape_throughput": 0.10, "mape_power": 0.10, "mape_itl": 0.12, "lofo_mape": 0.20,
     "a100_peak_cap_w": (170.0, 240.0), "a100_tpj_gain": (0.20, 0.40),
     "a100_thr_keep": (0.65, 0.90), "a100_b1_power_per_gpu_max_w": 235.0,
 }
-ISSUE_TARGETS = {
+ISSUE_TARGETS: dict[str, Any] = {
     "h100": (0.06, 0.06, 0.08), "b200": (0.06, 0.06, 0.08), "ep": (0.10, 0.08, 0.12),
     "lofo_worst": 0.15,
 }
-A100_SCENARIO = dict(model="mixtral-8x7b", gpu="a100-sxm4-80gb", num_gpus=4, prompt_tokens=100,
-                     output_tokens=5)
+A100_SCENARIO: dict[str, Any] = dict(model="mixtral-8x7b", gpu="a100-sxm4-80gb", num_gpus=4,
+                                     prompt_tokens=100, output_tokens=5)
 FITTED = ("bw_eff", "flops_eff", "step_overhead_s", "seq_time_s", "comm_latency_s",
           "dyn_power_frac", "mem_activity", "v_floor", "route_skew", "layer_time_s",
           "fp8_flops_eff")
@@ -130,8 +130,8 @@ A100_TPJ_GAIN = 0.30          # tokens/J at a 200 W cap vs 400 W, batch 64 (20-4
 A100_WEIGHT = 4.0
 # public sweep: DeepSeek-MoE-16B on 4×A100, TP 4, 100 prompt / 5 output tokens; batch 64 gives
 # 5.3-8.9× the batch-1 throughput (reported as a cross-check of expert coverage, not fitted)
-MOE_SCALING = dict(model="deepseek-moe-16b", gpu="a100-sxm4-80gb", num_gpus=4,
-                   prompt_tokens=100, output_tokens=5, measured=(5.3, 8.9))
+MOE_SCALING: dict[str, Any] = dict(model="deepseek-moe-16b", gpu="a100-sxm4-80gb", num_gpus=4,
+                                   prompt_tokens=100, output_tokens=5, measured=(5.3, 8.9))
 
 Consts = PlantConstants | Mapping[str, PlantConstants]
 
@@ -161,6 +161,7 @@ class CalRow:
 
     @property
     def group(self) -> str:
+        """The GPU group of the row (``group_of``: H100, B200, ...)."""
         return group_of(self.gpu)
 
 
@@ -265,6 +266,7 @@ def row_errors(rows: list[CalRow], constants: Consts) -> list[dict[str, Any]]:
 
 
 def summarize_errors(errs: list[dict[str, Any]]) -> dict[str, float]:
+    """Summarise `row_errors`: row count and median absolute relative error per output."""
     if not errs:
         return {"rows": 0, "mape_throughput": math.nan, "mape_power": math.nan,
                 "mape_itl": math.nan}

@@ -52,13 +52,14 @@ class Histogram:
         self._pending: list[tuple[float, int]] = []
 
     def observe(self, value: float, n: int = 1) -> None:
+        """Count ``n`` observations of ``value`` (binned in bulk when read)."""
         self._pending.append((value, n))
         if len(self._pending) >= 4096:
             self._flush()
 
     def _flush(self) -> None:
         counts, bounds = self._counts, self.bounds
-        tot = cnt = 0
+        tot, cnt = 0.0, 0
         for v, n in self._pending:
             counts[bisect_left(bounds, v)] += n
             tot += v * n
@@ -69,20 +70,24 @@ class Histogram:
 
     @property
     def counts(self) -> list[int]:
+        """Observations per bucket (the last: above every bound)."""
         self._flush()
         return self._counts
 
     @property
     def sum(self) -> float:
+        """Sum of the observed values."""
         self._flush()
         return self._sum
 
     @property
     def count(self) -> int:
+        """Number of observations."""
         self._flush()
         return self._count
 
     def cumulative(self) -> tuple[int, ...]:
+        """Cumulative bucket counts, Prometheus-style (``le`` buckets then ``+Inf``)."""
         out, acc = [], 0
         for c in self.counts:
             acc += c
@@ -165,6 +170,7 @@ class Engine:
     # ---- state -------------------------------------------------------------------------
     @property
     def kv_used(self) -> int:
+        """KV-cache tokens in use."""
         return self._dec_ctx_base + self.dec_n * self.dstep + self._kv_pref + self._kv_win
 
     def submit(self, req: Request) -> bool:
@@ -185,6 +191,7 @@ class Engine:
         return True
 
     def progress(self, rid: int) -> tuple[int, bool]:
+        """Tokens generated so far for request ``rid`` and whether it has finished."""
         if rid in self.done_tokens:
             return self.done_tokens[rid], True
         s = self.seqs[rid]
@@ -248,6 +255,7 @@ class Engine:
         self.done_tokens[rid] = out
         self.finished += 1
         now = self.t
+        assert s.first_s is not None  # a finished sequence has produced its first token
         self.results.append(RequestResult(
             request_id=rid, arrival_s=s.arrival_s, prompt_tokens=s.prompt, output_tokens=out,
             first_token_s=s.first_s, finish_s=now, preemptions=s.preempt))

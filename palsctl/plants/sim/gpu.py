@@ -97,10 +97,12 @@ class PlantConstants:
             raise ConfigError("route_skew must be <= 3", key="route_skew", value=self.route_skew)
 
     def to_dict(self) -> dict[str, float]:
+        """The constants as a dict (field name -> value)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, file: str | None = None) -> "PlantConstants":
+        """Constants from a dict (unknown keys raise `ConfigError` naming ``file``)."""
         known = {f.name for f in fields(cls)}
         for k in d:
             if k not in known:
@@ -291,7 +293,7 @@ class GroupModel:
 
         p = np.asarray(pi, dtype=float)
         lq = np.log1p(-np.minimum(p, 1.0 - 1e-12))
-        ts = list(range(_D_EXACT + 1))
+        ts: list[float] = list(range(_D_EXACT + 1))
         t = float(_D_EXACT)
         while t < _D_MAX:
             t *= _D_RATIO
@@ -369,6 +371,7 @@ class GroupModel:
     # ---- time and power at a clock ratio r = f / f_max ------------------------------------
     @staticmethod
     def step_time(c: StepCost, r: float) -> float:
+        """Duration of an engine step of cost ``c`` at relative clock ``r``, s."""
         tl = c.c_lin1_s / r
         te = c.c_exp1_s / r
         ta = c.c_att1_s / r

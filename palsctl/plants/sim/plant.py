@@ -41,6 +41,7 @@ class HistogramSnapshot:
 
     @classmethod
     def of(cls, h: Histogram) -> "HistogramSnapshot":
+        """Snapshot of a histogram's buckets, sum and count."""
         return cls(bounds_s=h.bounds, cumulative_counts=h.cumulative(), sum_s=h.sum, count=h.count)
 
 
@@ -155,6 +156,7 @@ class SimPlant(SimulatedPlant):
     # ---- SimulatedPlant ------------------------------------------------------------------
     @property
     def now_s(self) -> float:
+        """The simulated clock, s."""
         return self._now
 
     @property
@@ -163,6 +165,7 @@ class SimPlant(SimulatedPlant):
         return self._eng
 
     def submit(self, requests: Sequence[Request]) -> None:
+        """Queue requests (prompt and output of at least one token each)."""
         for r in requests:
             if r.prompt_tokens < 1 or r.output_tokens < 1:
                 raise ConfigError("a request needs prompt_tokens >= 1 and output_tokens >= 1",
@@ -179,6 +182,7 @@ class SimPlant(SimulatedPlant):
                 heapq.heappush(self._demand, (float(r.arrival_s), int(r.output_tokens)))
 
     def advance(self, dt_s: float) -> None:
+        """Run the engine and the firmware for ``dt_s`` simulated seconds."""
         if not (math.isfinite(dt_s) and dt_s >= 0):
             raise ConfigError("advance needs a finite dt_s >= 0", key="dt_s", value=dt_s)
         target = self._now + dt_s
@@ -186,6 +190,7 @@ class SimPlant(SimulatedPlant):
         self._now = target
 
     def read(self) -> Measurement:
+        """Measurement over the window since the previous read (NVML-style averaged power)."""
         eng = self._eng
         now = self._now
         window = now - self._last_t
@@ -223,6 +228,7 @@ class SimPlant(SimulatedPlant):
             max_batch=eng.max_batch, sm_clock_mhz=clock)
 
     def apply(self, action: Action) -> Action:
+        """Set the cap (clamped, rounded down to the step) and the batch limit; return both."""
         eng = self._eng
         if action.power_cap_w is not None:
             if not math.isfinite(action.power_cap_w):
@@ -234,6 +240,7 @@ class SimPlant(SimulatedPlant):
         return Action(power_cap_w=eng.cap_set_w, max_batch=eng.max_batch)
 
     def completed(self) -> list[RequestResult]:
+        """Drain the requests finished since the previous call."""
         res = self._eng.results[self._done_idx:]
         self._done_idx = len(self._eng.results)
         return res
@@ -255,6 +262,7 @@ class SimPlant(SimulatedPlant):
             raise KeyError(f"unknown request_id {request_id!r}") from None
 
     def counters(self) -> PlantCounters:
+        """The cumulative counters and histograms, as vLLM's ``/metrics`` would show them."""
         eng = self._eng
         n = self.num_gpus
         now = self._now

@@ -139,18 +139,22 @@ class ModelSpec:
     # ---- derived sizes -------------------------------------------------------------------
     @property
     def is_moe(self) -> bool:
+        """Whether the model has routed experts."""
         return self.num_experts > 0
 
     @property
     def num_moe_layers(self) -> int:
+        """Layers with experts (0 for a dense model)."""
         return self.num_layers - self.num_dense_layers if self.is_moe else 0
 
     @property
     def is_mla(self) -> bool:
+        """Whether attention is multi-head latent attention (a compressed KV cache)."""
         return self.kv_lora_rank > 0
 
     @property
     def attn_params_per_layer(self) -> int:
+        """Attention weights per layer (parameters)."""
         h, nh = self.hidden_size, self.num_heads
         if self.is_mla:
             vd = self.v_head_dim or self.head_dim
@@ -200,6 +204,7 @@ class ModelSpec:
 
     @property
     def total_params(self) -> int:
+        """Every weight of the model (parameters; the output embedding unless tied)."""
         emb = 0 if self.tie_embeddings else self.vocab_size * self.hidden_size
         return self.dense_params + self.num_moe_layers * self.num_experts * self.expert_params + emb
 
@@ -218,10 +223,12 @@ class ModelSpec:
 
     @property
     def dense_weight_bytes(self) -> float:
+        """Bytes of the weights every token reads (all but the experts)."""
         return self.dense_params * self.dtype_bytes
 
     @property
     def expert_bytes(self) -> float:
+        """Bytes of one expert's weights."""
         eb = self.expert_dtype_bytes if self.expert_dtype_bytes is not None else self.dtype_bytes
         return self.expert_params * eb
 
@@ -311,8 +318,8 @@ class ModelSpec:
             head_dim = as_int("qk_nope_head_dim", req("qk_nope_head_dim")) + rope
             kv_heads = heads
         else:
-            head_dim = cfg.get("head_dim")
-            head_dim = as_int("head_dim", head_dim) if head_dim else \
+            raw_head_dim = cfg.get("head_dim")
+            head_dim = as_int("head_dim", raw_head_dim) if raw_head_dim else \
                 (hidden // heads if heads else 0)
         n_exp = 0
         for key in ("num_local_experts", "num_experts", "n_routed_experts"):
@@ -324,10 +331,10 @@ class ModelSpec:
         model_type = str(cfg.get("model_type", ""))
         if n_exp:
             top_k = as_int("num_experts_per_tok", req("num_experts_per_tok"))
-            moe_inter = cfg.get("moe_intermediate_size")
-            if moe_inter is None:  # Mixtral / gpt-oss / Llama 4: experts use intermediate_size
-                moe_inter = req("intermediate_size")
-            moe_inter = as_int("moe_intermediate_size", moe_inter)
+            raw_moe_inter = cfg.get("moe_intermediate_size")
+            if raw_moe_inter is None:  # Mixtral / gpt-oss / Llama 4: experts use intermediate_size
+                raw_moe_inter = req("intermediate_size")
+            moe_inter = as_int("moe_intermediate_size", raw_moe_inter)
             if cfg.get("shared_expert_intermediate_size"):
                 shared = as_int("shared_expert_intermediate_size",
                                 cfg["shared_expert_intermediate_size"])

@@ -112,7 +112,7 @@ class _ItlMix:
 
     __slots__ = ("comps", "total", "lo", "hi")
 
-    def __init__(self, t0: float, sd0: float, parts: list[tuple[float, float, int]],
+    def __init__(self, t0: float, sd0: float, parts: list[tuple[float, float, float]],
                  prompt_cv: float) -> None:
         sd0 = max(sd0, 1e-9 * t0, 1e-12)
         comps = []       # (weight, kind, a, b, shift): kind 0 normal(a, b); 1 lognormal(a, b)
