@@ -7,8 +7,7 @@ predict every configuration (PALS's "lightweight offline power-performance model
 """
 from __future__ import annotations
 
-from palsctl.models.power_perf import (
-    Gradients, ModelRangeWarning, PowerPerfModel, Prediction)
+from palsctl.models.power_perf import Gradients, ModelRangeWarning, PowerPerfModel, Prediction
 
 __all__ = ["PowerPerfModel", "Prediction", "Gradients", "ModelRangeWarning", "build_model_for",
            "profile_plant"]

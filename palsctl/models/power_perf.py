@@ -285,14 +285,14 @@ class _Parametric:
         clock = Y.get("sm_clock_mhz")
         has_clock = clock is not None and bool(np.all(np.isfinite(clock) & (clock > 0)))
         log_pw, log_thr = np.log(pw), np.log(thr)
-        log_clk = np.log(clock) if has_clock else None
+        log_clk = np.log(clock) if has_clock and clock is not None else None
 
         pmin, pmax = float(np.min(pw)), float(np.max(pw))
         t_obs = b / thr
         tmin, tmax = float(np.min(t_obs)), float(np.max(t_obs))
         tps = float(np.max(t_obs / b))
         tseq = float(np.min(t_obs / b))  # per-sequence step time at the largest batches
-        fmax_obs = float(np.max(clock)) if has_clock else 1.0
+        fmax_obs = float(np.max(clock)) if has_clock and clock is not None else 1.0
         eps = 1e-12
         w = 1.0 if varies_workload else 0.0
         lo = np.array([0.0, 0.0, 0.0, 0.3, 0.02, 0.7, (0.8 * fmax_obs) if has_clock else 1.0,
@@ -429,7 +429,8 @@ class _TreeEnsemble:
         self.roots = np.asarray(roots, dtype=np.int64)
         self.depth = int(depth)
         n = len(self.left)
-        if not (len(self.right) == len(self.feature) == len(self.threshold) == len(self.value) == n):
+        if not (len(self.right) == len(self.feature) == len(self.threshold) == len(self.value)
+                == n):
             raise ModelFileError("tree arrays have different lengths")
         if n and (self.left.max() >= n or self.right.max() >= n or self.roots.max(initial=0) >= n):
             raise ModelFileError("tree node index out of range")
@@ -442,9 +443,9 @@ class _TreeEnsemble:
         base, depth = 0, 0
         for est in estimators:
             t = est.tree_
-            l, r = t.children_left.copy(), t.children_right.copy()
+            lc, r = t.children_left.copy(), t.children_right.copy()
             roots.append(base)
-            left.append(np.where(l >= 0, l + base, -1))
+            left.append(np.where(lc >= 0, lc + base, -1))
             right.append(np.where(r >= 0, r + base, -1))
             feat.append(t.feature.copy())
             thr.append(t.threshold.copy())
@@ -698,9 +699,9 @@ class PowerPerfModel:
         X = {"power_cap_w": cap, "max_batch": b, "prompt_tokens": prompt, "output_tokens": output}
         ranges = {f: (float(np.min(X[f])), float(np.max(X[f]))) for f in features}
         for f in WORKLOAD_FEATURES:  # the profiled lengths, also when they are not features
-            col = _column(rows, f)
-            if f not in ranges and np.isfinite(col).all():
-                ranges[f] = (float(np.min(col)), float(np.max(col)))
+            values = _column(rows, f)
+            if f not in ranges and np.isfinite(values).all():
+                ranges[f] = (float(np.min(values)), float(np.max(values)))
 
         clock = _column(rows, "sm_clock_mhz")
 
@@ -804,7 +805,8 @@ class PowerPerfModel:
         cap, b, p, o = self._inputs(power_cap_w, max_batch, prompt_tokens, output_tokens)
         self._check_range({"power_cap_w": cap, "max_batch": b})
         frac = 1e-3 if self.kind == "parametric" else 0.1
-        (clo, chi), (blo, bhi) = self.training_ranges["power_cap_w"], self.training_ranges["max_batch"]
+        (clo, chi) = self.training_ranges["power_cap_w"]
+        (blo, bhi) = self.training_ranges["max_batch"]
         hc = frac * max(chi - clo, 1.0)
         hb = frac * max(bhi - blo, 1.0)
         b_lo = np.maximum(b - hb, 1e-6)
@@ -823,6 +825,8 @@ class PowerPerfModel:
 
     # ---------------------------------------------------------------------------- save/load
     def to_dict(self) -> dict[str, Any]:
+        """The model as a JSON-serialisable dict (what `save` writes; `from_dict` reads it)."""
+
         def clean(d):
             return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                     for k, v in d.items()}
@@ -862,13 +866,15 @@ class PowerPerfModel:
 
     @classmethod
     def from_dict(cls, data: Any) -> "PowerPerfModel":
+        """Rebuild a model from `to_dict`'s output (`ModelFileError` naming a bad field)."""
         if not isinstance(data, Mapping):
             raise ModelFileError("model file must hold a JSON object")
         if "schema_version" not in data:
             raise ModelFileError("missing field 'schema_version'")
         if data["schema_version"] != SCHEMA_VERSION:
             raise ModelFileError(f"field 'schema_version': unknown version "
-                                 f"{data['schema_version']!r} (this palsctl reads {SCHEMA_VERSION})")
+                                 f"{data['schema_version']!r} (this palsctl reads "
+                                 f"{SCHEMA_VERSION})")
         for key in ("kind", "num_gpus", "features", "training_ranges", "cv_mape", "plant",
                     "workload", "params", "n_points"):
             if key not in data:

@@ -27,8 +27,8 @@ import numpy as np
 from palsctl.errors import PalsctlError
 from palsctl.types import Action, Request
 
-__all__ = ["profile_plant", "sample_points", "frontier_points", "grid_points", "parse_caps", "parse_batches",
-           "point_seed", "build_model_for", "COLUMNS"]
+__all__ = ["profile_plant", "sample_points", "frontier_points", "grid_points", "parse_caps",
+           "parse_batches", "point_seed", "build_model_for", "COLUMNS"]
 
 #: CSV columns, in order. Settings first (they identify a point), then measurements.
 COLUMNS = (
@@ -114,7 +114,8 @@ def sample_points(caps: Sequence[float], batches: Sequence[int], n: int, *,
     while len(chosen) < n:
         used_c = {i for i, _ in chosen}
         used_b = {j for _, j in chosen}
-        best, best_key = None, None
+        best: tuple[int, int] | None = None
+        best_key: tuple[int, float] | None = None
         for i in range(nc):
             for j in range(nb):
                 if (i, j) in chosen:
@@ -123,6 +124,7 @@ def sample_points(caps: Sequence[float], batches: Sequence[int], n: int, *,
                 key = ((i not in used_c) + (j not in used_b), d + tie[i, j])
                 if best_key is None or key > best_key:
                     best, best_key = (i, j), key
+        assert best is not None  # fewer points asked than the grid has
         chosen.append(best)
     return [(caps[i], batches[j]) for i, j in chosen]
 
@@ -276,8 +278,8 @@ def _measure_point(plant, power_cap_w: float, max_batch: int, *, warmup_s: float
     elapsed = 0.0
     plant.read()  # start a fresh window
     plant.completed()
-    win = dict(tokens=0.0, prompt=0.0, seconds=0.0, energy=0.0, clock_w=0.0, clock_s=0.0,
-               running=0.0, waiting=0.0, itl=[], energy_s=0.0)
+    win: dict[str, Any] = dict(tokens=0.0, prompt=0.0, seconds=0.0, energy=0.0, clock_w=0.0,
+                               clock_s=0.0, running=0.0, waiting=0.0, itl=[], energy_s=0.0)
     energy_prev = None
     stale_s = 0.0
     tpots: list[float] = []
@@ -344,8 +346,10 @@ def _measure_point(plant, power_cap_w: float, max_batch: int, *, warmup_s: float
     thr = win["tokens"] / secs
     power = win["energy"] / max(win["energy_s"], 1e-12)
     return dict(
-        applied_power_cap_w=float(applied.power_cap_w) if applied.power_cap_w is not None else math.nan,
-        applied_max_batch=int(applied.max_batch) if applied.max_batch is not None else int(max_batch),
+        applied_power_cap_w=float(applied.power_cap_w) if applied.power_cap_w is not None
+        else math.nan,
+        applied_max_batch=int(applied.max_batch) if applied.max_batch is not None
+        else int(max_batch),
         throughput_tok_s=thr, prompt_tok_s=win["prompt"] / secs, power_w=power,
         energy_j=win["energy"], tokens_per_joule=thr / power if power > 0 else math.nan,
         itl_p90_s=float(np.median(win["itl"])) if win["itl"] else math.nan,
@@ -358,7 +362,8 @@ def _measure_point(plant, power_cap_w: float, max_batch: int, *, warmup_s: float
 
 def profile_plant(make_plant: Callable[[int], Any], points: Iterable[tuple[float, int]], *,
                   warmup_s: float, window_s: float, prompt_tokens: int, output_tokens: int,
-                  out_csv: str | Path | None, progress: Callable[[int, int, dict], None] | None = None,
+                  out_csv: str | Path | None,
+                  progress: Callable[[int, int, dict[str, Any]], None] | None = None,
                   seed: int = 0) -> list[dict[str, Any]]:
     """Measure each ``(power_cap_w, max_batch)`` point; return one row (dict, columns
     `COLUMNS`) per point, in the order of ``points``.
@@ -467,7 +472,7 @@ def build_model_for(model: str, gpu: str, num_gpus: int, *, prompt_tokens: int,
         caps, batches = default_grid(probe.limits, batches=batches)
     finally:
         probe.close()
-    kw = dict(warmup_s=warmup_s, window_s=window_s, prompt_tokens=prompt_tokens,
+    kw: dict[str, Any] = dict(warmup_s=warmup_s, window_s=window_s, prompt_tokens=prompt_tokens,
               output_tokens=output_tokens, out_csv=None, seed=seed)
     # two thirds space-filling, then the rest where the first fit says the decisions are
     n_first = points if points < 6 else points - points // 3
