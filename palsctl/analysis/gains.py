@@ -298,7 +298,7 @@ def preset_gradients(model: str, gpu: str, num_gpus: int, max_batch_launch: int,
     simulator's closed-form steady state (forward differences with the step tests' step sizes):
     ``{"batch": (Gradients at the loose points), "margin": (...), "budget": (tight points)}``."""
     from palsctl.analysis.points import operating_points, step_size
-    from palsctl.plants.sim import get_gpu, steady_state
+    from palsctl.plants.sim import SteadyState, get_gpu, steady_state
 
     spec = get_gpu(gpu)
     lo_w, hi_w = spec.min_cap_w, spec.tdp_w
@@ -306,7 +306,7 @@ def preset_gradients(model: str, gpu: str, num_gpus: int, max_batch_launch: int,
                            max_batch_launch=max_batch_launch, cap_min_w=lo_w, cap_max_w=hi_w,
                            prompt_tokens=prompt_tokens, output_tokens=output_tokens)
 
-    def ss(cap: float, b: int):
+    def ss(cap: float, b: float) -> SteadyState:
         return steady_state(model, gpu, num_gpus, max_batch=int(b),
                             power_cap_w=min(max(cap, lo_w), hi_w),
                             prompt_tokens=int(prompt_tokens), output_tokens=int(output_tokens))

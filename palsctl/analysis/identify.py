@@ -122,6 +122,7 @@ class FitQuality:
 
     @property
     def ok(self) -> bool:
+        """Whether the model fits the step test (within the measured noise)."""
         return self.verdict in ("fits", "fits within the noise")
 
     @property
@@ -143,6 +144,7 @@ class FitQuality:
         return f"{head}: {self.verdict}"
 
     def to_dict(self) -> dict[str, Any]:
+        """The fit as a JSON-serialisable dict."""
         return {"fit_pct": self.fit_pct, "residual_rms": self.residual_rms,
                 "noise_rms": self.noise_rms, "step_amplitude": self.step_amplitude,
                 "verdict": self.verdict, "ok": self.ok}
@@ -282,8 +284,8 @@ def step_test(make_plant: Callable[..., SimulatedPlant], *, loop: str, power_cap
     for r in range(repeats):
         requests = backlog(n_req, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
                            seed=seed + r)
-        kw = dict(power_cap_w=power_cap_w, max_batch=max_batch, n_warm=n_warm, n_pre=n_pre,
-                  n_rec=n_rec, requests=requests)
+        kw: dict[str, Any] = dict(power_cap_w=power_cap_w, max_batch=max_batch, n_warm=n_warm,
+                                  n_pre=n_pre, n_rec=n_rec, requests=requests)
         ts, us, ys, dt = _record(make_plant, spec, u1=u1, **kw)
         y = np.asarray(ys)
         if paired:

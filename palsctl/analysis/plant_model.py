@@ -60,6 +60,7 @@ class FOPDT:
                 raise ValueError(f"FOPDT.{name} must be >= 0, got {getattr(self, name)}")
 
     def with_gain(self, gain: float, *, source: str | None = None) -> "FOPDT":
+        """The same model with another gain (and where it came from)."""
         d = asdict(self)
         d["gain"] = float(gain)
         if source is not None:
@@ -67,6 +68,7 @@ class FOPDT:
         return FOPDT(**d)
 
     def to_dict(self) -> dict[str, Any]:
+        """The model as a JSON-serialisable dict."""
         return asdict(self)
 
 

@@ -58,7 +58,7 @@ def operating_points(*, model: str, gpu: str, num_gpus: int, max_batch_launch: i
                              output_tokens=int(output_tokens)).power_w / num_gpus
         for budget, dfrac in BUDGET_DRAW_FRACTION.items():
             # inside the range where the cap binds, clear of the floor
-            cap = max(round(draw * dfrac), math.ceil(floor + 0.15 * (draw - floor)))
+            cap: float = max(round(draw * dfrac), math.ceil(floor + 0.15 * (draw - floor)))
             cap = min(max(cap, cap_min_w), cap_max_w)
             out.append(OperatingPoint(name=f"{load}-load/{budget}-budget", load=load,
                                       budget=budget, max_batch=b, power_cap_w=float(cap),

@@ -92,6 +92,7 @@ class LoopReport:
 
     @property
     def verification_conclusive(self) -> bool:
+        """Whether a closed-loop verification ran with a tight enough band to conclude."""
         v = self.verification
         return v is not None and v.band <= MAX_VERIFY_BAND
 
@@ -152,9 +153,11 @@ class LoopReport:
         return "stable"
 
     def warnings(self) -> list[str]:
+        """One line per reason the loop is not plainly stable (empty when it is)."""
         return [] if self.verdict == "stable" else [f"{self.verdict}: {self.reason()}"]
 
     def to_dict(self) -> dict[str, Any]:
+        """The loop's analysis as a JSON-serialisable dict."""
         return {"point": self.point.name, "load": self.point.load, "budget": self.point.budget,
                 "max_batch": self.point.max_batch, "power_cap_w": self.point.power_cap_w,
                 "natural_draw_per_gpu_w": self.point.natural_draw_per_gpu_w,
@@ -184,6 +187,7 @@ class EmpiricalReport:
 
     @property
     def verdict(self) -> str:
+        """What the closed-loop step test shows: settles, sluggish or oscillates."""
         s = self.step
         if s.limit_cycle:
             return "oscillates"
@@ -192,6 +196,7 @@ class EmpiricalReport:
         return "stable" if s.settling_time_s <= self.max_settling_s else "sluggish"
 
     def to_dict(self) -> dict[str, Any]:
+        """The step test as a JSON-serialisable dict."""
         return {"point": self.point.name, "verdict": self.verdict,
                 "max_settling_time_s": self.max_settling_s, **self.step.to_dict()}
 
@@ -210,11 +215,13 @@ class AnalysisReport:
 
     @property
     def any_unstable(self) -> bool:
+        """Whether any analysed loop is unstable or any step-tested controller oscillates."""
         return any(r.verdict == "UNSTABLE" for r in self.loops) or any(
             e.verdict == "oscillates" for e in self.empirical)
 
     @property
     def any_under_margins(self) -> bool:
+        """Whether any analysed loop is stable but under the gain or phase margin."""
         return any(r.verdict == "under margins" for r in self.loops)
 
     @property
@@ -462,7 +469,8 @@ def plot_maps(report: AnalysisReport, out_dir) -> list[str]:
         if r.smap is None:
             continue
         p = r.analysis.plant
-        rec = (r.recommended_kp, r.recommended_ki) if r.recommended_kp is not None else None
+        rec = (r.recommended_kp, r.recommended_ki) if r.recommended_kp is not None \
+            and r.recommended_ki is not None else None
         path = out / f"map_{_slug(r.point.name)}_{r.loop}.png"
         plot_stability_map(r.smap, str(path), current=(r.analysis.kp, r.analysis.ki),
                            recommended=rec, min_gm_db=r.analysis.min_gm_db,

@@ -187,6 +187,7 @@ class Margins:
 
     @property
     def gain_margin_db(self) -> float:
+        """The gain margin in dB (-inf when there is none)."""
         return 20 * math.log10(self.gain_margin) if self.gain_margin > 0 else -math.inf
 
 
@@ -247,10 +248,10 @@ def _crossing_gains(L: ct.TransferFunction) -> list[tuple[float, float]]:
     for wv in sorted(set(round(c, 12) for c in cands)):
         zv = np.exp(1j * wv)
         nv, dv = np.polyval(num, zv), np.polyval(den, zv)
-        if abs(nv) < 1e-12 * max(1.0, abs(dv)):
+        if abs(nv) < 1e-12 * max(1.0, float(abs(dv))):
             continue
         k = -dv / nv
-        if abs(k.imag) <= 1e-6 * max(1.0, abs(k.real)) and k.real > 1e-9:
+        if abs(k.imag) <= 1e-6 * max(1.0, float(abs(k.real))) and k.real > 1e-9:
             out.append((float(k.real), float(wv)))
     return out
 
@@ -304,7 +305,8 @@ def margins(L: ct.TransferFunction) -> Margins:
     dt = float(L.dt)
     stable = _spectral_radius(L, 1.0) < 1.0 - 1e-9
     crossings = _crossing_gains(L)
-    ups, lows = [], []
+    ups: list[tuple[float, float]] = []
+    lows: list[tuple[float, float]] = []
     for k, wv in crossings:
         # keep a crossing only if stability really changes there
         before = _spectral_radius(L, k * (1 - 1e-6)) < 1.0
@@ -436,19 +438,23 @@ class LoopAnalysis:
 
     @property
     def gain_margin_db(self) -> float:
+        """The loop's gain margin, dB."""
         return self.margins.gain_margin_db
 
     @property
     def phase_margin_deg(self) -> float:
+        """The loop's phase margin, degrees."""
         return self.margins.phase_margin_deg
 
     @property
     def meets_margins(self) -> bool:
+        """Whether the loop is stable with at least the required gain and phase margins."""
         return (self.stable and self.gain_margin_db >= self.min_gm_db
                 and self.margins.gain_margin_low < 10 ** (-self.min_gm_db / 20)
                 and self.phase_margin_deg >= self.min_pm_deg)
 
     def warnings(self) -> list[str]:
+        """One line per problem of the loop (instability, margins under the minimum)."""
         out = []
         if not self.stable:
             out.append(f"UNSTABLE: closed-loop spectral radius {self.spectral_radius:.3f} >= 1")
@@ -460,6 +466,7 @@ class LoopAnalysis:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The analysis as a JSON-serialisable dict (non-finite numbers as None)."""
         def f(x: float) -> float | None:
             return None if x is None or not math.isfinite(x) else float(x)
         return {
@@ -603,6 +610,7 @@ def identify_fopdt(y: np.ndarray, u: np.ndarray, *, dt_s: float, window_s: float
                               diff_step=1e-4, max_nfev=120)
             if best is None or r.cost < best.cost:
                 best = r
+    assert best is not None  # at least one start point is always tried
     K, tau, delay = (float(v) for v in best.x)
     rms = float(np.sqrt(np.mean(best.fun ** 2)))
     # the fit over the response (from the step on), in per cent of its spread

@@ -231,6 +231,7 @@ class Verification:
 
     @property
     def agrees(self) -> bool:
+        """Whether the measured settling time agrees with the prediction."""
         p, m = self.predicted_settling_s, self.measured_settling_s
         if not (math.isfinite(p) and math.isfinite(m)):
             return False
@@ -239,6 +240,7 @@ class Verification:
             self.measured_overshoot_pct - self.predicted_overshoot_pct) <= 10 + 100 * self.band
 
     def text(self) -> str:
+        """One line comparing predicted and measured settling."""
         def s(x: float) -> str:
             return f"{x:.3g} s" if math.isfinite(x) else "not settled"
         verdict = "agrees" if self.agrees else "DISAGREES"
@@ -248,6 +250,7 @@ class Verification:
                 f"{self.predicted_overshoot_pct:.0f} %")
 
     def to_dict(self) -> dict[str, Any]:
+        """The comparison as a JSON-serialisable dict (non-finite numbers as None)."""
         def f(x: float) -> float | None:
             return float(x) if math.isfinite(x) else None
         return {"predicted_settling_time_s": f(self.predicted_settling_s),
@@ -307,6 +310,7 @@ class BacklogWorkload:
         self.mean_output_tokens = float(output_tokens)
 
     def requests_between(self, t0_s: float, t1_s: float) -> list[Request]:
+        """List the requests arriving in [t0_s, t1_s) (seconds since the start)."""
         return [r for r in self._requests if t0_s <= r.arrival_s < t1_s]
 
 
@@ -340,6 +344,7 @@ class ControllerStep:
     batch: np.ndarray
 
     def to_dict(self) -> dict[str, Any]:
+        """The step test as a JSON-serialisable dict (non-finite numbers as None)."""
         def f(x: float) -> float | None:
             return float(x) if math.isfinite(x) else None
         return {"controller": self.controller, "budget_before_w": self.budget_before_w,

@@ -7,8 +7,13 @@
 """
 from palsctl.workloads.base import Workload
 from palsctl.workloads.budgets import Constant, GridSignal, Ramp, SetpointSchedule, Steps
-from palsctl.workloads.synthetic import (AZURE_CONV_FIT, LogNormalLengths, MMPPWorkload,
-                                         PoissonWorkload, azure_conv_workload)
+from palsctl.workloads.synthetic import (
+    AZURE_CONV_FIT,
+    LogNormalLengths,
+    MMPPWorkload,
+    PoissonWorkload,
+    azure_conv_workload,
+)
 from palsctl.workloads.traces import TraceWorkload, load_trace
 
 __all__ = ["AZURE_CONV_FIT", "Constant", "GridSignal", "LogNormalLengths", "MMPPWorkload",

@@ -23,10 +23,12 @@ class Workload(ABC):
 
     @property
     def demand_tok_s(self) -> float:
+        """Mean offered load in generated tokens per second (tok/s)."""
         return self.rate_req_s * self.mean_output_tokens
 
     @abstractmethod
-    def requests_between(self, t0_s: float, t1_s: float) -> list[Request]: ...
+    def requests_between(self, t0_s: float, t1_s: float) -> list[Request]:
+        """List the requests arriving in [t0_s, t1_s) (seconds since the start)."""
 
 
 def requests_from_arrays(times_s: np.ndarray, prompt: np.ndarray, output: np.ndarray,

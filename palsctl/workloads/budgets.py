@@ -32,9 +32,18 @@ ScalarSchedule = Callable[[float], float]
 
 @dataclass(frozen=True)
 class Constant:
+    """A value that never changes.
+
+    Parameters
+    ----------
+    value : float
+        The value (in the unit of the setpoint field it drives).
+    """
+
     value: float
 
     def __call__(self, t_s: float) -> float:
+        """The value at time t_s (seconds since the start): the constant."""
         return self.value
 
 
@@ -62,6 +71,7 @@ class Steps:
         self.times_s, self.values = _points(points, "steps")
 
     def __call__(self, t_s: float) -> float:
+        """The value in force at time t_s (seconds since the start)."""
         return self.values[max(bisect.bisect_right(self.times_s, t_s) - 1, 0)]
 
 
@@ -72,6 +82,7 @@ class Ramp:
         self.times_s, self.values = _points(points, "ramp")
 
     def __call__(self, t_s: float) -> float:
+        """The value at time t_s (seconds since the start), linearly interpolated."""
         return float(np.interp(t_s, self.times_s, self.values))
 
 
@@ -108,8 +119,8 @@ def _read_signal(path: Path, column: str | None) -> tuple[np.ndarray, np.ndarray
                 raise ConfigError(f"{path}: cannot parse value in row {row!r}") from None
     if len(times) < 2:
         raise ConfigError(f"{path}: signal needs at least two rows")
-    t = np.asarray(times) - times[0]
-    return t, np.asarray(values), names[col - 1]
+    t_s = np.asarray(times) - times[0]
+    return t_s, np.asarray(values), names[col - 1]
 
 
 class GridSignal:
@@ -140,6 +151,7 @@ class GridSignal:
         self.start_s, self.speedup = float(start_s), float(speedup)
 
     def __call__(self, t_s: float) -> float:
+        """The signal's value at time t_s (seconds since the start), watts."""
         ts = self.start_s + t_s * self.speedup
         i = int(np.searchsorted(self.times_s, ts, side="right")) - 1
         return float(self.values_w[min(max(i, 0), len(self.values_w) - 1)])
@@ -165,4 +177,5 @@ class SetpointSchedule:
         self._items = tuple(self.fields.items())
 
     def __call__(self, t_s: float) -> Setpoint:
+        """The setpoint in force at time t_s (seconds since the start)."""
         return Setpoint(**{name: s(t_s) for name, s in self._items})

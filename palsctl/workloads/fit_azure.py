@@ -29,6 +29,7 @@ CONV_TRACE = "azure-llm-2023/AzureLLMInferenceTrace_conv.csv"
 
 
 def fit_lognormal(tokens: np.ndarray) -> LogNormalLengths:
+    """Fit a log-normal to token counts (their log mean and spread, min and max)."""
     logs = np.log(np.asarray(tokens, dtype=float))
     return LogNormalLengths(mu=round(float(logs.mean()), 6), sigma=round(float(logs.std()), 6),
                             min_tokens=int(np.min(tokens)), max_tokens=int(np.max(tokens)))
@@ -62,7 +63,8 @@ def fit_mmpp2(times_s: np.ndarray, *, bin_s: float = 1.0, iterations: int = 200,
             beta[t] = (a @ (b[t + 1] * beta[t + 1])) / scale[t + 1]
         gamma = alpha * beta
         gamma /= gamma.sum(axis=1, keepdims=True)
-        xi = (alpha[:-1, :, None] * a[None] * (b[1:] * beta[1:])[:, None, :]) / scale[1:, None, None]
+        xi = (alpha[:-1, :, None] * a[None] * (b[1:] * beta[1:])[:, None, :]) \
+            / scale[1:, None, None]
         a = xi.sum(axis=0) / gamma[:-1].sum(axis=0)[:, None]
         a /= a.sum(axis=1, keepdims=True)
         lam = (gamma * counts[:, None]).sum(axis=0) / gamma.sum(axis=0)
@@ -79,6 +81,7 @@ def fit_mmpp2(times_s: np.ndarray, *, bin_s: float = 1.0, iterations: int = 200,
 
 
 def fit_azure(path: str | Path, *, bin_s: float = 1.0) -> AzureFit:
+    """Fit the two-state MMPP and the length distributions to an Azure trace CSV."""
     trace = load_azure_csv(path)
     rates, dwell = fit_mmpp2(trace.times_s, bin_s=bin_s)
     return AzureFit(rates_req_s=rates, mean_dwell_s=dwell,
@@ -87,6 +90,7 @@ def fit_azure(path: str | Path, *, bin_s: float = 1.0) -> AzureFit:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print the fit of the Azure conversation trace as Python (refreshes AZURE_CONV_FIT)."""
     from palsctl.paths import data_file
 
     argv = sys.argv[1:] if argv is None else argv

@@ -47,6 +47,7 @@ class LogNormalLengths:
         return cls(mu=math.log(mean_tokens) - sigma * sigma / 2, sigma=sigma, **kw)
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """Draw n token counts (rounded, clipped to [min_tokens, max_tokens])."""
         x = np.rint(np.exp(rng.normal(self.mu, self.sigma, n)))
         return np.clip(x, self.min_tokens, self.max_tokens).astype(np.int64)
 
@@ -169,7 +170,9 @@ class AzureFit:
 
     @property
     def mean_rate_req_s(self) -> float:
-        return sum(r * d for r, d in zip(self.rates_req_s, self.mean_dwell_s)) / sum(self.mean_dwell_s)
+        """Long-run mean arrival rate, req/s (dwell-weighted mean of the states' rates)."""
+        return sum(r * d for r, d in zip(self.rates_req_s, self.mean_dwell_s)) \
+            / sum(self.mean_dwell_s)
 
 
 # Fitted by ``python -m palsctl.workloads.fit_azure`` on AzureLLMInferenceTrace_conv.csv

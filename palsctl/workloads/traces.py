@@ -165,10 +165,11 @@ def _length(value: object, name: str) -> int:
     if isinstance(value, bool):
         raise _BadRow(f"boolean {name}", repr(value))
     if isinstance(value, str):
+        text = value
         try:
-            value = int(value.strip())
+            value = int(text.strip())
         except ValueError:
-            raise _BadRow(f"non-integer {name}", repr(value[:40])) from None
+            raise _BadRow(f"non-integer {name}", repr(text[:40])) from None
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise _BadRow(f"non-finite {name}", repr(value))
@@ -356,6 +357,7 @@ class TraceWorkload(Workload):
         return self._period_s
 
     def requests_between(self, t0_s: float, t1_s: float) -> list[Request]:
+        """List the requests arriving in [t0_s, t1_s) (seconds since the start)."""
         if t1_s <= t0_s:
             return []
         n = len(self._times)
