@@ -203,6 +203,7 @@ class Allocation:
 
     @property
     def total_w(self) -> float:
+        """Sum of the shares, W."""
         return float(sum(self.shares_w))
 
 
@@ -274,14 +275,14 @@ def _marginal(reps: Sequence[Replica], lo: np.ndarray, hi: np.ndarray, needs: np
             bisect.insort(cuts, n)
         xs = [_interp(P, X, c) for c in cuts]
         for j in range(len(cuts) - 1):
-            ln = cuts[j + 1] - cuts[j]
-            if ln <= 0:
+            seg = cuts[j + 1] - cuts[j]
+            if seg <= 0:
                 continue
-            sl = (xs[j + 1] - xs[j]) / ln
+            gain = (xs[j + 1] - xs[j]) / seg
             owner.append(i)
-            length.append(ln)
-            slope.append(sl)
-            phase.append(0 if cuts[j + 1] <= n + _EPS else (1 if sl > _EPS else 2))
+            length.append(seg)
+            slope.append(gain)
+            phase.append(0 if cuts[j + 1] <= n + _EPS else (1 if gain > _EPS else 2))
     out = lo.copy()
     if not owner:
         return out, None

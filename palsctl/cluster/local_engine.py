@@ -27,21 +27,27 @@ class LocalEngine:
                            envelopes=self.envelopes, models=self.models, epoch=epoch)
 
     def tick(self, t_s: float, *, dead: set[str]) -> TickResult | None:
+        """Run the coordinator's tick at fleet time t_s (s); None when it is down."""
         return self.coord.tick(t_s, self.host, dead=dead)
 
     def committed_w(self, t_s: float) -> float:
+        """Power committed to the replicas' leases at t_s (s), W."""
         return self.coord.committed_w(t_s)
 
     def push(self, assignments: dict) -> None:
+        """Hand each replica the requests routed to it."""
         self.host.push(assignments)
 
     def run_until(self, k_end: int) -> None:
+        """Step every live replica's loop up to step k_end."""
         self.host.run_until(k_end)
 
     def dead(self) -> set[str]:
+        """Names of the replicas the engine has lost (none in-process)."""
         return set()
 
     def kill(self, name: str) -> None:
+        """Stop a replica (fault injection)."""
         self.host.kill(name)
 
     def restart_coordinator(self) -> None:
@@ -50,10 +56,13 @@ class LocalEngine:
         self.coord = self._new_coordinator(epoch=0)
 
     def allocation_times(self) -> list[float]:
+        """Seconds each allocation took."""
         return self._alloc_s + self.coord.alloc_times_s
 
     def finish(self) -> list[ReplicaResult]:
+        """Stop the replicas and collect their results."""
         return self.host.finish()
 
     def close(self) -> None:
+        """Release the engine's resources (nothing in-process)."""
         pass

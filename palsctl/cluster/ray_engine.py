@@ -208,6 +208,7 @@ class RayEngine:
 
     # -- the engine interface ------------------------------------------------------------------
     def tick(self, t_s: float, *, dead: set[str]) -> TickResult | None:
+        """Run the coordinator actor's tick at fleet time t_s (s); None when it is down."""
         ray = self.ray
         try:
             tr, held, dead_remote = ray.get(self.coord.tick.remote(t_s, set(dead)), timeout=120)
@@ -219,12 +220,15 @@ class RayEngine:
         return tr
 
     def committed_w(self, t_s: float) -> float:
+        """Power committed to the replicas' leases at t_s (s), W."""
         return sum(h.at(t_s) for h in self._held.values())
 
     def dead(self) -> set[str]:
+        """Names of the replicas whose host actor is gone."""
         return self.remote.dead
 
     def push(self, assignments: dict) -> None:
+        """Hand each replica's host actor the requests routed to it."""
         per: dict[int, dict] = {}
         for name, reqs in assignments.items():
             if reqs:
@@ -234,9 +238,11 @@ class RayEngine:
                 self.handles[i].push.remote(sub)   # ordered before the next run_until
 
     def run_until(self, k_end: int) -> None:
+        """Step every live replica's loop up to step k_end."""
         self.remote._call("run_until", lambda i: (k_end,))
 
     def kill(self, name: str) -> None:
+        """Kill a replica's host actor (fault injection)."""
         i = self.where[name]
         if i not in self.remote.dead_hosts:
             try:
@@ -254,6 +260,7 @@ class RayEngine:
         self.ray.kill(self.coord, no_restart=False)
 
     def allocation_times(self) -> list[float]:
+        """Seconds each allocation took."""
         try:
             return self._alloc_prev + self.ray.get(self.coord.allocation_times.remote(),
                                                    timeout=60)
@@ -261,6 +268,7 @@ class RayEngine:
             return self._alloc_prev
 
     def finish(self) -> list[ReplicaResult]:
+        """Stop the replicas and collect their results."""
         got = self.remote._call("finish", lambda i: ())
         by: dict[str, ReplicaResult] = {}
         for part in got.values():
@@ -279,6 +287,7 @@ class RayEngine:
         return out
 
     def close(self) -> None:
+        """Kill the actors the engine started."""
         ray = self.ray
         for h in [self.coord, *self.handles]:
             try:

@@ -61,6 +61,7 @@ class ServingAgentHost:
         self.error: str | None = None
 
     def replica_spec(self) -> ReplicaSpec:
+        """The replica this host serves."""
         return self.spec
 
     def start(self, t0_wall: float) -> None:
@@ -81,9 +82,11 @@ class ServingAgentHost:
         self._thread.start()
 
     def reports(self) -> dict[str, Any]:
+        """The replica's latest report, by name."""
         return {self.spec.name: self.agent.report()}
 
     def grant(self, leases) -> dict[str, bool]:
+        """Offer the leases for this replica; whether each was accepted, by name."""
         return {ls.replica: self.agent.grant(ls) for ls in leases if ls.replica == self.spec.name}
 
     def cap_w(self) -> float | None:

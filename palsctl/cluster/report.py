@@ -49,9 +49,10 @@ def _aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     }
     for key in ("qos_violation_rate", "throughput_shortfall_rate", "latency_violation_rate",
                 "slo_attainment"):
-        vals = [(s.get(key), n if key != "slo_attainment" else s.get("completed_requests") or 0)
-                for s, n in zip(summaries, steps)]
-        vals = [(v, n) for v, n in vals if v is not None and n]
+        weighted = [(s.get(key),
+                     n if key != "slo_attainment" else s.get("completed_requests") or 0)
+                    for s, n in zip(summaries, steps)]
+        vals = [(v, n) for v, n in weighted if v is not None and n]
         tot = sum(n for _, n in vals)
         out[key] = sum(v * n for v, n in vals) / tot if tot else None
     reqs = sum(s.get("completed_requests") or 0 for s in summaries)

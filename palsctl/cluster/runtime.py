@@ -121,12 +121,15 @@ class RoutedWorkload:
 
     @property
     def demand_tok_s(self) -> float:
+        """Mean offered load in generated tokens per second (tok/s)."""
         return self.rate_req_s * self.mean_output_tokens
 
     def push(self, requests: Sequence[Request]) -> None:
+        """Queue requests routed to this replica."""
         self._q.extend(requests)
 
     def requests_between(self, t0_s: float, t1_s: float) -> list[Request]:
+        """Pop the queued requests arriving before t1_s (seconds since the start)."""
         q, out = self._q, []
         while q and q[0].arrival_s < t1_s:
             out.append(q.popleft())
@@ -160,6 +163,7 @@ class Agent:
 
     # the schedule the closed loop asks (fleet time = loop time)
     def set_base_schedule(self, base: Callable[[float], Setpoint]) -> None:
+        """Set the replica's own setpoint schedule (its share caps the budget)."""
         self._base = base
 
     def share_at(self, t_s: float) -> float:
@@ -171,6 +175,7 @@ class Agent:
         return min(lease.share_w, self.spec.safe_w)
 
     def setpoint(self, t_s: float) -> Setpoint:
+        """The setpoint at t_s (s): the schedule's, its budget (or target) the share."""
         sp = self._base(t_s) if self._base is not None else Setpoint()
         share = self.share_at(t_s)
         if self.spec.tracking:
@@ -251,6 +256,7 @@ class Agent:
         self.alive = False
 
     def finish(self) -> "ReplicaResult":
+        """Close the replica's plant and score its run."""
         from palsctl.metrics import summarize
 
         rec = self.loop.record
@@ -319,29 +325,36 @@ class LocalHost:
                                            model=models.get(s.name)) for s in specs}
 
     def names(self) -> list[str]:
+        """Names of the replicas on this host."""
         return list(self.agents)
 
     def reports(self) -> dict[str, AgentReport | None]:
+        """Each replica's report of the means since the last one (None when it is dead)."""
         return {n: a.report() for n, a in self.agents.items()}
 
     def grant(self, leases: Sequence[Lease]) -> dict[str, bool]:
+        """Offer leases to their replicas; whether each was accepted, by name."""
         return {ls.replica: self.agents[ls.replica].grant(ls) for ls in leases
                 if ls.replica in self.agents}
 
     def push(self, assignments: dict[str, list[Request]]) -> None:
+        """Hand each replica the requests routed to it."""
         for name, reqs in assignments.items():
             a = self.agents.get(name)
             if a is not None and reqs:
                 a.workload.push(reqs)
 
     def run_until(self, k_end: int) -> None:
+        """Step every live replica's loop up to step k_end."""
         for a in self.agents.values():
             a.run_until(k_end)
 
     def kill(self, name: str) -> None:
+        """Stop a replica (fault injection)."""
         self.agents[name].kill()
 
     def finish(self) -> list[ReplicaResult]:
+        """Stop the replicas and collect their results."""
         return [a.finish() for a in self.agents.values()]
 
 
@@ -470,7 +483,9 @@ class Coordinator:
         self.rebuilt = True
 
     # -- one tick ------------------------------------------------------------------------------
-    def tick(self, t_s: float, hosts: Any, *, dead: set[str] = frozenset()) -> TickResult:
+    def tick(self, t_s: float, hosts: Any, *,
+             dead: set[str] | frozenset[str] = frozenset()) -> TickResult:
+        """Collect reports, allocate the site budget and grant leases at t_s (s)."""
         reports: dict[str, AgentReport] = {}
         for name, rep in hosts.reports().items():
             if rep is not None:
@@ -544,6 +559,7 @@ class Coordinator:
                      epoch=self.epoch, seq=self.seq)
 
     def envelope(self, name: str) -> Envelope | None:
+        """The replica's envelope with the online corrections (None: no model)."""
         return self.models[name].envelope
 
 
@@ -574,6 +590,7 @@ class Router:
     def route(self, requests: Sequence[Request], *, alive: Sequence[bool],
               queues: Sequence[float], capacity_tok_s: Sequence[float] | None = None
               ) -> dict[str, list[Request]]:
+        """Assign requests to live replicas (by the router's policy)."""
         out: dict[str, list[Request]] = {n: [] for n in self.names}
         idx = [i for i, a in enumerate(alive) if a]
         if not idx or not requests:
@@ -619,6 +636,7 @@ class FaultPlan:
     on_segment: Callable[[float, Any], None] | None = None
 
     def down(self, t_s: float) -> bool:
+        """Whether the coordinator is down at t_s (s) in the fault plan."""
         return any(a <= t_s < b for a, b in self.coordinator_down)
 
 
@@ -748,6 +766,8 @@ class FleetResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def pool_power_w(self) -> dict[str, np.ndarray]:
+        """Each pool's measured power per step, W (a dead replica's last value holds until its
+        lease ends)."""
         out = {}
         by = {r.name: r for r in self.replicas}
         for pool, names in self.pools.items():
@@ -805,8 +825,8 @@ def run_fleet(fleet: Any, *, engine: str = "local", faults: FaultPlan | None = N
     if engine == "local":
         from palsctl.cluster.local_engine import LocalEngine
 
-        eng = LocalEngine(fleet, specs, envs, models, budget, n_steps=n_steps,
-                          keep_records=keep_records)
+        eng: LocalEngine | RayEngine = LocalEngine(fleet, specs, envs, models, budget,
+                                                   n_steps=n_steps, keep_records=keep_records)
     else:
         from palsctl.cluster.ray_engine import RayEngine
 

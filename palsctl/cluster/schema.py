@@ -97,6 +97,7 @@ class FleetConfig:
 
     @property
     def num_replicas(self) -> int:
+        """Replicas over every pool."""
         return sum(p.replicas for p in self.pools)
 
     def with_overrides(self, **changes: Any) -> "FleetConfig":
