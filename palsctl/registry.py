@@ -135,7 +135,7 @@ def available(kind: str = "controller") -> list[str]:
     return sorted(_REGISTRY[kind])
 
 
-def resolve(name: str, kind: str = "controller") -> type:
+def resolve(name: str, kind: str = "controller") -> type[Any]:
     """Find the class registered under a name (importing its module on first use).
 
     Parameters

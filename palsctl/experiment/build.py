@@ -44,8 +44,14 @@ def full_power_capacity_req_s(cfg: ExperimentConfig, prompt_tokens: float,
 
 def build_workload(cfg: ExperimentConfig, *, seed: int | None = None):
     """The workload described by ``[workload]`` (None for kind = "none")."""
-    from palsctl.workloads import (LogNormalLengths, MMPPWorkload, PoissonWorkload,
-                                   TraceWorkload, azure_conv_workload, load_trace)
+    from palsctl.workloads import (
+        LogNormalLengths,
+        MMPPWorkload,
+        PoissonWorkload,
+        TraceWorkload,
+        azure_conv_workload,
+        load_trace,
+    )
     from palsctl.workloads.synthetic import AZURE_CONV_FIT
 
     w = cfg.workload
@@ -73,6 +79,7 @@ def build_workload(cfg: ExperimentConfig, *, seed: int | None = None):
             raise ConfigError(str(exc), file=cfg.source, key="workload") from None
         rate = rate_for(prompt.mean(), output.mean())
         if kind == "poisson":
+            assert rate is not None  # the schema asks poisson for rate_req_s or load
             return PoissonWorkload(rate, prompt=prompt, output=output, seed=seed)
         rates, dwell = w["rates_req_s"], w["mean_dwell_s"]
         if rate is not None:
@@ -82,14 +89,15 @@ def build_workload(cfg: ExperimentConfig, *, seed: int | None = None):
     # trace
     try:
         trace = load_trace(w["path"], w["format"], lenient=bool(w.get("lenient", False)))
-        probe = TraceWorkload(trace, start_s=w["start_s"], duration_s=w["window_s"])
+        natural = TraceWorkload(trace, start_s=w["start_s"], duration_s=w["window_s"])
         workload = TraceWorkload(trace, start_s=w["start_s"], duration_s=w["window_s"],
-                                 rate_req_s=rate_for(probe.mean_prompt_tokens,
-                                                     probe.mean_output_tokens),
+                                 rate_req_s=rate_for(natural.mean_prompt_tokens,
+                                                     natural.mean_output_tokens),
                                  repeat=w["repeat"])
     except ConfigError as exc:
-        raise ConfigError(str(exc), file=cfg.source, key="workload.path", value=w["path"]) from None
-    if not w["repeat"] and workload.window_s < cfg.duration_s:
+        raise ConfigError(str(exc), file=cfg.source, key="workload.path",
+                          value=w["path"]) from None
+    if not w["repeat"] and cfg.duration_s is not None and workload.window_s < cfg.duration_s:
         _warn_short_trace(cfg, workload)
     return workload
 

@@ -123,8 +123,7 @@ def aggregate(summaries: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str,
         agg: dict[str, Any] = {"seeds": len(runs)}
         keys = list(dict.fromkeys(k for s in runs for k in s))
         for k in keys:
-            vals = [_num(s.get(k)) for s in runs]
-            vals = [v for v in vals if v is not None]
+            vals = [v for v in (_num(s.get(k)) for s in runs) if v is not None]
             if not vals:
                 if all(not isinstance(s.get(k), (list, dict)) for s in runs):
                     agg[k] = None
@@ -195,6 +194,11 @@ def versus_static(cfg: Any, controller: str | Any, *, seed: int | None = None
 
 
 # ---- the energy-QoS frontier -------------------------------------------------------------------
+def _factory(cls: Any, params: dict[str, Any]) -> Callable[[], Any]:
+    """A maker of fresh ``cls(**params)`` (one per run)."""
+    return lambda: cls(**params)
+
+
 def frontier(points: Sequence[tuple[float, float]]) -> list[bool]:
     """For points ``(qos_violation_rate, tokens_per_joule)``: True for those no other point
     dominates (lower or equal violations and more or equal tokens/J, one of them strictly)."""
@@ -242,18 +246,22 @@ def pareto(cfg: Any, names: Sequence[str] | None = None, *, seeds: Sequence[int]
     seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(DEFAULT_SEEDS)]
     settings: list[tuple[str, dict[str, Any], Callable[[], Any]]] = []
     for params in _static_grid(cfg, static_caps, static_batches):
-        settings.append(("static", params, lambda p=params: FixedController(**p)))
+        settings.append(("static", params, _factory(FixedController, params)))
     shown: list[dict[str, Any]] = [dict(p) for _, p, _ in settings]
     for name in names:
         cls = resolve(name)
-        knob = getattr(cls, "aggressiveness", None)
+        knob: tuple[str, tuple[float, ...]] | None = getattr(cls, "aggressiveness", None)
         base = cfg.controller_params if name == cfg.controller_name else {}
-        values = [None] if knob is None else list(knob[1])
-        for v in values:
-            params = dict(base) if v is None else {**base, knob[0]: v}
-            settings.append((name, params, lambda c=cls, p=params: c(**p)))
-            shown.append({} if v is None else {knob[0]: v})
-    points = []
+        if knob is None:
+            settings.append((name, dict(base), _factory(cls, dict(base))))
+            shown.append({})
+            continue
+        field, knob_values = knob
+        for v in knob_values:
+            params = {**base, field: v}
+            settings.append((name, params, _factory(cls, params)))
+            shown.append({field: v})
+    points: list[dict[str, Any]] = []
     for (name, params, make), knob_value in zip(settings, shown):
         if progress is not None:
             progress(name, knob_value)

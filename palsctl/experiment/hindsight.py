@@ -8,8 +8,9 @@ the state the previous segments left (the plant is copied, queue and all), and s
 segment alone by `palsctl.metrics.summarize`. Candidate caps stay below the segment's budget ×
 (1 − ``budget_margin``) ÷ GPUs — the budget discipline of the model-based controllers, which
 keeps the measured power inside the budget despite the sensor's noise — and that ceiling is a
-candidate itself. The choice is QoS first: among candidates within ``qos_slack``
-(absolute) of the lowest QoS violation rate any candidate reaches, the highest tokens/J. The run continues from the chosen candidate's state. So for every segment no fixed
+candidate itself. The choice is QoS first: among candidates within ``qos_slack`` (absolute) of
+the lowest QoS violation rate any candidate reaches, the highest tokens/J. The run continues
+from the chosen candidate's state. So for every segment no fixed
 configuration of the grid has a lower violation rate by more than ``qos_slack``, or more tokens/J
 at a violation rate within it: a true reference for fixed configurations — not for adaptive
 control, which may beat it inside a segment.
@@ -23,7 +24,7 @@ import copy
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from palsctl.controllers.baselines import FixedConfig, FixedController
 from palsctl.errors import ConfigError
@@ -122,6 +123,9 @@ def hindsight_run(cfg: ExperimentConfig, *, seed: int | None = None,
         The stitched run (controller ``"hindsight"``) and the choice per segment.
     """
     seed = cfg.seed if seed is None else seed
+    if cfg.duration_s is None:
+        raise ConfigError("hindsight needs a finite duration_s", file=cfg.source,
+                          key="duration_s")
     plant = build_plant(cfg, seed=seed)
     if not plant.info.simulated:
         raise ConfigError("hindsight needs the simulated plant", file=cfg.source, key="plant.kind")
@@ -155,7 +159,7 @@ def hindsight_run(cfg: ExperimentConfig, *, seed: int | None = None,
         results = []
         for cap, batch in plan:
             branch = copy.deepcopy(loop, dict(shared))
-            getattr(branch.ctl, "controller", branch.ctl).use(cap, batch)
+            cast(_Switchable, branch.ctl.controller).use(cap, batch)
             for _ in range(k1 - k0):
                 branch.step()
             part = dataclasses.replace(branch.record, steps=branch.record.steps[k0:k1],

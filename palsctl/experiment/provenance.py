@@ -74,7 +74,10 @@ def dependency_versions() -> dict[str, str | None]:
     for req in reqs:
         if "extra ==" in req:
             continue
-        name = re.match(r"[A-Za-z0-9_.\-]+", req).group(0)
+        m = re.match(r"[A-Za-z0-9_.\-]+", req)
+        if m is None:
+            continue
+        name = m.group(0)
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

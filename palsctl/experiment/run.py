@@ -2,21 +2,46 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from palsctl.experiment.build import (build_controller, build_plant, build_schedule,
-                                      build_workload)
+from palsctl.experiment.build import (
+    build_controller,
+    build_plant,
+    build_schedule,
+    build_workload,
+)
 from palsctl.experiment.schema import ExperimentConfig
+
+if TYPE_CHECKING:
+    from palsctl.loop import RunRecord
+
+__all__ = ["run_experiment"]
 
 
 def run_experiment(cfg: ExperimentConfig, *, controller: Any = None, seed: int | None = None,
-                   progress: Callable[[int, int], None] | None = None):
-    """Build plant, workload, schedule and controller from ``cfg`` and run the closed loop.
+                   progress: Callable[[int, int], None] | None = None) -> RunRecord:
+    """Build plant, workload, schedule and controller from an experiment and close the loop.
 
-    ``controller`` overrides the configured one (name or instance); ``seed`` the experiment's
-    seed. The experiment's guard wraps the controller unless its class declares
-    ``guarded = False`` and the plant is simulated (the `static` baseline runs unguarded). For one config and seed every controller sees the same workload and plant noise, so
-    `palsctl compare` can score them side by side. Returns the `RunRecord`.
+    The experiment's guard wraps the controller unless its class declares ``guarded = False``
+    and the plant is simulated (the `static` baseline runs unguarded). For one config and seed
+    every controller sees the same workload and plant noise, so `palsctl compare` can score
+    them side by side.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The validated experiment (`load_experiment`).
+    controller : str or Controller, optional
+        Overrides the configured controller (a registered name or an instance).
+    seed : int, optional
+        Overrides the experiment's seed.
+    progress : callable, optional
+        ``progress(done_steps, total_steps)``, called after each step.
+
+    Returns
+    -------
+    RunRecord
+        Every step and finished request of the run.
     """
     from palsctl.loop import run_loop
 

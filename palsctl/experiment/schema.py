@@ -133,8 +133,11 @@ Text = Annotated[str, Strict(), Field(min_length=1)]
 Flag = Annotated[bool, Strict()]
 
 
-def _count(lo: int, hi: int | None = None) -> Any:
-    return Annotated[int, Strict(), Field(ge=lo, le=hi)]
+# integer counts (no bool, no float): >= 0, >= 1, GPUs in a plant, a batch limit
+_Count0 = Annotated[int, Strict(), Field(ge=0)]
+_Count1 = Annotated[int, Strict(), Field(ge=1)]
+_GpuCount = Annotated[int, Strict(), Field(ge=1, le=1024)]
+_BatchCount = Annotated[int, Strict(), Field(ge=1, le=65536)]
 
 
 def _plain_name(x: str) -> str:
@@ -161,7 +164,7 @@ class _Top(_Table):
     name: Annotated[Text, AfterValidator(_plain_name)] = "experiment"
     duration_s: Annotated[Positive, Field(le=1e7)]
     dt_s: Annotated[Positive, Field(le=3600)] = 1.0
-    seed: _count(0) = 0
+    seed: _Count0 = 0
     plant: dict[str, Any] = {}
     workload: dict[str, Any] = {}
     setpoint: dict[str, Any] = {}
@@ -175,10 +178,10 @@ class PlantTable(_Table):
     kind: Text = "sim"
     model: Text = "mixtral-8x7b"
     gpu: Text = "a100-sxm4-80gb"
-    num_gpus: _count(1, 1024) = 1
-    max_batch_launch: _count(1, 65536) = 256
+    num_gpus: _GpuCount = 1
+    max_batch_launch: _BatchCount = 256
     power_cap_w: Positive | None = None
-    max_batch: _count(1, 65536) | None = None
+    max_batch: _BatchCount | None = None
     noise: Flag = True
     parallelism: Literal["tp", "ep", "tp+ep"] = "tp"
 
@@ -195,10 +198,10 @@ class _RateTable(_WorkloadTable):
 class _LengthsTable(_RateTable):
     prompt_tokens_mean: Annotated[Finite, Field(ge=1)] = 512.0
     prompt_tokens_sigma: Annotated[NonNegative, Field(le=5)] = 0.0
-    prompt_tokens_max: _count(1) = 1_000_000
+    prompt_tokens_max: _Count1 = 1_000_000
     output_tokens_mean: Annotated[Finite, Field(ge=1)] = 256.0
     output_tokens_sigma: Annotated[NonNegative, Field(le=5)] = 0.0
-    output_tokens_max: _count(1) = 1_000_000
+    output_tokens_max: _Count1 = 1_000_000
 
 
 class _MMPPTable(_LengthsTable):
@@ -558,7 +561,7 @@ def setpoint_value(x: Any, *, key: str, file: str | None = None,
 
 
 def _setpoint_value(c: _Check, key: str, x: Any, base_dir: Path | None) -> SetpointSpec | None:
-    """number | "demand" (throughput only) | {constant|steps|ramp|grid = ...}."""
+    """A setpoint value: a number, "demand" (throughput only) or a schedule table."""
     throughput = key.endswith(".throughput_tok_s")
     if isinstance(x, dict):
         kinds = [k for k in _SCHEDULES if k in x]
@@ -614,7 +617,7 @@ def _check_budget_floor(c: _Check, budget: SetpointSpec, plant: dict[str, Any]) 
         c.err("setpoint.power_budget_w",
               f"goes down to {lowest:g} W, below the plant's floor of {floor_w:g} W "
               f"({plant['num_gpus']} x {plant['gpu']} at the minimum cap {min_cap_w:g} W)",
-              budget if isinstance(budget, float) else _plain(budget.model_dump()))
+              budget if isinstance(budget, (float, str)) else _plain(budget.model_dump()))
 
 
 def _controller(c: _Check, raw: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
@@ -672,12 +675,12 @@ class ServingTable(_Table):
     model_name: Text | None = None
     power: Literal["nvml", "emulator"] = "nvml"
     emulator_url: Url | None = None
-    gpus: Annotated[list[_count(0)], Field(min_length=1)] | None = None
+    gpus: Annotated[list[_Count0], Field(min_length=1)] | None = None
     batch: Literal["gateway", "scheduler", "none"] = "none"
     gateway_control_url: Url | None = None
     gateway_token_file: Text | None = None
     batch_file: Text | None = None
-    max_batch_launch: _count(1, 65536) = 256
+    max_batch_launch: _BatchCount = 256
     model: Text | None = None
     gpu: Text | None = None
     prompt_tokens_mean: Positive | None = None
@@ -711,6 +714,7 @@ def serving_from_dict(raw: Any, *, file: str | None, base_dir: Path | None = Non
     out = _serving(c, raw, base_dir)
     if c.errors:
         raise ConfigError.collect(c.errors)
+    assert out is not None  # None only with errors
     return out
 
 
