@@ -233,8 +233,10 @@ def test_real_path_three_emulators_three_agents_ray_coordinator(cluster, emulato
         ok = np.isfinite(cap) & np.isfinite(share)
         assert (cap[ok][1:] <= share[ok][1:] + 1e-6).all(), (name, cap, share)
         caps += np.nan_to_num(cap)
-        assert cap[-1] == pytest.approx(300.0)   # 900 W / 3, read back from the server
-    assert caps[-1] <= 900.0 + 1e-6 and caps[2] == pytest.approx(1800.0)
+        # the last window measured (a loaded machine may skip the last wall-clock step):
+        # 900 W / 3, read back from the server
+        assert cap[np.isfinite(cap)][-1] == pytest.approx(300.0), (name, cap, share)
+    assert caps[np.isfinite(caps)][-1] <= 900.0 + 1e-6 and caps[2] == pytest.approx(1800.0)
     # every agent restored its server's cap on stop
     for u in urls:
         assert EmulatorPower(u).read()[0].power_limit_w == 700.0
