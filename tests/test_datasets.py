@@ -321,3 +321,16 @@ def _number(text: str):
         except ValueError:
             pass
     return text
+
+
+def test_a_config_naming_missing_data_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PALSCTL_DATA", str(tmp_path / "empty"))
+    cfg = tmp_path / "x.toml"
+    cfg.write_text('name = "x"\nduration_s = 10\n[plant]\nmodel = "llama-3.1-8b"\n'
+                   'gpu = "h100-sxm"\n[workload]\nkind = "trace"\n'
+                   'path = "azure-llm-2023/AzureLLMInferenceTrace_conv.csv"\n'
+                   '[controller]\nname = "static"\n')
+    assert main(["run", str(cfg), "-q", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "workload.path" in err
+    assert "get it with `palsctl data fetch azure-llm-2023`" in err

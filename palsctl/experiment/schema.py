@@ -410,7 +410,12 @@ class _Check:
         for c in candidates:
             if c.is_file():
                 return str(c.absolute())
-        self.err(key, "file not found (looked beside the config and in the data folder)", value)
+        from palsctl.datasets import DATASETS
+        from palsctl.paths import fetch_hint
+
+        hint = f"; {fetch_hint(value)}" if p.parts and p.parts[0] in DATASETS else ""
+        self.err(key, f"file not found (looked beside the config and in the data folder){hint}",
+                 value)
         return None
 
 
