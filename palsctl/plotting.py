@@ -45,6 +45,17 @@ def _none_to_nan(values) -> list[float]:
     return [math.nan if v is None else v for v in values]
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG (110 dpi) to ``path``, creating its folder; close it."""
+    import matplotlib.pyplot as plt
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
 def _align_slos(ax_l, ax_r, left, right, left_slo, right_slo, most: float = 4.0) -> None:
     """Scale both latency axes so that their SLO lines lie at the same height (a line above it
     violates, whichever axis it uses), showing up to ``most`` times the SLO."""
@@ -65,14 +76,8 @@ def plot_timeline(record: RunRecord, path: str | Path, *, title: str | None = No
                   baselines: dict[str, RunRecord] | None = None,
                   qos_window_s: float = 30.0) -> Path:
     """`timeline_figure` written as a PNG to ``path`` (folders created); returns the path."""
-    fig = timeline_figure(record, title=title, baselines=baselines, qos_window_s=qos_window_s)
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(timeline_figure(record, title=title, baselines=baselines,
+                                 qos_window_s=qos_window_s), path)
 
 
 def timeline_figure(record: RunRecord, *, title: str | None = None,
@@ -189,7 +194,6 @@ def plot_overlay(records: dict[str, Any], path: Any, *, title: str | None = None
     import matplotlib
 
     matplotlib.use("Agg")
-    from pathlib import Path
 
     import matplotlib.pyplot as plt
 
@@ -220,11 +224,7 @@ def plot_overlay(records: dict[str, Any], path: Any, *, title: str | None = None
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(fig, path)
 
 
 def plot_pareto(result: dict[str, Any], path: str | Path, *, title: str | None = None) -> Path:
@@ -258,8 +258,4 @@ def plot_pareto(result: dict[str, Any], path: str | Path, *, title: str | None =
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(fig, path)
