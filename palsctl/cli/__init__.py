@@ -15,6 +15,8 @@ import warnings
 
 from palsctl.errors import PalsctlError, PalsctlWarning
 
+__all__ = ["COMMANDS", "build_parser", "main"]
+
 COMMANDS = {
     "run": "palsctl.cli.run",
     "compare": "palsctl.cli.compare",
@@ -31,10 +33,12 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Build the ``palsctl`` parser with every sub-command's options."""
     from palsctl import __version__
 
     parser = argparse.ArgumentParser(
-        prog="palsctl", description="Power-aware LLM serving: joint GPU power-cap and batch control.")
+        prog="palsctl",
+        description="Power-aware LLM serving: joint GPU power-cap and batch control.")
     parser.add_argument("--version", action="version", version=f"palsctl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS.items():
@@ -66,6 +70,8 @@ def _one_line_warnings(command: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``palsctl`` (``argv``: the arguments; None: ``sys.argv[1:]``); return the exit status
+    (2 for a user's mistake, printed on one line per error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_main", None):

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 
+__all__ = ["HELP", "add_arguments", "main"]
+
 HELP = ("stability analysis of the loops at several operating points: verdicts with their fit, "
         "margins, settling, Bode/step plots")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``palsctl analyze`` to its parser."""
     from palsctl.cli.options import deprecated_alias
 
     parser.add_argument("config", nargs="?", metavar="CONFIG",
@@ -108,6 +111,7 @@ def _controller_names(args, cfg) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``palsctl analyze`` with parsed options; return the exit status."""
     import json
     import math
     import sys

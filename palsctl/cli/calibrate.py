@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import argparse
 
+__all__ = ["HELP", "add_arguments", "main", "print_summary"]
+
 HELP = ("fit the simulated plant's global constants (H100 and B200 sets) to the ML.ENERGY "
         "measurements and print the errors per row, family, parallelism and GPU (--check: "
         "evaluate the committed constants against the targets)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``palsctl calibrate`` to its parser."""
     parser.add_argument("--check", action="store_true",
                         help="evaluate the committed constants (no fit); exit 1 if a target is "
                              "missed")
@@ -76,9 +79,8 @@ def _csv_path(args: argparse.Namespace) -> str | None:
     from pathlib import Path
 
     from palsctl.errors import ConfigError
-    from palsctl.plants.sim import calibration as cal
-
     from palsctl.paths import data_file
+    from palsctl.plants.sim import calibration as cal
 
     if args.csv is not None and args.data is not None:
         raise ConfigError("give --csv or --data, not both", key="--csv", value=args.csv)
@@ -96,6 +98,7 @@ def _csv_path(args: argparse.Namespace) -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``palsctl calibrate`` with parsed options; return the exit status."""
     import json
     import sys
 

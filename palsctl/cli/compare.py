@@ -12,10 +12,13 @@ from typing import Any
 
 from palsctl.experiment.compare import DEFAULT_SEEDS
 
+__all__ = ["HELP", "add_arguments", "format_table", "main"]
+
 HELP = "compare controllers on the same experiment, workload and seeds (table, JSON, plots)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``palsctl compare`` to its parser."""
     parser.add_argument("config", metavar="CONFIG", nargs="?",
                         help="experiment TOML file (default: the embedded default experiment)")
     parser.add_argument("--controllers", metavar="A,B,...",
@@ -87,15 +90,22 @@ def format_table(result: dict[str, dict[str, Any]], *, title: str = "") -> Any:
 
 # ---- command --------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> int:
+    """Run ``palsctl compare`` with parsed options; return the exit status."""
     import json
     import sys
     from pathlib import Path
 
-    from palsctl.experiment import load_experiment
-    from palsctl.experiment.compare import (add_derived, aggregate, resolve_names,
-                                            resolve_references, run_all, summarize_all)
-    from palsctl.plotting import plot_overlay
     from palsctl.errors import ConfigError
+    from palsctl.experiment import load_experiment
+    from palsctl.experiment.compare import (
+        add_derived,
+        aggregate,
+        resolve_names,
+        resolve_references,
+        run_all,
+        summarize_all,
+    )
+    from palsctl.plotting import plot_overlay
 
     cfg = load_experiment(args.config)
     if args.duration_s is not None:
@@ -118,6 +128,7 @@ def main(args: argparse.Namespace) -> int:
         return _pareto(args, cfg, names, seeds)
     # reference rows: as asked; by default static and hindsight, but none beside a
     # --controllers list (nothing is added to a list the user gave)
+    refs: list[str] | None
     if args.references is None and args.controllers:
         refs = []
     else:

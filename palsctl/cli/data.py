@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+__all__ = ["HELP", "add_arguments", "main"]
+
 HELP = "list the public data sets palsctl reads, or fetch them from their upstream repositories"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``palsctl data`` to its parser."""
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
     ls = sub.add_parser("list", help="each data set: what it is, its license, and whether the "
                                      "data folder holds it",
@@ -31,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``palsctl data`` with parsed options; return the exit status."""
     if args.data_command == "fetch":
         return _fetch(args)
     return _list(args)
@@ -72,12 +76,18 @@ def _fetch(args: argparse.Namespace) -> int:
     if args.quiet:
         results = fetch(chosen, target, mirror=mirror)
     else:
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TaskID,
+            TextColumn,
+            TransferSpeedColumn,
+        )
 
         with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                       TransferSpeedColumn()) as bar:
-            tasks: dict[str, object] = {}
+            tasks: dict[str, TaskID] = {}
 
             def progress(label: str, done: int, total: int) -> None:
                 if label not in tasks:

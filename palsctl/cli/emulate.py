@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["HELP", "add_arguments", "main"]
 
 HELP = "serve the simulated GPU + vLLM plant in real time (OpenAI API, /metrics, power endpoint)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the options of ``palsctl emulate`` to its parser."""
     from palsctl.cli.options import deprecated_alias
 
     p.add_argument("--model", default="llama-3.1-8b", metavar="NAME",
@@ -37,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``palsctl emulate`` with parsed options; return the exit status."""
     import asyncio
     import logging
 
@@ -57,8 +63,8 @@ def main(args: argparse.Namespace) -> int:
               flush=True)
 
     try:
-        import uvloop   # a faster event loop when installed (Linux/macOS)
-        runner = uvloop.run
+        import uvloop  # a faster event loop when installed (Linux/macOS)
+        runner: Callable[..., Any] = uvloop.run
     except ImportError:
         runner = asyncio.run
     try:

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 
+__all__ = ["HELP", "add_arguments", "main"]
+
 HELP = "fit a power-performance model (parametric, gbt or forest) to a profile CSV"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``palsctl fit`` to its parser."""
     from palsctl.cli.options import deprecated_alias
 
     parser.add_argument("profile", metavar="PROFILE", help="CSV written by `palsctl profile`")
@@ -25,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``palsctl fit`` with parsed options; return the exit status."""
     import math
 
     from palsctl.errors import ConfigError

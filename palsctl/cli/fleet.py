@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 
+__all__ = ["HELP", "add_arguments", "main"]
+
 HELP = "run a fleet (pools of replicas under one site budget) or compare allocation policies"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``palsctl fleet`` to its parser."""
     sub = parser.add_subparsers(dest="fleet_command", metavar="{run,compare}")
     for name, helptext in (("run", "run the fleet; write per-replica steps.csv, summary.json, "
                                    "site.csv and site_timeline.png"),
@@ -95,6 +98,7 @@ def _table(title: str, rows: dict[str, dict]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``palsctl fleet`` with parsed options; return the exit status."""
     from pathlib import Path
 
     from palsctl.cluster import run_fleet, summarize_fleet, write_fleet_outputs

@@ -5,8 +5,12 @@ import argparse
 import dataclasses
 import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 from palsctl.errors import ConfigError
+
+__all__ = ["HELP", "add_arguments", "load_token", "main", "parse_hostport", "raise_open_file_limit"]
 
 HELP = "run the admission-control gateway (resizable concurrency limit) in front of a server"
 TOKEN_ENV = "PALSCTL_GATEWAY_TOKEN"
@@ -61,6 +65,7 @@ def _positive(value: float, key: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the options of ``palsctl gateway`` to its parser."""
     p.add_argument("--upstream", required=True, help="base URL of the server, e.g. "
                    "http://127.0.0.1:8000")
     p.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT of the proxy "
@@ -95,6 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``palsctl gateway`` with parsed options; return the exit status."""
     import asyncio
     import gc
     import logging
@@ -141,7 +147,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         import uvloop  # a faster event loop when installed (Linux/macOS)
-        runner = uvloop.run
+        runner: Callable[..., Any] = uvloop.run
     except ImportError:
         runner = asyncio.run
     try:

@@ -64,7 +64,7 @@ class _DeprecatedAlias(argparse.Action):
 
 def deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, *, dest: str,
                      takes_value: bool = True, metavar: str | None = None,
-                     type: Any = None) -> None:   # noqa: A002 (argparse's name)
+                     type: Any = None) -> None:   # ``type``: argparse's name
     """Accept ``old`` as a deprecated spelling of ``new`` (same destination ``dest``; ``type``
     converts the value as the new option does)."""
     kw: dict[str, Any] = {"nargs": None if takes_value else 0, "default": argparse.SUPPRESS,

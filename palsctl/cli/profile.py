@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 
+__all__ = ["HELP", "add_arguments", "main"]
+
 HELP = ("profile the configured plant (default: the default experiment's) over power caps x "
         "batch sizes into a resumable CSV")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``palsctl profile`` to its parser."""
     from palsctl.cli.options import deprecated_alias
 
     parser.add_argument("config", nargs="?", metavar="CONFIG",
@@ -52,12 +55,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``palsctl profile`` with parsed options; return the exit status."""
     from pathlib import Path
 
-    from palsctl.experiment import build_plant, build_workload, load_experiment
     from palsctl.errors import ConfigError
-    from palsctl.models.profile import (default_grid, grid_points, parse_batches, parse_caps,
-                                        sample_points)
+    from palsctl.experiment import build_plant, build_workload, load_experiment
+    from palsctl.models.profile import (
+        default_grid,
+        grid_points,
+        parse_batches,
+        parse_caps,
+        sample_points,
+    )
 
     cfg = load_experiment(args.config)
     if args.parallelism is not None:
@@ -134,8 +143,14 @@ def _sweep(make, points, kw, desc, quiet):
 
     if quiet:
         return profile_plant(make, points, **kw)
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[last]}"), TimeElapsedColumn(),
