@@ -86,6 +86,7 @@ class QosWindowCounter:
         self._trail: deque[tuple[float, bool, float, float]] = deque()
 
     def update(self, step: Any) -> tuple[bool, bool]:
+        """Fold one step in; return (latency over an SLO, throughput shortfall) for its window."""
         m = step.measurement
         sp = self._prev_setpoint if self._prev_setpoint is not None else step.setpoint
         self._prev_setpoint = step.setpoint

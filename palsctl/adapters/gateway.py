@@ -107,23 +107,28 @@ class AdmissionGate:
 
     @property
     def limit(self) -> int:
+        """Requests admitted at once at most (the batch limit the gateway enforces)."""
         return self._limit
 
     @property
     def in_flight(self) -> int:
+        """Requests admitted and not yet released."""
         return self._in_flight
 
     @property
     def waiting(self) -> int:
+        """Requests waiting for admission."""
         return sum(1 for f in self._waiters if not f.done())
 
     def set_limit(self, limit: int) -> int:
+        """Set the limit (>= 1); a raise admits waiters at once. Returns the limit in force."""
         self._check(limit)
         self._limit = int(limit)
         self._wake()
         return self._limit
 
     async def acquire(self) -> None:
+        """Wait (first in, first out) until a slot is free, then take it."""
         t0 = time.perf_counter()
         if self._in_flight < self._limit and not self._waiters:
             self._admit()
@@ -151,6 +156,7 @@ class AdmissionGate:
             self.max_in_flight_seen = self._in_flight
 
     def release(self, *, completed: bool = True) -> None:
+        """Give a slot back (completed: the request finished rather than failed)."""
         if self._in_flight <= 0:
             raise RuntimeError("release() without a matching acquire()")
         self._in_flight -= 1
@@ -167,6 +173,7 @@ class AdmissionGate:
             fut.set_result(None)
 
     def state(self) -> dict[str, int | float]:
+        """The gate's limit, occupancy and counters (the control endpoint's JSON)."""
         return {"max_concurrency": self._limit, "in_flight": self._in_flight,
                 "waiting": self.waiting, "admitted_total": self.admitted_total,
                 "completed_total": self.completed_total, "wait_s_total": self.wait_s_total}
@@ -179,7 +186,7 @@ class _GateCollector:
         self.gw = gateway
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # noqa: PLC0415
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         g, counters = self.gw.gate, self.gw._counters
         yield GaugeMetricFamily("palsctl_gateway_in_flight",
                                 "Requests admitted and not finished", value=g.in_flight)
@@ -358,7 +365,7 @@ class Gateway:
         self._counters: dict[str, float] = {
             "upstream_errors": 0.0, "body_too_large": 0.0, "body_timeouts": 0.0,
             "buffer_full": 0.0, "bad_body": 0.0}
-        self._pool = None
+        self._pool: UpstreamPool | None = None
         self._runners: list[Any] = []
         self._servers: list[Any] = []
         self._guarded: list[GuardedServer] = []
@@ -377,10 +384,11 @@ class Gateway:
 
     # --------------------------------------------------------------- lifecycle
     async def start(self) -> "Gateway":
-        from aiohttp import web  # noqa: PLC0415
-        from aiohttp.http_exceptions import HttpProcessingError  # noqa: PLC0415
-        from multidict import CIMultiDict  # noqa: PLC0415
-        from prometheus_client import CollectorRegistry  # noqa: PLC0415
+        """Bind the proxy and control listeners and start serving; returns the gateway."""
+        from aiohttp import web
+        from aiohttp.http_exceptions import HttpProcessingError
+        from multidict import CIMultiDict
+        from prometheus_client import CollectorRegistry
 
         c = self.config
         # kept for the per-request path (an import statement there costs a lookup each time)
@@ -399,7 +407,7 @@ class Gateway:
         # aiohttp's own keep-alive timer is only a backstop (ours runs first); request bodies
         # pass through as they came (no decompression); header lines and counts are bounded by
         # aiohttp's parser, their total by ours
-        common = dict(access_log=None, logger=server_log, auto_decompress=False,
+        common: dict[str, Any] = dict(access_log=None, logger=server_log, auto_decompress=False,
                       keepalive_timeout=c.keepalive_timeout_s + c.header_timeout_s,
                       max_line_size=8190, max_field_size=8190, max_headers=128,
                       handler_cancellation=True)
@@ -435,7 +443,7 @@ class Gateway:
 
     async def _serve(self, server: Any, limits: ConnectionLimits, host: str, port: int,
                      key: str) -> str:
-        from aiohttp import web  # noqa: PLC0415
+        from aiohttp import web
         # on stop, in-flight requests get 5 s to finish before their handlers are cancelled
         runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
         await runner.setup()
@@ -453,6 +461,7 @@ class Gateway:
         return f"http://[{h}]:{p}" if ":" in h else f"http://{h}:{p}"
 
     async def stop(self) -> None:
+        """Stop serving, close the listeners and the upstream connections."""
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             self._housekeeping = None
@@ -626,6 +635,7 @@ class Gateway:
         web = self._web
         resp = up = None
         try:
+            assert self._pool is not None  # made by start()
             up = await self._pool.request(request.method, request.raw_path,
                                           request.raw_headers,
                                           None if body is None else body.chunks)
@@ -645,9 +655,9 @@ class Gateway:
                 await resp.write_eof()
                 return resp
             data = await up.read()
-            headers = self._multidict((k.decode("latin-1"), v.decode("latin-1"))
-                                      for k, v in up.headers if k.lower() not in HOP_HEADERS_B)
-            return web.Response(status=up.status, body=data, headers=headers)
+            passed = self._multidict((k.decode("latin-1"), v.decode("latin-1"))
+                                     for k, v in up.headers if k.lower() not in HOP_HEADERS_B)
+            return web.Response(status=up.status, body=data, headers=passed)
         except (UpstreamError, OSError) as exc:
             if resp is not None and resp.prepared:   # mid-stream: client or upstream went away
                 self.errors.log("stream", "stream %s aborted: %s", request.raw_path, exc)
@@ -662,8 +672,8 @@ class Gateway:
                 up.release()
 
     async def _metrics(self, request: Any) -> Any:
-        from aiohttp import web  # noqa: PLC0415
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # noqa: PLC0415
+        from aiohttp import web
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         return web.Response(body=generate_latest(self._registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -695,13 +705,13 @@ class Gateway:
         return hmac.compare_digest(given, self._token)
 
     async def _control_get(self, request: Any) -> Any:
-        from aiohttp import web  # noqa: PLC0415
+        from aiohttp import web
         if not self._authorised(request):
             return web.json_response({"error": "missing or wrong token"}, status=401)
         return web.json_response(self.gate.state())
 
     async def _control_set(self, request: Any) -> Any:
-        from aiohttp import web  # noqa: PLC0415
+        from aiohttp import web
         if not self._authorised(request):
             return web.json_response({"error": "missing or wrong token"}, status=401)
         try:
@@ -719,17 +729,21 @@ class GatewayControl:
     """Synchronous client of a gateway's control endpoint (loopback HTTP)."""
 
     def __init__(self, control_url: str, token: str, *, timeout_s: float = 2.0) -> None:
+        if not control_url.startswith(("http://", "https://")):
+            raise GatewayError(f"gateway control URL must be http:// or https://, got "
+                               f"{control_url!r}")
         self.control_url = control_url.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
 
     def _call(self, method: str, path: str, payload: dict | None = None) -> dict:
         data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(self.control_url + path, data=data, method=method,
-                                     headers={"Authorization": f"Bearer {self.token}",
-                                              "Content-Type": "application/json"})
+        req = urllib.request.Request(  # noqa: S310 - http(s) only (checked in __init__)
+            self.control_url + path, data=data, method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:  # noqa: S310
+            with urllib.request.urlopen(  # noqa: S310 - http(s) only (checked in __init__)
+                    req, timeout=self.timeout_s) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:200]
@@ -742,9 +756,11 @@ class GatewayControl:
                                ) from None
 
     def state(self) -> dict:
+        """The gate's state (GET /control)."""
         return self._call("GET", "/control")
 
     def set_max_concurrency(self, n: int) -> int:
+        """Set the concurrency limit (POST /control/max_concurrency); returns the one in force."""
         return int(self._call("POST", "/control/max_concurrency",
                               {"max_concurrency": int(n)})["max_concurrency"])
 
@@ -788,7 +804,7 @@ def read_token_file(path: str | os.PathLike, *, create: bool = False) -> str:
     a missing file is created (mode 0600) with a new random token. Every failure is a
     `ConfigError` naming the file.
     """
-    import secrets  # noqa: PLC0415
+    import secrets
 
     p = os.fspath(path)
 
@@ -821,8 +837,8 @@ def read_token_file(path: str | os.PathLike, *, create: bool = False) -> str:
     if st.st_size > 4096:
         raise err(f"{st.st_size} bytes: not a token")
     try:
-        with open(p, "rb") as f:
-            raw = f.read(4097)
+        with open(p, "rb") as fh:
+            raw = fh.read(4097)
     except OSError as exc:
         raise err(f"cannot read it: {exc.strerror or exc}") from None
     try:
@@ -839,5 +855,5 @@ def read_token_file(path: str | os.PathLike, *, create: bool = False) -> str:
 async def run_gateway(config: GatewayConfig, *, duration_s: float | None = None,
                       ready: Any = None) -> None:
     """Serve until cancelled, SIGINT/SIGTERM, or ``duration_s`` elapses."""
-    from palsctl.adapters.serve import serve_until_stopped  # noqa: PLC0415
+    from palsctl.adapters.serve import serve_until_stopped
     await serve_until_stopped(Gateway(config), duration_s=duration_s, ready=ready)

@@ -111,7 +111,8 @@ class ServerLog:
         self._log, self._limiter = logger, limiter
 
     def exception(self, msg: str, *args: Any, exc_info: Any = True, **_: Any) -> None:
-        from aiohttp.http_exceptions import HttpProcessingError  # noqa: PLC0415
+        """Log a handler exception: a client's malformed HTTP as one rate-limited line."""
+        from aiohttp.http_exceptions import HttpProcessingError
         if isinstance(exc_info, HttpProcessingError):
             text = str(exc_info).strip().splitlines()
             self._limiter.log("bad-request", "bad request from a client: %s",
@@ -120,15 +121,19 @@ class ServerLog:
             self._limiter.log("server-error", msg, *args, exc_info=exc_info)
 
     def error(self, msg: str, *args: Any, **kw: Any) -> None:
+        """Log an error, rate-limited."""
         self._limiter.log("server-error", msg, *args)
 
     def warning(self, msg: str, *args: Any, **kw: Any) -> None:
+        """Log a warning, rate-limited."""
         self._limiter.log("server-warning", msg, *args)
 
     def debug(self, msg: str, *args: Any, **kw: Any) -> None:
+        """Log at debug level."""
         self._log.debug(msg, *args)
 
     def info(self, msg: str, *args: Any, **kw: Any) -> None:
+        """Log at info level."""
         self._log.info(msg, *args)
 
 
@@ -159,6 +164,7 @@ class ByteBudget:
             self.peak_b = self.used_b
 
     def try_take(self, n: int) -> bool:
+        """Reserve n bytes if they fit now; whether they were reserved."""
         if self._fits(n):
             self._hold(n)
             return True
@@ -172,6 +178,7 @@ class ByteBudget:
         return False
 
     async def take(self, n: int, timeout_s: float) -> bool:
+        """Reserve n bytes, waiting at most timeout_s (s) for room; whether they were."""
         if n > (self.limit_b if n <= self._small_b else self.large_limit_b):
             return False
         if self.take_nowait(n):
@@ -192,11 +199,13 @@ class ByteBudget:
                 except ValueError:
                     pass
                 self._wake()
-            if asyncio.current_task().cancelling():   # a real cancellation, not our timeout
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():   # a real cancellation, not our timeout
                 raise
             return False
 
     def give(self, n: int) -> None:
+        """Return n reserved bytes (wakes the waiters that now fit)."""
         self.used_b -= n
         self._wake()
 
@@ -232,7 +241,7 @@ def fd_bound_connections(requested: int, *, reserve: int = 64) -> tuple[int, int
     upstream connection too, so at most half of the descriptors left after ``reserve``.
     Returns (limit, soft open-file limit or None where unknown)."""
     try:
-        import resource  # noqa: PLC0415
+        import resource
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
         return requested, None
@@ -464,10 +473,12 @@ class GuardedServer:
         self._sweeper.cancel()
 
     def __call__(self) -> _Conn:
+        """A protocol for one new client connection (asyncio's protocol factory)."""
         return _Conn(self)
 
     @property
     def connections(self) -> int:
+        """Client connections open now."""
         return len(self.open)
 
     def _admit(self, conn: _Conn) -> bool:

@@ -6,9 +6,11 @@ import signal
 from collections.abc import Callable
 from typing import Any, Protocol
 
+__all__ = ["serve_until_stopped"]
+
 
 class _Server(Protocol):
-    async def start(self) -> None: ...
+    async def start(self) -> object: ...
 
     async def stop(self) -> None: ...
 

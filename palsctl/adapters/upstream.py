@@ -43,7 +43,7 @@ class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection to the upstream, one request at a time."""
 
     def __init__(self, pool: "UpstreamPool") -> None:
-        import httptools  # noqa: PLC0415
+        import httptools
         self._pool = pool
         self._loop = pool.loop
         self._parser = httptools.HttpResponseParser(self)
@@ -88,6 +88,7 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except self._parser_error as exc:
             self._fail(UpstreamError(f"bad HTTP from the upstream: {exc}"))
+            assert self.transport is not None  # set by connection_made
             self.transport.abort()
 
     def pause_writing(self) -> None:
@@ -126,6 +127,7 @@ class _Connection(asyncio.Protocol):
         self._buffered += len(body)
         if self._buffered > READ_HIGH_WATER_B and not self._paused:
             self._paused = True
+            assert self.transport is not None  # set by connection_made
             self.transport.pause_reading()
         self._wake()
 
@@ -161,6 +163,7 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         if self._paused and not self.closed:
             self._paused = False
+            assert self.transport is not None  # set by connection_made
             self.transport.resume_reading()
         return data
 
@@ -177,6 +180,7 @@ class UpstreamResponse:
         self._released = False
 
     def header(self, name: bytes, default: bytes = b"") -> bytes:
+        """The value of a response header (case-insensitive name), or default."""
         name = name.lower()
         for k, v in self.headers:
             if k.lower() == name:
@@ -197,6 +201,7 @@ class UpstreamResponse:
             await c.wait()
 
     async def read(self) -> bytes:
+        """Read the whole response body."""
         parts = []
         while chunk := await self.read_any():
             parts.append(chunk)
@@ -223,7 +228,7 @@ class UpstreamPool:
         self.prefix = u.path.rstrip("/")
         self._ssl = None
         if u.scheme == "https":
-            import ssl  # noqa: PLC0415
+            import ssl
             self._ssl = ssl.create_default_context()
         default_port = 443 if u.scheme == "https" else 80
         netloc = f"[{self.host}]" if ":" in self.host else self.host
@@ -259,6 +264,7 @@ class UpstreamPool:
             if conn.closed:
                 continue
             if now - conn.last_io_s > self.idle_timeout_s:
+                assert conn.transport is not None  # set by connection_made
                 conn.transport.close()
                 continue
             return conn
@@ -304,6 +310,7 @@ class UpstreamPool:
             conn.last_io_s = self.loop.time()
             self._busy.add(conn)
             try:
+                assert conn.transport is not None  # set by connection_made
                 conn.transport.write(head)
                 for chunk in chunks:     # each after the last has drained below the high water
                     while conn.write_paused and conn.exc is None and not conn.closed \
@@ -316,6 +323,7 @@ class UpstreamPool:
                         break
                     if conn.closed:
                         raise UpstreamError("the upstream closed the connection")
+                    assert conn.transport is not None  # set by connection_made
                     conn.transport.write(chunk)
                 while not conn.headers_done:
                     if conn.exc is not None:
@@ -372,12 +380,14 @@ class UpstreamPool:
             if conn.closed:
                 continue
             if now - conn.last_io_s > self.idle_timeout_s:
+                assert conn.transport is not None  # set by connection_made
                 conn.transport.close()
             else:
                 keep.append(conn)
         self._idle = keep
 
     async def close(self) -> None:
+        """Close every pooled connection and stop the idle watchdog."""
         self._closed = True
         self._watchdog.cancel()
         try:
