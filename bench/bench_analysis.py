@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _machine import machine  # noqa: E402  (bench/ is on sys.path)
+from _machine import machine
 
 CONFIG = """\
 name = "bench-analyze"
@@ -69,8 +69,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from palsctl.analysis.identify import identify_from_step_test, step_test
-    from palsctl.analysis.stability import FOPDT, analyze_loop, recommend_gains, stability_map
     from palsctl.analysis.report import map_grid
+    from palsctl.analysis.stability import FOPDT, analyze_loop, recommend_gains, stability_map
     from palsctl.plants.sim import SimPlant
 
     print(machine())

@@ -145,7 +145,7 @@ async def throughput(url: str, clients: int, duration_s: float) -> float:
 
 
 def run(coro):
-    """uvloop when installed (cheaper load generator and upstream), else asyncio."""
+    """Uvloop when installed (cheaper load generator and upstream), else asyncio."""
     try:
         import uvloop
         return uvloop.run(coro)

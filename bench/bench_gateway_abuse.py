@@ -40,7 +40,7 @@ import aiohttp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import machine  # noqa: E402  (bench/ is on sys.path)
+from _machine import machine
 
 MIB = 1024 * 1024
 LOG = os.environ.get("BENCH_GATEWAY_LOG")      # the gateway's log goes here when set

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from _machine import machine  # noqa: E402  (bench/ is on sys.path)
+from _machine import machine
 
 
 def loop_replay(repeat: int) -> dict:
@@ -181,18 +181,19 @@ def main() -> int:
     args = ap.parse_args()
     print(machine())
     plain = [run_default_plain() for _ in range(args.repeat)]
-    print(f"default experiment, run_experiment (20 simulated min): median {statistics.median(plain):.2f} s "
-          f"(runs: {', '.join(f'{x:.2f}' for x in plain)})")
+    print(f"default experiment, run_experiment (20 simulated min): median "
+          f"{statistics.median(plain):.2f} s (runs: {', '.join(f'{x:.2f}' for x in plain)})")
     cli = [run_cli() for _ in range(args.repeat)]
     walls, cpus = [c[0] for c in cli], [c[1] for c in cli]
-    print(f"default experiment, whole `palsctl run` command: median wall {statistics.median(walls):.2f} s "
-          f"(runs: {', '.join(f'{x:.2f}' for x in walls)}); median CPU {statistics.median(cpus):.2f} s "
+    print(f"default experiment, whole `palsctl run` command: median wall "
+          f"{statistics.median(walls):.2f} s (runs: {', '.join(f'{x:.2f}' for x in walls)}); "
+          f"median CPU {statistics.median(cpus):.2f} s "
           f"(runs: {', '.join(f'{x:.2f}' for x in cpus)})")
     micro = [loop_microbench() for _ in range(args.repeat)]
     runs = ", ".join(f"{r['overhead_s'] * 1e6:.1f}" for r in micro)
+    med_us = statistics.median(r['overhead_s'] for r in micro) * 1e6
     print(f"loop overhead per step (CPU), null plant + static controller, default guard, step "
-          f"budget schedule, no workload: median {statistics.median(r['overhead_s'] for r in micro) * 1e6:.1f}"
-          f" µs (runs: {runs})")
+          f"budget schedule, no workload: median {med_us:.1f} µs (runs: {runs})")
     rp = loop_replay(args.repeat * 4)
     print(f"default experiment replayed (recorded measurements, real workload arrivals, CPU time "
           f"per step): run_loop {rp['loop_s'] * 1e6:.1f} µs, the same plant/controller/workload "

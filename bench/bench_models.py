@@ -21,8 +21,7 @@ import time
 import warnings
 
 import numpy as np
-
-from _machine import machine  # noqa: E402  (bench/ is on sys.path)
+from _machine import machine
 
 PLANTS = [("mixtral-8x7b", "a100-sxm4-80gb", 4), ("llama-3.1-8b", "h100-sxm", 1)]
 WORKLOADS = [(512, 256), (1226, 213)]  # synthetic; the default experiment's azure-conv means
@@ -65,17 +64,19 @@ def speed(repeat: int) -> None:
         m = PowerPerfModel.fit(rows, kind=kind, cv_folds=0)
         for _ in range(20):
             m.predict(power_cap_w=C, max_batch=B)
-        w, c = timed(lambda: m.predict(power_cap_w=C, max_batch=B), repeat)
+        w, c = timed(lambda m=m: m.predict(power_cap_w=C, max_batch=B), repeat)
         line = f"{kind:10s} predict 500: wall {w * 1e3:.3f} ms, cpu {c * 1e3:.3f} ms"
         if kind == "parametric":
-            gw, gc = timed(lambda: m.gradients(C, B), max(20, repeat // 5))
+            gw, gc = timed(lambda m=m: m.gradients(C, B), max(20, repeat // 5))
             line += f"; gradients 500: wall {gw * 1e3:.2f} ms, cpu {gc * 1e3:.2f} ms"
         print(line)
     print("## fit / profile cost (mixtral-8x7b, 4 x A100, 12 points)")
     w, c = timed(lambda: profile_rows(*PLANTS[0], 512, 256), 3)
-    print(f"profile 12 points (20 s warm-up + 30 s window each, simulated): wall {w:.2f} s, cpu {c:.2f} s")
+    print(f"profile 12 points (20 s warm-up + 30 s window each, simulated): wall {w:.2f} s, "
+          f"cpu {c:.2f} s")
     for kind, folds in (("parametric", 0), ("parametric", 5), ("gbt", 0), ("gbt", 5)):
-        w, c = timed(lambda: PowerPerfModel.fit(rows, kind=kind, cv_folds=folds), 3)
+        w, c = timed(lambda kind=kind, folds=folds: PowerPerfModel.fit(rows, kind=kind,
+                                                                       cv_folds=folds), 3)
         print(f"fit {kind} cv_folds={folds}: wall {w:.2f} s, cpu {c:.2f} s")
 
 

@@ -13,12 +13,12 @@ import statistics
 import time
 from datetime import datetime
 
+from _machine import machine
+
 from palsctl.paths import data_file
 from palsctl.plants.sim import SimPlant, steady_state
 from palsctl.plants.sim.steady import group_model
 from palsctl.types import Request
-
-from _machine import machine  # noqa: E402  (bench/ is on sys.path)
 
 STEADY_CASES = [
     ("llama-3.1-8b", "h100-sxm", 1, 8, None, 200, 600, "tp"),

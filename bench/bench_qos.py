@@ -59,17 +59,20 @@ def checks(name: str, r: dict) -> list[tuple[str, bool, str]]:
     for ref, label in ((c2b, "cap-to-budget"), (c2bm, MARGIN_VARIANT)):
         out.append((f"search QoS <= {label}",
                     s["qos_violation_rate"] <= ref["qos_violation_rate"] + 1e-12,
-                    f"{100 * s['qos_violation_rate']:.2f} vs {100 * ref['qos_violation_rate']:.2f} %"))
+                    f"{100 * s['qos_violation_rate']:.2f} vs "
+                    f"{100 * ref['qos_violation_rate']:.2f} %"))
     if (s.get("binding_fraction") or 0.0) == 0.0:
         out.append(("budget never binds: search QoS <= static + 1 pt",
                     s["qos_violation_rate"] <= st["qos_violation_rate"] + 0.01,
-                    f"{100 * s['qos_violation_rate']:.2f} vs {100 * st['qos_violation_rate']:.2f} %"))
+                    f"{100 * s['qos_violation_rate']:.2f} vs "
+                    f"{100 * st['qos_violation_rate']:.2f} %"))
     else:
         qb, qc = s["qos_violation_rate_binding"], co["qos_violation_rate_binding"]
         ratio = (qc / qb) if qb else float("inf") if qc else None
         out.append(("binding stretches: >= 4x fewer violations than cap-only",
                     ratio is not None and ratio >= 4.0,
-                    f"{100 * qb:.2f} vs {100 * qc:.2f} % ({ratio if ratio is None else f'{ratio:.1f}'}x)"))
+                    f"{100 * qb:.2f} vs {100 * qc:.2f} % "
+                    f"({ratio if ratio is None else f'{ratio:.1f}'}x)"))
     for ctl in ("search", "mpc"):
         late = r[ctl]["time_over_budget_late_s"]
         out.append((f"{ctl}: no time over budget after the first window of a cut", late == 0.0,

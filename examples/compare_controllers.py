@@ -22,9 +22,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from palsctl.experiment import compare
+    from palsctl.experiment import compare, load_experiment
     from palsctl.plotting import plot_overlay
-    from palsctl.experiment import load_experiment
 
     cfg = load_experiment(HERE / "moe_throughput_targets.toml")
     if args.duration_s is not None:

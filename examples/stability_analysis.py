@@ -21,20 +21,20 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from palsctl.analysis.identify import (  # noqa: E402
+from palsctl.analysis.identify import (
     assess_fit,
     identify_from_step_test,
     step_test,
 )
-from palsctl.analysis.report import map_grid  # noqa: E402
-from palsctl.analysis.stability import (  # noqa: E402
+from palsctl.analysis.report import map_grid
+from palsctl.analysis.stability import (
     analyze_loop,
     plot_stability_map,
     recommend_gains,
     stability_map,
 )
-from palsctl.analysis.verify import run_power_step, verify_loop  # noqa: E402
-from palsctl.plants.sim import SimPlant  # noqa: E402
+from palsctl.analysis.verify import run_power_step, verify_loop
+from palsctl.plants.sim import SimPlant
 
 MODEL, GPU, NUM_GPUS, BATCH = "llama-3.1-8b", "h100-sxm", 1, 64
 DT_S, CAP_W = 0.5, 330.0          # cap per GPU, below the plant's natural draw (it binds)

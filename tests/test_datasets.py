@@ -14,8 +14,17 @@ import pytest
 
 from palsctl import datasets, paths
 from palsctl.cli import main
-from palsctl.datasets import (DATASETS, DataError, Dataset, DerivedFile, UpstreamFile, fetch,
-                              flatten_mlenergy_tasks, get_datasets, sha256_file)
+from palsctl.datasets import (
+    DATASETS,
+    DataError,
+    Dataset,
+    DerivedFile,
+    UpstreamFile,
+    fetch,
+    flatten_mlenergy_tasks,
+    get_datasets,
+    sha256_file,
+)
 from palsctl.errors import ConfigError, UnknownNameError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -26,7 +35,7 @@ class _Handler(BaseHTTPRequestHandler):
     maps a path to a byte count after which the next response breaks off; ``server.ranges``
     False makes it ignore Range headers."""
 
-    def do_GET(self):  # noqa: N802 (http.server's name)
+    def do_GET(self):
         srv = self.server
         srv.log.append((self.path, self.headers.get("Range")))
         body = srv.files.get(self.path)

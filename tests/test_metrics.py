@@ -99,8 +99,8 @@ def test_settling_time_after_budget_steps():
     sps = [hi] * 3 + [lo] * 6 + [hi] * 3
     power = [900.0] * 4 + [800.0, 700.0, 600.0, 590.0, 600.0] + [600.0, 900.0, 950.0]
     s = summarize(record(power, [1.0] * 12, sps), settle_window_s=1.0)
-    # with no averaging: windows 4 (4..5 s, 800 W) and 5 (5..6 s, 700 W) are over 606 W -> in spec from t = 6 s,
-    # 2 s after the step at t_e = 4 s. Up-step: nothing out of spec -> 0.
+    # with no averaging: windows 4 (4..5 s, 800 W) and 5 (5..6 s, 700 W) are over 606 W -> in
+    # spec from t = 6 s, 2 s after the step at t_e = 4 s. Up-step: nothing out of spec -> 0.
     assert s["settling_times_s"] == [2.0, 0.0]
     assert s["settling_time_s"] == 2.0 and s["unsettled_steps"] == 0
     # 2 s trailing means since the step: 800, 750, 650 (over), 595, 595 -> settled at t = 7 s

@@ -9,9 +9,17 @@ import threading
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from palsctl.adapters.gateway import (AdmissionGate, Gateway, GatewayBatchActuator,
-                                      GatewayConfig, GatewayControl, GatewayError)
+from palsctl.adapters.gateway import (
+    AdmissionGate,
+    Gateway,
+    GatewayBatchActuator,
+    GatewayConfig,
+    GatewayControl,
+    GatewayError,
+)
 from palsctl.errors import ConfigError
 
 TOKEN = "test-token-123456"
@@ -311,8 +319,6 @@ def test_upstream_down_gives_502_and_frees_the_slot():
 
 
 # ------------------------------------------------------------------ gate properties
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 ops = st.lists(st.one_of(
     st.tuples(st.just("arrive"), st.just(0)),

@@ -5,11 +5,11 @@ import dataclasses
 
 import pytest
 
-from tests.support.doubles import limits4, plant_info4
 from palsctl.controllers.baselines import BatchOnlyController, ZeusController
 from palsctl.controllers.truth import SearchTruthController
 from palsctl.errors import ConfigError
 from palsctl.types import Measurement, Setpoint
+from tests.support.doubles import limits4, plant_info4
 
 
 def _m(thr, power, cap=None, batch=None, running=0, waiting=0, demand=None):
@@ -96,8 +96,8 @@ def test_search_truth_is_search_on_the_ground_truth():
     # on the simulator's ground truth: search given a model that returns that truth acts alike
     from types import SimpleNamespace
 
-    from palsctl.controllers.truth import truth_grid
     from palsctl.controllers.search import SearchController
+    from palsctl.controllers.truth import truth_grid
     from palsctl.plants.sim import SimPlant
 
     plant = SimPlant(model="mixtral-8x7b", gpu="a100-sxm4-80gb", num_gpus=4, seed=0)

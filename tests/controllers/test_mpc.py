@@ -5,10 +5,10 @@ import warnings
 
 import pytest
 
-from tests.support.doubles import AnalyticModel, FakePlant, limits4, plant_info4
 from palsctl.controllers.mpc import MPCController
 from palsctl.errors import ConfigError
 from palsctl.types import Measurement, Setpoint
+from tests.support.doubles import AnalyticModel, FakePlant, limits4, plant_info4
 
 
 def _m(cap=400.0, batch=256, thr=1000.0, power=1200.0, running=40, waiting=0):

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.doubles import limits4, plant_info4
 from palsctl.controllers.pi import FALLBACK_GAINS, PIController
 from palsctl.errors import ConfigError
 from palsctl.types import Measurement, Setpoint
+from tests.support.doubles import limits4, plant_info4
 
 
 def _m(cap=250.0, batch=64, thr=1000.0, power=800.0, running=64, waiting=0, demand=None,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from palsctl.controllers.qos import DemandEstimator, QosTightening
 from palsctl.types import Measurement, Setpoint

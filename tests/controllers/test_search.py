@@ -6,13 +6,14 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tests.support.doubles import AnalyticModel, FakePlant, limits4, plant_info4
 from palsctl.controllers import common
 from palsctl.controllers.search import SearchController
 from palsctl.errors import ConfigError
 from palsctl.types import Measurement, Setpoint
+from tests.support.doubles import AnalyticModel, FakePlant, limits4, plant_info4
 
 
 def _meas(cap=400.0, batch=256, thr=0.0, power=0.0, running=0, waiting=0, demand=None):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from palsctl.cli import main
-from palsctl.experiment.compare import aggregate
 from palsctl.experiment import load_experiment
+from palsctl.experiment.compare import aggregate
 
 ROOT = Path(__file__).resolve().parents[2]
 # experiment files (fleet files, examples/fleet_*.toml, are tested in tests/cluster)
@@ -62,7 +62,7 @@ def test_compare_cli_writes_json_and_plots(tmp_path, capsys):
     assert [n for n, a in data.items() if a["reference"]] in (["static", "hindsight"],
                                                               ["hindsight", "static"])
     from palsctl.metrics import SUMMARY_KEYS
-    for name, agg in data.items():
+    for agg in data.values():
         for k in SUMMARY_KEYS:
             assert k in agg
         for k in ("tokens_per_joule_std", "gain_vs_static", "hindsight_fraction",
@@ -97,9 +97,9 @@ def test_compare_unknown_controller_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_versus_static_runs_both_on_the_same_workload():
-    from palsctl.experiment import versus_static
-    from palsctl.experiment import experiment_from_dict
     import tomllib
+
+    from palsctl.experiment import experiment_from_dict, versus_static
 
     cfg = experiment_from_dict(tomllib.loads(TINY))
     a, b = versus_static(cfg, "search")

@@ -3,9 +3,11 @@ it on its segment."""
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from palsctl.experiment import experiment_from_dict
 from palsctl.experiment.build import build_plant, build_schedule, build_workload
@@ -13,8 +15,6 @@ from palsctl.experiment.hindsight import _Switchable, hindsight_run, segments
 from palsctl.loop import ClosedLoop
 from palsctl.metrics import summarize
 from palsctl.types import Setpoint
-
-import tomllib
 
 SMALL = """
 name = "small"

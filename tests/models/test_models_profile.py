@@ -5,8 +5,16 @@ import math
 import pytest
 
 from palsctl.errors import PalsctlError
-from palsctl.models.profile import (COLUMNS, grid_points, parse_batches, parse_caps,
-                                    point_seed, profile_plant, read_profile, sample_points)
+from palsctl.models.profile import (
+    COLUMNS,
+    grid_points,
+    parse_batches,
+    parse_caps,
+    point_seed,
+    profile_plant,
+    read_profile,
+    sample_points,
+)
 from palsctl.plants.sim import SimPlant, steady_state
 
 MODEL, GPU, N = "mixtral-8x7b", "a100-sxm4-80gb", 4

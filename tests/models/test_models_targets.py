@@ -47,8 +47,10 @@ def test_parametric_mape_on_full_grid_at_most_8_percent(case):
 
 @pytest.mark.parametrize("frac", TARGET_FRACTIONS)
 def test_best_tokens_per_joule_within_3_percent(case, frac):
-    """The configuration the model ranks best by tokens/J among those it predicts to meet a
-    throughput target is within 3 % of the true best: at least 97 % of the best true tokens/J
+    """The model's best configuration for a throughput target is within 3 % of the true best.
+
+    The configuration the model ranks best by tokens/J among those it predicts to meet a
+    throughput target reaches at least 97 % of the best true tokens/J
     of the configurations that meet the target with a 3 % margin, while really delivering at
     least 97 % of the target. (A 3 % band on both axes: a configuration whose true throughput
     lies within a fraction of a per cent of the target is a coin toss for any model fitted to

@@ -89,7 +89,8 @@ def test_metrics_sensor_on_real_exposition(llama_server):
     srv = llama_server
     sensor = VllmMetricsSensor(srv.url + "/metrics", model_name=srv.name)
     first = sensor.prime()
-    assert first.model_names == (srv.name,) and first.tpot is not None and first.kv_usage is not None
+    assert first.model_names == (srv.name,)
+    assert first.tpot is not None and first.kv_usage is not None
 
     async def main():
         async with session() as s:

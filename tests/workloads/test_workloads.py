@@ -3,9 +3,18 @@ import pytest
 
 from palsctl.errors import ConfigError
 from palsctl.types import Setpoint
-from palsctl.workloads import (AZURE_CONV_FIT, GridSignal, LogNormalLengths, MMPPWorkload,
-                               PoissonWorkload, Ramp, SetpointSchedule, Steps, TraceWorkload,
-                               azure_conv_workload)
+from palsctl.workloads import (
+    AZURE_CONV_FIT,
+    GridSignal,
+    LogNormalLengths,
+    MMPPWorkload,
+    PoissonWorkload,
+    Ramp,
+    SetpointSchedule,
+    Steps,
+    TraceWorkload,
+    azure_conv_workload,
+)
 from palsctl.workloads.fit_azure import CONV_TRACE, fit_mmpp2
 from palsctl.workloads.traces import load_trace
 

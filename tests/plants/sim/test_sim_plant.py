@@ -148,8 +148,10 @@ def test_same_seed_same_trajectory_other_seed_differs_in_noise_only():
     a, b, c = _trajectory(1), _trajectory(1), _trajectory(2)
     assert a == b
     assert [m.power_w for m in a] != [m.power_w for m in c]
-    strip = lambda ms: [(m.energy_j, m.throughput_tok_s, m.running, m.waiting, m.kv_usage,
-                         m.ttft_p90_s, m.tpot_p90_s) for m in ms]
+    def strip(ms):
+        return [(m.energy_j, m.throughput_tok_s, m.running, m.waiting, m.kv_usage,
+                 m.ttft_p90_s, m.tpot_p90_s) for m in ms]
+
     assert strip(a) == strip(c)
     for ma, mc in zip(a, c):
         assert mc.power_w == pytest.approx(ma.power_w, rel=0.06)
