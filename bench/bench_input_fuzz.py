@@ -35,22 +35,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACE_CONFIG = """name = "fuzz"
-duration_s = 3.0
-dt_s = 1.0
-[plant]
-model = "llama-3.1-8b"
-gpu = "h100-sxm"
-[workload]
-kind = "trace"
-path = "{path}"
-window_s = 3.0
-[setpoint]
-throughput_tok_s = "demand"
-power_budget_w = 600.0
-[controller]
-name = "pi"
-"""
 
 
 class Tally:
@@ -92,7 +76,7 @@ def fuzz_traces(n: int, cli_every: int, n_sub: int) -> Tally:
     from hypothesis import HealthCheck, given, settings
 
     from palsctl.errors import PalsctlError
-    from palsctl.testing.hostile import trace_files
+    from palsctl.testing.hostile import trace_experiment, trace_files
     from palsctl.workloads.traces import TraceWorkload, load_trace
 
     tally = Tally()
@@ -118,7 +102,7 @@ def fuzz_traces(n: int, cli_every: int, n_sub: int) -> Tally:
                     tally.traceback(f"trace {k[0]}", traceback.format_exc(limit=2)
                                     .splitlines()[-1])
             cfg = Path(d) / "exp.toml"
-            cfg.write_text(TRACE_CONFIG.format(path=path.name))
+            cfg.write_text(trace_experiment(path.name))
             argv = ["run", str(cfg), "-q", "--no-plot", "--no-versus", "--out", str(Path(d) / "o")]
             if k[0] % cli_every == 0:
                 in_process_cli(argv + (["--lenient"] if k[0] % 2 else []), tally,
@@ -136,15 +120,8 @@ def fuzz_configs(n: int, cli_every: int, n_sub: int) -> Tally:
     from hypothesis import strategies as st
 
     from palsctl.errors import PalsctlError
-    from palsctl.experiment import (
-        DEFAULT_EXPERIMENT_TOML,
-        build_controller,
-        build_plant,
-        build_schedule,
-        build_workload,
-        load_experiment,
-    )
-    from palsctl.testing.hostile import config_texts
+    from palsctl.experiment import DEFAULT_EXPERIMENT_TOML
+    from palsctl.testing.hostile import config_texts, load_and_build
 
     bases = [DEFAULT_EXPERIMENT_TOML] + [p.read_text() for p in sorted(ROOT.glob(
         "examples/*.toml"))]
@@ -160,10 +137,7 @@ def fuzz_configs(n: int, cli_every: int, n_sub: int) -> Tally:
             path = Path(d) / "exp.toml"
             path.write_bytes(raw)
             try:
-                cfg = load_experiment(path)
-                build_controller(cfg)
-                build_plant(cfg, seed=0)
-                build_schedule(cfg, build_workload(cfg, seed=0))
+                load_and_build(path)
                 tally.outcomes["accepted"] += 1
             except PalsctlError:
                 tally.outcomes["refused"] += 1

@@ -19,7 +19,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-__all__ = ["HOSTILE_NUMBERS", "HOSTILE_VALUES", "config_texts", "trace_files"]
+__all__ = ["HOSTILE_NUMBERS", "HOSTILE_VALUES", "config_texts", "load_and_build",
+           "trace_experiment", "trace_files"]
 
 # number literals as they appear in a file (JSON accepts NaN/Infinity; Python's parser does)
 HOSTILE_NUMBERS = ("-5", "0", "-0", "1.5", "true", "false", "null", '"12"', '"x"', "1e400",
@@ -216,3 +217,30 @@ def _tomlable(x: Any) -> Any:
     if isinstance(x, list):
         return [_tomlable(v) for v in x if v is not None]
     return x
+
+
+def trace_experiment(trace_name: str, *, window_s: float | None = 3.0) -> str:
+    """A small experiment (TOML) that replays the trace file ``trace_name`` (beside it) for 3 s
+    with the `pi` controller: the way to put a fuzzed trace through ``palsctl run``."""
+    window = "" if window_s is None else f"window_s = {window_s!r}\n"
+    return (f'name = "fuzz"\nduration_s = 3.0\ndt_s = 1.0\n[plant]\nmodel = "llama-3.1-8b"\n'
+            f'gpu = "h100-sxm"\n[workload]\nkind = "trace"\npath = "{trace_name}"\n{window}'
+            f'[setpoint]\nthroughput_tok_s = "demand"\npower_budget_w = 600.0\n'
+            f'[controller]\nname = "pi"\n')
+
+
+def load_and_build(path: Any) -> None:
+    """What ``palsctl run`` does with a config before its loop: load and validate it, then build
+    its controller, plant, workload and schedule (each may refuse it with a `PalsctlError`)."""
+    from palsctl.experiment import (
+        build_controller,
+        build_plant,
+        build_schedule,
+        build_workload,
+        load_experiment,
+    )
+
+    cfg = load_experiment(path)
+    build_controller(cfg)
+    build_plant(cfg, seed=0)
+    build_schedule(cfg, build_workload(cfg, seed=0))

@@ -8,6 +8,7 @@ import pytest
 
 from palsctl.cli import main as cli_main
 from palsctl.errors import ConfigError
+from palsctl.testing.hostile import trace_experiment
 from palsctl.workloads.traces import MAX_TRACE_TOKENS, TraceWorkload, load_trace
 
 AZURE_HEAD = b"TIMESTAMP,ContextTokens,GeneratedTokens\n"
@@ -140,20 +141,6 @@ def test_all_rows_at_one_instant_needs_a_window(tmp_path):
     assert TraceWorkload(single).window_s == 1.0
 
 
-CONFIG = """name = "fuzz"
-duration_s = 5.0
-dt_s = 1.0
-[plant]
-model = "llama-3.1-8b"
-gpu = "h100-sxm"
-[workload]
-kind = "trace"
-path = "{path}"
-[setpoint]
-throughput_tok_s = "demand"
-[controller]
-name = "pi"
-"""
 
 
 @pytest.mark.parametrize("name,suffix,content,words", HOSTILE[:3] + HOSTILE[5:7] + HOSTILE[10:11],
@@ -163,7 +150,7 @@ def test_palsctl_run_hostile_trace_one_line_exit_2_or_lenient(tmp_path, capsys, 
     trace = tmp_path / f"trace{suffix}"
     trace.write_bytes(content)
     cfg = tmp_path / "exp.toml"
-    cfg.write_text(CONFIG.format(path=trace.name))
+    cfg.write_text(trace_experiment(trace.name, window_s=None))
     assert cli_main(["run", str(cfg), "-q", "--no-plot", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("palsctl run: error:") and words in err
