@@ -32,7 +32,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import machine  # noqa: E402  (bench/ is on sys.path)
+from _machine import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
