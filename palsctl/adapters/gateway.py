@@ -777,6 +777,7 @@ class GatewayBatchActuator:
         self.max_batch = self.original
 
     def set_max_batch(self, max_batch: int) -> int:
+        """Set the batch limit (clamped to 1..launch_max); returns the value in force."""
         value = int(min(max(int(max_batch), 1), self.launch_max))
         if value != self.max_batch:
             if self.dry_run:
@@ -788,6 +789,7 @@ class GatewayBatchActuator:
         return self.max_batch
 
     def close(self) -> None:
+        """Restore the limit found at open (a failure is logged)."""
         if not self.dry_run and self.max_batch != self.original:
             try:
                 self.control.set_max_concurrency(self.original)
