@@ -88,9 +88,16 @@ class LoopGains:
 @dataclass(frozen=True, kw_only=True)
 class PIGains:
     """Recommended gains of every `pi` loop; `params` gives `PIConfig`'s keyword arguments.
-    ``loops`` maps the loop name (``batch``, ``margin``, ``budget``) to its `LoopGains`;
-    ``dt_s`` is the control period they are for; ``source`` says where the plant gains came
-    from."""
+
+    Parameters
+    ----------
+    loops : dict of str to LoopGains
+        Loop name (``batch``, ``margin``, ``budget``) -> its recommended gains.
+    dt_s : float
+        The control period the gains are for, s.
+    source : str
+        Where the plant gains came from (a preset's step tests, a model's gradients).
+    """
 
     loops: dict[str, LoopGains]
     dt_s: float

@@ -51,11 +51,18 @@ _EPS = 1e-9
 
 @dataclass(frozen=True, kw_only=True)
 class Envelope:
-    """A concave, non-decreasing piecewise-linear curve of generated tokens/s against the
-    replica's total power (watts, all its GPUs): breakpoints ``power_w`` (strictly increasing)
-    and ``throughput_tok_s``. Below the first breakpoint the curve holds its first value; above
-    the last, its last. Build one with `envelope_from_model` or `Envelope.hull` (which takes the
-    upper concave hull of any points)."""
+    """A concave, non-decreasing piecewise-linear curve of tokens/s against a replica's power.
+
+    Below the first breakpoint the curve holds its first value; above the last, its last. Build
+    one with `envelope_from_model` or `Envelope.hull` (the upper concave hull of any points).
+
+    Parameters
+    ----------
+    power_w : tuple of float
+        Breakpoints: the replica's total power (all its GPUs), strictly increasing, W.
+    throughput_tok_s : tuple of float
+        Generated tokens per second at each breakpoint, tok/s.
+    """
 
     power_w: tuple[float, ...]
     throughput_tok_s: tuple[float, ...]
@@ -157,10 +164,17 @@ class Envelope:
 class Replica:
     """What the allocator knows of one replica.
 
-    ``min_w`` / ``max_w``: the lowest share the replica can hold (its GPUs at their minimum
-    cap) and the most it can use (at their maximum cap), watts over its GPUs;
-    ``demand_tok_s``: the generated tokens/s it is asked to serve (None: unknown, as much as
-    possible); ``envelope``: its power-performance envelope (required by ``marginal``).
+    Parameters
+    ----------
+    name : str
+        The replica's name.
+    min_w, max_w : float
+        The lowest share it can hold (its GPUs at their minimum cap) and the most it can use (at
+        their maximum cap), W over its GPUs.
+    envelope : Envelope or None
+        Its power-performance envelope (required by ``marginal``).
+    demand_tok_s : float or None
+        The generated tokens/s it is asked to serve, tok/s (None: unknown, as much as possible).
     """
 
     name: str
@@ -188,10 +202,23 @@ class Replica:
 
 @dataclass(frozen=True, kw_only=True)
 class Allocation:
-    """The result of `allocate`: ``shares_w`` in the replicas' order (watts), the ``policy``,
-    the ``budget_w`` and ``reserve_w`` it split, ``needs_w`` (power each replica needs for its
-    demand), ``marginal_tok_s_per_w`` (the common marginal gain λ of ``marginal``; None
-    otherwise) and ``feasible`` (False when the replicas' floors alone exceed the budget)."""
+    """The result of `allocate`.
+
+    Parameters
+    ----------
+    shares_w : tuple of float
+        The replicas' shares in their order, W (all of a replica's GPUs).
+    policy : str
+        The policy that split the budget.
+    budget_w, reserve_w : float
+        The site budget and the part held back, W.
+    needs_w : tuple of float
+        Power each replica needs for its demand, W.
+    marginal_tok_s_per_w : float or None
+        The common marginal gain λ of ``marginal``, tok/s per W (None for the other policies).
+    feasible : bool
+        False when the replicas' floors alone exceed the budget.
+    """
 
     shares_w: tuple[float, ...]
     policy: str
@@ -219,7 +246,20 @@ def _interp(P: list[float], X: list[float], q: float) -> float:
 
 
 def served_tok_s(replicas: Sequence[Replica], shares_w: Sequence[float]) -> float:
-    """Modelled tokens/s served: ``Σ min(envelope_i(share_i), demand_i)``."""
+    """Model the tokens/s a split serves: ``Σ min(envelope_i(share_i), demand_i)``.
+
+    Parameters
+    ----------
+    replicas : sequence of Replica
+        The replicas (with envelopes).
+    shares_w : sequence of float
+        Their shares, W.
+
+    Returns
+    -------
+    float
+        Tokens per second served, tok/s.
+    """
     total = 0.0
     for r, s in zip(replicas, shares_w):
         if r.envelope is None:
@@ -309,10 +349,29 @@ def _marginal(reps: Sequence[Replica], lo: np.ndarray, hi: np.ndarray, needs: np
 
 def allocate(replicas: Sequence[Replica], budget_w: float, *, policy: str = "marginal",
              reserve_w: float = 0.0) -> Allocation:
-    """Split ``budget_w - reserve_w`` watts among ``replicas`` (see the module doc).
+    """Split a site's power budget among replicas (the policies: see the module doc).
 
-    Raises `ValueError` for an unknown policy, a negative or non-finite budget or reserve,
-    and for ``marginal`` when a replica has no envelope.
+    Parameters
+    ----------
+    replicas : sequence of Replica
+        The replicas.
+    budget_w : float
+        The site budget, W.
+    policy : {"marginal", "proportional", "equal"}
+        How to split it.
+    reserve_w : float, default 0.0
+        Watts held back from the split, W.
+
+    Returns
+    -------
+    Allocation
+        The shares and how they were found.
+
+    Raises
+    ------
+    ValueError
+        For an unknown policy, a negative or non-finite budget or reserve, and for ``marginal``
+        when a replica has no envelope.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown allocation policy {policy!r}; known: {', '.join(POLICIES)}")
@@ -354,11 +413,34 @@ def envelope_from_model(model: Any, *, num_gpus: int, power_cap_min_w: float,
                         power_cap_max_w: float, max_batch: int,
                         prompt_tokens: float | None = None, output_tokens: float | None = None,
                         tpot_slo_s: float | None = None, caps: int = 13) -> Envelope:
-    """The concave envelope of a `palsctl.models.PowerPerfModel`'s predicted tokens/s against
-    its predicted total power over a grid of per-GPU caps × batches (powers of two up to
-    ``max_batch``), keeping only configurations whose predicted p90 inter-token latency meets
-    ``tpot_slo_s`` (when set and predicted). Falls back to all configurations when none meets
-    it."""
+    """Build the concave envelope of a model's predicted tokens/s against its predicted power.
+
+    The grid is per-GPU caps × batches (powers of two up to ``max_batch``); only configurations
+    whose predicted p90 inter-token latency meets ``tpot_slo_s`` are kept (all of them when none
+    does).
+
+    Parameters
+    ----------
+    model : PowerPerfModel
+        The replica's offline model.
+    num_gpus : int
+        GPUs of the replica.
+    power_cap_min_w, power_cap_max_w : float
+        Range of the per-GPU caps, W.
+    max_batch : int
+        Largest batch limit.
+    prompt_tokens, output_tokens : float or None
+        Workload lengths for the prediction, tokens (None: the model's reference).
+    tpot_slo_s : float or None
+        p90 time-per-output-token objective, s (None: none).
+    caps : int, default 13
+        Caps in the grid.
+
+    Returns
+    -------
+    Envelope
+        Tokens/s against the replica's total power.
+    """
     import warnings
 
     cap_grid = np.linspace(power_cap_min_w, power_cap_max_w, max(2, int(caps)))

@@ -64,7 +64,18 @@ def _aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def summarize_fleet(result: Any) -> dict[str, Any]:
-    """The site summary of a `palsctl.cluster.FleetResult` (definitions in the module doc)."""
+    """Summarise a fleet run for the site (definitions in the module doc).
+
+    Parameters
+    ----------
+    result : FleetResult
+        The run.
+
+    Returns
+    -------
+    dict
+        Metric name (unit in the name) -> value.
+    """
     reps = result.replicas
     site = _aggregate([r.summary for r in reps])
     dt = result.dt_s
@@ -116,8 +127,22 @@ def summarize_fleet(result: Any) -> dict[str, Any]:
 
 
 def plot_site_timeline(result: Any, path: str | Path, *, title: str | None = None) -> Path:
-    """Stacked power per pool against the site budget (or target), the granted shares' sum,
-    and the sum of caps. Writes a PNG; returns its path."""
+    """Plot power per pool against the site budget, the shares' sum and the sum of caps.
+
+    Parameters
+    ----------
+    result : FleetResult
+        The run.
+    path : str or Path
+        The PNG to write.
+    title : str or None
+        The figure's title.
+
+    Returns
+    -------
+    Path
+        The file written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,8 +171,25 @@ def plot_site_timeline(result: Any, path: str | Path, *, title: str | None = Non
 
 
 def write_fleet_outputs(result: Any, out: str | Path, *, plot: bool = True) -> list[Path]:
-    """Per-replica ``replicas/<name>/steps.csv``, ``summary.json``, ``site.csv`` (the site
-    timeline) and ``site_timeline.png``. Returns the paths written."""
+    """Write a fleet run's files.
+
+    Per replica ``replicas/<name>/steps.csv``; ``summary.json``, ``site.csv`` (the site timeline)
+    and ``site_timeline.png``.
+
+    Parameters
+    ----------
+    result : FleetResult
+        The run.
+    out : str or Path
+        The results folder.
+    plot : bool, default True
+        Also write the PNG.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -51,8 +51,21 @@ _EPS_W = 1e-6
 # ---- messages --------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Lease:
-    """A share granted to ``replica``: ``share_w`` watts (all its GPUs) valid until
-    ``expires_s`` (fleet time, seconds), from coordinator ``epoch``, sequence ``seq``."""
+    """A share of the site budget granted to a replica.
+
+    Parameters
+    ----------
+    replica : str
+        The replica's name.
+    share_w : float
+        Its share, W (all its GPUs).
+    expires_s : float
+        Fleet time the lease is valid until, s.
+    epoch : int
+        The coordinator's epoch that granted it.
+    seq : int
+        Sequence number within the epoch.
+    """
 
     replica: str
     share_w: float
@@ -575,10 +588,18 @@ def _demand(spec: ReplicaSpec, rep: AgentReport) -> float | None:
 
 # ---- routing -----------------------------------------------------------------------------------
 class Router:
-    """Spreads one pool's arrivals over its replicas: ``round-robin``; ``jsq`` (join the
-    shortest queue: running + waiting at the last report plus what was sent since); or
-    ``power-aware`` (the same queue divided by the tokens/s the replica's share buys on its
-    envelope: replicas with headroom and better tokens/J get more when the budget binds)."""
+    """Spreads one pool's arrivals over its replicas.
+
+    Parameters
+    ----------
+    policy : {"round-robin", "jsq", "power-aware"}
+        ``round-robin``; ``jsq`` (join the shortest queue: running + waiting at the last report
+        plus what was sent since); ``power-aware`` (the same queue divided by the tokens/s the
+        replica's share buys on its envelope: replicas with headroom and better tokens/J get more
+        when the budget binds).
+    names : sequence of str
+        The pool's replicas.
+    """
 
     def __init__(self, policy: str, names: Sequence[str]) -> None:
         if policy not in ("round-robin", "jsq", "power-aware"):
@@ -624,11 +645,20 @@ class Router:
 # ---- faults (tests and what-if runs) -----------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class FaultPlan:
-    """Faults injected at fleet times (seconds): ``kill_replicas`` {name: t_s} (the replica
-    dies), ``restart_coordinator_s`` (the coordinator loses its state), and
-    ``coordinator_down`` [(t0_s, t1_s)] (no tick reaches the agents in that interval).
-    ``on_segment(t_s, engine)`` is called before each stretch of steps (outside faults: a
-    node removed from a Ray cluster, ...)."""
+    """Faults injected at fleet times.
+
+    Parameters
+    ----------
+    kill_replicas : dict of str to float
+        Replica name -> when it dies, s.
+    restart_coordinator_s : tuple of float
+        When the coordinator loses its state, s.
+    coordinator_down : tuple of (float, float)
+        ``(t0_s, t1_s)`` intervals when no tick reaches the agents, s.
+    on_segment : callable, optional
+        ``on_segment(t_s, engine)`` before each stretch of steps (outside faults: a node removed
+        from a Ray cluster, ...).
+    """
 
     kill_replicas: dict[str, float] = field(default_factory=dict)
     restart_coordinator_s: tuple[float, ...] = ()
@@ -744,8 +774,41 @@ def site_schedule(site: Any) -> Callable[[float], float]:
 # ---- results -----------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class FleetResult:
-    """A fleet run: per-replica results, the site timeline (per step: time, budget or target
-    in force during the window, site power, granted shares, sum of caps), tick log."""
+    """A fleet run: per-replica results, the site timeline and the tick log.
+
+    Parameters
+    ----------
+    name, policy, engine : str
+        The fleet, its allocation policy and the engine it ran on.
+    dt_s : float
+        Control period, s.
+    tracking : bool
+        The site tracks a power target (else it holds a budget).
+    t_s : numpy.ndarray
+        End of each step, s.
+    budget_w : numpy.ndarray
+        Site budget (or target) in force during each step, W.
+    power_w : numpy.ndarray
+        Site power per step, W.
+    shares_w : numpy.ndarray
+        Sum of the granted shares per step, W.
+    caps_w : numpy.ndarray
+        Sum of the caps in force (cap × GPUs over the replicas) per step, W.
+    throughput_tok_s : numpy.ndarray
+        Site generated tokens/s per step, tok/s.
+    replicas : list of ReplicaResult
+        Each replica's result.
+    pools : dict of str to list of str
+        Pool -> its replicas' names.
+    ticks : list of dict
+        The coordinator's tick log.
+    allocation_s : list of float
+        Time each allocation took, s.
+    wall_s : float
+        Wall-clock time of the run, s.
+    meta : dict
+        Settings and counts of the run.
+    """
 
     name: str
     policy: str
@@ -798,13 +861,32 @@ def _ffill(a: np.ndarray, until: int | None = None) -> np.ndarray:
 def run_fleet(fleet: Any, *, engine: str = "local", faults: FaultPlan | None = None,
               keep_records: bool = True, progress: Callable[[int, int], None] | None = None,
               ray_address: str | None = None, hosts: int | None = None) -> FleetResult:
-    """Run a validated fleet (`palsctl.cluster.load_fleet`) to its end on ``engine`` and return
-    the `FleetResult` (score it with `palsctl.cluster.summarize_fleet`).
+    """Run a validated fleet to its end.
 
-    ``faults`` injects failures (`FaultPlan`); ``keep_records`` keeps every replica's
-    `RunRecord` (steps.csv); ``ray_address`` joins an existing Ray cluster (None: a local Ray
-    bound to 127.0.0.1); ``hosts`` the number of agent host actors (``ray``; default: one per
-    CPU Ray sees, at most one per replica).
+    Score the result with `palsctl.cluster.summarize_fleet`.
+
+    Parameters
+    ----------
+    fleet : FleetConfig
+        The fleet (`palsctl.cluster.load_fleet`).
+    engine : {"local", "ray"}
+        In-process and deterministic, or Ray actors.
+    faults : FaultPlan or None
+        Failures to inject.
+    keep_records : bool, default True
+        Keep every replica's `RunRecord` (for its steps.csv).
+    progress : callable, optional
+        ``progress(done_steps, total_steps)``.
+    ray_address : str or None
+        Join an existing Ray cluster (None: a local Ray bound to 127.0.0.1).
+    hosts : int or None
+        Agent host actors of the ``ray`` engine (default: one per CPU Ray sees, at most one per
+        replica).
+
+    Returns
+    -------
+    FleetResult
+        The replicas' results and the site timeline.
     """
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine; known: {', '.join(ENGINES)}", key="--engine",

@@ -84,7 +84,27 @@ class PoolConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FleetConfig:
-    """A validated fleet file."""
+    """A validated fleet file (`load_fleet`).
+
+    Parameters
+    ----------
+    name : str
+        The fleet's name (it names the results folder).
+    duration_s : float
+        Length of the run, s.
+    dt_s : float
+        Control period of the replicas, s.
+    seed : int
+        Base seed of the replicas' plants and workloads.
+    site : SiteConfig
+        The site: budget or target, allocation period, policy, reserve, lease.
+    pools : tuple of PoolConfig
+        The pools of identical replicas.
+    source : str or None
+        The file it came from (for error messages).
+    base_dir : Path or None
+        Where relative paths start.
+    """
 
     name: str
     duration_s: float
@@ -200,7 +220,27 @@ def pool_experiment(raw_pool: dict[str, Any], *, top: dict[str, Any], index: int
 
 def fleet_from_dict(raw: dict[str, Any], *, file: str | None = None,
                     base_dir: Path | None = None) -> FleetConfig:
-    """Validate a parsed fleet TOML document (see the module doc)."""
+    """Validate a parsed fleet TOML document (see the module doc).
+
+    Parameters
+    ----------
+    raw : dict
+        The parsed document.
+    file : str or None
+        The file it came from (named in the errors).
+    base_dir : Path or None
+        Where relative paths start.
+
+    Returns
+    -------
+    FleetConfig
+        The validated fleet.
+
+    Raises
+    ------
+    ConfigError
+        Every error found, one line each.
+    """
     if not isinstance(raw, dict):
         raise _err(file, "", "a fleet file must be a TOML table", raw)
     known = ("name", "duration_s", "dt_s", "seed", "site", "pool")
@@ -281,7 +321,18 @@ def fleet_from_dict(raw: dict[str, Any], *, file: str | None = None,
 
 
 def load_fleet(path: str | Path) -> FleetConfig:
-    """Load and validate a fleet TOML file."""
+    """Load and validate a fleet TOML file.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file.
+
+    Returns
+    -------
+    FleetConfig
+        The validated fleet.
+    """
     from palsctl.experiment import read_toml
 
     p = Path(path)

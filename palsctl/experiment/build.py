@@ -9,7 +9,20 @@ from palsctl.experiment.schema import ExperimentConfig, _controller_config
 
 
 def build_plant(cfg: ExperimentConfig, *, seed: int | None = None):
-    """The plant described by ``[plant]`` (seeded with ``seed`` or the experiment's seed)."""
+    """Build the plant the ``[plant]`` table describes.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment.
+    seed : int, optional
+        Seed of the plant's noise (default: the experiment's).
+
+    Returns
+    -------
+    Plant
+        The plant registered as ``[plant] kind`` (``"sim"``: `SimPlant`).
+    """
     from palsctl.registry import make_plant
 
     p = dict(cfg.plant)
@@ -27,8 +40,22 @@ def build_plant(cfg: ExperimentConfig, *, seed: int | None = None):
 
 def full_power_capacity_req_s(cfg: ExperimentConfig, prompt_tokens: float,
                               output_tokens: float) -> float:
-    """Requests/s the plant serves at its default cap and launch batch (saturated steady
-    state of the simulated plant with these mean lengths)."""
+    """Compute the requests per second the plant serves at its default cap and launch batch.
+
+    The saturated steady state of the simulated plant with these mean lengths.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment (its ``[plant]``).
+    prompt_tokens, output_tokens : float
+        Mean prompt and output lengths, tokens.
+
+    Returns
+    -------
+    float
+        The capacity, req/s.
+    """
     from palsctl.plants.sim import steady_state
 
     p = cfg.plant
@@ -43,7 +70,20 @@ def full_power_capacity_req_s(cfg: ExperimentConfig, prompt_tokens: float,
 
 
 def build_workload(cfg: ExperimentConfig, *, seed: int | None = None):
-    """The workload described by ``[workload]`` (None for kind = "none")."""
+    """Build the workload the ``[workload]`` table describes.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment.
+    seed : int, optional
+        Seed of the arrivals and lengths (default: the experiment's).
+
+    Returns
+    -------
+    Workload or None
+        The request source (None for ``kind = "none"``).
+    """
     from palsctl.workloads import (
         LogNormalLengths,
         MMPPWorkload,
@@ -124,8 +164,22 @@ def _warn_short_trace(cfg: ExperimentConfig, workload) -> None:
 
 
 def build_schedule(cfg: ExperimentConfig, workload=None):
-    """The ``t_s -> Setpoint`` schedule described by ``[setpoint]`` (the schedule specs hold
-    the schedules they built while being validated; ``"demand"`` is the workload's demand)."""
+    """Build the ``t_s -> Setpoint`` schedule the ``[setpoint]`` table describes.
+
+    The schedule specs hold the schedules they built while being validated.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment.
+    workload : Workload, optional
+        Its workload: a target of ``"demand"`` is the workload's demand (tok/s).
+
+    Returns
+    -------
+    SetpointSchedule
+        The schedule (times in s since the start).
+    """
     from palsctl.workloads.budgets import SetpointSchedule
 
     fields: dict[str, Any] = {}
@@ -143,8 +197,21 @@ def build_schedule(cfg: ExperimentConfig, workload=None):
 
 
 def build_controller(cfg: ExperimentConfig, controller: Any = None):
-    """The controller: ``controller`` may override the config's (a registered name — with the
-    config's parameters when it is the same name, defaults otherwise — or an instance)."""
+    """Build the experiment's controller, or another one on the same experiment.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment.
+    controller : str or Controller, optional
+        Overrides the configured one: a registered name (with the config's parameters when it is
+        the same name, defaults otherwise) or an instance.
+
+    Returns
+    -------
+    Controller
+        The controller.
+    """
     from palsctl.interfaces import Controller
 
     if isinstance(controller, Controller):

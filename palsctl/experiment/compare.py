@@ -163,8 +163,34 @@ def compare(cfg: Any, names: Sequence[str] | None = None, *, seeds: Sequence[int
             progress: Callable[[str, int], None] | None = None,
             records: dict[str, list[Any]] | None = None,
             hindsight: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Run and score controllers and reference rows on ``cfg`` (see `aggregate`); each row has
-    ``reference`` True/False. Pass a dict as ``records`` to receive the run records too."""
+    """Run and score controllers and reference rows on one experiment, over several seeds.
+
+    Each row aggregates the seeds' summaries (mean and ``_std``) and has ``reference``
+    True/False; see `aggregate`.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment.
+    names : sequence of str, optional
+        The controllers, exactly (default: every registered one but ``fixed``).
+    seeds : sequence of int, optional
+        The seeds (default: the experiment's and the next ones).
+    references : sequence of str, optional
+        Reference rows: registered controllers or ``hindsight`` (default: ``static`` and
+        ``hindsight``; hindsight only on the simulated plant).
+    progress : callable, optional
+        ``progress(name, seed)`` before each run.
+    records : dict, optional
+        Filled with ``{name: [RunRecord per seed]}``.
+    hindsight : dict, optional
+        Keyword arguments of `palsctl.experiment.hindsight.hindsight_run`.
+
+    Returns
+    -------
+    dict
+        ``{name: aggregated metrics}``, one row per controller and reference.
+    """
     names = resolve_names(cfg, names)
     refs = [r for r in resolve_references(cfg, references) if r not in names]
     seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(DEFAULT_SEEDS)]
@@ -181,10 +207,27 @@ def compare(cfg: Any, names: Sequence[str] | None = None, *, seeds: Sequence[int
 
 def versus_static(cfg: Any, controller: str | Any, *, seed: int | None = None
                   ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run ``controller`` (a name or an instance) and ``static`` on the same experiment, workload
-    and seed; return both summaries ``(controller_summary, static_summary)`` (the controller's
-    with binding/loose stretches against static). The gain is
-    ``controller_summary["tokens_per_joule"] / static_summary["tokens_per_joule"]``."""
+    """Run a controller and ``static`` on the same experiment, workload and seed.
+
+    The gain is ``controller_summary["tokens_per_joule"] /
+    static_summary["tokens_per_joule"]``.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment.
+    controller : str or Controller
+        A registered name or an instance.
+    seed : int, optional
+        The seed (default: the experiment's).
+
+    Returns
+    -------
+    controller_summary : dict
+        The controller's metrics (binding and loose stretches against static).
+    static_summary : dict
+        Static's metrics.
+    """
     from palsctl.experiment.run import run_experiment
     from palsctl.metrics import summarize
 

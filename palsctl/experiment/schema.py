@@ -232,7 +232,13 @@ class ConstantSchedule(_Table):
 
 
 class StepsSchedule(_Table):
-    """``{ steps = [[t_s, value], ...] }``: piecewise constant (`Steps`), starting at t = 0."""
+    """``{ steps = [[t_s, value], ...] }``: piecewise constant (`Steps`), starting at t = 0.
+
+    Parameters
+    ----------
+    steps : tuple of (float, float)
+        ``(t_s, value)`` points, times in s since the start.
+    """
 
     steps: Points
 
@@ -243,7 +249,13 @@ class StepsSchedule(_Table):
 
 
 class RampSchedule(_Table):
-    """``{ ramp = [[t_s, value], ...] }``: piecewise linear (`Ramp`), starting at t = 0."""
+    """``{ ramp = [[t_s, value], ...] }``: piecewise linear (`Ramp`), starting at t = 0.
+
+    Parameters
+    ----------
+    ramp : tuple of (float, float)
+        ``(t_s, value)`` points, times in s since the start.
+    """
 
     ramp: Points
 
@@ -254,8 +266,23 @@ class RampSchedule(_Table):
 
 
 class GridSchedule(_Table):
-    """``{ grid = "file.csv", min_w, max_w, column, invert, speedup, start_s }``: a grid signal
-    mapped onto ``[min_w, max_w]`` (`GridSignal`); ``grid`` is the resolved file path."""
+    """``{ grid = "file.csv", ... }``: a grid signal mapped onto a power range (`GridSignal`).
+
+    Parameters
+    ----------
+    grid : str
+        The signal file (resolved path).
+    min_w, max_w : float
+        The power range the signal maps onto, W.
+    column : str or None
+        The signal column (None: the first).
+    invert : bool, default False
+        Map the signal's maximum to ``min_w``.
+    speedup : float, default 1.0
+        Signal seconds per run second.
+    start_s : float, default 0.0
+        Skip into the signal, s.
+    """
 
     grid: Text
     min_w: NonNegative
@@ -295,14 +322,36 @@ def _lowest(spec: SetpointSpec) -> float | None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
-    """A validated experiment.
+    """A validated experiment (`load_experiment`); frozen.
 
-    ``plant`` and ``workload`` hold the validated tables (defaults filled in); ``setpoint`` maps
-    `Setpoint` field names to a number, ``"demand"`` or a frozen schedule spec;
-    ``controller_params`` are the controller Config's fields (defaults filled in, None left
-    out); ``guard`` the `GuardConfig`. ``source`` is the file it came from (for error
-    messages) and ``base_dir`` where relative paths start; neither takes part in ``==``.
-    ``duration_s`` is None only for a ``palsctl control`` run that lasts until stopped.
+    Parameters
+    ----------
+    name : str
+        The experiment's name (it names the results folder).
+    duration_s : float or None
+        Simulated or wall-clock length of the run, s (None only for a ``palsctl control`` run
+        that lasts until stopped).
+    dt_s : float
+        Control period, s.
+    seed : int
+        Seed of the plant's noise and of the workload.
+    plant, workload : dict
+        The validated ``[plant]`` and ``[workload]`` tables (defaults filled in).
+    setpoint : dict
+        `Setpoint` field name -> a number, ``"demand"`` or a frozen schedule spec
+        (`StepsSchedule`, `RampSchedule`, `GridSchedule`).
+    controller_name : str
+        The registered controller.
+    controller_params : dict
+        Its Config's fields (defaults filled in, None left out).
+    guard_enabled : bool
+        Whether the `SafetyGuard` wraps the controller.
+    guard : GuardConfig
+        The guard's tunables.
+    source : str or None
+        The file it came from (for error messages); not part of ``==``.
+    base_dir : Path or None
+        Where relative paths start; not part of ``==``.
     """
 
     name: str
@@ -421,9 +470,27 @@ class _Check:
 
 def experiment_from_dict(raw: dict[str, Any], *, file: str | None = None,
                          base_dir: Path | None = None) -> ExperimentConfig:
-    """Validate a parsed TOML document (see the module doc for the schema).
+    """Validate a parsed experiment TOML document (see the module doc for the schema).
 
-    Raises `ConfigError` listing every error found, one line each."""
+    Parameters
+    ----------
+    raw : dict
+        The parsed document.
+    file : str or None
+        The file it came from (named in the errors).
+    base_dir : Path or None
+        Where relative paths (traces, grid signals, model files) start.
+
+    Returns
+    -------
+    ExperimentConfig
+        The validated experiment.
+
+    Raises
+    ------
+    ConfigError
+        Every error found, one line each.
+    """
     return _experiment(raw, file=file, base_dir=base_dir)
 
 
@@ -713,8 +780,27 @@ def _serving(c: _Check, raw: Any, base_dir: Path | None) -> dict[str, Any] | Non
 
 def serving_from_dict(raw: Any, *, file: str | None, base_dir: Path | None = None,
                       ) -> dict[str, Any]:
-    """Validate a ``[serving]`` table (defaults filled in; relative file paths joined to
-    ``base_dir``). Raises `ConfigError` listing every error, one line each."""
+    """Validate a ``[serving]`` table, every error reported at once.
+
+    Parameters
+    ----------
+    raw : dict
+        The table.
+    file : str or None
+        The file it came from (named in the errors).
+    base_dir : Path or None
+        Where the relative file paths (token file, batch file) start.
+
+    Returns
+    -------
+    dict
+        The table with its defaults filled in and its file paths resolved.
+
+    Raises
+    ------
+    ConfigError
+        Every error found, one line each.
+    """
     c = _Check(file)
     out = _serving(c, raw, base_dir)
     if c.errors:
@@ -725,10 +811,28 @@ def serving_from_dict(raw: Any, *, file: str | None, base_dir: Path | None = Non
 
 def control_from_dict(raw: Any, *, file: str | None = None, base_dir: Path | None = None,
                       ) -> tuple[ExperimentConfig, dict[str, Any]]:
-    """Validate a ``palsctl control`` document: ``[serving]`` plus the experiment's
-    ``[setpoint]``, ``[controller]``, ``[guard]`` (no ``[plant]``, no ``[workload]``: the
-    server is the plant and its load comes from outside; ``duration_s`` optional, None: until
-    stopped). Returns ``(config, serving)``; every error is reported at once."""
+    """Validate a ``palsctl control`` document, every error reported at once.
+
+    It holds ``[serving]`` and the experiment's ``[setpoint]``, ``[controller]``, ``[guard]``:
+    no ``[plant]`` and no ``[workload]`` (the server is the plant and its load comes from
+    outside); ``duration_s`` is optional (None: until stopped).
+
+    Parameters
+    ----------
+    raw : dict
+        The parsed TOML document.
+    file : str or None
+        The file it came from (named in the errors).
+    base_dir : Path or None
+        Where relative paths start.
+
+    Returns
+    -------
+    config : ExperimentConfig
+        The experiment part.
+    serving : dict
+        The validated ``[serving]`` table.
+    """
     if not isinstance(raw, Mapping):
         raise ConfigError("must be a table of tables", file=file, value=raw)
     c = _Check(file)
@@ -753,7 +857,23 @@ def control_from_dict(raw: Any, *, file: str | None = None, base_dir: Path | Non
 
 
 def load_experiment(path: str | Path | None = None) -> ExperimentConfig:
-    """Load and validate an experiment TOML file (None: the embedded default experiment)."""
+    """Load and validate an experiment TOML file.
+
+    Parameters
+    ----------
+    path : str, Path or None
+        The file (None: the embedded default experiment).
+
+    Returns
+    -------
+    ExperimentConfig
+        The validated experiment.
+
+    Raises
+    ------
+    ConfigError
+        Every error found, one line each (file, dotted key, value).
+    """
     if path is None:
         return experiment_from_dict(tomllib.loads(DEFAULT_EXPERIMENT_TOML), file=DEFAULT_SOURCE)
     p = Path(path)
@@ -761,7 +881,23 @@ def load_experiment(path: str | Path | None = None) -> ExperimentConfig:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Parse a TOML file; a missing, unreadable or invalid file is a `ConfigError` naming it."""
+    """Parse a TOML file.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file.
+
+    Returns
+    -------
+    dict
+        The document.
+
+    Raises
+    ------
+    ConfigError
+        When the file is missing, unreadable or not valid TOML (naming it).
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError("config file not found", file=str(p))

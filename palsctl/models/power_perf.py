@@ -79,12 +79,20 @@ class ModelRangeWarning(UserWarning):
 
 @dataclass(frozen=True, kw_only=True)
 class Prediction:
-    """Predicted steady state of configurations (floats for scalar inputs, else numpy arrays
-    broadcast over the inputs).
+    """Predicted steady state of configurations.
 
-    ``throughput_tok_s``: generated tokens per second; ``power_w``: total over the plant's GPUs;
-    ``itl_p90_s``: p90 inter-token latency (NaN when the profile had no latency column);
-    ``tokens_per_joule``: ``throughput_tok_s / power_w``.
+    Floats for scalar inputs, else numpy arrays broadcast over the inputs.
+
+    Parameters
+    ----------
+    throughput_tok_s : float or numpy.ndarray
+        Generated tokens per second, tok/s.
+    power_w : float or numpy.ndarray
+        Total power over the plant's GPUs, W.
+    itl_p90_s : float or numpy.ndarray
+        p90 inter-token latency, s (NaN when the profile had no latency column).
+    tokens_per_joule : float or numpy.ndarray
+        ``throughput_tok_s / power_w``.
     """
 
     throughput_tok_s: Any
@@ -97,9 +105,17 @@ class Prediction:
 class Gradients:
     """Local sensitivities at a configuration (per-GPU cap in W, batch in sequences).
 
-    ``dthroughput_dcap`` (tok/s per W of per-GPU cap), ``dthroughput_dbatch`` (tok/s per
-    sequence), ``dpower_dcap`` (W of total power per W of per-GPU cap), ``dpower_dbatch``
-    (W per sequence)."""
+    Parameters
+    ----------
+    dthroughput_dcap : float or numpy.ndarray
+        tok/s per W of per-GPU cap.
+    dthroughput_dbatch : float or numpy.ndarray
+        tok/s per sequence of batch limit.
+    dpower_dcap : float or numpy.ndarray
+        W of total power per W of per-GPU cap.
+    dpower_dbatch : float or numpy.ndarray
+        W of total power per sequence of batch limit.
+    """
 
     dthroughput_dcap: Any
     dthroughput_dbatch: Any
@@ -604,11 +620,31 @@ class _Trees:
 class PowerPerfModel:
     """Predicts throughput, total power, p90 ITL and tokens/J of (power cap, batch) configurations.
 
-    Build with `PowerPerfModel.fit` or `PowerPerfModel.load`. Attributes: ``kind``,
-    ``num_gpus``, ``features``, ``training_ranges`` ({feature: (min, max)}), ``cv_mape``
-    ({target: k-fold cross-validated mean absolute percentage error, as a fraction}),
-    ``fit_mape`` (in-sample), ``plant`` (dict describing the plant profiled), ``workload``
-    (reference prompt/output lengths), ``n_points``.
+    Build with `PowerPerfModel.fit` or `PowerPerfModel.load`; the constructor takes what they
+    computed.
+
+    Parameters
+    ----------
+    kind : {"parametric", "gbt", "forest"}
+        The model family.
+    backend : object
+        The fitted predictor of that family.
+    num_gpus : int
+        GPUs of the plant profiled (power is their total).
+    features : sequence of str
+        Input features (``power_cap_w``, ``max_batch``, and the lengths when they varied).
+    training_ranges : dict of str to (float, float)
+        Feature -> (min, max) seen in the profile (predictions outside warn).
+    cv_mape : dict of str to float
+        Target -> k-fold cross-validated mean absolute percentage error, as a fraction.
+    fit_mape : dict of str to float
+        Target -> in-sample mean absolute percentage error, as a fraction.
+    plant : dict
+        Description of the plant profiled (model, GPU, simulated).
+    workload : dict of str to float
+        Reference prompt and output lengths, tokens.
+    n_points : int
+        Profiled configurations.
     """
 
     def __init__(self, *, kind: str, backend: Any, num_gpus: int, features: Sequence[str],

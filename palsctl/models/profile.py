@@ -365,14 +365,33 @@ def profile_plant(make_plant: Callable[[int], Any], points: Iterable[tuple[float
                   out_csv: str | Path | None,
                   progress: Callable[[int, int, dict[str, Any]], None] | None = None,
                   seed: int = 0) -> list[dict[str, Any]]:
-    """Measure each ``(power_cap_w, max_batch)`` point; return one row (dict, columns
-    `COLUMNS`) per point, in the order of ``points``.
+    """Measure each ``(power_cap_w, max_batch)`` point of a plant.
 
-    ``make_plant(point_seed)`` returns a fresh `Plant` (a real plant ignores the seed).
-    ``out_csv``: rows are appended as points finish; points already in the file (same
-    settings) are not measured again — an interrupted sweep resumes where it stopped. Existing
-    rows measured with other settings (seed, windows, workload, plant) are refused.
-    ``progress(done, total, row)`` is called after every point (resumed ones included).
+    An interrupted sweep resumes: with ``out_csv``, rows are appended as points finish and points
+    already in the file (same settings) are not measured again; rows measured with other settings
+    (seed, windows, workload, plant) are refused.
+
+    Parameters
+    ----------
+    make_plant : callable
+        ``make_plant(point_seed)`` returns a fresh `Plant` (a real plant ignores the seed).
+    points : iterable of (float, int)
+        The configurations: per-GPU cap (W) and batch limit.
+    warmup_s, window_s : float
+        Settling time discarded and measuring window per point, s.
+    prompt_tokens, output_tokens : int
+        Prompt and output lengths of the requests offered, tokens.
+    out_csv : str, Path or None
+        The profile file (None: rows are only returned).
+    progress : callable, optional
+        ``progress(done, total, row)`` after every point (resumed ones included).
+    seed : int, default 0
+        Base seed of the points' plants.
+
+    Returns
+    -------
+    list of dict
+        One row (columns `COLUMNS`) per point, in the order of ``points``.
     """
     if warmup_s < 0 or window_s <= 0:
         raise PalsctlError(f"need warmup_s >= 0 and window_s > 0, got {warmup_s}, {window_s}")
@@ -450,16 +469,44 @@ def build_model_for(model: str, gpu: str, num_gpus: int, *, prompt_tokens: int,
                     plant_kwargs: dict[str, Any] | None = None,
                     batches: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
                     parallelism: str = "tp"):
-    """Profile ``points`` points of the default 7-cap x 7-batch grid on the *simulated* plant
-    (``palsctl.plants.sim.SimPlant``) through `profile_plant` and fit a `PowerPerfModel` of
-    ``kind``. Two thirds of the points are space-filling (`sample_points`), the rest lie where
-    a first fit places the tokens/J-best configurations for a range of throughput targets
-    (`frontier_points`). The profile is measured (noise, windows), not read from the
-    simulator's steady state, so the model carries honest errors. ``cv_folds`` > 0 also
-    reports k-fold CV errors in ``model.cv_mape`` (slower: one more fit per fold).
-    ``plant_kwargs`` go to ``SimPlant`` (e.g. ``constants`` of another calibration);
-    ``batches``: the batch levels of the grid (limited to the plant's launch batch);
-    ``parallelism``: the plant's ``"tp"``, ``"ep"`` or ``"tp+ep"``."""
+    """Profile the simulated plant and fit a power-performance model of it.
+
+    ``points`` points of the default 7-cap × 7-batch grid are measured on `SimPlant` through
+    `profile_plant`: two thirds space-filling (`sample_points`), the rest where a first fit places
+    the tokens/J-best configurations for a range of throughput targets (`frontier_points`). The
+    profile is measured (noise, windows), not read from the simulator's steady state, so the
+    model carries honest errors.
+
+    Parameters
+    ----------
+    model, gpu : str
+        Model and GPU preset names.
+    num_gpus : int
+        GPUs in the group.
+    prompt_tokens, output_tokens : int
+        Prompt and output lengths of the profiling requests, tokens.
+    points : int, default 12
+        Configurations measured.
+    kind : {"parametric", "gbt", "forest"}
+        The model family fitted.
+    seed : int, default 0
+        Seed of the plant noise and the point choice.
+    warmup_s, window_s : float, default 20.0 and 30.0
+        Settling time discarded and measuring window per point, simulated s.
+    cv_folds : int, default 0
+        > 0 also reports k-fold CV errors in ``model.cv_mape`` (one more fit per fold).
+    plant_kwargs : dict or None
+        More `SimPlant` arguments (e.g. ``constants`` of another calibration).
+    batches : sequence of int, default (1, 2, 4, 8, 16, 32, 64)
+        Batch levels of the grid (limited to the plant's launch batch).
+    parallelism : {"tp", "ep", "tp+ep"}
+        The plant's parallelism.
+
+    Returns
+    -------
+    PowerPerfModel
+        The fitted model.
+    """
     from palsctl.models.power_perf import PowerPerfModel
     from palsctl.plants.sim import SimPlant
 

@@ -65,7 +65,14 @@ def _points(points: Sequence[Sequence[float]], what: str) -> tuple[list[float], 
 
 
 class Steps:
-    """Piecewise constant: the value of the last point at or before ``t_s``."""
+    """Piecewise constant: the value of the last point at or before ``t_s``.
+
+    Parameters
+    ----------
+    points : sequence of (float, float)
+        ``(t_s, value)`` pairs, times (s since the start) increasing strictly from 0: the value
+        from each time on.
+    """
 
     def __init__(self, points: Sequence[Sequence[float]]) -> None:
         self.times_s, self.values = _points(points, "steps")
@@ -76,7 +83,13 @@ class Steps:
 
 
 class Ramp:
-    """Piecewise linear through the points; constant after the last one."""
+    """Piecewise linear through the points; constant after the last one.
+
+    Parameters
+    ----------
+    points : sequence of (float, float)
+        ``(t_s, value)`` pairs, times (s since the start) increasing strictly from 0.
+    """
 
     def __init__(self, points: Sequence[Sequence[float]]) -> None:
         self.times_s, self.values = _points(points, "ramp")
@@ -124,15 +137,26 @@ def _read_signal(path: Path, column: str | None) -> tuple[np.ndarray, np.ndarray
 
 
 class GridSignal:
-    """A grid signal mapped linearly onto ``[min_w, max_w]``.
+    """A grid signal (carbon intensity, price) mapped linearly onto a power range.
 
-    ``path``: a vessim-style CSV (first column: seconds or ISO date-time — the WattTime file's
-    header spells it ``oootime`` —, then one column per signal); ``column`` picks one (default:
-    the first). ``start_s`` skips into the signal (signal seconds); ``speedup`` signal seconds
-    per run second (e.g. 300: one 5-minute grid sample per run second). The signal's minimum
-    and maximum over the whole file map to ``min_w`` and ``max_w`` (``invert=True`` maps the
-    maximum to ``min_w`` — for emissions: a dirtier grid, a lower budget). Zero-order hold
-    between samples; the last value holds after the end.
+    The signal's minimum and maximum over the whole file map to ``min_w`` and ``max_w``.
+    Zero-order hold between samples; the last value holds after the end.
+
+    Parameters
+    ----------
+    path : str or Path
+        A vessim-style CSV: first column seconds or ISO date-time (the WattTime file's header
+        spells it ``oootime``), then one column per signal.
+    min_w, max_w : float
+        The power range the signal maps onto, W.
+    column : str or None
+        The signal column (None: the first).
+    start_s : float, default 0.0
+        Skip into the signal (signal seconds, s).
+    speedup : float, default 1.0
+        Signal seconds per run second (e.g. 300: one 5-minute grid sample per run second).
+    invert : bool, default False
+        Map the signal's maximum to ``min_w`` (for emissions: a dirtier grid, a lower budget).
     """
 
     def __init__(self, path: str | Path, *, min_w: float, max_w: float, column: str | None = None,
@@ -158,7 +182,15 @@ class GridSignal:
 
 
 class SetpointSchedule:
-    """``t_s -> Setpoint`` from one optional scalar schedule (or number) per field."""
+    """``t_s -> Setpoint`` from one optional scalar schedule (or number) per field.
+
+    Parameters
+    ----------
+    **fields : callable, float or None
+        One per `Setpoint` field (``power_budget_w=Steps(...)``, ``throughput_tok_s=2000.0``):
+        a schedule ``t_s -> value`` (`Constant`, `Steps`, `Ramp`, `GridSignal`), a constant, or
+        None (no constraint). Units as in the field names.
+    """
 
     def __init__(self, **fields: ScalarSchedule | float | None) -> None:
         unknown = set(fields) - set(SETPOINT_FIELDS)

@@ -24,7 +24,15 @@ from palsctl.workloads.base import Workload, requests_from_arrays
 
 @dataclass(frozen=True, kw_only=True)
 class LogNormalLengths:
-    """Token lengths ``round(exp(N(mu, sigma)))`` clipped to ``[min_tokens, max_tokens]``."""
+    """Token lengths ``round(exp(N(mu, sigma)))`` clipped to ``[min_tokens, max_tokens]``.
+
+    Parameters
+    ----------
+    mu, sigma : float
+        Mean and standard deviation of the log of the length (log tokens).
+    min_tokens, max_tokens : int, default 1 and 1000000
+        Bounds of a drawn length, tokens.
+    """
 
     mu: float
     sigma: float
@@ -101,7 +109,17 @@ class _Lazy(Workload):
 
 
 class PoissonWorkload(_Lazy):
-    """Poisson arrivals at ``rate_req_s``."""
+    """Poisson arrivals at a constant mean rate, log-normal lengths.
+
+    Parameters
+    ----------
+    rate_req_s : float
+        Mean arrival rate, req/s.
+    prompt, output : LogNormalLengths
+        Distributions of the prompt and output lengths.
+    seed : int, default 0
+        Seed of the arrival and length draws.
+    """
 
     def __init__(self, rate_req_s: float, *, prompt: LogNormalLengths, output: LogNormalLengths,
                  seed: int = 0) -> None:
@@ -116,10 +134,23 @@ class PoissonWorkload(_Lazy):
 
 
 class MMPPWorkload(_Lazy):
-    """Markov-modulated Poisson arrivals: state ``k`` lasts an exponential time of mean
-    ``mean_dwell_s[k]`` and emits Poisson arrivals at ``rates_req_s[k]``; it then jumps to another
-    state uniformly (for two states: the other one). The stationary mean rate is
-    ``Σ rate_k·dwell_k / Σ dwell_k``."""
+    """Markov-modulated Poisson arrivals (bursty), log-normal lengths.
+
+    State ``k`` lasts an exponential time of mean ``mean_dwell_s[k]`` and emits Poisson arrivals
+    at ``rates_req_s[k]``; it then jumps to another state uniformly (for two states: the other
+    one). The stationary mean rate is ``Σ rate_k·dwell_k / Σ dwell_k``.
+
+    Parameters
+    ----------
+    rates_req_s : tuple of float
+        Arrival rate of each state, req/s.
+    mean_dwell_s : tuple of float
+        Mean time spent in each state, s.
+    prompt, output : LogNormalLengths
+        Distributions of the prompt and output lengths.
+    seed : int, default 0
+        Seed of the state, arrival and length draws.
+    """
 
     def __init__(self, rates_req_s: tuple[float, ...], mean_dwell_s: tuple[float, ...], *,
                  prompt: LogNormalLengths, output: LogNormalLengths, seed: int = 0) -> None:
@@ -187,9 +218,25 @@ AZURE_CONV_FIT = AzureFit(
 
 def azure_conv_workload(rate_req_s: float | None = None, *, seed: int = 0,
                         fit: AzureFit = AZURE_CONV_FIT) -> MMPPWorkload:
-    """The MMPP fitted to the Azure conv trace, both state rates scaled by the same factor so
-    the mean rate is ``rate_req_s`` (None: the trace's own); burstiness (rate ratio, dwell
-    times) and lengths are kept."""
+    """Build the MMPP fitted to the Azure conversation trace, rescaled to a mean rate.
+
+    Both state rates are scaled by the same factor; burstiness (rate ratio, dwell times) and
+    lengths are kept.
+
+    Parameters
+    ----------
+    rate_req_s : float or None
+        Mean arrival rate, req/s (None: the trace's own).
+    seed : int, default 0
+        Seed of the draws.
+    fit : AzureFit, default AZURE_CONV_FIT
+        The fitted rates, dwell times and length distributions.
+
+    Returns
+    -------
+    MMPPWorkload
+        The workload.
+    """
     scale = 1.0 if rate_req_s is None else rate_req_s / fit.mean_rate_req_s
     return MMPPWorkload(tuple(r * scale for r in fit.rates_req_s), fit.mean_dwell_s,
                         prompt=fit.prompt, output=fit.output, seed=seed)

@@ -282,8 +282,22 @@ def load_mooncake_jsonl(path: str | Path, *, lenient: bool = False) -> Trace:
 
 
 def load_trace(path: str | Path, kind: str = "auto", *, lenient: bool = False) -> Trace:
-    """Load an Azure CSV (``kind="azure"``) or a Mooncake JSONL (``"mooncake"``); ``"auto"``
-    picks by the file suffix. ``lenient``: drop and count invalid rows instead of failing."""
+    """Load an Azure CSV or a Mooncake JSONL trace.
+
+    Parameters
+    ----------
+    path : str or Path
+        The trace file.
+    kind : {"auto", "azure", "mooncake"}
+        Its format (``"auto"``: by the file suffix).
+    lenient : bool, default False
+        Drop and count invalid rows instead of failing on the first.
+
+    Returns
+    -------
+    Trace
+        Arrival times (s from the first arrival) with prompt and output lengths (tokens).
+    """
     path = Path(path)
     if kind == "auto":
         kind = "mooncake" if path.suffix in (".jsonl", ".json") else "azure"
@@ -303,10 +317,22 @@ def _positive(value: float | None, name: str, source: str) -> None:
 class TraceWorkload(Workload):
     """Replay a window of a trace, optionally time-scaled to a target mean arrival rate.
 
-    ``start_s``/``duration_s``: the window in trace seconds (None: to the end).
-    ``rate_req_s``: rescale time so the window's mean rate becomes this (None: as recorded).
-    ``repeat``: loop the window (arrivals of copy ``k`` shifted by ``k`` × window length).
-    ``lenient``: when ``trace`` is a path, drop and count invalid rows instead of failing.
+    Parameters
+    ----------
+    trace : Trace, str or Path
+        A loaded trace (`load_trace`) or its file.
+    kind : {"auto", "azure", "mooncake"}
+        The file's format when ``trace`` is a path (``"auto"``: by its suffix).
+    start_s : float, default 0.0
+        Start of the window, trace seconds (s).
+    duration_s : float or None
+        Length of the window, trace seconds (s; None: to the end).
+    rate_req_s : float or None
+        Rescale time so the window's mean rate becomes this, req/s (None: as recorded).
+    repeat : bool, default False
+        Loop the window (arrivals of copy ``k`` shifted by ``k`` × window length).
+    lenient : bool, default False
+        When ``trace`` is a path, drop and count invalid rows instead of failing.
     """
 
     def __init__(self, trace: Trace | str | Path, *, kind: str = "auto", start_s: float = 0.0,

@@ -64,9 +64,34 @@ MEMORY_RESERVE_BYTES = 2.0e9     # activations, CUDA graphs, NCCL buffers per GP
 class PlantConstants:
     """The plant's few global efficiency constants (fitted by ``palsctl calibrate``).
 
-    ``route_skew``: exponent of the Zipf-like popularity of routed experts (``p_e ∝ (e+1)^-s``;
-    0 = uniform routing): it sets how fast the distinct experts a batch touches grow with the
-    batch and the load imbalance of expert parallelism.
+    Parameters
+    ----------
+    bw_eff : float, default 0.8
+        Achieved fraction of the datasheet HBM bandwidth.
+    flops_eff : float, default 0.6
+        Achieved fraction of the dense tensor-core peak at the maximum clock.
+    step_overhead_s : float, default 2e-3
+        Host time per engine step (GPU idle), s.
+    seq_time_s : float, default 3e-5
+        GPU time per running sequence per step at the maximum clock, s.
+    comm_latency_s : float, default 1e-5
+        Latency of one collective on 2 GPUs (× log2 N on N), s.
+    dyn_power_frac : float, default 1.1
+        Dynamic power at the maximum clock and full activity, × (TDP − idle).
+    mem_activity : float, default 0.6
+        Activity of memory-stalled time relative to compute.
+    v_floor : float, default 0.8
+        Voltage floor, a fraction of the maximum-clock voltage.
+    comm_bw_eff : float, default 0.7
+        Achieved fraction of the NVLink bandwidth in collectives.
+    route_skew : float, default 0.4
+        Exponent of the Zipf-like popularity of routed experts (``p_e ∝ (e+1)^-s``; 0: uniform):
+        how fast the distinct experts a batch touches grow with the batch, and the load imbalance
+        of expert parallelism.
+    layer_time_s : float, default 5e-5
+        Kernel launch gaps and tails per layer per step (GPU idle), s.
+    fp8_flops_eff : float, default 0.4
+        Achieved fraction of the dense FP8 tensor-core peak.
     """
 
     bw_eff: float = 0.80            # achieved fraction of datasheet HBM bandwidth
@@ -128,9 +153,22 @@ def constants_key(gpu: str | GPUSpec | None) -> str:
 
 
 def default_constants(gpu: str | GPUSpec | None = None) -> PlantConstants:
-    """The committed, calibrated constants (``palsctl/data/calibration.json``) for ``gpu``
-    (None: the H100-fitted ones, which Hopper and Ampere presets use; B200 has its own), or the
-    built-in defaults when that file is absent."""
+    """Return the committed, calibrated efficiency constants for a GPU.
+
+    They come from ``palsctl/data/calibration.json`` (``palsctl calibrate``); the built-in
+    defaults when that file is absent.
+
+    Parameters
+    ----------
+    gpu : str, GPUSpec or None
+        The GPU (None: the H100-fitted constants, which the Hopper and Ampere presets use; B200
+        has its own).
+
+    Returns
+    -------
+    PlantConstants
+        The constants.
+    """
     cal = _committed_calibration()
     key = constants_key(gpu)
     by_gpu = cal.get("constants_by_gpu", {})
@@ -195,11 +233,21 @@ def _expert_inclusion(num_experts: int, top_k: int, skew: float) -> list[float]:
 
 
 class GroupModel:
-    """Time and power of engine steps of ``model`` on ``num_gpus`` × ``gpu``.
+    """Time and power of the engine steps of a model on a group of GPUs.
 
-    ``parallelism``: ``"tp"`` (tensor parallel), ``"ep"`` (expert parallel with data-parallel
-    attention) or ``"tp+ep"`` (expert parallel MoE layers, tensor-parallel attention); all the
-    same on one GPU.
+    Parameters
+    ----------
+    model : ModelSpec
+        The model.
+    gpu : GPUSpec
+        The GPU.
+    num_gpus : int
+        GPUs in the group.
+    constants : PlantConstants or None
+        Efficiency constants (None: the committed calibration for ``gpu``).
+    parallelism : {"tp", "ep", "tp+ep"}
+        Tensor parallel, expert parallel with data-parallel attention, or expert-parallel MoE
+        layers with tensor-parallel attention (all the same on one GPU).
     """
 
     def __init__(self, model: ModelSpec, gpu: GPUSpec, num_gpus: int,

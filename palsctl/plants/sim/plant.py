@@ -31,8 +31,19 @@ POWER_NOISE_FRAC = 0.01   # 1-sigma relative noise of a power reading
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class HistogramSnapshot:
-    """Cumulative Prometheus histogram: ``bounds_s`` upper bounds (+Inf implied last),
-    ``cumulative_counts`` one per bound plus +Inf, ``sum_s``, ``count``."""
+    """A cumulative Prometheus histogram.
+
+    Parameters
+    ----------
+    bounds_s : tuple of float
+        Upper bounds of the buckets, s (+Inf implied last).
+    cumulative_counts : tuple of int
+        Observations at or below each bound, then the total (+Inf).
+    sum_s : float
+        Sum of the observed values, s.
+    count : int
+        Number of observations.
+    """
 
     bounds_s: tuple[float, ...]
     cumulative_counts: tuple[int, ...]
@@ -47,7 +58,36 @@ class HistogramSnapshot:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PlantCounters:
-    """Snapshot of the plant's cumulative counters and gauges at ``t_s`` (per-GPU tuples)."""
+    """Snapshot of the plant's cumulative counters and gauges (vLLM's and NVML's stand-ins).
+
+    Parameters
+    ----------
+    t_s : float
+        Plant time of the snapshot, s.
+    generation_tokens_total, prompt_tokens_total : int
+        Generated and prompt tokens so far.
+    requests_finished_total : int
+        Requests finished so far.
+    requests_running, requests_waiting : int
+        Sequences running and waiting now.
+    preemptions_total : int
+        Preemptions so far (KV cache full).
+    kv_usage : float
+        KV-cache usage, 0..1.
+    power_instant_w, power_avg_1s_w : tuple of float
+        Instant and 1 s-averaged power per GPU, W.
+    energy_j : tuple of float
+        Cumulative energy per GPU, J.
+    power_cap_w : float
+        Cap in force per GPU, W.
+    max_batch : int
+        Batch limit in force.
+    sm_clock_mhz : float
+        SM clock now, MHz.
+    ttft_s, itl_s, tpot_s, e2e_s : HistogramSnapshot
+        Histograms of time to first token, inter-token latency, time per output token and
+        request latency, s.
+    """
 
     t_s: float
     generation_tokens_total: int
@@ -80,10 +120,39 @@ def _p90(values: list[float]) -> float | None:
 
 
 class SimPlant(SimulatedPlant):
-    """Simulated ``num_gpus`` × ``gpu`` group serving ``model`` with vLLM-like continuous
-    batching. Defaults: Mixtral-8x7B on 4 × A100-SXM4-80GB (tensor parallel), cap = the GPU's
-    default limit (TDP), batch = ``max_batch_launch``. ``parallelism``: ``"tp"`` (tensor
-    parallel) or ``"ep"`` (vLLM's expert parallel with data-parallel attention)."""
+    """Simulated GPU group serving a model with vLLM-like continuous batching.
+
+    Defaults: Mixtral-8x7B on 4 × A100-SXM4-80GB (tensor parallel), cap = the GPU's default limit
+    (TDP), batch = ``max_batch_launch``.
+
+    Parameters
+    ----------
+    model : str or ModelSpec, default "mixtral-8x7b"
+        A model preset name (`MODEL_PRESETS`) or a spec.
+    gpu : str or GPUSpec, default "a100-sxm4-80gb"
+        A GPU preset name (`GPU_PRESETS`) or a spec.
+    num_gpus : int, default 4
+        GPUs in the group.
+    dt_s : float, default 1.0
+        Control period, s.
+    seed : int, default 0
+        Seed of the measurement noise (the engine itself is deterministic).
+    max_batch_launch : int, default 256
+        vLLM's launch ``max_num_seqs``: the largest batch limit.
+    power_cap_w : float or None
+        Initial cap per GPU, W (None: the default limit).
+    max_batch : int or None
+        Initial batch limit (None: ``max_batch_launch``).
+    noise : bool, default True
+        Add seeded noise to the power readings.
+    constants : PlantConstants or None
+        Efficiency constants (None: the committed calibration for ``gpu``).
+    max_num_batched_tokens : int, default 8192
+        vLLM's chunked-prefill token budget per step.
+    parallelism : {"tp", "ep", "tp+ep"}
+        Tensor parallel, expert parallel with data-parallel attention, or expert-parallel MoE
+        layers with tensor-parallel attention.
+    """
 
     def __init__(self, model: str | ModelSpec = "mixtral-8x7b",
                  gpu: str | GPUSpec = "a100-sxm4-80gb",

@@ -19,7 +19,29 @@ __all__ = ["GPUSpec", "ModelSpec", "GPU_PRESETS", "MODEL_PRESETS", "check_fits",
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GPUSpec:
-    """Datasheet numbers of one GPU (SI units; FLOP/s are dense, without sparsity)."""
+    """Datasheet numbers of one GPU (SI units; FLOP/s are dense, without sparsity).
+
+    Parameters
+    ----------
+    name : str
+        The preset name.
+    mem_bw_bytes_s : float
+        HBM bandwidth, bytes/s.
+    bf16_flops, fp8_flops : float
+        Dense bf16 and fp8 tensor-core peaks, FLOP/s (fp8 = bf16 where unsupported).
+    mem_bytes : float
+        HBM capacity, bytes.
+    tdp_w : float
+        Default (= maximum) power limit, W.
+    min_cap_w : float
+        Lowest settable power limit, W.
+    idle_w : float
+        Power at rest with a model loaded, W.
+    max_sm_clock_mhz, min_sm_clock_mhz : float
+        Highest (boost) SM clock and the lowest the firmware may use under a cap, MHz.
+    link_bw_bytes_s : float
+        NVLink bandwidth per GPU per direction (collectives), bytes/s.
+    """
 
     name: str
     mem_bw_bytes_s: float          # HBM bandwidth
@@ -73,17 +95,52 @@ GPU_PRESETS: dict[str, GPUSpec] = {
 class ModelSpec:
     """Architecture of a decoder-only transformer (dense or MoE).
 
-    ``dtype_bytes``: bytes per weight of the dense part; ``expert_dtype_bytes``: of the routed
-    experts (MXFP4 ≈ 0.53); ``compute_bytes``: 2 = bf16 tensor cores, 1 = fp8.
-    ``num_dense_layers``: layers with a dense FFN (width ``intermediate_size``) in an MoE model,
-    wherever they sit (DeepSeek's leading dense layers, Llama 4's interleaved ones).
-    ``sliding_window`` / ``sliding_layer_fraction``: local-attention layers read at most the
-    window from the KV cache (Gemma 3, gpt-oss; Llama 4's chunked attention), and vLLM's hybrid
-    KV-cache manager keeps only the window of them.
-    ``kv_lora_rank`` > 0 selects multi-head latent attention (MLA, DeepSeek-V2/V3): the cache
-    holds one latent of ``kv_lora_rank + qk_rope_head_dim`` values per token and layer (shared
-    by all heads, so tensor parallelism cannot split it); ``head_dim`` is then the query/key head
-    width (nope + rope) and ``v_head_dim`` the value head width.
+    Parameters
+    ----------
+    name : str
+        The preset name.
+    num_layers, hidden_size, num_heads, num_kv_heads, head_dim : int
+        Layers, model width, query and key/value heads, head width (for MLA: the query/key head
+        width, nope + rope).
+    intermediate_size : int
+        Dense FFN width (dense models, and the dense layers of an MoE model).
+    vocab_size : int
+        Vocabulary size.
+    num_experts, experts_per_token : int, default 0
+        Routed experts per MoE layer (0: dense) and experts each token goes through.
+    moe_intermediate_size : int, default 0
+        Width of one routed expert.
+    shared_intermediate_size : int, default 0
+        Total width of the always-active shared experts.
+    num_dense_layers : int, default 0
+        Layers with a dense FFN in an MoE model, wherever they sit (DeepSeek's leading ones,
+        Llama 4's interleaved ones).
+    tie_embeddings : bool, default False
+        The output projection shares the input embedding.
+    dtype_bytes : float, default 2.0
+        Bytes per weight of the dense part.
+    expert_dtype_bytes : float or None
+        Bytes per weight of the routed experts (MXFP4 ≈ 0.53; None: ``dtype_bytes``).
+    kv_dtype_bytes : float, default 2.0
+        Bytes per KV-cache value.
+    compute_bytes : int, default 2
+        2: bf16 tensor cores, 1: fp8.
+    sliding_window : int, default 0
+        Window of the local-attention layers, tokens (0: none).
+    sliding_layer_fraction : float, default 0.0
+        Fraction of the layers with local attention (they read at most the window and vLLM's
+        hybrid KV-cache manager keeps only the window of them).
+    family : str
+        Model family (for the calibration's breakdowns).
+    kv_lora_rank : int, default 0
+        > 0 selects multi-head latent attention (MLA): the cache holds one latent of
+        ``kv_lora_rank + qk_rope_head_dim`` values per token and layer, shared by all heads.
+    q_lora_rank : int, default 0
+        MLA low-rank query projection (0: full-rank query).
+    qk_rope_head_dim : int, default 0
+        MLA: rotary part of the query/key head.
+    v_head_dim : int, default 0
+        MLA: value head width (0: ``head_dim``).
     """
 
     name: str
@@ -535,21 +592,69 @@ def _preset(value, spec_type: type, presets: dict, kind: str):
 
 
 def get_gpu(gpu: str | GPUSpec) -> GPUSpec:
-    """A GPU spec from a preset name (case-insensitive) or a spec object."""
+    """Look up a GPU spec.
+
+    Parameters
+    ----------
+    gpu : str or GPUSpec
+        A preset name (case-insensitive) or a spec (returned as it is).
+
+    Returns
+    -------
+    GPUSpec
+        The spec.
+
+    Raises
+    ------
+    UnknownNameError
+        For an unknown preset name (the message lists the known ones).
+    """
     return _preset(gpu, GPUSpec, GPU_PRESETS, "gpu")
 
 
 def get_model(model: str | ModelSpec) -> ModelSpec:
-    """A model spec from a preset name (case-insensitive) or a spec object."""
+    """Look up a model spec.
+
+    Parameters
+    ----------
+    model : str or ModelSpec
+        A preset name (case-insensitive) or a spec (returned as it is).
+
+    Returns
+    -------
+    ModelSpec
+        The spec.
+
+    Raises
+    ------
+    UnknownNameError
+        For an unknown preset name (the message lists the known ones).
+    """
     return _preset(model, ModelSpec, MODEL_PRESETS, "model")
 
 
 def check_fits(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int,
                parallelism: str = "tp") -> None:
-    """Raise `ConfigError` (key ``num_gpus``) when the model's weights held by each GPU leave
-    less than 10 % of its memory and 2 GB for the KV cache and activations. ``parallelism``:
-    ``"tp"`` and ``"tp+ep"`` split every weight over the GPUs; ``"ep"`` (data-parallel
-    attention) keeps a full copy of the dense weights on every GPU and splits the experts."""
+    """Check that a model fits the GPUs, leaving room for the KV cache.
+
+    Parameters
+    ----------
+    model : str or ModelSpec
+        A model preset name or a spec.
+    gpu : str or GPUSpec
+        A GPU preset name or a spec.
+    num_gpus : int
+        GPUs in the group.
+    parallelism : {"tp", "ep", "tp+ep"}
+        ``"tp"`` and ``"tp+ep"`` split every weight over the GPUs; ``"ep"`` (data-parallel
+        attention) keeps a full copy of the dense weights on every GPU and splits the experts.
+
+    Raises
+    ------
+    ConfigError
+        (key ``num_gpus``) When the weights each GPU holds leave less than 10 % of its memory and
+        2 GB for the KV cache and activations.
+    """
     m, g = get_model(model), get_gpu(gpu)
     room_b = 0.9 * g.mem_bytes - 2.0e9
     per_gpu = weight_bytes_per_gpu(m, num_gpus, parallelism)

@@ -28,7 +28,37 @@ MAX_NUM_BATCHED_TOKENS = 8192  # vLLM's chunked-prefill token budget per step
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SteadyState:
-    """Saturated steady state of one configuration (totals over the plant's GPUs)."""
+    """Saturated steady state of one configuration (totals over the plant's GPUs).
+
+    Parameters
+    ----------
+    throughput_tok_s : float
+        Generated tokens per second, tok/s.
+    power_w : float
+        Mean power, all GPUs, W.
+    tokens_per_joule : float
+        Generated tokens per joule.
+    itl_median_s, itl_p90_s : float
+        Median and p90 inter-token latency, s.
+    sm_clock_mhz : float
+        Time-weighted mean SM clock, MHz.
+    batch : float
+        Sequences in flight (≤ the batch limit; less when the KV cache bounds it).
+    kv_limited : bool
+        The KV-cache capacity, not the batch limit, bounds the batch.
+    power_per_gpu_w : float
+        Mean power per GPU, W.
+    decode_step_s : float
+        A pure decode step at the mean context, s.
+    mixed_step_s : float
+        A step carrying a prefill chunk, s.
+    mixed_step_fraction : float
+        Fraction of the steps that carry prefill.
+    ttft_s : float
+        Time to first token once admitted (prefill steps), s.
+    request_latency_s : float
+        Admission to last token, s.
+    """
 
     throughput_tok_s: float       # generated tokens per second
     power_w: float                # mean power, all GPUs
@@ -175,16 +205,41 @@ def steady_state(model: str | ModelSpec, gpu: str | GPUSpec, num_gpus: int, max_
                  constants: PlantConstants | None = None,
                  max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS,
                  parallelism: str = "tp", prompt_cv: float = 0.0) -> SteadyState:
-    """The plant's saturated steady state with ``max_batch`` requests always in flight.
+    """Compute the plant's saturated steady state with ``max_batch`` requests always in flight.
 
-    ``power_cap_w`` is per GPU (None = the GPU's default limit, its TDP) and must lie within
-    the GPU's limits. ``prompt_tokens``/``output_tokens`` are per request (means);
-    ``output_cv`` is the coefficient of variation of the output length (0 = all equal): the
-    sequences in flight are length-biased, so their mean context is
-    ``prompt + output · (1 + cv²) / 2``; ``prompt_cv`` that of the prompt length (it spreads
-    the time of the steps that carry prefill, hence the ITL quantiles).
-    ``parallelism``: ``"tp"`` (tensor parallel) or ``"ep"`` (expert parallel with
-    data-parallel attention). ``constants`` None = the committed calibration for ``gpu``.
+    The sequences in flight are length-biased, so their mean context is
+    ``prompt + output · (1 + output_cv²) / 2``.
+
+    Parameters
+    ----------
+    model : str or ModelSpec
+        A model preset name or a spec.
+    gpu : str or GPUSpec
+        A GPU preset name or a spec.
+    num_gpus : int
+        GPUs in the group.
+    max_batch : int
+        The batch limit.
+    power_cap_w : float or None
+        Cap per GPU, W, within the GPU's limits (None: the default limit, its TDP).
+    prompt_tokens, output_tokens : float, default 512 and 256
+        Mean prompt and output lengths per request, tokens.
+    output_cv : float, default 0.0
+        Coefficient of variation of the output length (0: all equal).
+    constants : PlantConstants or None
+        Efficiency constants (None: the committed calibration for ``gpu``).
+    max_num_batched_tokens : int, default 8192
+        vLLM's chunked-prefill token budget per step.
+    parallelism : {"tp", "ep", "tp+ep"}
+        How the model is split over the GPUs.
+    prompt_cv : float, default 0.0
+        Coefficient of variation of the prompt length (it spreads the steps that carry
+        prefill, hence the ITL quantiles).
+
+    Returns
+    -------
+    SteadyState
+        Throughput, power, latencies and clock of the configuration.
     """
     m = get_model(model)
     g = get_gpu(gpu)
