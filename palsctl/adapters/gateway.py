@@ -262,27 +262,47 @@ def _check_token(token: Any) -> None:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GatewayConfig:
-    """The gateway's settings.
+    """The gateway's settings (limits on clients: the status answered beyond them in brackets).
 
-    ``upstream``: base URL of the OpenAI-compatible server (``http://127.0.0.1:8000``);
-    ``listen_host``/``listen_port``: the proxy; ``control_host``/``control_port``: the control
-    endpoint (port 0 picks a free one); ``token``: the control token; ``max_concurrency``: the
-    initial limit; ``upstream_timeout_s``: connect/read timeout (s).
-
-    Limits on clients (defaults in brackets): ``max_body_b`` one request body [64 MiB, 413 over
-    it]; ``max_buffered_b`` request bodies held in memory together [128 MiB; a body waits for
-    room, 503 after ``body_timeout_s``; bodies over 1/64 of it share 7/8 of it, so small requests
-    always find room, and ``max_body_b`` must fit in those 7/8]; ``max_header_b`` request line
-    and headers [64 KiB, 431];
-    ``header_timeout_s`` to complete a request head after its first byte [10 s, 408];
-    ``body_idle_timeout_s`` between two pieces of a body [30 s] and ``body_timeout_s`` for a
-    whole body [120 s, 408]; ``keepalive_timeout_s`` a connection may wait for its next request
-    [30 s]; ``max_connections`` client connections [4096, lowered to what the open-file limit
-    allows; over it the oldest connection without a request in progress is closed, else 503 +
-    Retry-After]. ``insecure_control``: allow a control endpoint on a non-loopback address (its
-    bearer token then crosses the network in plain HTTP); refused otherwise.
-    ``error_log_interval_s``: alike failures (upstream down, bad requests) are logged once, then
-    at most once per interval with a count.
+    Parameters
+    ----------
+    upstream : str
+        Base URL of the OpenAI-compatible server (``http://127.0.0.1:8000``).
+    token : str
+        The control endpoint's bearer token.
+    max_concurrency : int, default 64
+        The initial concurrency (batch) limit.
+    listen_host, control_host : str, default "127.0.0.1"
+        Addresses of the proxy and of the control endpoint.
+    listen_port, control_port : int, default 0
+        Their ports (0: a free one).
+    upstream_timeout_s : float, default 600.0
+        Connect and read timeout towards the upstream, s.
+    max_body_b : int, default 64 MiB
+        One request body, bytes [413].
+    max_buffered_b : int, default 128 MiB
+        Request bodies held in memory together, bytes: a body waits for room [503 after
+        ``body_timeout_s``]; bodies over 1/64 of it share 7/8 of it, so small requests always
+        find room (``max_body_b`` must fit in those 7/8).
+    max_header_b : int, default 64 KiB
+        Request line and headers, bytes [431].
+    header_timeout_s : float, default 10.0
+        To complete a request head after its first byte, s [408].
+    body_idle_timeout_s : float, default 30.0
+        Between two pieces of a body, s.
+    body_timeout_s : float, default 120.0
+        For a whole body, s [408].
+    keepalive_timeout_s : float, default 30.0
+        A connection may wait this long for its next request, s.
+    max_connections : int, default 4096
+        Client connections, lowered to what the open-file limit allows; over it the oldest
+        connection without a request in progress is closed [else 503 + Retry-After].
+    insecure_control : bool, default False
+        Allow a control endpoint on a non-loopback address (its bearer token then crosses the
+        network in plain HTTP); refused otherwise.
+    error_log_interval_s : float, default 10.0
+        Alike failures (upstream down, bad requests) are logged once, then at most once per
+        interval with a count, s.
     """
 
     upstream: str
@@ -355,8 +375,15 @@ class _Body:
 
 
 class Gateway:
-    """The running gateway: ``await gw.start()``, then ``gw.url`` / ``gw.control_url``;
-    ``await gw.stop()``."""
+    """The running gateway: ``await gw.start()``, then ``gw.url`` / ``gw.control_url``.
+
+    Stop it with ``await gw.stop()``.
+
+    Parameters
+    ----------
+    config : GatewayConfig
+        Its settings.
+    """
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
@@ -726,7 +753,17 @@ class Gateway:
 
 
 class GatewayControl:
-    """Synchronous client of a gateway's control endpoint (loopback HTTP)."""
+    """Synchronous client of a gateway's control endpoint (loopback HTTP).
+
+    Parameters
+    ----------
+    control_url : str
+        The control endpoint, ``http://`` or ``https://``.
+    token : str
+        Its bearer token.
+    timeout_s : float, default 2.0
+        Timeout of each request, s.
+    """
 
     def __init__(self, control_url: str, token: str, *, timeout_s: float = 2.0) -> None:
         if not control_url.startswith(("http://", "https://")):
