@@ -170,10 +170,9 @@ class Guard(ABC):
 
     @property
     def bound_limits(self) -> Limits:
-        """The plant's `Limits` bound by `setup` (`RuntimeError` before it)."""
-        if self.limits is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() must be called before step()")
-        return self.limits
+        """The plant's `Limits` bound by `setup` (the wrapped controller's; `RuntimeError`
+        before it)."""
+        return self.controller.bound_limits
 
     def setup(self, *, limits: Limits, dt_s: float, plant_info: PlantInfo | None) -> None:
         """Bind the guard and the wrapped controller to a plant; resets both."""
