@@ -28,7 +28,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from _machine import machine  # noqa: E402
+from _machine import machine  # noqa: E402 - bench/ is on sys.path first
 
 OUT = ROOT / "results" / "bench"
 
