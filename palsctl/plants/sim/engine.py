@@ -15,10 +15,14 @@ instead of stepping one iteration at a time.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import deque
+from collections.abc import Callable
+from operator import itemgetter
+from typing import Any
 
 from palsctl.plants.sim.gpu import GroupModel, StepCost
 from palsctl.types import Request, RequestResult
@@ -35,31 +39,41 @@ E2E_BUCKETS_S = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
 
 CAP_SETTLE_TAU_S = 0.1     # time constant of the firmware's response to a new power limit
 FW_WINDOW_S = 0.1          # the firmware keeps power averaged over this trailing window ≤ cap
+HISTORY_S = 2.5            # energy history kept for windowed averages (s)
 _DEC, _PREF, _WAIT, _PENDING, _DONE = 0, 1, 2, 3, 4
 
 
 class Histogram:
     """Prometheus-style histogram: per-bucket counts (+Inf last), sum, count. Observations are
-    binned in bulk when the histogram is read (or every few thousand), not one call each."""
+    binned in bulk when the histogram is read (or every few thousand), not one call each.
 
-    __slots__ = ("bounds", "_counts", "_sum", "_count", "_pending")
+    ``records`` and ``value``: a list the owner appends to anyway (finished requests, first
+    tokens) and the observation each new record makes (None: none); they are binned, in order,
+    when the histogram is read, so recording costs nothing until someone reads it."""
 
-    def __init__(self, bounds: tuple[float, ...]) -> None:
+    __slots__ = ("bounds", "_counts", "_sum", "_count", "_pending", "_records", "_value",
+                 "_seen")
+
+    def __init__(self, bounds: tuple[float, ...], records: list | None = None,
+                 value: Callable[[Any], float | None] | None = None) -> None:
         self.bounds = bounds
         self._counts = [0] * (len(bounds) + 1)
         self._sum = 0.0
         self._count = 0
         self._pending: list[tuple[float, int]] = []
+        self._records = records
+        self._value = value
+        self._seen = 0
 
     def observe(self, value: float, n: int = 1) -> None:
         """Count ``n`` observations of ``value`` (binned in bulk when read)."""
         self._pending.append((value, n))
         if len(self._pending) >= 4096:
-            self._flush()
+            self._bin()
 
-    def _flush(self) -> None:
+    def _bin(self) -> None:
         counts, bounds = self._counts, self.bounds
-        tot, cnt = 0.0, 0
+        tot = cnt = 0
         for v, n in self._pending:
             counts[bisect_left(bounds, v)] += n
             tot += v * n
@@ -67,6 +81,17 @@ class Histogram:
         self._sum += tot
         self._count += cnt
         self._pending.clear()
+
+    def _flush(self) -> None:
+        recs = self._records
+        if recs is not None and self._seen < len(recs):
+            value, observe = self._value, self.observe
+            for i in range(self._seen, len(recs)):
+                v = value(recs[i])
+                if v is not None:
+                    observe(v)
+            self._seen = len(recs)
+        self._bin()
 
     @property
     def counts(self) -> list[int]:
@@ -93,6 +118,50 @@ class Histogram:
             acc += c
             out.append(acc)
         return tuple(out)
+
+
+def _result_factory() -> Callable[..., RequestResult]:
+    """A constructor of `RequestResult` from its fields in declaration order. Filling the slots
+    directly costs a third of the keyword-argument ``__init__`` of a frozen dataclass (one
+    result per finished request: the engine's most frequent allocation); it is used only while
+    the class has exactly the fields below and no ``__post_init__``, else the real ``__init__``
+    is called."""
+    names = ("request_id", "arrival_s", "prompt_tokens", "output_tokens", "first_token_s",
+             "finish_s", "preemptions")
+    cls = RequestResult
+    slots = getattr(cls, "__slots__", ())
+    if tuple(f.name for f in dataclasses.fields(cls)) != names or tuple(slots) != names \
+            or hasattr(cls, "__post_init__"):
+        def make(*values: Any) -> RequestResult:
+            return cls(**dict(zip(names, values, strict=True)))
+        return make
+    new = object.__new__
+    s0, s1, s2, s3, s4, s5, s6 = (cls.__dict__[n].__set__ for n in names)
+
+    def make_fast(rid: int, arrival_s: float, prompt: int, output: int, first_s: float,
+                  finish_s: float, preemptions: int) -> RequestResult:
+        r = new(cls)
+        s0(r, rid)
+        s1(r, arrival_s)
+        s2(r, prompt)
+        s3(r, output)
+        s4(r, first_s)
+        s5(r, finish_s)
+        s6(r, preemptions)
+        return r
+    return make_fast
+
+
+_request_result = _result_factory()
+
+
+def _e2e_s(r: RequestResult) -> float:
+    return r.finish_s - r.arrival_s
+
+
+def _tpot_s(r: RequestResult) -> float | None:
+    out = r.output_tokens
+    return (r.finish_s - r.first_token_s) / (out - 1) if out > 1 else None
 
 
 class _Seq:
@@ -146,7 +215,12 @@ class Engine:
         self.rejected = 0
         self.rejected_ids: set[int] = set()
         self._order = 0
-        self._pending: list = []        # heap (arrival_s, order, seq)
+        # submitted requests not yet arrived: (arrival_s, order, seq) from index _pend_head on,
+        # sorted unless _pend_sorted is False (a submission out of arrival order)
+        self._pending: list = []
+        self._pend_head = 0
+        self._pend_sorted = True
+        self._next_arrival = math.inf
         self.waiting: deque[_Seq] = deque()
         self.running: dict[int, _Seq] = {}   # admission order
         self._pref: dict[int, _Seq] = {}     # running, prefilling
@@ -159,13 +233,14 @@ class Engine:
         self.done_tokens: dict[int, int] = {}
         self.results: list[RequestResult] = []
         self.first_token_events: list[tuple[float, float]] = []   # (time, ttft)
-        self.ttft_hist = Histogram(TTFT_BUCKETS_S)
+        self.ttft_hist = Histogram(TTFT_BUCKETS_S, self.first_token_events, itemgetter(1))
         self.itl_hist = Histogram(ITL_BUCKETS_S)
-        self.tpot_hist = Histogram(ITL_BUCKETS_S)
-        self.e2e_hist = Histogram(E2E_BUCKETS_S)
+        self.tpot_hist = Histogram(ITL_BUCKETS_S, self.results, _tpot_s)
+        self.e2e_hist = Histogram(E2E_BUCKETS_S, self.results, _e2e_s)
         self.preemptions = 0
-        # energy history for windowed averages: (t_end, energy_end, t_start, power)
-        self._hist: deque = deque()
+        # energy history for windowed averages: (t_end, energy_end, t_start, power) of every
+        # segment; only the last HISTORY_S seconds (plus the segment before) are looked at
+        self._hist: list = []
 
     # ---- state -------------------------------------------------------------------------
     @property
@@ -187,7 +262,13 @@ class Engine:
             return False
         self.seqs[s.rid] = s
         self._order += 1
-        heapq.heappush(self._pending, (s.arrival_s, self._order, s))
+        p = self._pending
+        a = s.arrival_s
+        if len(p) > self._pend_head and a < p[-1][0]:
+            self._pend_sorted = False
+        p.append((a, self._order, s))
+        if a < self._next_arrival:
+            self._next_arrival = a
         return True
 
     def progress(self, rid: int) -> tuple[int, bool]:
@@ -200,14 +281,23 @@ class Engine:
         return s.gen, False
 
     def energy_at(self, t: float) -> float:
-        """Cumulative energy (J, all GPUs) at time ``t`` ≤ engine clock (piecewise linear)."""
+        """Cumulative energy (J, all GPUs) at time ``t`` ≤ engine clock (piecewise linear over
+        the segments that ended in the last ``HISTORY_S`` and the one before them; earlier at
+        idle power)."""
         if t >= self.t:
             return self.energy_j
         e_end, t_end = self.energy_j, self.t
-        for (te, ee, ts, p) in reversed(self._hist):
+        horizon = self.t - HISTORY_S
+        h = self._hist
+        i = len(h) - 1
+        while i >= 0:
+            te, ee, ts, p = h[i]
             if t >= ts:
                 return ee - p * (te - t)
             e_end, t_end = ee - p * (te - ts), ts
+            if te < horizon:        # older segments are out of the history
+                break
+            i -= 1
         return max(0.0, e_end - self.gm.idle_w * self.n_gpus * (t_end - t))
 
     def clock_at(self, t: float) -> float:
@@ -216,63 +306,83 @@ class Engine:
 
     # ---- simulation ----------------------------------------------------------------------
     def _segment(self, dt: float, power_w: float, r: float) -> None:
-        self.seg_start = self.t
-        self.t += dt
-        self.energy_j += power_w * dt
+        t0 = self.t
+        self.seg_start = t0
+        self.t = t = t0 + dt
+        self.energy_j = e = self.energy_j + power_w * dt
         self.clock_int += r * dt
         self.seg_power_w, self.seg_clock = power_w, r
-        h = self._hist
-        h.append((self.t, self.energy_j, self.seg_start, power_w))
-        while len(h) > 2 and h[1][0] < self.t - 2.5:
-            h.popleft()
+        self._hist.append((t, e, t0, power_w))
         if self.cap_eff_w != self.cap_set_w:
             d = (self.cap_eff_w - self.cap_set_w) * math.exp(-dt / CAP_SETTLE_TAU_S)
             self.cap_eff_w = self.cap_set_w if abs(d) < 0.5 else self.cap_set_w + d
 
+    def _trim_history(self) -> None:
+        """Forget the segments `energy_at` no longer looks at."""
+        h = self._hist
+        j = bisect_left(h, self.t - HISTORY_S, key=itemgetter(0))   # first ending in the window
+        if j > 1:
+            del h[:j - 1]
+
     def _arrive(self) -> None:
-        p, t = self._pending, self.t
-        while p and p[0][0] <= t:
-            s = heapq.heappop(p)[2]
+        """Move the requests that have arrived by the engine clock to the waiting queue."""
+        p = self._pending
+        i = self._pend_head
+        if not self._pend_sorted:
+            p[:] = sorted(p[i:])
+            i = 0
+            self._pend_sorted = True
+        t = self.t
+        n = len(p)
+        k = n if p[-1][0] <= t else bisect_right(p, t, lo=i, key=itemgetter(0))
+        w = self.waiting
+        for j in range(i, k):
+            s = p[j][2]
             s.state = _WAIT
-            self.waiting.append(s)
-            self.arrived += 1
+            w.append(s)
+        self.arrived += k - i
+        if k == n:
+            p.clear()
+            k = 0
+        elif k > 4096 and 2 * k > n:
+            del p[:k]
+            k = 0
+        self._pend_head = k
+        self._next_arrival = p[k][0] if p else math.inf
 
-    def _enter_decode(self, s: _Seq) -> None:
-        s.state = _DEC
-        s.d0 = self.dstep
-        s.fin = self.dstep + (s.output - s.gen)
-        self.dec_n += 1
-        self._dec_ctx_base += s.prompt + s.gen - s.d0
-        heapq.heappush(self._fin_heap, (s.fin, s.rid, s))
-
-    def _finish(self, s: _Seq) -> None:
-        s.state = _DONE
-        rid = s.rid
-        del self.running[rid]
-        self._kv_win -= s.win
-        del self.seqs[rid]
-        out = s.output
-        self.done_tokens[rid] = out
-        self.finished += 1
-        now = self.t
-        assert s.first_s is not None  # a finished sequence has produced its first token
-        self.results.append(RequestResult(
-            request_id=rid, arrival_s=s.arrival_s, prompt_tokens=s.prompt, output_tokens=out,
-            first_token_s=s.first_s, finish_s=now, preemptions=s.preempt))
-        self.e2e_hist.observe(now - s.arrival_s)
-        if out > 1:
-            self.tpot_hist.observe((now - s.first_s) / (out - 1))
+    def _finish(self, done: list[_Seq]) -> None:
+        """Retire finished sequences (their counters are already final), in order."""
+        running, seqs, tokens, results = self.running, self.seqs, self.done_tokens, self.results
+        make, now = _request_result, self.t
+        kv_win = self._kv_win
+        for s in done:
+            s.state = _DONE
+            rid = s.rid
+            del running[rid]
+            kv_win -= s.win
+            del seqs[rid]
+            out = tokens[rid] = s.output
+            # the TPOT and end-to-end histograms are binned from the results when read
+            results.append(make(rid, s.arrival_s, s.prompt, out, s.first_s, now, s.preempt))
+        self._kv_win = kv_win
+        self.finished += len(done)
 
     def _process_finishes(self) -> None:
+        """Retire the decoding sequences whose last token was generated by step ``dstep``."""
         h, d = self._fin_heap, self.dstep
+        pop = heapq.heappop
+        n, ctx = self.dec_n, self._dec_ctx_base
+        done = []
         while h and h[0][0] <= d:
-            fin, _, s = heapq.heappop(h)
+            fin, _, s = pop(h)
             if s.state != _DEC or s.fin != fin:
-                continue
-            self.dec_n -= 1
-            self._dec_ctx_base -= s.prompt + s.gen - s.d0
+                continue            # preempted since
+            n -= 1
+            ctx -= s.prompt + s.gen - s.d0
             s.gen = s.output
-            self._finish(s)
+            done.append(s)
+        self.dec_n, self._dec_ctx_base = n, ctx
+        self._finish(done)
 
     def _preempt_last(self) -> None:
         rid = next(reversed(self.running))
@@ -331,141 +441,51 @@ class Engine:
                 hi = mid
         return lo
 
-    @staticmethod
-    def _chunk(s: _Seq, budget: int, free: int) -> int:
-        """Prefill tokens of ``s`` this step; a chunk that completes the prompt also needs a
-        KV slot for the first generated token."""
-        c = min(s.need - s.done, budget, free)
-        if s.done + c >= s.need and c >= free:
-            c = free - 1
-        return c
-
-    def _general_step(self) -> bool:
-        """One engine step with prefill/admission; False when there is nothing to do."""
-        preempted = False
-        running = self.running
-        while running and self.kv_used + self.dec_n > self.kv_cap:
-            self._preempt_last()
-            preempted = True
-        n_dec = self.dec_n
-        budget = self.mnbt - n_dec
-        free = self.kv_cap - self.kv_used - n_dec
-        chunks: list[tuple[_Seq, int]] = []
-        pref = self._pref
-        chunk = self._chunk
-        for s in pref.values():
-            if budget <= 0 or free <= 0:
-                break
-            c = chunk(s, budget, free)
-            if c <= 0:
-                break
-            chunks.append((s, c))
-            budget -= c
-            free -= c + (s.done + c >= s.need)
-        w = self.waiting
-        if not preempted and w:
-            reserve = self.kv_watermark
-            max_batch = self.max_batch
-            while w and len(running) < max_batch and budget > 0 and free > 0:
-                # admit only when the whole prompt fits above a watermark (as vLLM's block
-                # manager does); admitting into the last free slots only to preempt the
-                # newcomer at the next decode step would thrash
-                s = w[0]
-                if s.need - s.done + 1 + s.win > free - reserve:
-                    break
-                free -= s.win
-                c = chunk(s, budget, free)
-                if c <= 0:
-                    free += s.win
-                    break
-                w.popleft()
-                s.state = _PREF
-                running[s.rid] = s
-                self._kv_win += s.win
-                pref[s.rid] = s
-                chunks.append((s, c))
-                budget -= c
-                free -= c + (s.done + c >= s.need)
-        if not n_dec and not chunks:
-            return False
-        n_pref = pattn = pkv = 0
-        for s, c in chunks:
-            d = s.done
-            n_pref += c
-            pattn += c * d + c * (c + 1) // 2
-            pkv += d + c
-        gm = self.gm
-        cost = gm.step_cost(n_dec, self._dec_ctx_base + n_dec * self.dstep, n_pref, pattn, pkv,
-                            len(chunks))
-        p1 = gm.power_per_gpu(cost, 1.0)
-        if p1 <= self.cap_eff_w:        # the firmware's common case: no throttling
-            r = 1.0
-            dt = gm.step_time(cost, 1.0)
-        else:
-            r = self._throttled_clock(cost, 1)
-            dt = gm.step_time(cost, r)
-            p1 = gm.power_per_gpu(cost, r)
-        self._segment(dt, p1 * self.n_gpus, r)
-        self.dstep += 1
-        self.gen_tokens += n_dec
-        self.prompt_tokens += n_pref
-        if n_dec:
-            self.itl_hist.observe(dt, n_dec)
-        now = self.t
-        kv_pref = self._kv_pref
-        for s, c in chunks:
-            s.done += c
-            kv_pref += c
-            if s.done >= s.need:
-                del pref[s.rid]
-                kv_pref -= s.done
-                s.done = 0
-                if s.first_s is None:
-                    s.first_s = now
-                    self.first_token_events.append((now, now - s.arrival_s))
-                    self.ttft_hist.observe(now - s.arrival_s)
-                s.gen += 1
-                self.gen_tokens += 1
-                if s.gen >= s.output:
-                    self._kv_pref = kv_pref
-                    self._finish(s)
-                else:
-                    self._enter_decode(s)
-        self._kv_pref = kv_pref
-        if self._fin_heap and self._fin_heap[0][0] <= self.dstep:
-            self._process_finishes()
-        return True
-
     def _leap(self, t_limit: float) -> bool:
         """Leap over identical decode steps; False when the state does not allow it."""
         n = self.dec_n
         if self._pref or not n:
             return False
-        w = self.waiting
-        if w and len(self.running) < self.max_batch and self.kv_cap - self.kv_used - n > 0:
+        kv_free = self.kv_cap - (self._dec_ctx_base + n * self.dstep + self._kv_pref
+                                 + self._kv_win)
+        room = len(self.running) < self.max_batch
+        if room and self.waiting and kv_free - n > 0:
             return False       # an admission would happen at the next step
         k_max = self._fin_heap[0][0] - self.dstep
-        k_kv = (self.kv_cap - self.kv_used) // n
+        k_kv = kv_free // n
         if k_kv < k_max:
             k_max = k_kv
         if k_max < 2:
             return False
-        if self._pending and len(self.running) < self.max_batch and self._pending[0][0] < t_limit:
-            t_limit = self._pending[0][0]
+        if room and self._next_arrival < t_limit:
+            t_limit = self._next_arrival
         if self.cap_eff_w != self.cap_set_w:
             t_limit = min(t_limit, self.t + 0.25 * CAP_SETTLE_TAU_S)
         T = t_limit - self.t
         gm = self.gm
         ctx0 = self._dec_ctx_base + n * self.dstep
-        c0 = gm.step_cost(n, ctx0)
-        c1 = gm.step_cost(n, ctx0 + n * (k_max - 1))
-        # the cost is affine in the context per kernel, its roofline time and power are not:
-        # the clock must fit the cap at both ends and in the middle of the leap
-        ch = StepCost(*(0.5 * (a + b) for a, b in zip(c0, c1)))
-        r = min(self._firmware_clock(c0, k_max), self._firmware_clock(c1, k_max),
-                self._firmware_clock(ch, k_max))
-        t0 = gm.step_time(c0, r)
-        slope = (gm.step_time(c1, r) - t0) / (k_max - 1)
+        ctx1 = ctx0 + n * (k_max - 1)
+        # the cost is affine in the context per kernel (only attention changes), its roofline
+        # time and power are not: the clock must fit the cap at both ends and in the middle
+        parts = gm.max_clock_parts(n + 0.0, n + 0.0)
+        ma0, ta0 = gm.attention_s(n, ctx0)
+        ma1, ta1 = gm.attention_s(n, ctx1)
+        tp = gm.time_power_parts
+        t0, p0 = tp(parts, ma0, ta0)
+        t1, p1 = tp(parts, ma1, ta1)
+        cap = self.cap_eff_w
+        if p0 <= cap and p1 <= cap and tp(parts, 0.5 * (ma0 + ma1), 0.5 * (ta0 + ta1))[1] <= cap:
+            r = 1.0
+            c0 = c1 = None
+        else:
+            c0 = gm.step_cost(n, ctx0)
+            c1 = gm.step_cost(n, ctx1)
+            ch = StepCost(*[0.5 * (a + b) for a, b in zip(c0, c1, strict=True)])
+            r = min(self._firmware_clock(c0, k_max), self._firmware_clock(c1, k_max),
+                    self._firmware_clock(ch, k_max))
+            t0 = gm.step_time(c0, r)
+            t1 = gm.step_time(c1, r)
+        slope = (t1 - t0) / (k_max - 1)
         # smallest k with k*t0 + slope*k*(k-1)/2 >= T  (the step crossing T ends the leap)
         if T <= t0:
             k = 1
@@ -480,8 +500,12 @@ class Engine:
             k = 1
         dur = k * t0 + slope * k * (k - 1) * 0.5
         f = 0.5 * (k - 1) / (k_max - 1)     # mid-leap cost (the cost is affine in context)
-        cm = StepCost(*(a + f * (b - a) for a, b in zip(c0, c1)))
-        self._segment(dur, gm.power_per_gpu(cm, r) * self.n_gpus, r)
+        if c0 is None:
+            p = tp(parts, ma0 + f * (ma1 - ma0), ta0 + f * (ta1 - ta0))[1]
+        else:
+            cm = StepCost(*[a + f * (b - a) for a, b in zip(c0, c1, strict=True)])
+            p = gm.power_per_gpu(cm, r)
+        self._segment(dur, p * self.n_gpus, r)
         self.dstep += k
         self.gen_tokens += n * k
         self.itl_hist.observe(dur / k, n * k)
@@ -489,15 +513,153 @@ class Engine:
         return True
 
     def run_until(self, t_target: float) -> None:
-        """Simulate until the engine clock reaches ``t_target`` (the last step may end later)."""
+        """Simulate until the engine clock reaches ``t_target`` (the last step may end later).
+
+        Each pass: arrivals; a leap over identical decode steps when the state allows one;
+        otherwise one general step (decode tokens of the running sequences, prefill chunks,
+        admissions); otherwise idle until the next arrival or the target."""
+        gm = self.gm
+        time_power = gm.time_power_max_clock
+        n_gpus = self.n_gpus
+        running, pref, w, fh = self.running, self._pref, self.waiting, self._fin_heap
+        kv_cap, mnbt, reserve, max_batch = self.kv_cap, self.mnbt, self.kv_watermark, \
+            self.max_batch
+        first_tokens, itl = self.first_token_events, self.itl_hist
+        push = heapq.heappush
         while self.t < t_target:
-            self._arrive()
-            if self._leap(t_target):
+            if self._next_arrival <= self.t:
+                self._arrive()
+            n_dec = self.dec_n
+            dstep = self.dstep
+            ctx = self._dec_ctx_base + n_dec * dstep
+            kv_free = kv_cap - (ctx + self._kv_pref + self._kv_win)
+            if n_dec and not pref and not (w and len(running) < max_batch and kv_free > n_dec) \
+                    and self._leap(t_target):
                 continue
-            if self._general_step():
+            # ---- one general step -----------------------------------------------------------
+            preempted = False
+            if kv_free < n_dec:             # the KV cache cannot hold the next decode tokens
+                while running and self.kv_used + self.dec_n > kv_cap:
+                    self._preempt_last()
+                    preempted = True
+                n_dec = self.dec_n
+                ctx = self._dec_ctx_base + n_dec * dstep
+                kv_free = kv_cap - (ctx + self._kv_pref + self._kv_win)
+            budget = mnbt - n_dec
+            free = kv_free - n_dec
+            # prefill chunks (seq, tokens) of the prefilling sequences, then of admissions; a
+            # chunk that completes the prompt also needs a KV slot for the first token
+            chunks: list[tuple[_Seq, int]] = []
+            n_pref = pattn = pkv = 0
+            for s in pref.values():
+                if budget <= 0 or free <= 0:
+                    break
+                need, d = s.need, s.done
+                c = need - d
+                if budget < c:
+                    c = budget
+                if free < c:
+                    c = free
+                if d + c >= need and c >= free:
+                    c = free - 1
+                if c <= 0:
+                    break
+                chunks.append((s, c))
+                budget -= c
+                free -= c + (d + c >= need)
+                n_pref += c
+                pattn += c * d + c * (c + 1) // 2
+                pkv += d + c
+            if w and not preempted:
+                room = max_batch - len(running)
+                kv_win = self._kv_win
+                while w and room > 0 and budget > 0 and free > 0:
+                    # admit only when the whole prompt fits above a watermark (as vLLM's block
+                    # manager does); admitting into the last free slots only to preempt the
+                    # newcomer at the next decode step would thrash
+                    s = w[0]
+                    need, d, win = s.need, s.done, s.win
+                    if need - d + 1 + win > free - reserve:
+                        break
+                    f = free - win
+                    c = need - d
+                    if budget < c:
+                        c = budget
+                    if f < c:
+                        c = f
+                    if d + c >= need and c >= f:
+                        c = f - 1
+                    if c <= 0:
+                        break
+                    w.popleft()
+                    s.state = _PREF
+                    running[s.rid] = s
+                    kv_win += win
+                    pref[s.rid] = s
+                    chunks.append((s, c))
+                    room -= 1
+                    budget -= c
+                    free = f - c - (d + c >= need)
+                    n_pref += c
+                    pattn += c * d + c * (c + 1) // 2
+                    pkv += d + c
+                self._kv_win = kv_win
+            if not n_dec and not chunks:
+                # nothing runnable: idle until the next arrival or the target
+                t_next = t_target
+                if self._next_arrival < t_next:
+                    t_next = self._next_arrival
+                self._segment(max(t_next - self.t, 1e-9), gm.idle_w * n_gpus, gm.r_min)
                 continue
-            # nothing runnable: idle until the next arrival or the target
-            t_next = t_target
-            if self._pending and self._pending[0][0] < t_next:
-                t_next = self._pending[0][0]
-            self._segment(max(t_next - self.t, 1e-9), self.gm.idle_w * self.n_gpus, self.gm.r_min)
+            dt, p1 = time_power(n_dec, ctx, n_pref, pattn, pkv, len(chunks))
+            if p1 <= self.cap_eff_w:        # the firmware's common case: no throttling
+                r = 1.0
+            else:
+                cost = gm.step_cost(n_dec, ctx, n_pref, pattn, pkv, len(chunks))
+                r = self._throttled_clock(cost, 1)
+                dt = gm.step_time(cost, r)
+                p1 = gm.power_per_gpu(cost, r)
+            self._segment(dt, p1 * n_gpus, r)
+            self.dstep = dstep = dstep + 1
+            gen = self.gen_tokens + n_dec
+            self.prompt_tokens += n_pref
+            if n_dec:
+                itl.observe(dt, n_dec)
+            if chunks:
+                now = self.t
+                kv_pref = self._kv_pref
+                base = self._dec_ctx_base
+                done = []
+                for s, c in chunks:
+                    s.done += c
+                    kv_pref += c
+                    if s.done < s.need:
+                        continue
+                    del pref[s.rid]
+                    kv_pref -= s.done
+                    s.done = 0
+                    if s.first_s is None:
+                        s.first_s = now
+                        # the TTFT histogram is binned from these events when read
+                        first_tokens.append((now, now - s.arrival_s))
+                    g = s.gen = s.gen + 1
+                    gen += 1
+                    if g >= s.output:
+                        done.append(s)
+                    else:               # enters decode
+                        s.state = _DEC
+                        s.d0 = dstep
+                        s.fin = fin = dstep + (s.output - g)
+                        n_dec += 1
+                        base += s.prompt + g - dstep
+                        push(fh, (fin, s.rid, s))
+                self._kv_pref = kv_pref
+                self.dec_n = n_dec
+                self._dec_ctx_base = base
+                if done:
+                    self._finish(done)
+            self.gen_tokens = gen
+            if fh and fh[0][0] <= dstep:
+                self._process_finishes()
+        if len(self._hist) > 512:
+            self._trim_history()

@@ -304,6 +304,7 @@ class GroupModel:
         self._v0 = c.v_floor
         self._seq = c.seq_time_s * self._share
         self._fixed = c.step_overhead_s + c.layer_time_s * model.num_layers
+        self._parts: dict[tuple[float, float], tuple[float, ...]] = {}   # max_clock_parts
         # a collective's latency grows with the number of hops of a tree/recursive-doubling
         # exchange: log2(N) (1 on two GPUs)
         self._lat = c.comm_latency_s * math.log2(n) if n > 1 else 0.0
@@ -461,6 +462,76 @@ class GroupModel:
         t = busy + c.t_comm_s + c.t_fixed_s    # collective waits and host overhead: idle
         v = r if r > self._v0 else self._v0
         return self.idle_w + self.dyn_w * r * v * v * act / t
+
+    # ---- the same at the max clock, fast (the engine's hot path) ---------------------------
+    # At r = 1 every "/ r" and "* r" of step_time and power_per_gpu is exact, and the
+    # attention-free terms of a step depend only on its tokens and sequences: they are summed
+    # once per (tokens, sequences) in the order step_time and power_per_gpu sum them, and the
+    # attention term is added last, as there. Results are bit-identical to
+    # step_time(step_cost(...), 1.0) and power_per_gpu(step_cost(...), 1.0).
+    def max_clock_parts(self, tokens: float, n_seqs: float) -> tuple[float, ...]:
+        """Attention-free partial sums of a step of ``tokens`` tokens and ``n_seqs`` sequences
+        at the max clock (cached): time before attention, per-sequence time, collective time,
+        busy and activity-weighted time before attention."""
+        key = (tokens, n_seqs)
+        v = self._parts.get(key)
+        if v is not None:
+            return v
+        c = self.step_cost(tokens, 0.0)
+        ml, tl, me, te, imb = c.m_lin_s, c.c_lin1_s, c.m_exp_s, c.c_exp1_s, c.exp_imbalance
+        ts = self._seq * n_seqs
+        a = self._a
+        t_pre = (ml if ml > tl else tl) + imb * (me if me > te else te)
+        busy = act = ts
+        if ml > tl:
+            busy += ml
+            act += a * (ml - tl) + tl
+        else:
+            busy += tl
+            act += tl
+        if me > te:
+            be = me
+            act += a * (me - te) + te
+        else:
+            be = te
+            act += te
+        busy += imb * be
+        if len(self._parts) >= 16384:
+            self._parts.clear()
+        v = self._parts[key] = (t_pre, ts, c.t_comm_s, busy, act)
+        return v
+
+    def attention_s(self, n_dec: float, ctx_dec: float, pref_attn: float = 0.0,
+                    pref_kv: float = 0.0, n_pref_seqs: float = 0.0) -> tuple[float, float]:
+        """Memory and max-clock compute time of a step's attention (`StepCost.m_att_s`,
+        `StepCost.c_att1_s`; arguments as `step_cost`)."""
+        kv_dec = self._kv_read(n_dec, ctx_dec)
+        kv_tokens = kv_dec + (self._kv_read(n_pref_seqs, pref_kv) if n_pref_seqs else 0.0)
+        return kv_tokens * self._kv_tok / self._bw, \
+            self._attn_flop * (kv_dec + pref_attn) / self._flops
+
+    def time_power_parts(self, parts: tuple[float, ...], m_att_s: float,
+                         c_att1_s: float) -> tuple[float, float]:
+        """Step time (s) and power per GPU (W) at the max clock from `max_clock_parts` and
+        the attention times."""
+        t_pre, ts, tc, busy, act = parts
+        fixed = self._fixed
+        if m_att_s > c_att1_s:
+            return t_pre + m_att_s + ts + tc + fixed, \
+                self.idle_w + self.dyn_w * (act + (self._a * (m_att_s - c_att1_s) + c_att1_s)) \
+                / (busy + m_att_s + tc + fixed)
+        return t_pre + c_att1_s + ts + tc + fixed, \
+            self.idle_w + self.dyn_w * (act + c_att1_s) / (busy + c_att1_s + tc + fixed)
+
+    def time_power_max_clock(self, n_dec: float, ctx_dec: float, n_pref: float = 0.0,
+                             pref_attn: float = 0.0, pref_kv: float = 0.0,
+                             n_pref_seqs: float = 0.0) -> tuple[float, float]:
+        """``(step_time(c, 1.0), power_per_gpu(c, 1.0))`` of ``c = step_cost(...)`` (same
+        arguments), bit for bit, without building the `StepCost` (s, W)."""
+        key = (n_dec + n_pref, n_dec + n_pref_seqs)
+        parts = self._parts.get(key) or self.max_clock_parts(*key)
+        ma, ta = self.attention_s(n_dec, ctx_dec, pref_attn, pref_kv, n_pref_seqs)
+        return self.time_power_parts(parts, ma, ta)
 
     def clock_for_cap(self, c: StepCost, cap_w: float) -> float:
         """Highest clock ratio in [r_min, 1] whose power fits ``cap_w`` (per GPU)."""
