@@ -9,10 +9,11 @@ so two plants with different seeds differ only in their noise.
 """
 from __future__ import annotations
 
-import heapq
 import math
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 import numpy as np
 
@@ -220,7 +221,12 @@ class SimPlant(SimulatedPlant):
         self._read_res = 0
         self._read_ttft = 0
         self._done_idx = 0
+        # accepted requests not yet counted as demand: (arrival_s, output tokens) from index
+        # _demand_head on, sorted by arrival unless a submission came out of order
         self._demand: list[tuple[float, int]] = []
+        self._demand_head = 0
+        self._demand_sorted = True
+        self._noise: list[float] = []      # standard normals drawn from _rng in blocks
 
     # ---- SimulatedPlant ------------------------------------------------------------------
     @property
@@ -248,7 +254,11 @@ class SimPlant(SimulatedPlant):
             except ValueError as exc:
                 raise ConfigError(str(exc), key="request_id", value=r.request_id) from None
             if accepted:
-                heapq.heappush(self._demand, (float(r.arrival_s), int(r.output_tokens)))
+                d = self._demand
+                a = float(r.arrival_s)
+                if len(d) > self._demand_head and a < d[-1][0]:
+                    self._demand_sorted = False
+                d.append((a, int(r.output_tokens)))
 
     def advance(self, dt_s: float) -> None:
         """Run the engine and the firmware for ``dt_s`` simulated seconds."""
@@ -266,10 +276,7 @@ class SimPlant(SimulatedPlant):
         e_now = eng.energy_at(now)
         clk = eng.clock_at(now)
         gen, prompt = eng.gen_tokens, eng.prompt_tokens
-        demand_tok = 0
-        d = self._demand
-        while d and d[0][0] < now:
-            demand_tok += heapq.heappop(d)[1]
+        demand_tok = self._demand_until(now)
         ttfts = [x[1] for x in eng.first_token_events[self._read_ttft:]]
         self._read_ttft = len(eng.first_token_events)
         tpots = [r.tpot_s for r in eng.results[self._read_res:] if r.output_tokens > 1]
@@ -285,7 +292,9 @@ class SimPlant(SimulatedPlant):
             thr = pthr = dem = 0.0
             clock = eng.seg_clock * self.gpu.max_sm_clock_mhz
         if self.noise:
-            power *= 1.0 + POWER_NOISE_FRAC * float(self._rng.standard_normal())
+            if not self._noise:     # the same draws, in the same order, as one at a time
+                self._noise = self._rng.standard_normal(64).tolist()[::-1]
+            power *= 1.0 + POWER_NOISE_FRAC * self._noise.pop()
         self._last_t, self._last_e, self._last_clock = now, e_now, clk
         self._last_gen, self._last_prompt = gen, prompt
         return Measurement(
@@ -295,6 +304,27 @@ class SimPlant(SimulatedPlant):
             kv_usage=min(1.0, eng.kv_used / eng.kv_cap) if eng.kv_cap else 0.0,
             ttft_p90_s=_p90(ttfts), tpot_p90_s=_p90(tpots), power_cap_w=eng.cap_set_w,
             max_batch=eng.max_batch, sm_clock_mhz=clock)
+
+    def _demand_until(self, now: float) -> int:
+        """Output tokens of the accepted requests that arrived before ``now`` and were not
+        counted yet."""
+        d, i = self._demand, self._demand_head
+        if not self._demand_sorted:
+            d[:] = sorted(d[i:], key=itemgetter(0))
+            i = self._demand_head = 0
+            self._demand_sorted = True
+        if i == len(d) or d[i][0] >= now:
+            return 0
+        k = bisect_left(d, now, lo=i, key=itemgetter(0))
+        tok = sum(x[1] for x in d[i:k])
+        if k == len(d):
+            d.clear()
+            k = 0
+        elif k > 4096 and 2 * k > len(d):
+            del d[:k]
+            k = 0
+        self._demand_head = k
+        return tok
 
     def apply(self, action: Action) -> Action:
         """Set the cap (clamped, rounded down to the step) and the batch limit; return both."""

@@ -489,11 +489,72 @@ class Engine:
 
 
 def reference_plant(*args, **kwargs):
-    """A `SimPlant` built with the same arguments whose engine is this reference engine."""
-    from palsctl.plants.sim.plant import SimPlant
+    """A `SimPlant` built with the same arguments whose engine is this reference engine and
+    whose ``submit`` and ``read`` are those of commit 18f10f1 (the demand heap, one noise draw
+    per read)."""
+    import numpy as np
 
-    plant = SimPlant(*args, **kwargs)
+    from palsctl.errors import ConfigError
+    from palsctl.plants.sim import plant as plant_mod
+    from palsctl.types import Measurement
+
+    class ReferencePlant(plant_mod.SimPlant):
+        def submit(self, requests):
+            for r in requests:
+                if r.prompt_tokens < 1 or r.output_tokens < 1:
+                    raise ConfigError("a request needs prompt_tokens >= 1 and output_tokens >= 1",
+                                      key=f"request {r.request_id}",
+                                      value=(r.prompt_tokens, r.output_tokens))
+                if not math.isfinite(r.arrival_s):
+                    raise ConfigError("arrival_s must be finite", key=f"request {r.request_id}",
+                                      value=r.arrival_s)
+                try:
+                    accepted = self._eng.submit(r)
+                except ValueError as exc:
+                    raise ConfigError(str(exc), key="request_id", value=r.request_id) from None
+                if accepted:
+                    heapq.heappush(self._demand, (float(r.arrival_s), int(r.output_tokens)))
+
+        def read(self):
+            eng = self._eng
+            now = self._now
+            window = now - self._last_t
+            e_now = eng.energy_at(now)
+            clk = eng.clock_at(now)
+            gen, prompt = eng.gen_tokens, eng.prompt_tokens
+            demand_tok = 0
+            d = self._demand
+            while d and d[0][0] < now:
+                demand_tok += heapq.heappop(d)[1]
+            ttfts = [x[1] for x in eng.first_token_events[self._read_ttft:]]
+            self._read_ttft = len(eng.first_token_events)
+            tpots = [r.tpot_s for r in eng.results[self._read_res:] if r.output_tokens > 1]
+            self._read_res = len(eng.results)
+            if window > 0:
+                power = (e_now - self._last_e) / window
+                thr = (gen - self._last_gen) / window
+                pthr = (prompt - self._last_prompt) / window
+                dem = demand_tok / window
+                clock = (clk - self._last_clock) / window * self.gpu.max_sm_clock_mhz
+            else:
+                power = eng.seg_power_w
+                thr = pthr = dem = 0.0
+                clock = eng.seg_clock * self.gpu.max_sm_clock_mhz
+            if self.noise:
+                power *= 1.0 + plant_mod.POWER_NOISE_FRAC * float(self._rng.standard_normal())
+            self._last_t, self._last_e, self._last_clock = now, e_now, clk
+            self._last_gen, self._last_prompt = gen, prompt
+            return Measurement(
+                t_s=now, window_s=window, power_w=max(0.0, power), energy_j=e_now,
+                throughput_tok_s=thr, prompt_tok_s=pthr, demand_tok_s=dem,
+                running=len(eng.running), waiting=len(eng.waiting),
+                kv_usage=min(1.0, eng.kv_used / eng.kv_cap) if eng.kv_cap else 0.0,
+                ttft_p90_s=plant_mod._p90(ttfts), tpot_p90_s=plant_mod._p90(tpots),
+                power_cap_w=eng.cap_set_w, max_batch=eng.max_batch, sm_clock_mhz=clock)
+
+    plant = ReferencePlant(*args, **kwargs)
     new = plant._eng
     plant._eng = Engine(new.gm, max_batch=new.max_batch, power_cap_w=new.cap_set_w,
                         max_num_batched_tokens=new.mnbt)
+    plant._rng = np.random.default_rng([plant.seed, 0])
     return plant
