@@ -1,17 +1,25 @@
 """Benchmarks of the simulated plant: steady_state latency, saturated-replica speed (the
 fleet's budget: >= 1,500x real time for one saturated H100 replica) and trace-replay speed.
 
-    python bench/bench_plant.py [--repeats 3] [--no-trace]
+    python bench/bench_plant.py [--repeats 3] [--no-trace] [--no-steady] [--reference]
 
-Prints medians; figures go to the "Plant" sections of bench/RESULTS.md.
+Prints medians of wall-clock and CPU time (``time.process_time``: robust to other processes on
+a shared machine). ``--reference`` runs the engine as it was before its step path was
+rewritten for speed (tests/plants/sim/reference_engine.py) interleaved with the current one on
+the saturated and trace cases, and prints the speed-ups. Figures go to the "Plant" sections of
+bench/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import statistics
+import sys
 import time
 from datetime import datetime
+from pathlib import Path
+
+from _machine import machine  # noqa: E402  (bench/ is on sys.path)
 
 from _machine import machine
 
@@ -63,11 +71,44 @@ SATURATED_CASES = [
 ]
 
 
-def bench_saturated(repeats: int, sim_s: float = 600.0) -> None:
+def _engines(reference: bool) -> list[tuple[str, object]]:
+    """(label, plant factory): the current plant, and the reference one when asked."""
+    if not reference:
+        return [("current", SimPlant)]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.plants.sim.reference_engine import reference_plant
+
+    return [("reference", reference_plant), ("current", SimPlant)]
+
+
+def _report(label: str, runs: dict[str, list[tuple[float, float]]], sim_s: float) -> None:
+    """One line per engine: median speed in wall and CPU time; speed-ups of the current engine
+    over the reference (median of the per-round ratios, rounds interleaved)."""
+    for name, rs in runs.items():
+        wall = statistics.median(w for w, _ in rs)
+        cpu = statistics.median(c for _, c in rs)
+        print(f"  {name:9s} median {sim_s / wall:6.0f}x real time wall, {sim_s / cpu:6.0f}x CPU "
+              f"(runs, wall: {', '.join(f'{sim_s / w:.0f}' for w, _ in rs)})")
+    if "reference" in runs:
+        pairs = list(zip(runs["reference"], runs["current"], strict=True))
+        w = statistics.median(r[0] / c[0] for r, c in pairs)
+        c = statistics.median(r[1] / c[1] for r, c in pairs)
+        print(f"  {label}: current / reference speed {w:.2f}x wall, {c:.2f}x CPU "
+              f"(median of {len(pairs)} interleaved pairs)")
+
+
+def _timed(run) -> tuple[float, float]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    run()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def bench_saturated(repeats: int, sim_s: float = 600.0, reference: bool = False) -> None:
     """One replica kept saturated (a backlog of requests with output lengths ±50 %), driven by
     a 1 s control loop (advance, read, completed) as a fleet drives each replica."""
     import numpy as np
 
+    engines = _engines(reference)
     for model, gpu, n, par, batch, prompt, output in SATURATED_CASES:
         ss = steady_state(model, gpu, n, batch, None, prompt, output, parallelism=par)
         count = int(ss.throughput_tok_s * sim_s / output * 1.3) + batch
@@ -75,24 +116,27 @@ def bench_saturated(repeats: int, sim_s: float = 600.0) -> None:
         outs = rng.integers(output // 2, output + output // 2 + 1, size=count)
         reqs = [Request(request_id=i, arrival_s=0.0, prompt_tokens=prompt,
                         output_tokens=int(x)) for i, x in enumerate(outs)]
-        speed, steps = [], 0
-        for _ in range(repeats):
-            plant = SimPlant(model, gpu, n, seed=0, max_batch_launch=batch, parallelism=par)
-            plant.submit(reqs)
-            d0 = plant.engine.dstep
-            t0 = time.perf_counter()
-            for _ in range(int(sim_s)):
-                plant.advance(1.0)
-                plant.read()
-                plant.completed()
-            wall = time.perf_counter() - t0
-            speed.append(sim_s / wall)
-            steps = plant.engine.dstep - d0
-            assert plant.engine.waiting, "backlog ran dry: not saturated"
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in engines}
+        steps = {}
+        for i in range(repeats):
+            for name, make in engines[::1 - 2 * (i % 2)]:     # alternate who goes first
+                plant = make(model, gpu, n, seed=0, max_batch_launch=batch, parallelism=par)
+                plant.submit(reqs)
+                d0 = plant.engine.dstep
+
+                def loop(plant=plant):
+                    for _ in range(int(sim_s)):
+                        plant.advance(1.0)
+                        plant.read()
+                        plant.completed()
+                runs[name].append(_timed(loop))
+                steps[name] = plant.engine.dstep - d0
+                assert plant.engine.waiting, "backlog ran dry: not saturated"
+        assert len(set(steps.values())) == 1, f"the engines disagree: {steps}"
+        k = steps["current"]
         print(f"saturated {model} {n}x{gpu} {par} batch {batch}, {prompt}/{output} tokens, "
-              f"{sim_s:.0f} s simulated ({steps} engine steps, {steps / sim_s:.0f}/s): median "
-              f"{statistics.median(speed):.0f}x real time "
-              f"(runs: {', '.join(f'{x:.0f}' for x in speed)})")
+              f"{sim_s:.0f} s simulated ({k} engine steps, {k / sim_s:.0f}/s):")
+        _report(f"saturated {model} {n}x{gpu} {par}", runs, sim_s)
 
 
 def load_azure(name: str) -> list[Request]:
@@ -109,39 +153,48 @@ def load_azure(name: str) -> list[Request]:
     return out
 
 
-def bench_trace(repeats: int, model: str, gpu: str, n: int) -> None:
+def bench_trace(repeats: int, model: str, gpu: str, n: int, reference: bool = False) -> None:
     reqs = load_azure("conv")
     duration = reqs[-1].arrival_s + 60.0
-    speed = []
-    for _ in range(repeats):
-        plant = SimPlant(model, gpu, n, seed=0)
-        t0 = time.perf_counter()
-        plant.submit(reqs)
-        t = 0.0
-        while t < duration:
-            plant.advance(1.0)
-            plant.read()
-            plant.completed()
-            t += 1.0
-        wall = time.perf_counter() - t0
-        speed.append(duration / wall)
-        done = plant.engine.finished
+    engines = _engines(reference)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in engines}
+    done = {}
+    for i in range(repeats):
+        for name, make in engines[::1 - 2 * (i % 2)]:         # alternate who goes first
+            plant = make(model, gpu, n, seed=0)
+
+            def loop(plant=plant):
+                plant.submit(reqs)
+                t = 0.0
+                while t < duration:
+                    plant.advance(1.0)
+                    plant.read()
+                    plant.completed()
+                    t += 1.0
+            runs[name].append(_timed(loop))
+            done[name] = plant.engine.finished
+    assert len(set(done.values())) == 1, f"the engines disagree: {done}"
     print(f"Azure conv trace ({len(reqs)} requests, {duration:.0f} s) on {model} {n}x{gpu}, "
-          f"1 s control loop: median {statistics.median(speed):.0f}x real time "
-          f"(runs: {', '.join(f'{s:.0f}' for s in speed)}; {done} finished)")
+          f"1 s control loop, {done['current']} finished:")
+    _report(f"Azure conv {model} {n}x{gpu}", runs, duration)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-trace", action="store_true", help="skip the Azure trace replays")
+    ap.add_argument("--no-steady", action="store_true", help="skip the steady_state timings")
+    ap.add_argument("--reference", action="store_true",
+                    help="interleave the engine before its fast step path (from tests/) and "
+                         "print the speed-ups")
     args = ap.parse_args()
     print(machine())
-    bench_steady(args.repeats)
-    bench_saturated(args.repeats)
+    if not args.no_steady:
+        bench_steady(args.repeats)
+    bench_saturated(args.repeats, reference=args.reference)
     if not args.no_trace:
-        bench_trace(args.repeats, "mixtral-8x7b", "a100-sxm4-80gb", 4)
-        bench_trace(args.repeats, "llama-3.1-70b", "h100-sxm", 4)
+        bench_trace(args.repeats, "mixtral-8x7b", "a100-sxm4-80gb", 4, args.reference)
+        bench_trace(args.repeats, "llama-3.1-70b", "h100-sxm", 4, args.reference)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,22 @@ Speed: between events (an arrival that could be admitted, a sequence finishing, 
 filling up, the end of the simulated interval, a power-cap change settling) all engine steps
 are identical pure-decode steps whose context grows by one token per sequence per step, so
 their times form an arithmetic sequence. The engine leaps over such runs in closed form
-instead of stepping one iteration at a time.
+instead of stepping one iteration at a time. A saturated replica finishes and admits about one
+request per step, so there every step is a mixed one and the cost is Python work per step and
+per request; that path is kept lean: the step runs inline in `Engine.run_until`, its time and
+power at the max clock come from cached attention-free partial sums
+(`GroupModel.time_power_max_clock`), finishing sequences wait in per-step lists behind a heap of
+step numbers, and the latency histograms are binned in bulk when read (TTFT, TPOT and
+end-to-end from the records the engine keeps anyway). Every floating-point operation is done
+in the same order as in the plain formulation (`GroupModel.step_cost`, `GroupModel.step_time`,
+`GroupModel.power_per_gpu`), so results do not depend on which path computed them.
 """
 from __future__ import annotations
 
 import dataclasses
 import heapq
 import math
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from collections.abc import Callable
 from operator import attrgetter, itemgetter
@@ -41,7 +49,9 @@ E2E_BUCKETS_S = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
 
 CAP_SETTLE_TAU_S = 0.1     # time constant of the firmware's response to a new power limit
 FW_WINDOW_S = 0.1          # the firmware keeps power averaged over this trailing window ≤ cap
+BIN_EVERY = 4096           # a histogram bins its pending observations at least this often
 HISTORY_S = 2.5            # energy history kept for windowed averages (s)
+HISTORY_TRIM = 16384       # segments held before the history is trimmed to HISTORY_S
 _DEC, _PREF, _WAIT, _PENDING, _DONE = 0, 1, 2, 3, 4
 
 
@@ -53,7 +63,7 @@ class Histogram:
     tokens) and the observation each new record makes (None: none); they are binned, in order,
     when the histogram is read, so recording costs nothing until someone reads it."""
 
-    __slots__ = ("bounds", "_counts", "_sum", "_count", "_pending", "_records", "_value",
+    __slots__ = ("bounds", "_counts", "_sum", "_count", "_pv", "_pn", "_records", "_value",
                  "_seen")
 
     def __init__(self, bounds: tuple[float, ...], records: list | None = None,
@@ -62,28 +72,31 @@ class Histogram:
         self._counts = [0] * (len(bounds) + 1)
         self._sum = 0.0
         self._count = 0
-        self._pending: list[tuple[float, int]] = []
+        # observations not binned yet: values and their counts (the engine appends to these)
+        self._pv: list[float] = []
+        self._pn: list[int] = []
         self._records = records
         self._value = value
         self._seen = 0
 
     def observe(self, value: float, n: int = 1) -> None:
         """Count ``n`` observations of ``value`` (binned in bulk when read)."""
-        self._pending.append((value, n))
-        if len(self._pending) >= 4096:
+        self._pv.append(value)
+        self._pn.append(n)
+        if len(self._pv) >= BIN_EVERY:
             self._bin()
 
     def _bin(self) -> None:
-        counts, bounds, pending = self._counts, self.bounds, self._pending
-        if len(pending) < 64:
+        counts, bounds, pv, pn = self._counts, self.bounds, self._pv, self._pn
+        if len(pv) < 64:
             tot = cnt = 0
-            for v, n in pending:
+            for v, n in zip(pv, pn, strict=True):
                 counts[bisect_left(bounds, v)] += n
                 tot += v * n
                 cnt += n
         else:       # the same counts and, summed in the same order, the same sum
-            vn = np.array(pending, dtype=float)
-            v, n = vn[:, 0], vn[:, 1]
+            v = np.array(pv, dtype=float)
+            n = np.array(pn, dtype=float)
             per = np.bincount(np.searchsorted(bounds, v, side="left"), weights=n,
                               minlength=len(counts))
             for i in np.flatnonzero(per).tolist():
@@ -92,7 +105,8 @@ class Histogram:
             cnt = int(n.sum())
         self._sum += tot
         self._count += cnt
-        pending.clear()
+        pv.clear()
+        pn.clear()
 
     def _flush(self) -> None:
         recs = self._records
@@ -330,10 +344,17 @@ class Engine:
         self.energy_j = e = self.energy_j + power_w * dt
         self.clock_int += r * dt
         self.seg_power_w, self.seg_clock = power_w, r
-        self._hist.append((t, e, t0, power_w))
+        h = self._hist
+        h.append((t, e, t0, power_w))
+        if len(h) > HISTORY_TRIM:
+            self._trim_history()
         if self.cap_eff_w != self.cap_set_w:
-            d = (self.cap_eff_w - self.cap_set_w) * math.exp(-dt / CAP_SETTLE_TAU_S)
-            self.cap_eff_w = self.cap_set_w if abs(d) < 0.5 else self.cap_set_w + d
+            self._settle_cap(dt)
+
+    def _settle_cap(self, dt: float) -> None:
+        """The limit in force approaches the one set (first order, ``CAP_SETTLE_TAU_S``)."""
+        d = (self.cap_eff_w - self.cap_set_w) * math.exp(-dt / CAP_SETTLE_TAU_S)
+        self.cap_eff_w = self.cap_set_w if abs(d) < 0.5 else self.cap_set_w + d
 
     def _trim_history(self) -> None:
         """Forget the segments `energy_at` no longer looks at."""
@@ -393,10 +414,7 @@ class Engine:
         done = []
         while keys and keys[0] <= d:
             fin = pop(keys)
-            seqs = at.pop(fin)
-            if len(seqs) > 1:
-                seqs.sort(key=_rid)         # in request-id order within a step
-            for s in seqs:
+            for s in at.pop(fin):           # in request-id order
                 if s.state != _DEC or s.fin != fin:
                     continue            # preempted since
                 n -= 1
@@ -548,6 +566,8 @@ class Engine:
         kv_cap, mnbt, reserve, max_batch = self.kv_cap, self.mnbt, self.kv_watermark, \
             self.max_batch
         first_tokens, itl = self.first_token_events, self.itl_hist
+        itl_v, itl_n = itl._pv, itl._pn
+        hist = self._hist
         push = heapq.heappush
         while self.t < t_target:
             if self._next_arrival <= self.t:
@@ -642,24 +662,39 @@ class Engine:
                 r = self._throttled_clock(cost, 1)
                 dt = gm.step_time(cost, r)
                 p1 = gm.power_per_gpu(cost, r)
-            self._segment(dt, p1 * n_gpus, r)
+            # self._segment(dt, p1 * n_gpus, r), inline
+            pw = p1 * n_gpus
+            t0 = self.t
+            self.seg_start = t0
+            self.t = now = t0 + dt
+            self.energy_j = e = self.energy_j + pw * dt
+            self.clock_int += r * dt
+            self.seg_power_w, self.seg_clock = pw, r
+            hist.append((now, e, t0, pw))
+            if len(hist) > HISTORY_TRIM:
+                self._trim_history()
+            if self.cap_eff_w != self.cap_set_w:
+                self._settle_cap(dt)
             self.dstep = dstep = dstep + 1
             gen = self.gen_tokens + n_dec
             self.prompt_tokens += n_pref
             if n_dec:
-                itl.observe(dt, n_dec)
+                itl_v.append(dt)        # itl.observe(dt, n_dec), inline
+                itl_n.append(n_dec)
+                if len(itl_v) >= BIN_EVERY:
+                    itl._bin()
             if chunks:
-                now = self.t
                 kv_pref = self._kv_pref
                 base = self._dec_ctx_base
                 done = []
                 for s, c in chunks:
-                    s.done += c
-                    kv_pref += c
-                    if s.done < s.need:
+                    d = s.done
+                    if d + c < s.need:
+                        s.done = d + c
+                        kv_pref += c
                         continue
-                    del pref[s.rid]
-                    kv_pref -= s.done
+                    del pref[s.rid]         # prefilled: its KV counts with the decoders'
+                    kv_pref -= d
                     s.done = 0
                     if s.first_s is None:
                         s.first_s = now
@@ -679,8 +714,10 @@ class Engine:
                         if at_fin is None:
                             fin_at[fin] = [s]
                             push(fin_keys, fin)
-                        else:
+                        elif s.rid > at_fin[-1].rid:
                             at_fin.append(s)
+                        else:
+                            insort(at_fin, s, key=_rid)
                 self._kv_pref = kv_pref
                 self.dec_n = n_dec
                 self._dec_ctx_base = base
@@ -689,5 +726,5 @@ class Engine:
             self.gen_tokens = gen
             if fin_keys and fin_keys[0] <= dstep:
                 self._process_finishes()
-        if len(self._hist) > 512:
+        if len(self._hist) > 512:       # keep a few hundred segments between calls
             self._trim_history()

@@ -197,3 +197,59 @@ def test_preemption_knob_moves_and_out_of_order_submissions(seed, n, batch, dt):
     fast = _compare(_plant("llama-3.1-8b", _tiny_kv_gpu(), 1, max_batch_launch=batch, seed=seed),
                     script, 150, dt_s=dt)
     assert fast.engine.arrived == len(reqs) - fast.engine.rejected
+
+
+def test_request_results_built_fast_equal_the_dataclass_and_fall_back():
+    from palsctl.plants.sim import engine
+    from palsctl.types import RequestResult
+
+    args = (7, 0.25, 100, 30, 0.5, 3.75, 2)
+    fast = engine._request_result(*args)
+    slow = RequestResult(request_id=7, arrival_s=0.25, prompt_tokens=100, output_tokens=30,
+                         first_token_s=0.5, finish_s=3.75, preemptions=2)
+    assert type(fast) is RequestResult and fast == slow and hash(fast) == hash(slow)
+    assert fast.tpot_s == slow.tpot_s and fast.ttft_s == slow.ttft_s
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.finish_s = 0.0
+    assert engine._request_result.__name__ == "make_fast"   # the fast path is in use
+
+    @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+    class Other:                     # a different shape: the real constructor is used
+        request_id: int
+        arrival_s: float
+        prompt_tokens: int
+        output_tokens: int
+        first_token_s: float
+        finish_s: float
+        preemptions: int = 0
+        extra: int = 5
+
+    real = engine.RequestResult
+    try:
+        engine.RequestResult = Other
+        make = engine._result_factory()
+    finally:
+        engine.RequestResult = real
+    r = make(*args)
+    assert make.__name__ == "make" and isinstance(r, Other) and r.extra == 5 and r.finish_s == 3.75
+
+
+def test_energy_history_trimmed_inside_long_advances(monkeypatch):
+    """Long ``advance`` calls trim the energy history as they go (here every 40 segments):
+    windowed energies and the firmware's 0.1 s window see what the reference sees."""
+    from palsctl.plants.sim import engine
+
+    monkeypatch.setattr(engine, "HISTORY_TRIM", 40)
+    wl = {}
+
+    def make(reference):
+        p = _plant("mixtral-8x7b", "a100-sxm4-80gb", 4, seed=1, power_cap_w=180.0)(reference)
+        wl[id(p)] = azure_conv_workload(seed=8)
+        return p
+
+    def script(k, plant):
+        plant.submit(wl[id(plant)].requests_between(7.0 * k, 7.0 * (k + 1)))
+        if k == 6:
+            plant.apply(Action(power_cap_w=300.0))
+    fast = _compare(make, script, 12, dt_s=7.0, counters_every=3)
+    assert len(fast.engine._hist) < 200 and fast.engine.finished > 200
