@@ -505,8 +505,12 @@ class GroupModel:
                     pref_kv: float = 0.0, n_pref_seqs: float = 0.0) -> tuple[float, float]:
         """Memory and max-clock compute time of a step's attention (`StepCost.m_att_s`,
         `StepCost.c_att1_s`; arguments as `step_cost`)."""
-        kv_dec = self._kv_read(n_dec, ctx_dec)
-        kv_tokens = kv_dec + (self._kv_read(n_pref_seqs, pref_kv) if n_pref_seqs else 0.0)
+        if self._sf:
+            kv_dec = self._kv_read(n_dec, ctx_dec)
+            kv_tokens = kv_dec + (self._kv_read(n_pref_seqs, pref_kv) if n_pref_seqs else 0.0)
+        else:               # _kv_read is the identity
+            kv_dec = ctx_dec
+            kv_tokens = kv_dec + (pref_kv if n_pref_seqs else 0.0)
         return kv_tokens * self._kv_tok / self._bw, \
             self._attn_flop * (kv_dec + pref_attn) / self._flops
 

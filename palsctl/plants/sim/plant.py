@@ -279,7 +279,8 @@ class SimPlant(SimulatedPlant):
         demand_tok = self._demand_until(now)
         ttfts = [x[1] for x in eng.first_token_events[self._read_ttft:]]
         self._read_ttft = len(eng.first_token_events)
-        tpots = [r.tpot_s for r in eng.results[self._read_res:] if r.output_tokens > 1]
+        tpots = [(r.finish_s - r.first_token_s) / (r.output_tokens - 1)    # r.tpot_s
+                 for r in eng.results[self._read_res:] if r.output_tokens > 1]
         self._read_res = len(eng.results)
         if window > 0:
             power = (e_now - self._last_e) / window
