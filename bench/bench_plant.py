@@ -19,7 +19,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from _machine import machine  # noqa: E402  (bench/ is on sys.path)
+from _machine import machine  # bench/ is on sys.path
 
 from _machine import machine
 

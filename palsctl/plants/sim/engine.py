@@ -88,30 +88,30 @@ class Histogram:
 
     def _bin(self) -> None:
         counts, bounds, pv, pn = self._counts, self.bounds, self._pv, self._pn
+        tot, cnt = 0.0, 0
         if len(pv) < 64:
-            tot = cnt = 0
             for v, n in zip(pv, pn, strict=True):
                 counts[bisect_left(bounds, v)] += n
                 tot += v * n
                 cnt += n
         else:       # the same counts and, summed in the same order, the same sum
-            v = np.array(pv, dtype=float)
-            n = np.array(pn, dtype=float)
-            per = np.bincount(np.searchsorted(bounds, v, side="left"), weights=n,
+            va = np.array(pv, dtype=float)
+            na = np.array(pn, dtype=float)
+            per = np.bincount(np.searchsorted(bounds, va, side="left"), weights=na,
                               minlength=len(counts))
             for i in np.flatnonzero(per).tolist():
                 counts[i] += int(per[i])
-            tot = float(np.cumsum(v * n)[-1])
-            cnt = int(n.sum())
+            tot = float(np.cumsum(va * na)[-1])
+            cnt = int(na.sum())
         self._sum += tot
         self._count += cnt
         pv.clear()
         pn.clear()
 
     def _flush(self) -> None:
-        recs = self._records
-        if recs is not None and self._seen < len(recs):
-            value, observe = self._value, self.observe
+        recs, value = self._records, self._value
+        if recs is not None and value is not None and self._seen < len(recs):
+            observe = self.observe
             for i in range(self._seen, len(recs)):
                 v = value(recs[i])
                 if v is not None:
@@ -514,12 +514,11 @@ class Engine:
         t0, p0 = tp(parts, ma0, ta0)
         t1, p1 = tp(parts, ma1, ta1)
         cap = self.cap_eff_w
+        ends: tuple[StepCost, StepCost] | None = None     # StepCosts, when throttled
         if p0 <= cap and p1 <= cap and tp(parts, 0.5 * (ma0 + ma1), 0.5 * (ta0 + ta1))[1] <= cap:
             r = 1.0
-            c0 = c1 = None
         else:
-            c0 = gm.step_cost(n, ctx0)
-            c1 = gm.step_cost(n, ctx1)
+            ends = c0, c1 = gm.step_cost(n, ctx0), gm.step_cost(n, ctx1)
             ch = StepCost(*[0.5 * (a + b) for a, b in zip(c0, c1, strict=True)])
             r = min(self._firmware_clock(c0, k_max), self._firmware_clock(c1, k_max),
                     self._firmware_clock(ch, k_max))
@@ -540,10 +539,10 @@ class Engine:
             k = 1
         dur = k * t0 + slope * k * (k - 1) * 0.5
         f = 0.5 * (k - 1) / (k_max - 1)     # mid-leap cost (the cost is affine in context)
-        if c0 is None:
+        if ends is None:
             p = tp(parts, ma0 + f * (ma1 - ma0), ta0 + f * (ta1 - ta0))[1]
         else:
-            cm = StepCost(*[a + f * (b - a) for a, b in zip(c0, c1, strict=True)])
+            cm = StepCost(*[a + f * (b - a) for a, b in zip(*ends, strict=True)])
             p = gm.power_per_gpu(cm, r)
         self._segment(dur, p * self.n_gpus, r)
         self.dstep += k
