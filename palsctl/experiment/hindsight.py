@@ -67,15 +67,19 @@ def _changed(a: float | None, b: float | None) -> bool:
     return abs(a - b) > 0.01 * max(abs(a), abs(b), 1e-12)
 
 
-def segments(schedule: Callable[[float], Any], n_steps: int, dt_s: float) -> list[tuple[int, int]]:
+def segments(schedule: Callable[[float], Any], n_steps: int, dt_s: float, *,
+             min_segment_s: float = 0.0) -> list[tuple[int, int]]:
     """Step ranges ``[k0, k1)`` of constant budget, power target and throughput target (each
-    step ``k`` decides under ``schedule((k + 1)·dt_s)``)."""
+    step ``k`` decides under ``schedule((k + 1)·dt_s)``). A change starts a new segment only
+    once the current one lasted ``min_segment_s`` (a budget that follows a grid signal changes
+    every step: its segments are then about that long)."""
     out, k0 = [], 0
     prev = schedule(dt_s)
     for k in range(1, n_steps):
         sp = schedule((k + 1) * dt_s)
         if any(_changed(getattr(sp, f), getattr(prev, f))
-               for f in ("power_budget_w", "power_target_w", "throughput_tok_s")):
+               for f in ("power_budget_w", "power_target_w", "throughput_tok_s")) \
+                and (k - k0) * dt_s >= min_segment_s - 1e-9:
             out.append((k0, k))
             k0 = k
         prev = sp
@@ -93,7 +97,7 @@ def _score(summary: dict[str, Any]) -> tuple[float, float]:
 def hindsight_run(cfg: ExperimentConfig, *, seed: int | None = None,
                   caps_w: Sequence[float] | None = None,
                   batches: Sequence[int] = DEFAULT_BATCHES, qos_slack: float = 0.0,
-                  budget_margin: float = 0.015,
+                  budget_margin: float = 0.015, min_segment_s: float = 60.0,
                   progress: Callable[[int, int], None] | None = None
                   ) -> tuple[RunRecord, list[HindsightChoice]]:
     """Simulate the hindsight reference of ``cfg`` (see the module doc).
@@ -114,6 +118,11 @@ def hindsight_run(cfg: ExperimentConfig, *, seed: int | None = None,
         Absolute QoS violation rate tolerated above the segment's best for more tokens/J.
     budget_margin : float
         Fraction of the budget kept free (as the model-based controllers' default).
+    min_segment_s : float
+        Shortest segment, seconds: a setpoint that changes more often (a grid signal) is cut
+        into segments of about this length; within one, the candidates' caps stay below the
+        segment's lowest budget (the fixed controller also lowers its cap to the budget in
+        force).
     progress : callable, optional
         ``progress(done, total)`` after each simulated candidate.
 
@@ -142,11 +151,13 @@ def hindsight_run(cfg: ExperimentConfig, *, seed: int | None = None,
     guard = cfg.guard if cfg.guard_enabled else False
     loop = ClosedLoop(plant, ctl, schedule=schedule, workload=workload, guard=guard)
     n_steps = max(1, round(cfg.duration_s / loop.dt_s))
-    segs = segments(schedule, n_steps, loop.dt_s)
+    segs = segments(schedule, n_steps, loop.dt_s, min_segment_s=min_segment_s)
     shared = {id(workload): workload, id(schedule): schedule}
     plans = []
-    for k0, _ in segs:
-        budget = schedule((k0 + 1) * loop.dt_s).power_budget_w
+    for k0, k1 in segs:
+        budgets = [b for b in (schedule((k + 1) * loop.dt_s).power_budget_w
+                               for k in range(k0, k1)) if b is not None]
+        budget = min(budgets) if budgets else None
         top = lim.power_cap_max_w if budget is None else \
             lim.per_gpu_w(budget * (1.0 - budget_margin))
         cs = [c for c in caps if c <= top + 1e-9] or [caps[0]]

@@ -52,11 +52,15 @@ def test_segments_split_at_setpoint_steps():
     sched = {0: Setpoint(power_budget_w=700.0), 1: Setpoint(power_budget_w=350.0)}
     assert segments(lambda t: sched[int(t >= 30.0)], 60, 1.0) == [(0, 29), (29, 60)]
     assert segments(lambda t: Setpoint(), 10, 1.0) == [(0, 10)]
+    # a budget that changes every step (a grid signal): segments of about min_segment_s
+    grid = segments(lambda t: Setpoint(power_budget_w=1000.0 + 50.0 * (int(t) % 2)), 100, 1.0,
+                    min_segment_s=30.0)
+    assert grid == [(0, 30), (30, 60), (60, 90), (90, 100)]
 
 
 @pytest.fixture(scope="module")
 def small_run():
-    return hindsight_run(_cfg(), caps_w=CAPS, batches=BATCHES)
+    return hindsight_run(_cfg(), caps_w=CAPS, batches=BATCHES, min_segment_s=10.0)
 
 
 def test_hindsight_record_and_choices(small_run):
@@ -109,7 +113,7 @@ def test_no_fixed_configuration_beats_hindsight_on_its_segment(small_run, k_seg,
 
 
 def test_hindsight_is_deterministic(small_run):
-    rec2, ch2 = hindsight_run(_cfg(), caps_w=CAPS, batches=BATCHES)
+    rec2, ch2 = hindsight_run(_cfg(), caps_w=CAPS, batches=BATCHES, min_segment_s=10.0)
     assert [(c.power_cap_w, c.max_batch) for c in ch2] == \
         [(c.power_cap_w, c.max_batch) for c in small_run[1]]
     assert summarize(rec2)["energy_j"] == summarize(small_run[0])["energy_j"]
