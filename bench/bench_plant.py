@@ -21,8 +21,6 @@ from pathlib import Path
 
 from _machine import machine  # bench/ is on sys.path
 
-from _machine import machine
-
 from palsctl.paths import data_file
 from palsctl.plants.sim import SimPlant, steady_state
 from palsctl.plants.sim.steady import group_model
