@@ -9,6 +9,8 @@ HELP = "run a controller against a real (or emulated) vLLM server on the wall cl
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from palsctl.cli.options import add_metrics_arguments
+
     p.add_argument("config", nargs="?", help="control TOML file ([serving], [setpoint], "
                    "[controller], [guard]); see --show-example")
     p.add_argument("--dry-run", action="store_true", help="compute and log actions without "
@@ -16,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration-s", type=float, default=None, help="override duration_s")
     p.add_argument("--out", default=None, help="output folder (default: results/<name>)")
     p.add_argument("--show-example", action="store_true", help="print an example config")
+    add_metrics_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -23,6 +26,7 @@ def main(args: argparse.Namespace) -> int:
     import signal
     from pathlib import Path
 
+    from palsctl.cli.options import start_metrics
     from palsctl.experiment.build import build_controller, build_schedule
     from palsctl.errors import ConfigError
     from palsctl.loop import run_loop
@@ -54,14 +58,19 @@ def main(args: argparse.Namespace) -> int:
             raise SystemExit(128 + signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    exporter = None
     try:
+        exporter = start_metrics(args, model_name=serving["model_name"] or plant.info.model,
+                                 gpus=serving["gpus"] or range(plant.limits.num_gpus), log=log)
         log.info("controlling %s (%s power, batch via %s)%s", serving["metrics_url"],
                  serving["power"], serving["batch"], " — DRY RUN" if args.dry_run else "")
         record = run_loop(plant, controller, duration_s=duration, schedule=schedule,
                           guard=cfg.guard if cfg.guard_enabled else False,
-                          should_stop=lambda: stop["n"] > 0)
+                          should_stop=lambda: stop["n"] > 0, on_step=[exporter] if exporter else [])
     finally:
         plant.close()
+        if exporter is not None:
+            exporter.close()
         for s, h in previous.items():
             signal.signal(s, h)
     out = Path(args.out) if args.out else Path("results") / cfg.name

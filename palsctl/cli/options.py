@@ -17,10 +17,13 @@ option                 meaning in every command that has it
 ``--data DIR``         the data folder (``palsctl data``)
 ``--duration-s S``     how long to run, seconds
 ``--quiet``            no progress output
+``--metrics-port N``   serve the loop's state for Prometheus on this port (long-running
+                       commands; ``--metrics-bind HOST``, loopback by default)
 =====================  ======================================================================
 
 `deprecated_alias` keeps an old spelling working: it sets the new option's destination and
-prints one warning line naming the new spelling.
+prints one warning line naming the new spelling. `add_metrics_arguments` and `start_metrics`
+give a long-running command the Prometheus exporter (`palsctl.adapters.exporter`).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["deprecated_alias", "SHARED_OPTIONS"]
+__all__ = ["deprecated_alias", "SHARED_OPTIONS", "add_metrics_arguments", "start_metrics"]
 
 #: Option string → (what it takes, in words): the meaning every command must give it.
 SHARED_OPTIONS: dict[str, str] = {
@@ -47,6 +50,8 @@ SHARED_OPTIONS: dict[str, str] = {
     "--seed": "seed",
     "--duration-s": "seconds",
     "--quiet": "flag",
+    "--metrics-port": "port",
+    "--metrics-bind": "host",
 }
 
 
@@ -74,3 +79,34 @@ def deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, *, des
     if takes_value and type is not None:
         kw["type"] = type
     parser.add_argument(old, action=_DeprecatedAlias, dest=dest, new=new, **kw)
+
+
+def add_metrics_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--metrics-port`` / ``--metrics-bind``: the Prometheus exporter of a long-running loop."""
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve the loop's state for Prometheus on this port (0: a free one, "
+                             "logged); see docs/monitoring.md (default: off)")
+    parser.add_argument("--metrics-bind", default="127.0.0.1", metavar="HOST",
+                        help="address the metrics port listens on (default 127.0.0.1, loopback "
+                             "only; 0.0.0.0 for a Prometheus on another host)")
+
+
+def start_metrics(args: argparse.Namespace, *, model_name: str | None, gpus: Any,
+                  log: Any = None) -> Any:
+    """A serving `palsctl.adapters.exporter.LoopExporter` when ``--metrics-port`` was given
+    (None otherwise): feed it each step record (``on_step``) and ``close()`` it at the end.
+    ``gpus``: the GPU indices (the ``gpu`` label). Raises `ConfigError` when the port cannot be
+    bound."""
+    if getattr(args, "metrics_port", None) is None:
+        return None
+    from palsctl.adapters.exporter import LoopExporter
+
+    exporter = LoopExporter(model_name=model_name or "unknown", gpus=list(gpus))
+    try:
+        port = exporter.serve(args.metrics_port, args.metrics_bind)
+    except Exception:
+        exporter.close()
+        raise
+    if log is not None:
+        log.info("Prometheus metrics on http://%s:%d/metrics", args.metrics_bind, port)
+    return exporter
