@@ -184,6 +184,15 @@ _request_result = _result_factory()
 _rid = attrgetter("rid")
 
 
+def _chunk(s: _Seq, budget: int, free: int) -> int:
+    """Prefill tokens of ``s`` this step; a chunk that completes the prompt also needs a KV
+    slot for the first generated token."""
+    c = min(s.need - s.done, budget, free)
+    if s.done + c >= s.need and c >= free:
+        c = free - 1
+    return c
+
+
 def _e2e_s(r: RequestResult) -> float:
     return r.finish_s - r.arrival_s
 
@@ -596,16 +605,10 @@ class Engine:
             for s in pref.values():
                 if budget <= 0 or free <= 0:
                     break
-                need, d = s.need, s.done
-                c = need - d
-                if budget < c:
-                    c = budget
-                if free < c:
-                    c = free
-                if d + c >= need and c >= free:
-                    c = free - 1
+                c = _chunk(s, budget, free)
                 if c <= 0:
                     break
+                need, d = s.need, s.done
                 chunks.append((s, c))
                 budget -= c
                 free -= c + (d + c >= need)
@@ -624,7 +627,7 @@ class Engine:
                     if need - d + 1 + win > free - reserve:
                         break
                     f = free - win
-                    c = need - d
+                    c = need - d            # _chunk(s, budget, f), inline
                     if budget < c:
                         c = budget
                     if f < c:

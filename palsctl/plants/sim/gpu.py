@@ -482,6 +482,8 @@ class GroupModel:
         ts = self._seq * n_seqs
         a = self._a
         t_pre = (ml if ml > tl else tl) + imb * (me if me > te else te)
+        # power_per_gpu's sums before attention, at r = 1 (not shared through a helper: a call
+        # more per power_per_gpu slows steady_state's clock search by ~10 %)
         busy = act = ts
         if ml > tl:
             busy += ml
