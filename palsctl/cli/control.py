@@ -11,12 +11,16 @@ HELP = "run a controller against a real (or emulated) vLLM server on the wall cl
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from palsctl.cli.options import add_metrics_arguments
 
-    p.add_argument("config", nargs="?", help="control TOML file ([serving], [setpoint], "
-                   "[controller], [guard]); see --show-example")
+    p.add_argument("config", nargs="?", metavar="CONFIG",
+                   help="control TOML file ([serving], [setpoint], [controller], [guard]); see "
+                        "--show-example")
     p.add_argument("--dry-run", action="store_true", help="compute and log actions without "
                    "changing the GPU power limit or the batch limit")
-    p.add_argument("--duration-s", type=float, default=None, help="override duration_s")
-    p.add_argument("--out", default=None, help="output folder (default: results/<name>)")
+    p.add_argument("--duration-s", type=float, default=None, metavar="S",
+                   help="how long to run, seconds (default: the config's duration_s, else until "
+                        "SIGINT/SIGTERM)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default: results/<name>)")
     p.add_argument("--show-example", action="store_true", help="print an example config")
     add_metrics_arguments(p)
 

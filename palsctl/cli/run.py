@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no progress bar and no table")
     parser.add_argument("--show-default", action="store_true",
                         help="print the default experiment's TOML and exit")
-    parser.add_argument("--versus", metavar="NAMES",
+    parser.add_argument("--versus", metavar="A,B,...",
                         help="comma-separated baselines to run on the same workload and seed and "
                              "compare with (default: static,cap-to-budget for the default "
                              "experiment, none for a CONFIG)")
@@ -51,9 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run no baseline")
     # earlier spellings
     parser.add_argument("--versus-static", dest="versus", action="store_const", const="static",
-                        help=argparse.SUPPRESS)
+                        help="deprecated spelling of --versus static")
     parser.add_argument("--no-versus-static", dest="versus", action="store_const", const="",
-                        help=argparse.SUPPRESS)
+                        help="deprecated spelling of --no-versus")
 
 
 def _from_paths(value: str):
