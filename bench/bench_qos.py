@@ -78,8 +78,10 @@ def checks(name: str, r: dict) -> list[tuple[str, bool, str]]:
         out.append((f"{ctl}: no time over budget after the first window of a cut", late == 0.0,
                     f"{late:.1f} s"))
         b, c = r[ctl]["batch_changes_per_100s"], r[ctl]["cap_reversals_per_100s"]
+        br = r[ctl].get("budget_reversals_per_100s") or 0.0
         out.append((f"{ctl}: batch changes <= 5, cap reversals <= 10 per 100 s",
-                    b <= 5 and c <= 10, f"{b:.1f}, {c:.1f}"))
+                    b <= 5 and c <= 10, f"{b:.1f}, {c:.1f} (the budget itself reverses "
+                                        f"{br:.1f} times per 100 s)"))
     for ctl in ("pi", "mpc"):
         f = r[ctl]["tokens_per_joule"] / s["tokens_per_joule"]
         ok = f >= 0.95 and r[ctl]["qos_violation_rate"] <= s["qos_violation_rate"] + 1e-12
@@ -97,7 +99,8 @@ COLS = (("tokens_per_joule", "tok/J", "{:.3f}", 1), ("gain_vs_static", "gain", "
         ("time_over_budget_s", "over s", "{:.0f}", 1),
         ("time_over_budget_late_s", "late s", "{:.0f}", 1),
         ("batch_changes_per_100s", "bch/100s", "{:.1f}", 1),
-        ("cap_reversals_per_100s", "crev/100s", "{:.1f}", 1))
+        ("cap_reversals_per_100s", "crev/100s", "{:.1f}", 1),
+        ("budget_reversals_per_100s", "budget rev/100s", "{:.1f}", 1))
 
 
 def table(name: str, r: dict) -> str:
