@@ -218,6 +218,7 @@ window_s = 100.0""")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_workload(cfg)  # 30 s of 100: no warning
+        build_workload(cfg.with_overrides(duration_s=100.5))  # ends in the run's last 1 %
         build_workload(load_experiment(write(tmp_path, text.replace(
             "window_s = 100.0", "window_s = 10.0\nrepeat = true"))))
     # the CLI prints it on one line, once
