@@ -2,7 +2,7 @@
 
 Reads constraints, names and clocks; samples power (instant and the driver's average) and the
 energy counter for ``--seconds`` at ``--hz``; compares the energy counter's delta with the
-integral of the sampled power; times one `NvmlPower.read()`; exercises `set_power_cap_w` in
+integral of the sampled power; times one `NvmlPower.read_gpus()`; exercises `set_power_cap_w` in
 dry-run only and checks that the enforced limit did not move.
 
     python bench/nvml_check.py [--seconds 10] [--hz 10] [--json out.json]
@@ -40,7 +40,7 @@ def main() -> int:
             target = t_start + k / args.hz
             time.sleep(max(0.0, target - time.monotonic()))
             t0 = time.perf_counter()
-            r = nv.read()
+            r = nv.read_gpus()
             t_read.append(time.perf_counter() - t0)
             samples.append((time.monotonic(), r))
         for g in range(len(nv.indices)):
@@ -68,13 +68,13 @@ def main() -> int:
             out.setdefault("readings", []).append(row)
             print(json.dumps(row, indent=1))
         out["read_ms"] = {"median": 1e3 * statistics.median(t_read), "max": 1e3 * max(t_read)}
-        print(f"NvmlPower.read(): median {out['read_ms']['median']:.3f} ms, "
+        print(f"NvmlPower.read_gpus(): median {out['read_ms']['median']:.3f} ms, "
               f"max {out['read_ms']['max']:.3f} ms")
-        before = [r.power_limit_w for r in nv.read()]
+        before = [r.power_limit_w for r in nv.read_gpus()]
         c = nv.constraints[0]
         want = c.power_cap_min_w + 0.5 * (c.power_cap_max_w - c.power_cap_min_w) + 0.7
         applied = nv.set_power_cap_w(want)
-        after = [r.power_limit_w for r in nv.read()]
+        after = [r.power_limit_w for r in nv.read_gpus()]
         out["dry_run"] = {"asked_w": want, "reported_w": applied, "limit_before_w": before,
                           "limit_after_w": after, "unchanged": before == after}
         print("dry run:", out["dry_run"])

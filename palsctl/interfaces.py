@@ -20,6 +20,16 @@ __all__ = ["Actuator", "Controller", "ControllerConfig", "Plant", "Sensor", "Sim
 
 @runtime_checkable
 class Sensor(Protocol):
+    """Something that measures a plant: ``read()`` returns a `Measurement` over the window since
+    the previous read, with values read from the device or endpoint (never a cache of what was
+    written). A sensor of one part of a plant fills the fields it measures and leaves the others
+    at their zero defaults (the NVML sensor: power, energy, cap in force, SM clock; the vLLM
+    metrics sensor: throughput, queues, KV usage, latency quantiles); a composed plant such as
+    `palsctl.plants.serving.ServingPlant` merges them. A read that fails raises
+    `palsctl.errors.SensorError` (the window's start is kept, so the next read covers the gap).
+    Implemented by `palsctl.adapters.nvml.NvmlPower`, `palsctl.adapters.emulator.EmulatorPower`
+    and `palsctl.adapters.vllm_metrics.VllmMetricsSensor`."""
+
     def read(self) -> Measurement:
         """Measurement over the window since the previous read."""
         ...
@@ -27,6 +37,15 @@ class Sensor(Protocol):
 
 @runtime_checkable
 class Actuator(Protocol):
+    """Something that sets a plant's knobs: ``apply(action)`` sets the knobs ``action`` gives
+    and returns what is in force afterwards, read back (after clamping and hardware rounding);
+    knobs left ``None`` are unchanged and reported with their value in force (so
+    ``apply(Action())`` only reads back). A write that fails raises
+    `palsctl.errors.ActuatorError`. Implemented by `palsctl.adapters.nvml.NvmlPower`,
+    `palsctl.adapters.emulator.EmulatorPower` (the cap) and `palsctl.adapters.batch.BatchLimit`
+    (the batch: `palsctl.adapters.batch.GatewayBatch`,
+    `palsctl.adapters.vllm_scheduler.BatchFileActuator`)."""
+
     def apply(self, action: Action) -> Action:
         """Apply an action; return what was really applied (after clamping and rounding).
         Knobs left ``None`` are unchanged and reported with their value in force."""

@@ -374,6 +374,43 @@ class ClosedLoop:
                 self._callback_failed(cb)
         return rec
 
+    def run(self, duration_s: float | None, *, progress: Progress | None = None,
+            should_stop: Callable[[], bool] | None = None,
+            monotonic: Callable[[], float] = time.monotonic,
+            sleep: Callable[[float], None] = time.sleep) -> RunRecord:
+        """Step until ``duration_s`` seconds (simulated or wall) have run and return ``record``.
+
+        ``duration_s=None`` runs until ``should_stop()`` is true or Ctrl-C (wall-clock plants
+        only). A real plant's step waits until the end of its period on ``monotonic``/``sleep``
+        (injectable for tests). ``progress(done_steps, total_steps)`` is called after each step
+        (total 0 when unbounded)."""
+        dt, simulated = self.dt_s, self.simulated
+        if duration_s is None:
+            if simulated:
+                raise ConfigError("a simulated run needs a finite duration_s")
+            n_steps = 0
+        else:
+            if not (duration_s > 0 and math.isfinite(duration_s)):
+                raise ConfigError("duration_s must be a positive number of seconds",
+                                  key="duration_s", value=duration_s)
+            n_steps = self.k + max(1, round(duration_s / dt))
+        start_wall = monotonic() - self.k * dt
+        try:
+            while n_steps == 0 or self.k < n_steps:
+                if should_stop is not None and should_stop():
+                    break
+                if not simulated:
+                    wait_s = start_wall + (self.k + 1) * dt - monotonic()
+                    if wait_s > 0:
+                        sleep(wait_s)
+                self.step()
+                if progress is not None:
+                    progress(self.k, n_steps)
+        except KeyboardInterrupt:
+            if simulated or duration_s is not None:
+                raise  # only an unbounded wall-clock run ends on Ctrl-C with its record
+        return self.record
+
     def _sensor_fault(self, exc: Exception, k: int) -> tuple[Measurement, str]:
         self.record.meta["sensor_faults"] += 1
         self.sensor_failures_in_row += 1
@@ -427,41 +464,14 @@ def run_loop(plant: Plant, controller: Controller | Guard, *, duration_s: float 
 
     ``guard``: None/True wraps the controller in a default `SafetyGuard`; a `GuardConfig` or a
     guard instance chooses its settings; False runs the controller unguarded (a `PassThrough`;
-    experiments only).
-    ``duration_s=None`` runs until ``should_stop()`` is true or Ctrl-C (wall-clock plants only).
-    ``progress(done_steps, total_steps)`` is called after each step (total 0 when unbounded).
-    ``on_step``, ``keep_steps``, ``alarm_after``: see `ClosedLoop`.
-    Raises `ConfigError` when the controller was tuned for another control period than the
-    plant's ``dt_s``. ``monotonic``/``sleep`` are injectable for tests of the wall-clock path.
+    experiments only). ``on_step``, ``keep_steps``, ``alarm_after``: see `ClosedLoop`; the other
+    arguments: see `ClosedLoop.run`. Raises `ConfigError` when the controller was tuned for
+    another control period than the plant's ``dt_s``.
     """
     loop = ClosedLoop(plant, controller, schedule=schedule, workload=workload, guard=guard,
                       on_step=on_step, keep_steps=keep_steps, alarm_after=alarm_after)
-    dt, simulated = loop.dt_s, loop.simulated
-    if duration_s is None:
-        if simulated:
-            raise ConfigError("a simulated run needs a finite duration_s")
-        n_steps = 0
-    else:
-        if not (duration_s > 0 and math.isfinite(duration_s)):
-            raise ConfigError("duration_s must be a positive number of seconds", key="duration_s",
-                              value=duration_s)
-        n_steps = max(1, round(duration_s / dt))
-    start_wall = monotonic()
-    try:
-        while n_steps == 0 or loop.k < n_steps:
-            if should_stop is not None and should_stop():
-                break
-            if not simulated:
-                wait_s = start_wall + (loop.k + 1) * dt - monotonic()
-                if wait_s > 0:
-                    sleep(wait_s)
-            loop.step()
-            if progress is not None:
-                progress(loop.k, n_steps)
-    except KeyboardInterrupt:
-        if simulated or duration_s is not None:
-            raise  # only an unbounded wall-clock run ends on Ctrl-C with its record
-    return loop.record
+    return loop.run(duration_s, progress=progress, should_stop=should_stop, monotonic=monotonic,
+                    sleep=sleep)
 
 
 def _shift(r, offset_s: float):

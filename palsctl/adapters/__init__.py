@@ -1,8 +1,9 @@
-"""Real hardware and serving-engine adapters: NVML power limits (`NvmlPower`), vLLM's
-``/metrics`` (`VllmMetricsSensor`), batch actuation through the admission gateway (`Gateway`,
-`GatewayControl`, `GatewayBatchActuator`) or the scheduler plugin's batch file
-(`BatchFileActuator`), the emulated server (`Emulator`, `EmulatorPower`) and the Prometheus
-exporter of a running loop (`LoopExporter`).
+"""Real hardware and serving-engine adapters: NVML power limits (`NvmlPower`, a `PowerDevice`),
+vLLM's ``/metrics`` (`VllmMetricsSensor`), batch actuation through the admission gateway
+(`Gateway`, `GatewayControl`, `GatewayBatch`) or the scheduler plugin's batch file
+(`BatchFileActuator`; both `BatchLimit`s that read back), the emulated server (`Emulator`,
+`EmulatorPower`), the claims of original settings that survive a kill (`Claim`, `recover`) and
+the Prometheus exporter of a running loop (`LoopExporter`).
 
 Each name is imported from its module on first use (they pull in nvidia-ml-py, aiohttp,
 prometheus_client, ...).
@@ -14,6 +15,11 @@ _LAZY = {
     "GpuConstraints": "palsctl.adapters.nvml:GpuConstraints",
     "GpuReading": "palsctl.adapters.nvml:GpuReading",
     "restore_all": "palsctl.adapters.nvml:restore_all",
+    "PowerDevice": "palsctl.adapters.nvml:PowerDevice",
+    "BatchLimit": "palsctl.adapters.batch:BatchLimit",
+    "GatewayBatch": "palsctl.adapters.batch:GatewayBatch",
+    "Claim": "palsctl.adapters.state:Claim",
+    "recover": "palsctl.adapters.state:recover",
     "VllmMetricsSensor": "palsctl.adapters.vllm_metrics:VllmMetricsSensor",
     "MetricsSnapshot": "palsctl.adapters.vllm_metrics:MetricsSnapshot",
     "parse_metrics": "palsctl.adapters.vllm_metrics:parse_metrics",

@@ -10,7 +10,8 @@
   token and request counters, TTFT / inter-token / TPOT / e2e histograms with vLLM's buckets);
 - ``GET /palsctl/power`` and ``POST /palsctl/power/cap``: per-GPU power (instant and 1 s
   average), energy counter, limit and constraints — a stand-in for NVML (`EmulatorPower` is the
-  client with `NvmlPower`'s interface);
+  client: a `PowerDevice`, like `NvmlPower`). Anyone may POST a limit, as another tool or a
+  driver reset changes a real GPU's; palsctl notices by reading it back;
 - optionally a batch control file read like the vLLM scheduler plugin does
   (`palsctl.adapters.vllm_scheduler`), so both batch actuators can be exercised.
 
@@ -30,9 +31,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from palsctl.adapters.nvml import GpuConstraints, GpuReading
+from palsctl.adapters.nvml import GpuConstraints, GpuReading, PowerDevice
+from palsctl.adapters.state import DriftWatch, retry
 from palsctl.adapters.vllm_scheduler import BatchTargetReader, effective_cap
-from palsctl.errors import ConfigError, HardwareError
+from palsctl.errors import ActuatorError, ConfigError, HardwareError
 from palsctl.types import Action, Request
 
 log = logging.getLogger(__name__)
@@ -98,8 +100,11 @@ class _VllmCollector:
         self.emu = emu
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,  # noqa: PLC0415
-                                            HistogramMetricFamily)
+        from prometheus_client.core import (  # noqa: PLC0415 - heavy, only when scraped
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
         c = self.emu.plant.counters()
         labels = ["engine", "model_name"]
         lv = ["0", self.emu.config.served_model_name]
@@ -117,7 +122,8 @@ class _VllmCollector:
         def hist(name: str, doc: str, h: Any) -> Any:
             m = HistogramMetricFamily(name, doc, labels=labels)
             bounds = [repr(float(b)) for b in h.bounds_s] + ["+Inf"]
-            m.add_metric(lv, buckets=list(zip(bounds, [float(x) for x in h.cumulative_counts])),
+            counts = [float(x) for x in h.cumulative_counts]
+            m.add_metric(lv, buckets=list(zip(bounds, counts, strict=True)),
                          sum_value=h.sum_s)
             return m
 
@@ -178,7 +184,8 @@ class Emulator:
         if self._batch.path is not None:
             limits = self.plant.limits
             eng = getattr(self.plant, "engine", None)
-            running = len(eng.running) if eng is not None else self.plant.counters().requests_running
+            running = (len(eng.running) if eng is not None
+                       else self.plant.counters().requests_running)
             cap = effective_cap(self._batch.poll(), running, limits.max_batch_max)
             self.plant.apply(Action(max_batch=cap))
 
@@ -415,38 +422,35 @@ async def run_emulator(plant: Any, config: EmulatorConfig, *, duration_s: float 
     await serve_until_stopped(Emulator(plant, config), duration_s=duration_s, ready=ready)
 
 
-class EmulatorPower:
-    """The NVML stand-in's client, with `NvmlPower`'s interface (``read``, ``constraints``,
-    ``set_power_cap_w``, ``power_cap_w``, ``close`` restoring the cap found at open,
-    ``dry_run``). ``url``: the emulator's base URL."""
+class EmulatorPower(PowerDevice):
+    """The NVML stand-in's client: a `PowerDevice` (`Sensor` and cap `Actuator` with read-back,
+    drift repair and restore, as `NvmlPower`) over the emulator's ``/palsctl/power`` endpoint.
+    ``url``: the emulator's base URL; ``close`` restores the limit found at open (retries with
+    backoff; `ActuatorError` when it cannot). ``clock``: monotonic seconds for the windows."""
 
-    def __init__(self, url: str, *, dry_run: bool = False, timeout_s: float = 2.0) -> None:
+    def __init__(self, url: str, *, dry_run: bool = False, timeout_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic, restore_attempts: int = 5,
+                 restore_backoff_s: float = 0.2) -> None:
         self.url = url.rstrip("/")
         self.dry_run = dry_run
         self.timeout_s = timeout_s
-        state = self._call("GET", "/palsctl/power")
+        self.restore_attempts, self.restore_backoff_s = restore_attempts, restore_backoff_s
+        self.drift = DriftWatch("emulated power limit")
+        state = _power_call(self.url, "GET", "/palsctl/power", timeout_s=timeout_s)
         n = len(state["gpus"])
         self.indices = list(range(n))
         self.constraints = [GpuConstraints(
             index=i, name=state.get("name", ""), power_cap_min_w=state["power_cap_min_w"],
             power_cap_max_w=state["power_cap_max_w"],
             power_cap_default_w=state["power_cap_default_w"]) for i in range(n)]
-        self._original_w = float(state["gpus"][0]["power_limit_w"])
-        self._current_w = self._original_w
-        self._changed = False
+        self._original_w = _limit_w(state)
+        self._commanded_w: float | None = None
+        self._init_window(clock)
 
     def _call(self, method: str, path: str, payload: dict | None = None) -> dict:
-        data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:  # noqa: S310
-                return json.loads(resp.read())
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise HardwareError(f"cannot reach the emulator's power endpoint {self.url}{path}: "
-                                f"{exc}") from None
+        return _power_call(self.url, method, path, payload, timeout_s=self.timeout_s)
 
-    def read(self) -> list[GpuReading]:
+    def read_gpus(self) -> list[GpuReading]:
         state = self._call("GET", "/palsctl/power")
         return [GpuReading(index=g["index"], power_instant_w=g["power_instant_w"],
                            power_avg_w=g["power_avg_w"], energy_j=g["energy_j"],
@@ -455,36 +459,84 @@ class EmulatorPower:
 
     def clamp_cap_w(self, power_cap_w: float, k: int = 0) -> float:
         c = self.constraints[k]
+        if not math.isfinite(power_cap_w):
+            raise ValueError(f"power cap must be finite, got {power_cap_w}")
         capped = min(max(float(power_cap_w), c.power_cap_min_w), c.power_cap_max_w)
-        return max(math.floor(capped + 1e-9), c.power_cap_min_w) if capped < c.power_cap_max_w \
-            else c.power_cap_max_w
+        return float(max(math.floor(capped + 1e-9), c.power_cap_min_w)
+                     if capped < c.power_cap_max_w else c.power_cap_max_w)
 
     def set_power_cap_w(self, power_cap_w: float) -> float:
+        """Set the cap (clamped) after reading the limit in force (skipped when it already
+        holds it; a value other than the last one set is a drift, repaired and counted);
+        returns the limit read back. ``dry_run``: log and return the would-be value."""
         cap = self.clamp_cap_w(power_cap_w)
-        if cap == self._current_w:
-            return cap
         if self.dry_run:
-            log.info("dry run: would set the emulated power limit %.0f W -> %.0f W",
-                     self._current_w, cap)
-            self._current_w = cap
+            if cap != self._commanded_w:
+                log.info("dry run: would set the emulated power limit %.0f W -> %.0f W",
+                         self.power_cap_w, cap)
+            self._commanded_w = cap
             return cap
-        state = self._call("POST", "/palsctl/power/cap", {"power_cap_w": cap})
-        self._current_w = float(state["applied_power_cap_w"])
-        self._changed = True
-        return self._current_w
+        device = _limit_w(self._call("GET", "/palsctl/power"))
+        self.drift.check(None, device, self._commanded_w)
+        if device != cap:
+            device = _limit_w(self._call("POST", "/palsctl/power/cap", {"power_cap_w": cap}))
+        self._commanded_w = cap
+        return device
 
     @property
     def power_cap_w(self) -> float:
-        return self._current_w
+        """The limit the emulated GPUs hold, read from them (in a dry run, the would-be one)."""
+        if self.dry_run and self._commanded_w is not None:
+            return self._commanded_w
+        return _limit_w(self._call("GET", "/palsctl/power"))
+
+    def state_targets(self) -> list[dict[str, Any]]:
+        """Claim entry (`palsctl.adapters.state`): the limit found at open."""
+        return [{"kind": "emulator", "url": self.url, "power_limit_w": self._original_w}]
 
     def restore(self) -> None:
-        if self._changed:
-            try:
-                self._call("POST", "/palsctl/power/cap", {"power_cap_w": self._original_w})
-                self._current_w = self._original_w
-                self._changed = False
-            except HardwareError as exc:
-                log.error("could not restore the emulated power limit: %s", exc)
+        """Write the limit found at open back (read back to confirm; retries with backoff);
+        `ActuatorError` when it cannot. A dry run writes nothing."""
+        if self.dry_run:
+            return
+        retry(lambda: restore_limit(self.url, self._original_w, timeout_s=self.timeout_s),
+              attempts=self.restore_attempts, first_delay_s=self.restore_backoff_s,
+              what="restoring the emulated power limit")
+        self._commanded_w = None
 
     def close(self) -> None:
         self.restore()
+
+
+def _power_call(url: str, method: str, path: str, payload: dict | None = None, *,
+                timeout_s: float = 2.0) -> dict:
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310
+            return json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise HardwareError(f"cannot reach the emulator's power endpoint {url}{path}: "
+                            f"{exc}") from None
+
+
+def _limit_w(state: dict) -> float:
+    return max(float(g["power_limit_w"]) for g in state["gpus"])
+
+
+def restore_limit(url: str, power_limit_w: float, *, timeout_s: float = 2.0) -> None:
+    """Write ``power_limit_w`` to the emulator at ``url`` unless it holds it already, and read
+    it back (one try). Raises `ActuatorError`."""
+    url = url.rstrip("/")
+    try:
+        if _limit_w(_power_call(url, "GET", "/palsctl/power", timeout_s=timeout_s)) \
+                != power_limit_w:
+            got = _limit_w(_power_call(url, "POST", "/palsctl/power/cap",
+                                       {"power_cap_w": power_limit_w}, timeout_s=timeout_s))
+            if got != power_limit_w:
+                raise ActuatorError(f"the emulator at {url} holds {got:g} W after writing "
+                                    f"{power_limit_w:g} W")
+            log.info("emulated power limit restored to %.0f W", power_limit_w)
+    except HardwareError as exc:
+        raise ActuatorError(f"could not restore the emulated power limit: {exc}") from None

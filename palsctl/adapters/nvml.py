@@ -1,9 +1,19 @@
 """NVIDIA GPU power sensing and power-cap actuation through NVML (``nvidia-ml-py``).
 
 >>> gpus = NvmlPower(indices=[0], dry_run=True)          # doctest: +SKIP
->>> gpus.read()[0].power_instant_w                       # doctest: +SKIP
->>> gpus.set_power_cap_w(300.0)                          # doctest: +SKIP
+>>> gpus.read_gpus()[0].power_instant_w                  # doctest: +SKIP
+>>> gpus.read().power_w                  # Sensor: mean power since the last read; doctest: +SKIP
+>>> gpus.apply(Action(power_cap_w=300.0))        # Actuator: the cap read back; doctest: +SKIP
 >>> gpus.close()                                         # restores the original limits
+
+`NvmlPower` is a `palsctl.interfaces.Sensor` (``read()``: a `Measurement` with the power fields:
+window mean power from the energy counters, cumulative energy, the enforced limit read from the
+device, SM clock) and a `palsctl.interfaces.Actuator` (``apply(action)``: the cap). Every write
+is preceded by a read of the limit the device holds (a write is skipped only when the device
+already holds the value) and followed by a read-back; a device value that differs from what
+palsctl set (another tool, a driver reset) is re-applied, logged once per episode and counted in
+``drift.events``. `PowerDevice` holds the sensor and actuator logic for any power backend (the
+emulator's too).
 
 Units: NVML speaks milliwatts and millijoules; everything here is converted to watts and joules.
 ``pynvml`` is imported lazily (only when an `NvmlPower` is built without an injected backend), so
@@ -13,7 +23,10 @@ importing this module never needs a driver. Tests inject a fake backend object t
 Restoring settings: the limits in force when the adapter was opened are written back on
 `close()`, at interpreter exit, on SIGINT/SIGTERM (when ``install_signal_handlers`` is true and the
 adapter lives in the main thread) and — by the caller's ``with``/``finally`` — when a controller
-crashes. Only GPUs whose limit this adapter changed are written back.
+crashes: every GPU whose limit differs from its original then, with retries and backoff, each
+write confirmed by reading it back; a restore that fails raises `ActuatorError` (never a silent
+success). `restore_limits` writes given limits back without an open adapter (a dead process's
+claim, see `palsctl.adapters.state`).
 """
 from __future__ import annotations
 
@@ -22,11 +35,17 @@ import logging
 import math
 import signal
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from palsctl.errors import HardwareError
+from palsctl.adapters.state import DriftWatch, retry
+from palsctl.errors import ActuatorError, HardwareError, SensorError
+from palsctl.types import Action, Measurement
+
+__all__ = ["GpuConstraints", "GpuReading", "NvmlPower", "PowerDevice", "restore_all",
+           "restore_limits"]
 
 log = logging.getLogger(__name__)
 
@@ -78,34 +97,116 @@ class GpuConstraints:
     power_cap_default_w: float
 
 
+class PowerDevice:
+    """The `Sensor` and cap `Actuator` of a group of GPUs, on top of a backend's
+    ``read_gpus() -> list[GpuReading]`` and ``set_power_cap_w(w) -> float`` (read back).
+    `NvmlPower` and the emulator's `EmulatorPower` are power devices.
+
+    ``read()`` reports the window since the previous read (or `prime`): ``power_w`` is the
+    energy counters' increase over the window summed over the GPUs (the drivers' averaged power
+    when a counter is missing or went backwards), ``energy_j`` the cumulative energy since open,
+    ``power_cap_w`` the largest limit the devices *enforce* (read from them, never a cache) and
+    ``sm_clock_mhz`` the mean SM clock; the engine fields are zero (another sensor measures
+    them). A failed read raises `SensorError` and keeps the window's start, so the next read
+    covers the gap. ``apply(action)`` sets ``action.power_cap_w`` (None: only reads back) and
+    returns the cap in force, read back; a failed write raises `ActuatorError`.
+    """
+
+    def _init_window(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._t0 = clock()
+        self._win_t: float | None = None
+        self._win_counters: list[float | None] | None = None
+        self._energy_j = 0.0
+
+    def read_gpus(self) -> list[GpuReading]:  # pragma: no cover - provided by the backend
+        raise NotImplementedError
+
+    def set_power_cap_w(self, power_cap_w: float) -> float:  # pragma: no cover - backend
+        raise NotImplementedError
+
+    def prime(self) -> None:
+        """Start the first window now (read the counters)."""
+        readings = self._sensor_read()
+        self._win_t, self._win_counters = self._clock(), [r.energy_j for r in readings]
+
+    def _sensor_read(self) -> list[GpuReading]:
+        try:
+            return self.read_gpus()
+        except HardwareError as exc:
+            raise SensorError(str(exc)) from None
+
+    def read(self) -> Measurement:
+        """The window since the previous read as a `Measurement` (power fields only)."""
+        readings = self._sensor_read()
+        now = self._clock()
+        start = self._t0 if self._win_t is None else self._win_t
+        window = max(now - start, 1e-9)
+        counters = [r.energy_j for r in readings]
+        power_w = sum(r.power_avg_w for r in readings)
+        prev = self._win_counters
+        if prev is not None and len(prev) == len(counters) and \
+                all(a is not None and b is not None for a, b in zip(prev, counters, strict=True)):
+            deltas = [b - a for a, b in zip(prev, counters, strict=True)]
+            if all(d >= 0 for d in deltas):          # a decrease: counter reset, use average
+                power_w = sum(deltas) / window
+        power_w = max(power_w, 0.0)
+        self._win_t, self._win_counters = now, counters
+        self._energy_j += power_w * window
+        clocks = [r.sm_clock_mhz for r in readings if r.sm_clock_mhz is not None]
+        return Measurement(t_s=now - self._t0, window_s=window, power_w=power_w,
+                           energy_j=self._energy_j, throughput_tok_s=0.0,
+                           power_cap_w=max(r.power_limit_w for r in readings),
+                           sm_clock_mhz=sum(clocks) / len(clocks) if clocks else None)
+
+    def apply(self, action: Action) -> Action:
+        """Set the cap (None: read it back only); returns the cap in force, read back."""
+        try:
+            if action.power_cap_w is None:
+                cap = max(r.power_limit_w for r in self.read_gpus())
+            else:
+                cap = self.set_power_cap_w(action.power_cap_w)
+        except (HardwareError, ValueError) as exc:
+            raise ActuatorError(str(exc)) from None
+        return Action(power_cap_w=cap)
+
+
 def _load_pynvml() -> Any:
     try:
         import pynvml  # noqa: PLC0415 - lazy on purpose
     except ImportError as exc:  # pragma: no cover - nvidia-ml-py is a dependency
-        raise HardwareError("the NVML Python bindings are missing: pip install nvidia-ml-py") from exc
+        raise HardwareError("the NVML Python bindings are missing: "
+                            "pip install nvidia-ml-py") from exc
     return pynvml
 
 
-class NvmlPower:
-    """Power sensing and power-limit control of one or more GPUs through NVML.
+class NvmlPower(PowerDevice):
+    """Power sensing and power-limit control of one or more GPUs through NVML (a
+    `PowerDevice`: `Sensor` and cap `Actuator`).
 
     ``indices``: GPU indices (default: all). ``dry_run``: `set_power_cap_w` computes and logs the
     clamped cap but writes nothing. ``backend``: an object shaped like the ``pynvml`` module
-    (tests); None imports ``pynvml``.
+    (tests); None imports ``pynvml``. ``clock``: monotonic seconds for the sensor's windows.
+    ``restore_attempts`` / ``restore_backoff_s``: tries and first pause of a restore.
     """
 
     def __init__(self, indices: Sequence[int] | None = None, *, dry_run: bool = False,
-                 backend: Any = None, install_signal_handlers: bool = True) -> None:
+                 backend: Any = None, install_signal_handlers: bool = True,
+                 clock: Callable[[], float] = time.monotonic, restore_attempts: int = 5,
+                 restore_backoff_s: float = 0.2) -> None:
         self._nv = backend if backend is not None else _load_pynvml()
         self.dry_run = dry_run
         self._closed = False
         self._lock = threading.RLock()
+        self.restore_attempts, self.restore_backoff_s = restore_attempts, restore_backoff_s
+        self.drift = DriftWatch("GPU power limit")
         self._call(self._nv.nvmlInit, what="initialise NVML")
         try:
             count = int(self._call(self._nv.nvmlDeviceGetCount, what="count GPUs"))
             if count < 1:
-                raise HardwareError("NVML sees no GPU: check `nvidia-smi` and that this process can "
-                                    "see the devices (CUDA_VISIBLE_DEVICES, container --gpus)")
+                raise HardwareError("NVML sees no GPU: check `nvidia-smi` and that this process "
+                                    "can see the devices (CUDA_VISIBLE_DEVICES, container "
+                                    "--gpus)")
             self.indices = list(range(count)) if indices is None else [int(i) for i in indices]
             for i in self.indices:
                 if not 0 <= i < count:
@@ -114,17 +215,19 @@ class NvmlPower:
             self._handles = [self._call(self._nv.nvmlDeviceGetHandleByIndex, i,
                                         what=f"open GPU {i}") for i in self.indices]
             self.constraints = [self._read_constraints(i, h)
-                                for i, h in zip(self.indices, self._handles)]
+                                for i, h in zip(self.indices, self._handles, strict=True)]
             self._original_mw = [int(self._call(self._nv.nvmlDeviceGetPowerManagementLimit, h,
                                                 what=f"read the power limit of GPU {i}"))
-                                 for i, h in zip(self.indices, self._handles)]
+                                 for i, h in zip(self.indices, self._handles, strict=True)]
         except BaseException:
             self._shutdown()
             raise
-        self._current_mw = list(self._original_mw)
-        self._changed = [False] * len(self.indices)
+        # what palsctl last commanded per GPU (None: nothing yet); in a dry run, what it would
+        # have written
+        self._commanded_mw: list[int | None] = [None] * len(self.indices)
         self._instant_supported = [True] * len(self.indices)
         self._energy_supported = [True] * len(self.indices)
+        self._init_window(clock)
         _register_for_restore(self, install_signal_handlers)
 
     # ---------------------------------------------------------------- errors
@@ -135,8 +238,9 @@ class NvmlPower:
         value = getattr(exc, "value", None)
         if value in (self._code("NVML_ERROR_LIBRARY_NOT_FOUND"),
                      self._code("NVML_ERROR_DRIVER_NOT_LOADED")):
-            msg = (f"cannot {what}: no NVIDIA driver found (NVML library not loaded); this needs a "
-                   "machine with an NVIDIA GPU and driver — use `palsctl emulate` to run without one")
+            msg = (f"cannot {what}: no NVIDIA driver found (NVML library not loaded); this needs "
+                   "a machine with an NVIDIA GPU and driver — use `palsctl emulate` to run "
+                   "without one")
         elif value in (self._code("NVML_ERROR_NO_PERMISSION"),):
             msg = (f"cannot {what}: permission denied; changing GPU power limits needs root or "
                    "CAP_SYS_ADMIN (run with sudo, or use --dry-run)")
@@ -192,10 +296,10 @@ class NvmlPower:
             return None
         return float(_field_value(fv))
 
-    def read(self) -> list[GpuReading]:
-        """One reading per GPU (watts, joules, MHz)."""
+    def read_gpus(self) -> list[GpuReading]:
+        """One reading per GPU (watts, joules, MHz); `HardwareError` when NVML fails."""
         out = []
-        for k, (i, h) in enumerate(zip(self.indices, self._handles)):
+        for k, (i, h) in enumerate(zip(self.indices, self._handles, strict=True)):
             avg_mw = self._call(self._nv.nvmlDeviceGetPowerUsage, h,
                                 what=f"read the power of GPU {i}")
             inst_mw = self._instant_mw(k, h)
@@ -237,58 +341,96 @@ class NvmlPower:
         if not math.isfinite(power_cap_w):
             raise ValueError(f"power cap must be finite, got {power_cap_w}")
         capped = min(max(float(power_cap_w), c.power_cap_min_w), c.power_cap_max_w)
-        return max(math.floor(capped + 1e-9), c.power_cap_min_w) if capped < c.power_cap_max_w \
-            else c.power_cap_max_w
+        return float(max(math.floor(capped + 1e-9), c.power_cap_min_w)
+                     if capped < c.power_cap_max_w else c.power_cap_max_w)
+
+    def _device_mw(self, k: int) -> int:
+        """The limit GPU slot ``k`` holds (what was set, read from the device), mW."""
+        i, h = self.indices[k], self._handles[k]
+        return int(self._call(self._nv.nvmlDeviceGetPowerManagementLimit, h,
+                              what=f"read the power limit of GPU {i}"))
 
     def set_power_cap_w(self, power_cap_w: float) -> float:
-        """Set the same cap on every GPU (clamped); returns the cap in force afterwards (per GPU,
-        the first GPU's when they differ). Writes that change nothing are skipped; ``dry_run``
-        only logs what it would write."""
+        """Set the same cap on every GPU (clamped). Each GPU's limit is read first: the write is
+        skipped when the device already holds the value, and a device value that differs from
+        what palsctl set before is a drift (logged once per episode, counted in
+        ``drift.events``) that this write repairs. Returns the cap in force afterwards, read
+        back (the largest over the GPUs). ``dry_run`` only logs what it would write and returns
+        that value."""
         applied = []
         with self._lock:
             if self._closed:
                 raise HardwareError("NVML adapter is closed")
-            for k, (i, h) in enumerate(zip(self.indices, self._handles)):
+            for k, i in enumerate(self.indices):
                 cap_w = self.clamp_cap_w(power_cap_w, k)
                 mw = int(round(cap_w * 1000.0))
-                if mw == self._current_mw[k]:
-                    applied.append(cap_w)
-                    continue
                 if self.dry_run:
-                    log.info("dry run: would set GPU %d power limit %.0f W -> %.0f W", i,
-                             self._current_mw[k] / 1000.0, cap_w)
+                    if mw != self._commanded_mw[k]:
+                        log.info("dry run: would set GPU %d power limit %.0f W -> %.0f W", i,
+                                 self._device_mw(k) / 1000.0, cap_w)
+                    self._commanded_mw[k] = mw
                     applied.append(cap_w)
-                    self._current_mw[k] = mw
                     continue
-                self._call(self._nv.nvmlDeviceSetPowerManagementLimit, h, mw,
-                           what=f"set the power limit of GPU {i} to {cap_w:.0f} W")
-                self._current_mw[k] = mw
-                self._changed[k] = True
-                applied.append(cap_w)
-                log.info("GPU %d power limit set to %.0f W", i, cap_w)
-        return applied[0]
+                device = self._device_mw(k)
+                last = self._commanded_mw[k]
+                self.drift.check(i, device / 1000.0, None if last is None else last / 1000.0)
+                if device != mw:
+                    self._call(self._nv.nvmlDeviceSetPowerManagementLimit, self._handles[k], mw,
+                               what=f"set the power limit of GPU {i} to {cap_w:.0f} W")
+                    device = self._device_mw(k)
+                    if device == mw:
+                        log.info("GPU %d power limit set to %.0f W", i, cap_w)
+                    else:
+                        log.warning("GPU %d holds %.0f W after setting %.0f W", i,
+                                    device / 1000.0, cap_w)
+                self._commanded_mw[k] = mw
+                applied.append(device / 1000.0)
+        return max(applied)
 
     @property
     def power_cap_w(self) -> float:
-        """The per-GPU cap this adapter last set (or found at open), first GPU."""
-        return self._current_mw[0] / 1000.0
+        """The per-GPU limit the devices hold, read from them (the largest over the GPUs); in a
+        dry run, what would have been written."""
+        with self._lock:
+            if self.dry_run and self._commanded_mw[0] is not None:
+                return max(m for m in self._commanded_mw if m is not None) / 1000.0
+            return max(self._device_mw(k) for k in range(len(self.indices))) / 1000.0
+
+    def state_targets(self) -> list[dict[str, Any]]:
+        """Claim entries (`palsctl.adapters.state`): each GPU's original limit."""
+        return [{"kind": "nvml", "index": i, "name": self.constraints[k].name,
+                 "power_limit_w": self._original_mw[k] / 1000.0}
+                for k, i in enumerate(self.indices)]
 
     # ---------------------------------------------------------------- restore / close
+    def _restore_once(self) -> None:
+        failed = []
+        for k, i in enumerate(self.indices):
+            want = self._original_mw[k]
+            try:
+                if self._device_mw(k) != want:
+                    self._call(self._nv.nvmlDeviceSetPowerManagementLimit, self._handles[k],
+                               want, what=f"restore the power limit of GPU {i}")
+                    got = self._device_mw(k)
+                    if got != want:
+                        raise HardwareError(f"GPU {i} holds {got / 1000:.0f} W after writing "
+                                            f"{want / 1000:.0f} W")
+                    log.info("GPU %d power limit restored to %.0f W", i, want / 1000.0)
+                self._commanded_mw[k] = None
+            except Exception as exc:  # noqa: BLE001 - every GPU is tried
+                failed.append(f"GPU {i}: {exc}")
+        if failed:
+            raise ActuatorError("could not restore the power limit of " + "; ".join(failed))
+
     def restore(self) -> None:
-        """Write back the limits found at open on every GPU this adapter changed. Idempotent;
-        failures are logged (restoring runs in shutdown paths) and the remaining GPUs still tried."""
+        """Write back the limits found at open on every GPU that holds another value, each
+        confirmed by reading it back, with retries and backoff. Raises `ActuatorError` naming
+        the GPUs that could not be restored. A dry run writes nothing."""
+        if self.dry_run:
+            return
         with self._lock:
-            for k, (i, h) in enumerate(zip(self.indices, self._handles)):
-                if not self._changed[k]:
-                    continue
-                try:
-                    self._nv.nvmlDeviceSetPowerManagementLimit(h, self._original_mw[k])
-                    self._current_mw[k] = self._original_mw[k]
-                    self._changed[k] = False
-                    log.info("GPU %d power limit restored to %.0f W", i,
-                             self._original_mw[k] / 1000.0)
-                except Exception as exc:  # noqa: BLE001 - shutdown path must try every GPU
-                    log.error("could not restore the power limit of GPU %d: %s", i, exc)
+            retry(self._restore_once, attempts=self.restore_attempts,
+                  first_delay_s=self.restore_backoff_s, what="restoring the GPU power limits")
 
     def _shutdown(self) -> None:
         try:
@@ -297,14 +439,17 @@ class NvmlPower:
             pass
 
     def close(self) -> None:
-        """Restore the original limits and shut NVML down (idempotent)."""
+        """Restore the original limits and shut NVML down (idempotent). Raises `ActuatorError`
+        when a limit could not be restored (NVML is shut down all the same)."""
         with self._lock:
             if self._closed:
                 return
-            self.restore()
-            self._closed = True
-            self._shutdown()
-        _unregister(self)
+            try:
+                self.restore()
+            finally:
+                self._closed = True
+                self._shutdown()
+                _unregister(self)
 
     def __enter__(self) -> "NvmlPower":
         return self
@@ -329,9 +474,23 @@ _previous_handlers: dict[int, Any] = {}
 
 
 def restore_all() -> None:
-    """Restore every open adapter's original limits (used by the exit and signal hooks)."""
+    """Restore every open adapter's original limits (used by the exit and signal hooks;
+    failures are logged, never raised)."""
     for adapter in list(_open):
-        adapter.restore()
+        try:
+            adapter.restore()
+        except Exception as exc:  # noqa: BLE001 - a shutdown hook must go on
+            log.error("%s", exc)
+
+
+def restore_limits(limits_w: dict[int, float], *, backend: Any = None) -> None:
+    """Write the per-GPU limits ``{index: watts}`` back where a GPU holds another value, each
+    confirmed by reading it back (one try; `palsctl.adapters.state.restore_targets` retries).
+    Raises `ActuatorError` (or `HardwareError` when NVML cannot start)."""
+    nv = NvmlPower(sorted(limits_w), backend=backend, install_signal_handlers=False,
+                   restore_attempts=1)
+    nv._original_mw = [int(round(limits_w[i] * 1000.0)) for i in nv.indices]
+    nv.close()
 
 
 def _on_signal(signum: int, frame: Any) -> None:

@@ -27,7 +27,11 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from palsctl.errors import PalsctlError
+from palsctl.errors import SensorError
+from palsctl.types import Measurement
+
+__all__ = ["Histogram", "MetricsError", "MetricsSnapshot", "MetricsWindow", "VllmMetricsSensor",
+           "fetch_text", "histogram_quantile", "parse_metrics", "window_stats"]
 
 GENERATION_TOKENS = "vllm:generation_tokens_total"
 PROMPT_TOKENS = "vllm:prompt_tokens_total"
@@ -39,10 +43,13 @@ KV_USAGE_NAMES = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 TTFT_NAMES = ("vllm:time_to_first_token_seconds",)
 ITL_NAMES = ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")
 E2E_NAMES = ("vllm:e2e_request_latency_seconds",)
+_USED = frozenset((GENERATION_TOKENS, PROMPT_TOKENS, REQUEST_SUCCESS, PREEMPTIONS, RUNNING, WAITING,
+                   *KV_USAGE_NAMES))
 
 
-class MetricsError(PalsctlError):
-    """The metrics endpoint could not be read or does not look like a vLLM server's."""
+class MetricsError(SensorError):
+    """The metrics endpoint could not be read or does not look like a vLLM server's (a
+    `SensorError`: the loop records a stale step and goes on)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -59,10 +66,10 @@ class Histogram:
         bucket layout changed)."""
         if older is None or older.count > self.count or \
                 [b for b, _ in older.buckets] != [b for b, _ in self.buckets] or \
-                any(o > n for (_, o), (_, n) in zip(older.buckets, self.buckets)):
+                any(o > n for (_, o), (_, n) in zip(older.buckets, self.buckets, strict=True)):
             return self
         return Histogram(buckets=tuple((b, n - o) for (b, n), (_, o) in
-                                       zip(self.buckets, older.buckets)),
+                                       zip(self.buckets, older.buckets, strict=True)),
                          count=self.count - older.count, sum_s=max(self.sum_s - older.sum_s, 0.0))
 
     def quantile(self, q: float) -> float | None:
@@ -136,8 +143,9 @@ class MetricsWindow:
 def parse_metrics(text: str, *, model_name: str | None = None) -> MetricsSnapshot:
     """Parse Prometheus exposition text from a vLLM server into a `MetricsSnapshot`.
 
-    Raises `MetricsError` when the text is not valid exposition format or holds no vLLM request
-    metrics (for ``model_name``, when given)."""
+    Raises `MetricsError` when the text is not valid exposition format, holds no vLLM request
+    metrics (for ``model_name``, when given), a sample palsctl uses is not a finite number (NaN,
+    ±Inf) or a histogram bucket has no numeric ``le`` bound."""
     from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
 
     sums: dict[str, float] = defaultdict(float)
@@ -163,17 +171,27 @@ def parse_metrics(text: str, *, model_name: str | None = None) -> MetricsSnapsho
             if "engine" in labels:
                 engines.add(labels["engine"])
             name = s.name
-            if family.type == "histogram" and family.name in hist_names:
+            hist = family.type == "histogram" and family.name in hist_names
+            if not hist and name not in _USED:
+                continue            # not read by palsctl (nor checked)
+            if not math.isfinite(s.value) and not name.endswith("_created"):
+                raise MetricsError(f"{name}{_labels(labels)} is {s.value}, not a finite number")
+            if hist:
                 h = hists.setdefault(family.name, {"bucket": defaultdict(float), "count": 0.0,
                                                    "sum": 0.0})
                 if name.endswith("_bucket"):
-                    h["bucket"][float(labels["le"])] += s.value
+                    try:
+                        le = float(labels["le"])
+                    except (KeyError, ValueError):
+                        raise MetricsError(f"{name}{_labels(labels)}: a bucket without a numeric "
+                                           f"'le' bound") from None
+                    if math.isnan(le):
+                        raise MetricsError(f"{name}{_labels(labels)}: bucket bound 'le' is NaN")
+                    h["bucket"][le] += s.value
                 elif name.endswith("_count"):
                     h["count"] += s.value
                 elif name.endswith("_sum"):
                     h["sum"] += s.value
-                continue
-            if name.endswith("_created"):
                 continue
             sums[name] += s.value
             counts[name] += 1
@@ -204,6 +222,11 @@ def parse_metrics(text: str, *, model_name: str | None = None) -> MetricsSnapsho
         running=sums.get(RUNNING, 0.0), waiting=sums.get(WAITING, 0.0), kv_usage=kv,
         ttft=hist(TTFT_NAMES), tpot=hist(ITL_NAMES), e2e=hist(E2E_NAMES),
         model_names=tuple(sorted(models)), engines=max(len(engines), 1))
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())[:4]) + "}" \
+        if labels else ""
 
 
 def _delta(new: float, old: float) -> tuple[float, bool]:
@@ -244,6 +267,10 @@ def fetch_text(url: str, *, timeout_s: float = 2.0) -> str:
 class VllmMetricsSensor:
     """Scrapes ``url`` (a vLLM ``/metrics`` endpoint) and reports windows between scrapes.
 
+    A `palsctl.interfaces.Sensor`: ``read()`` returns the window as a `Measurement` with the
+    engine fields (throughput, prompt tokens/s, running, waiting, KV usage, p90 TTFT and
+    inter-token latency; the power fields are zero: another sensor measures power) and raises
+    `MetricsError` (a `SensorError`) when the endpoint cannot be read.
     ``fetch``: a callable ``url -> text`` (tests inject one); ``clock``: monotonic seconds.
     The first `read_window` primes the sensor and reports the window since the previous call of
     `prime` (or rates of zero over a tiny window when never primed)."""
@@ -258,6 +285,7 @@ class VllmMetricsSensor:
         self._clock = clock
         self._prev: MetricsSnapshot | None = None
         self._prev_t: float | None = None
+        self._t0: float | None = None
 
     def scrape(self) -> MetricsSnapshot:
         return parse_metrics(self._fetch(self.url), model_name=self.model_name)
@@ -279,3 +307,14 @@ class VllmMetricsSensor:
                          quantile=self.quantile)
         self._prev, self._prev_t = snap, now
         return w
+
+    def read(self) -> Measurement:
+        """The window since the previous scrape as a `Measurement` (engine fields only)."""
+        w = self.read_window()
+        if self._t0 is None:                 # times count from the start of the first window
+            self._t0 = self._prev_t - w.window_s
+        return Measurement(t_s=self._prev_t - self._t0, window_s=w.window_s, power_w=0.0,
+                           energy_j=0.0, throughput_tok_s=w.throughput_tok_s,
+                           prompt_tok_s=w.prompt_tok_s, running=w.running, waiting=w.waiting,
+                           kv_usage=w.kv_usage, ttft_p90_s=w.ttft_p90_s,
+                           tpot_p90_s=w.tpot_p90_s)

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from palsctl.errors import ConfigError
+from palsctl.adapters.batch import BatchLimit
+from palsctl.adapters.state import atomic_write_text
+from palsctl.errors import ActuatorError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +39,8 @@ ENV_BATCH_FILE = "PALSCTL_BATCH_FILE"
 
 
 def write_batch_target(path: str | os.PathLike[str], max_batch: int) -> None:
-    """Atomically write ``max_batch`` to the control file (write a temporary file, rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".batch-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{int(max_batch)}\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Atomically write ``max_batch`` to the control file (a temporary file, fsync, rename)."""
+    atomic_write_text(path, f"{int(max_batch)}\n")
 
 
 def read_batch_target(path: str | os.PathLike[str]) -> int | None:
@@ -99,38 +89,49 @@ def effective_cap(target: int | None, running: int, launch_max: int) -> int:
     return int(min(launch_max, max(target, running, 1)))
 
 
-class BatchFileActuator:
-    """palsctl's side: sets the scheduler plugin's target batch through the control file.
+class BatchFileActuator(BatchLimit):
+    """palsctl's side: the scheduler plugin's target batch through the control file, as a
+    `palsctl.adapters.batch.BatchLimit` (read back from the file before and after each write,
+    drift repaired; a missing file means the launch value).
 
     ``launch_max``: the server's launch ``max_num_seqs`` (targets are clamped to 1..launch_max).
-    `close` writes ``launch_max`` back (restores the launch behaviour)."""
+    `close` writes the target found at open back (``launch_max`` when there was none)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, launch_max: int, dry_run: bool = False) -> None:
-        if launch_max < 1:
-            raise ConfigError("launch max_num_seqs must be >= 1", key="max_batch_launch",
-                              value=launch_max)
+    what = "scheduler batch target"
+
+    def __init__(self, path: str | os.PathLike[str], *, launch_max: int, dry_run: bool = False,
+                 **kw: Any) -> None:
         self.path = Path(path)
         if not self.path.parent.is_dir():
             raise ConfigError("folder of the batch control file does not exist",
                               key="batch_file", value=str(self.path))
-        self.launch_max = int(launch_max)
-        self.dry_run = dry_run
-        self.max_batch = read_batch_target(self.path) or self.launch_max
+        super().__init__(launch_max=launch_max, dry_run=dry_run, **kw)
 
-    def set_max_batch(self, max_batch: int) -> int:
-        value = int(min(max(int(max_batch), 1), self.launch_max))
-        if value != self.max_batch or not self.path.exists():
-            if self.dry_run:
-                log.info("dry run: would set batch target %d -> %d", self.max_batch, value)
-            else:
-                write_batch_target(self.path, value)
-            self.max_batch = value
-        return value
+    def _read_device(self) -> int | None:
+        return read_batch_target(self.path)
 
-    def close(self) -> None:
-        if not self.dry_run:
-            write_batch_target(self.path, self.launch_max)
-        self.max_batch = self.launch_max
+    def _write_device(self, n: int) -> int:
+        write_batch_target(self.path, n)
+        got = read_batch_target(self.path)
+        return self.launch_max if got is None else got
+
+    def state_target(self) -> dict[str, Any]:
+        return {"kind": "batch_file", "path": str(self.path.resolve()),
+                "max_batch": self.original}
+
+
+def restore_batch_file(path: str | os.PathLike[str], max_batch: int) -> None:
+    """Write ``max_batch`` to the control file unless it holds it and read it back (one try).
+    Raises `ActuatorError`."""
+    try:
+        if read_batch_target(path) != max_batch:
+            write_batch_target(path, max_batch)
+            got = read_batch_target(path)
+            if got != max_batch:
+                raise ActuatorError(f"{path} holds {got} after writing {max_batch}")
+            log.info("scheduler batch target in %s restored to %d", path, max_batch)
+    except OSError as exc:
+        raise ActuatorError(f"could not restore the batch target in {path}: {exc}") from None
 
 
 class _BatchCapMixin:

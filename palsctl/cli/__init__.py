@@ -27,6 +27,7 @@ COMMANDS = {
     "emulate": "palsctl.cli.emulate",
     "gateway": "palsctl.cli.gateway",
     "control": "palsctl.cli.control",
+    "restore": "palsctl.cli.restore",
     "data": "palsctl.cli.data",
     "fleet": "palsctl.cli.fleet",
 }

@@ -1,11 +1,22 @@
 """``palsctl control CONFIG``: the closed loop on the wall clock against a real or emulated
 vLLM server (power from NVML or the emulator, metrics from /metrics, batch through the gateway
-or the scheduler plugin), behind the same SafetyGuard as in simulation."""
+or the scheduler plugin), behind the same SafetyGuard as in simulation.
+
+Nothing it changes outlives it unknowingly: before the first write the original settings go to
+a claim file in the state folder (`palsctl.adapters.state`); a start that finds the claim of a
+palsctl that died (SIGKILL, power loss) restores those originals first and says so, and
+``palsctl restore`` does it by hand. On SIGINT, SIGTERM, SIGHUP or SIGQUIT it finishes the step,
+restores and exits; a second signal skips the rest of the step. Every step is appended to
+``steps.csv`` as it happens (flushed, ``fsync``-ed every few steps) and ``summary.json`` is
+written on any exit it survives, naming the steps file with its row count and checksum.
+"""
 from __future__ import annotations
 
 import argparse
 
 HELP = "run a controller against a real (or emulated) vLLM server on the wall clock"
+
+_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,21 +32,81 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "SIGINT/SIGTERM)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default: results/<name>)")
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="where the original settings are kept while palsctl runs (default: "
+                        "$PALSCTL_STATE_DIR, /run/palsctl for root, else "
+                        "~/.local/state/palsctl)")
+    p.add_argument("--status-every", type=int, default=10, metavar="N",
+                   help="log a status line every N steps (0: never; default 10)")
     p.add_argument("--show-example", action="store_true", help="print an example config")
     add_metrics_arguments(p)
+
+
+class _Totals:
+    """Running totals of the steps (the loop keeps no step list on an unbounded run)."""
+
+    def __init__(self) -> None:
+        self.steps = self.stale = self.faulty = 0
+        self.energy_j = self.tokens = self.duration_s = self.over_budget_s = 0.0
+        self._budget: float | None = None
+        self.last = None
+
+    def __call__(self, rec) -> None:
+        m = rec.measurement
+        self.steps += 1
+        self.stale += bool(m.stale)
+        self.faulty += bool(rec.fault)
+        w = m.window_s
+        self.duration_s += w
+        if m.power_w == m.power_w:          # NaN from a broken sensor counts as nothing
+            self.energy_j += m.power_w * w
+            b = self._budget                # the budget in force during the window
+            if b is not None and m.power_w > b * 1.01:
+                self.over_budget_s += w
+        if m.throughput_tok_s == m.throughput_tok_s:
+            self.tokens += m.throughput_tok_s * w
+        self._budget = rec.setpoint.power_budget_w
+        self.last = rec
+
+
+class _Status:
+    """Logs a status line every ``every`` steps (an ``on_step`` callback)."""
+
+    def __init__(self, log, every: int, totals: _Totals) -> None:
+        self.log, self.every, self.totals, self.n = log, every, totals, 0
+
+    def __call__(self, rec) -> None:
+        self.n += 1
+        if self.every <= 0 or self.n % self.every:
+            return
+        m, a, t = rec.measurement, rec.applied, self.totals
+        b = rec.setpoint.power_budget_w
+        self.log.info("step %d: %.0f W%s, cap %s W, batch %s, %.0f tok/s, %d running, "
+                      "%d waiting; %d stale, %d with faults so far", self.n, m.power_w,
+                      "" if b is None else f" (budget {b:g} W)",
+                      "?" if a.power_cap_w is None else f"{a.power_cap_w:g}",
+                      "?" if a.max_batch is None else a.max_batch, m.throughput_tok_s,
+                      m.running, m.waiting, t.stale, t.faulty)
 
 
 def main(args: argparse.Namespace) -> int:
     import logging
     import signal
+    import sys
     from pathlib import Path
 
+    from palsctl.adapters.state import Claim, default_state_dir
     from palsctl.cli.options import start_metrics
-    from palsctl.experiment.build import build_controller, build_schedule
     from palsctl.errors import ConfigError
-    from palsctl.loop import run_loop
-    from palsctl.experiment.serving import (CONTROL_EXAMPLE_TOML, build_serving_plant,
-                                            load_control)
+    from palsctl.experiment.build import build_controller, build_schedule
+    from palsctl.experiment.results import write_summary
+    from palsctl.experiment.serving import (
+        CONTROL_EXAMPLE_TOML,
+        build_serving_plant,
+        load_control,
+        recover_settings,
+    )
+    from palsctl.loop import ClosedLoop, StepsWriter
 
     if args.show_example:
         print(CONTROL_EXAMPLE_TOML, end="")
@@ -50,40 +121,103 @@ def main(args: argparse.Namespace) -> int:
     log = logging.getLogger("palsctl.control")
     controller = build_controller(cfg)
     schedule = build_schedule(cfg)
-    stop = {"n": 0}
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    out = Path(args.out) if args.out else Path("results") / cfg.name
+
+    for line in recover_settings(serving, state_dir=state_dir, dry_run=args.dry_run,
+                                 file=cfg.source):
+        log.warning("%s", line)
     plant = build_serving_plant(serving, dt_s=cfg.dt_s, dry_run=args.dry_run, file=cfg.source)
+    claim = writer = None
+    try:
+        if not args.dry_run:   # the originals, before the first write
+            claim = Claim.write(state_dir, plant.state_targets(),
+                                command=f"palsctl control {args.config}")
+        writer = StepsWriter(out / "steps.csv")
+    except OSError as exc:
+        plant.close()
+        if claim is not None and plant.restored:
+            claim.release()
+        what = ("--state-dir", str(state_dir)) if claim is None and not args.dry_run \
+            else ("--out", str(out))
+        raise ConfigError(f"cannot write: {exc}", key=what[0], value=what[1]) from None
+
+    totals = _Totals()
+    loop = None
+    stop = {"n": 0, "closing": False, "signal": None}
 
     def on_signal(signum, frame):
         stop["n"] += 1
-        if stop["n"] == 1:
-            log.info("signal %d: stopping after this step and restoring settings", signum)
-        else:   # second signal: restore now and leave
-            plant.close()
+        stop["signal"] = signal.Signals(signum).name
+        if stop["closing"]:
+            log.warning("%s: restoring the settings, please wait", stop["signal"])
+        elif stop["n"] == 1:
+            log.info("%s: stopping after this step and restoring settings", stop["signal"])
+        else:   # a second signal: leave the step now (the settings are restored below)
             raise SystemExit(128 + signum)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {}
+    for name in _SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            previous[sig] = signal.signal(sig, on_signal)
+    outcome = "completed"
     exporter = None
     try:
         exporter = start_metrics(args, model_name=serving["model_name"] or plant.info.model,
                                  gpus=serving["gpus"] or range(plant.limits.num_gpus), log=log)
+        loop = ClosedLoop(plant, controller, schedule=schedule,
+                          guard=cfg.guard if cfg.guard_enabled else False,
+                          on_step=[writer, totals, _Status(log, args.status_every, totals)]
+                          + ([exporter] if exporter else []),
+                          keep_steps=False)
         log.info("controlling %s (%s power, batch via %s)%s", serving["metrics_url"],
                  serving["power"], serving["batch"], " — DRY RUN" if args.dry_run else "")
-        record = run_loop(plant, controller, duration_s=duration, schedule=schedule,
-                          guard=cfg.guard if cfg.guard_enabled else False,
-                          should_stop=lambda: stop["n"] > 0, on_step=[exporter] if exporter else [])
+        loop.run(duration, should_stop=lambda: stop["n"] > 0)
+        if stop["signal"]:
+            outcome = f"stopped by {stop['signal']}"
+    except BaseException as exc:
+        outcome = (f"stopped by {stop['signal']}" if isinstance(exc, SystemExit)
+                   and stop["signal"] else f"ended by {type(exc).__name__}: {exc}")
+        raise
     finally:
+        stop["closing"] = True
         plant.close()
         if exporter is not None:
             exporter.close()
+        writer.close()
+        kept = None
+        if claim is not None:
+            if plant.restored:
+                claim.release()
+            else:
+                kept = claim.path
+        meta = loop.record.meta if loop is not None else {}
+        summary = write_summary(out / "summary.json", {
+            "experiment": cfg.name, "controller": cfg.controller_name, "outcome": outcome,
+            "dry_run": args.dry_run, "steps": totals.steps, "duration_s": totals.duration_s,
+            "energy_j": totals.energy_j, "generated_tokens": totals.tokens,
+            "tokens_per_joule": totals.tokens / totals.energy_j if totals.energy_j else None,
+            "time_over_budget_s": totals.over_budget_s, "stale_steps": totals.stale,
+            "fault_steps": totals.faulty,
+            "faults": {k: meta.get(k, 0) for k in ("sensor_faults", "actuator_faults",
+                                                   "actuator_alarms", "guard_faults",
+                                                   "guard_tightenings", "callback_errors")},
+            "drift_events": plant.drift_events(),
+            "settings_restored": None if args.dry_run else plant.restored,
+            "restore_errors": plant.restore_errors,
+            "state_file": None if kept is None else str(kept)}, writer.path)
         for s, h in previous.items():
             signal.signal(s, h)
-    out = Path(args.out) if args.out else Path("results") / cfg.name
-    path = record.write_csv(out / "steps.csv")
-    steps = record.steps
-    energy = sum(s.measurement.power_w * s.measurement.window_s for s in steps)
-    tokens = sum(s.measurement.throughput_tok_s * s.measurement.window_s for s in steps)
-    stale = sum(s.measurement.stale for s in steps)
-    print(f"{len(steps)} steps; {tokens:.0f} tokens, {energy:.0f} J"
-          f"{f', {tokens / energy:.3f} tokens/J' if energy > 0 else ''}; {stale} stale; "
-          f"settings restored; steps in {path}")
+    tail = ("dry run: nothing was changed" if args.dry_run else "settings restored"
+            if plant.restored else "settings NOT restored")
+    tpj = f", {totals.tokens / totals.energy_j:.3f} tokens/J" if totals.energy_j > 0 else ""
+    print(f"{totals.steps} steps; {totals.tokens:.0f} tokens, {totals.energy_j:.0f} J{tpj}; "
+          f"{totals.stale} stale; {totals.faulty} with faults; {tail}; steps in "
+          f"{writer.path} ({summary['steps_file']['rows']} rows)")
+    if not args.dry_run and not plant.restored:
+        print(f"palsctl control: error: could not restore: {'; '.join(plant.restore_errors)}; "
+              f"the originals are kept in {kept}: run `palsctl restore` when the endpoint is "
+              f"back", file=sys.stderr)
+        return 1
     return 0

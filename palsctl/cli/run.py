@@ -172,7 +172,8 @@ def main(args: argparse.Namespace) -> int:
         else:
             try:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(text)
+                from palsctl.adapters.state import atomic_write_text
+                atomic_write_text(Path(args.json), text)
             except OSError as exc:
                 raise ConfigError(f"cannot write: {exc}", key="--json", value=args.json) from None
             written.append(Path(args.json))
@@ -227,21 +228,24 @@ def _write_results(out, cfg, args, record, records, summary, baselines) -> list:
 
     header = (f"# The resolved experiment of this run: every default filled in; rerun with\n"
               f"#   palsctl run --from {out / CONFIG_FILE}\n")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        written = [record.write_csv(out / "steps.csv")]
-        for name, rec in records.items():
-            written.append(rec.write_csv(out / f"steps-{name}.csv"))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (out / CONFIG_FILE).write_text(config_to_toml(cfg, controller=args.controller,
-                                                      header=header))
-        prov = provenance(cfg, controller=args.controller, baselines=baselines)
-        (out / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2, default=str) + "\n")
-        written += [out / "summary.json", out / CONFIG_FILE, out / PROVENANCE_FILE]
-        if not args.no_plot:
-            from palsctl.plotting import plot_timeline
+    from palsctl.experiment.results import ResultsDir, steps_file_entry
 
-            written.append(plot_timeline(record, out / "timeline.png", baselines=records))
+    try:   # into a temporary folder, moved into place when whole (never torn)
+        with ResultsDir(out) as rd:
+            record.write_csv(rd.file("steps.csv"))
+            for name, rec in records.items():
+                rec.write_csv(rd.file(f"steps-{name}.csv"))
+            summary["steps_file"] = steps_file_entry(rd.file("steps.csv"))
+            rd.file("summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            rd.file(CONFIG_FILE).write_text(config_to_toml(cfg, controller=args.controller,
+                                                           header=header))
+            prov = provenance(cfg, controller=args.controller, baselines=baselines)
+            rd.file(PROVENANCE_FILE).write_text(json.dumps(prov, indent=2, default=str) + "\n")
+            if not args.no_plot:
+                from palsctl.plotting import plot_timeline
+
+                plot_timeline(record, rd.file("timeline.png"), baselines=records)
+            written = rd.commit()
     except OSError as exc:
         raise ConfigError(f"cannot write the results: {exc}", key="--out", value=str(out)) from None
     return written

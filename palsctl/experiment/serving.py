@@ -1,6 +1,7 @@
 """Wiring a real (or emulated) serving deployment from a ``palsctl control`` config: the
-``[serving]`` schema, the gateway token, opening the power source, metrics sensor and batch
-actuator as a `ServingPlant`."""
+``[serving]`` schema, the gateway token, restoring what a dead palsctl left behind
+(`recover_settings`), opening the power source, metrics sensor and batch actuator as a
+`ServingPlant`."""
 from __future__ import annotations
 
 import logging
@@ -82,10 +83,11 @@ def build_serving_plant(serving: dict[str, Any], *, dt_s: float, dry_run: bool =
         opened.append(power)
         batch: Any = None
         if serving["batch"] == "gateway":
-            from palsctl.adapters.gateway import GatewayBatchActuator, GatewayControl  # noqa
+            from palsctl.adapters.batch import GatewayBatch  # noqa: PLC0415
+            from palsctl.adapters.gateway import GatewayControl  # noqa: PLC0415
             ctl = GatewayControl(serving["gateway_control_url"], gateway_token(serving, file=file))
-            batch = GatewayBatchActuator(ctl, launch_max=serving["max_batch_launch"],
-                                         dry_run=dry_run)
+            batch = GatewayBatch(ctl, launch_max=serving["max_batch_launch"], dry_run=dry_run,
+                                 token_file=serving.get("gateway_token_file"))
         elif serving["batch"] == "scheduler":
             from palsctl.adapters.vllm_scheduler import BatchFileActuator  # noqa: PLC0415
             batch = BatchFileActuator(serving["batch_file"], launch_max=serving["max_batch_launch"],
@@ -111,6 +113,55 @@ def build_serving_plant(serving: dict[str, Any], *, dt_s: float, dry_run: bool =
             except Exception:  # noqa: BLE001
                 log.exception("closing %s failed", type(part).__name__)
         raise
+
+
+def target_keys(serving: dict[str, Any]) -> set[str]:
+    """The claim keys (`palsctl.adapters.state.target_key`) of the targets a validated
+    ``[serving]`` table will change, known before anything is opened (``nvml:*``: every GPU of
+    the host, when ``gpus`` is not given)."""
+    keys = set()
+    if serving["power"] == "nvml":
+        gpus = serving.get("gpus")
+        keys |= {"nvml:*"} if not gpus else {f"nvml:{i}" for i in gpus}
+    else:
+        keys.add(f"emulator:{serving['emulator_url'].rstrip('/')}")
+    if serving["batch"] == "gateway":
+        keys.add(f"gateway:{serving['gateway_control_url'].rstrip('/')}")
+    elif serving["batch"] == "scheduler":
+        keys.add(f"batch_file:{Path(serving['batch_file']).resolve()}")
+    return keys
+
+
+def recover_settings(serving: dict[str, Any], *, state_dir: Any, dry_run: bool = False,
+                     file: str | None = None) -> list[str]:
+    """Before opening anything: restore the settings that a dead palsctl left on the targets of
+    ``serving`` (its claim in ``state_dir``; see `palsctl.adapters.state`). Returns one line per
+    claim found, saying what was restored (or, in a dry run, what is still in force). Raises
+    `palsctl.adapters.state.ClaimConflict` when a live palsctl controls the same targets, and
+    `palsctl.errors.ActuatorError` when the originals could not be written back (starting then
+    would take the changed settings for originals)."""
+    from palsctl.adapters.state import recover  # noqa: PLC0415
+    from palsctl.errors import ActuatorError  # noqa: PLC0415
+
+    token = None
+    if serving["batch"] == "gateway":
+        try:
+            token = gateway_token(serving, file=file)
+        except ConfigError:
+            token = None
+    lines = []
+    for r in recover(state_dir, target_keys(serving), token=token, restore=not dry_run):
+        who = r.claim.describe()
+        if dry_run:
+            lines.append(f"settings left by {who}, which is gone, are still in force "
+                         f"(dry run: not restored; run `palsctl restore`)")
+        elif r.ok:
+            lines.append(f"restored the settings left by {who}, which is gone: "
+                         + "; ".join(r.restored))
+        else:
+            raise ActuatorError(f"could not restore the settings left by {who} "
+                                f"(claim {r.claim.path}): " + "; ".join(r.failed))
+    return lines
 
 
 def load_control(path: str):

@@ -8,9 +8,9 @@ import json
 import aiohttp
 import pytest
 
+from palsctl.adapters.emulator import Emulator, EmulatorConfig, estimate_prompt_tokens
 from palsctl.adapters.vllm_metrics import parse_metrics
 from palsctl.adapters.vllm_scheduler import write_batch_target
-from palsctl.adapters.emulator import Emulator, EmulatorConfig, estimate_prompt_tokens
 from palsctl.errors import ConfigError
 from palsctl.plants.sim import SimPlant
 
@@ -143,3 +143,34 @@ def test_prompt_estimate_and_config_validation():
         EmulatorConfig(speedup=0)
     with pytest.raises(ConfigError):
         EmulatorConfig(tick_s=5)
+
+
+def test_emulator_power_is_a_sensor_and_actuator_that_reads_back():
+    from palsctl.adapters.emulator import EmulatorPower, restore_limit
+    from palsctl.errors import ActuatorError
+    from palsctl.interfaces import Actuator, Sensor
+    from palsctl.types import Action
+
+    async def fn(emu, s):
+        def sync():
+            p = EmulatorPower(emu.url)
+            assert isinstance(p, Sensor) and isinstance(p, Actuator)
+            assert p.state_targets() == [{"kind": "emulator", "url": emu.url,
+                                          "power_limit_w": 700.0}]
+            p.prime()
+            m = p.read()
+            assert m.power_cap_w == 700.0 and m.power_w > 0 and m.energy_j > 0
+            assert p.apply(Action(power_cap_w=300.4)) == Action(power_cap_w=300.0)
+            restore_limit(emu.url, 650.0)          # someone else changes the limit
+            assert p.read().power_cap_w == 650.0 and p.power_cap_w == 650.0
+            assert p.apply(Action(power_cap_w=300.0)) == Action(power_cap_w=300.0)
+            assert p.drift.events == 1 and p.apply(Action()) == Action(power_cap_w=300.0)
+            p.close()
+            after = EmulatorPower(emu.url).read_gpus()
+            with pytest.raises(ActuatorError, match="could not restore"):
+                restore_limit("http://127.0.0.1:9", 700.0, timeout_s=0.5)
+            return [g.power_limit_w for g in after]
+
+        return await asyncio.to_thread(sync)
+
+    assert run(fn) == [700.0, 700.0]

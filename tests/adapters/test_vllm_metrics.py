@@ -8,8 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from palsctl.adapters.vllm_metrics import (Histogram, MetricsError, VllmMetricsSensor,
-                                           histogram_quantile, parse_metrics, window_stats)
+from palsctl.adapters.vllm_metrics import (
+    Histogram,
+    MetricsError,
+    VllmMetricsSensor,
+    histogram_quantile,
+    parse_metrics,
+    window_stats,
+)
 
 FIX = Path(__file__).resolve().parent / "fixtures"
 
@@ -81,7 +87,7 @@ def _text(gen, prompt, ttft_counts, running=4, waiting=0):
         f'vllm:time_to_first_token_seconds_bucket{{engine="0",le="0.5",model_name="m"}} {b2}',
         f'vllm:time_to_first_token_seconds_bucket{{engine="0",le="+Inf",model_name="m"}} {inf}',
         f'vllm:time_to_first_token_seconds_count{{engine="0",model_name="m"}} {inf}',
-        f'vllm:time_to_first_token_seconds_sum{{engine="0",model_name="m"}} 1.0',
+        'vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 1.0',
         ""])
 
 
@@ -152,3 +158,44 @@ def test_histogram_minus_resets_on_layout_change():
     h3 = Histogram(buckets=((0.1, 6.0), (math.inf, 9.0)), count=9, sum_s=1.0)
     d = h3.minus(h1)
     assert d.buckets == ((0.1, 1.0), (math.inf, 4.0)) and d.count == 4
+
+
+@pytest.mark.parametrize("text, words", [
+    (_text(10, 5, (1, 2, 2), running="NaN"), "num_requests_running"),
+    (_text("-Inf", 5, (1, 2, 2)), "generation_tokens_total"),
+    (_text(10, 5, (1, 2, 2)) + "# TYPE vllm:kv_cache_usage_perc gauge\n"
+     'vllm:kv_cache_usage_perc{engine="0"} +Inf\n', "kv_cache_usage_perc"),
+    (_text(10, 5, (1, 2, "NaN")), "time_to_first_token_seconds"),
+])
+def test_non_finite_values_are_a_sensor_error_naming_the_metric(text, words):
+    from palsctl.errors import SensorError
+
+    with pytest.raises(SensorError, match=words):
+        parse_metrics(text)
+
+
+def test_a_bucket_without_a_numeric_le_is_a_sensor_error_and_unused_metrics_are_ignored():
+    good = _text(10, 5, (1, 2, 2))
+    bad = good.replace('le="0.1"', 'le="fast"', 1)
+    assert bad != good
+    with pytest.raises(MetricsError, match="numeric 'le'"):
+        parse_metrics(bad)
+    # a metric palsctl does not read may hold anything
+    odd = good + "# TYPE vllm:some_ratio gauge\nvllm:some_ratio NaN\n"
+    assert parse_metrics(odd).generation_tokens == 10
+
+
+def test_sensor_read_is_a_measurement_of_the_engine_fields():
+    from palsctl.interfaces import Sensor
+    from palsctl.types import Measurement
+
+    texts = iter([_text(0, 0, (0, 0, 0)), _text(300, 30, (3, 3, 3)), _text(900, 60, (3, 4, 4))])
+    times = iter([10.0, 11.0, 13.0])
+    s = VllmMetricsSensor("http://x/metrics", fetch=lambda u: next(texts),
+                          clock=lambda: next(times))
+    assert isinstance(s, Sensor)
+    s.prime()
+    m1, m2 = s.read(), s.read()
+    assert isinstance(m2, Measurement) and (m1.t_s, m2.t_s) == (1.0, 3.0)
+    assert m2.window_s == 2.0 and m2.throughput_tok_s == 300 and m2.prompt_tok_s == 15
+    assert m2.power_w == 0.0 and m2.ttft_p90_s is not None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -14,6 +13,14 @@ import pytest
 
 pytestmark = pytest.mark.timeout(120)
 PALSCTL = [sys.executable, "-m", "palsctl"]
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch):
+    """Every palsctl started here keeps its claims in the test's own state folder."""
+    d = tmp_path / "state"
+    monkeypatch.setenv("PALSCTL_STATE_DIR", str(d))
+    return d
 
 
 def _start(args, pattern):
@@ -65,8 +72,10 @@ name = "cap-to-budget"
 max_batch = 3
 """)
     yield dict(emu_url=emu_url, gw_url=gw_url, ctl_url=ctl_url, cfg=cfg,
-               token=token_file.read_text().strip(), tmp=tmp_path)
+               token=token_file.read_text().strip(), tmp=tmp_path, emu=emu, gw=gw)
     for p in (gw, emu):
+        if p.poll() is not None:
+            continue
         p.send_signal(signal.SIGTERM)
         try:
             p.wait(20)
@@ -74,14 +83,23 @@ max_batch = 3
             p.kill()
 
 
-def test_control_bounded_run_applies_and_restores(stack):
+def test_control_bounded_run_applies_and_restores(stack, state_dir):
     out = stack["tmp"] / "out"
     r = subprocess.run(PALSCTL + ["control", str(stack["cfg"]), "--duration-s", "1.5",
-                                  "--out", str(out)], capture_output=True, text=True, timeout=60)
+                                  "--out", str(out), "--status-every", "2"],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "3 steps" in r.stdout and "settings restored" in r.stdout
+    assert "step 2: " in r.stderr and "budget 400 W" in r.stderr     # the status line
     rows = (out / "steps.csv").read_text().splitlines()
     assert len(rows) == 4
+    summary = json.loads((out / "summary.json").read_text())
+    from palsctl.experiment.results import csv_digest
+    assert summary["steps_file"] == {"path": "steps.csv", "rows": 3,
+                                     "sha256": csv_digest(out / "steps.csv")[1]}
+    assert summary["settings_restored"] is True and summary["outcome"] == "completed"
+    assert summary["drift_events"] == {"power": 0, "batch": 0} and summary["steps"] == 3
+    assert list(state_dir.iterdir()) == []         # the claim was removed after restoring
     header = rows[0].split(",")
     first = dict(zip(header, rows[1].split(",")))
     assert float(first["applied_cap_w"]) == 400.0 and int(first["applied_batch"]) == 3
@@ -100,7 +118,8 @@ def test_control_dry_run_changes_nothing(stack, caplog):
     assert _get(stack["ctl_url"] + "/control", stack["token"])["max_concurrency"] == 16
 
 
-def test_control_sigterm_restores(stack):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_control_signal_restores(stack, sig):
     proc = subprocess.Popen(PALSCTL + ["control", str(stack["cfg"]), "--out",
                                        str(stack["tmp"] / "term")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -115,13 +134,17 @@ def test_control_sigterm_restores(stack):
             if (cap, batch) == (400.0, 3) or proc.poll() is not None:
                 break
         assert (cap, batch) == (400.0, 3) and proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, sig))
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err[-2000:]
     assert "settings restored" in out
+    summary = json.loads((stack["tmp"] / "term" / "summary.json").read_text())
+    assert summary["outcome"] == f"stopped by {sig}" and summary["settings_restored"]
+    rows = (stack["tmp"] / "term" / "steps.csv").read_text().splitlines()
+    assert summary["steps"] == summary["steps_file"]["rows"] == len(rows) - 1 >= 1
     assert _get(stack["emu_url"] + "/palsctl/power")["gpus"][0]["power_limit_w"] == 700.0
     assert _get(stack["ctl_url"] + "/control", stack["token"])["max_concurrency"] == 16
 
@@ -198,3 +221,41 @@ max_batch = 5
     finally:
         emu.send_signal(signal.SIGTERM)
         emu.wait(20)
+
+
+def test_endpoint_down_at_shutdown_is_reported_truthfully(stack, state_dir):
+    """The emulator (the power endpoint) goes away while palsctl controls it: the loop goes on
+    with stale steps; at shutdown the restore fails, palsctl says so (exit 1, never "settings
+    restored") and keeps its claim for `palsctl restore`."""
+    out_dir = stack["tmp"] / "down"
+    proc = subprocess.Popen(PALSCTL + ["control", str(stack["cfg"]), "--out", str(out_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(5000):   # bounded poll until the cap was applied
+            if _get(stack["emu_url"] + "/palsctl/power")["gpus"][0]["power_limit_w"] == 400.0 \
+                    or proc.poll() is not None:
+                break
+        assert proc.poll() is None
+        stack["emu"].send_signal(signal.SIGTERM)
+        stack["emu"].wait(20)
+        steps = out_dir / "steps.csv"
+        for _ in range(5000):   # bounded: until a step recorded the fault (appended as it ran)
+            if "stale measurement" in steps.read_text() or proc.poll() is not None:
+                break
+        assert proc.poll() is None, "palsctl control ended when its endpoint went away"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-2000:]
+    assert "settings NOT restored" in out and "settings restored" not in out
+    assert "could not restore" in err and "palsctl restore" in err and "Traceback" not in err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["settings_restored"] is False and summary["restore_errors"]
+    assert summary["stale_steps"] >= 1 and summary["faults"]["actuator_faults"] >= 1
+    claims = list(state_dir.glob("claim-*.json"))
+    assert [str(c) for c in claims] == [summary["state_file"]]
+    r = subprocess.run(PALSCTL + ["restore", "--list"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "gone" in r.stdout and "emulator:" in r.stdout
