@@ -20,13 +20,18 @@
 power: an actuator may ignore or misreport a write, firmware may hold a cap loosely. So the guard
 also compares the **measured** power of each window with the budget that was in force during it.
 When it is over the budget by more than ``power_tolerance_frac`` (room for sensor noise and
-firmware settling) for ``power_persist_steps`` consecutive windows, the guard tightens: it sets a
-cap ceiling below the cap it last commanded by the measured excess (per GPU) — kept as a fraction
-of the cap that fits the budget, so it follows later budget changes — and, when that would go
-below the minimum cap or the cap read back from the device shows the cap is not obeyed, halves a
-batch ceiling (from what is running). It tightens again on every further window over the band.
-While measured power is under the budget the ceilings relax (the cap ceiling by half the relative
-headroom per step, the batch ceiling by a quarter) and vanish once they no longer bind. Plants
+firmware settling) for ``power_persist_steps`` consecutive windows, the devices draw more than
+the caps commanded allow (those fitted the budget): they do not hold the cap as commanded, by a
+factor nothing tells. The guard then falls to the safe cap: a cap ceiling at the minimum cap
+(kept as a fraction of the cap that fits the budget, so it follows later budget changes); when
+the cap was at the minimum already, or the cap read back from the devices shows it is not obeyed
+at all, it also halves a batch ceiling (from what is running). It tightens again on every
+further window over the band.
+While measured power is under the budget the ceilings relax: the cap ceiling vanishes as soon
+as a window shows the devices holding the cap commanded (the excess was transient); while they
+draw more than commanded it moves halfway per step to where the window's power-to-budget ratio
+puts the budget (less half the tolerance). The batch ceiling grows by a quarter per step; both
+vanish once they no longer bind. Plants
 marked ``dry_run`` in their `PlantInfo` (nothing is written, so power cannot respond) are not
 enforced.
 
@@ -353,18 +358,18 @@ class SafetyGuard(Guard):
         if self._over_steps < cfg.power_persist_steps:
             return
         self.tightenings += 1
+        # The devices draw more than the caps commanded allow (the budget fitted them): they
+        # do not hold the cap as commanded, by a factor nothing tells. Fall to the safe cap,
+        # the minimum; `_relax` then raises the ceiling by what the next window measures.
         fit_w = budget_cap_w(lim, b)[0]
         last_cap = self._last_cap_w if self._last_cap_w is not None else self._in_force_cap_w(m)
-        base = last_cap if self._ceiling_frac is None else min(last_cap,
-                                                               fit_w * self._ceiling_frac)
-        want = base - lim.per_gpu_w(p - b)
-        ceiling = lim.clamp_cap_w(want)
-        self._ceiling_frac = ceiling / fit_w
+        self._ceiling_frac = lim.power_cap_min_w / fit_w
         in_force = m.power_cap_w
         obeyed = in_force is None or in_force <= last_cap + max(lim.power_cap_step_w, 1.0)
         what = (f"measured power {p:.0f} W over budget {b:g} W for {self._over_steps} "
-                f"steps: cap ceiling {ceiling:g} W")
-        if want < lim.power_cap_min_w or not obeyed:
+                f"steps: cap ceiling {lim.power_cap_min_w:g} W")
+        if last_cap <= lim.power_cap_min_w or not obeyed:
+            # the cap is at its floor already, or not obeyed at all: the batch is the lever
             last_b = self._last_batch if self._last_batch is not None else self._in_force_batch(m)
             running = m.running if m.running > 0 else last_b
             cut = max(lim.max_batch_min, min(last_b, running) // 2)
@@ -375,11 +380,20 @@ class SafetyGuard(Guard):
         notes.append(what)
 
     def _relax(self, budget_w: float, power_w: float) -> None:
-        headroom = (budget_w - power_w) / budget_w
+        tol, lim = self.config.power_tolerance_frac, self.bound_limits
         if self._ceiling_frac is not None:
-            f = self._ceiling_frac + 0.5 * headroom
-            self._ceiling_frac = None if f >= 1.0 else f
-        if self._batch_ceiling is not None and headroom > self.config.power_tolerance_frac:
+            cap = self._last_cap_w
+            if cap is not None and power_w <= cap * lim.num_gpus * (1.0 + tol):
+                self._ceiling_frac = None       # the devices hold the cap commanded again
+            else:
+                # they draw more than commanded: go halfway to where this window's power-to-
+                # budget ratio puts the budget (less half the tolerance), never overshooting
+                # when power scales with the cap held
+                est = self._ceiling_frac * budget_w / max(power_w, 1e-9) * (1.0 - tol / 2)
+                if est > self._ceiling_frac:
+                    f = self._ceiling_frac + 0.5 * (est - self._ceiling_frac)
+                    self._ceiling_frac = None if f >= 1.0 - tol else f
+        if self._batch_ceiling is not None and power_w < budget_w * (1.0 - tol):
             nb = self._batch_ceiling + max(1, self._batch_ceiling // 4)
             self._batch_ceiling = None if nb >= self.bound_limits.max_batch_max else nb
 

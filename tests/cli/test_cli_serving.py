@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
-import sys
-import urllib.request
 
 import pytest
 
+from tests.support.processes import PALSCTL, get_json, serving_stack, start
+
 pytestmark = pytest.mark.timeout(120)
-PALSCTL = [sys.executable, "-m", "palsctl"]
 
 
 @pytest.fixture(autouse=True)
@@ -23,64 +21,10 @@ def state_dir(tmp_path, monkeypatch):
     return d
 
 
-def _start(args, pattern):
-    proc = subprocess.Popen(PALSCTL + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    line = proc.stdout.readline()
-    m = re.search(pattern, line)
-    if not m:
-        proc.kill()
-        raise AssertionError(f"unexpected first line {line!r}: {proc.stderr.read()[-2000:]}")
-    return proc, m
-
-
-def _get(url, token=None):
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    with urllib.request.urlopen(req, timeout=5) as r:
-        return json.loads(r.read())
-
-
 @pytest.fixture()
 def stack(tmp_path):
-    emu, m = _start(["emulate", "--model", "llama-3.1-8b", "--gpu", "h100-sxm", "--port", "0",
-                     "--max-num-seqs", "16", "--served-model-name", "m", "--duration-s", "60"],
-                    r"at (http://127\.0\.0\.1:\d+)")
-    emu_url = m.group(1)
-    token_file = tmp_path / "gw.token"
-    gw, m = _start(["gateway", "--upstream", emu_url, "--listen", "127.0.0.1:0", "--control",
-                    "127.0.0.1:0", "--max-concurrency", "16", "--token-file", str(token_file),
-                    "--duration-s", "60"],
-                   r"gateway (http://\S+) -> \S+; control (http://\S+)")
-    gw_url, ctl_url = m.group(1), m.group(2)
-    cfg = tmp_path / "control.toml"
-    cfg.write_text(f"""
-name = "e2e"
-dt_s = 0.5
-[serving]
-metrics_url = "{emu_url}/metrics"
-model_name = "m"
-power = "emulator"
-emulator_url = "{emu_url}"
-batch = "gateway"
-gateway_control_url = "{ctl_url}"
-gateway_token_file = "gw.token"
-max_batch_launch = 16
-[setpoint]
-power_budget_w = 400.0
-[controller]
-name = "cap-to-budget"
-max_batch = 3
-""")
-    yield dict(emu_url=emu_url, gw_url=gw_url, ctl_url=ctl_url, cfg=cfg,
-               token=token_file.read_text().strip(), tmp=tmp_path, emu=emu, gw=gw)
-    for p in (gw, emu):
-        if p.poll() is not None:
-            continue
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    with serving_stack(tmp_path) as st:
+        yield st
 
 
 def test_control_bounded_run_applies_and_restores(stack, state_dir):
@@ -104,8 +48,8 @@ def test_control_bounded_run_applies_and_restores(stack, state_dir):
     first = dict(zip(header, rows[1].split(",")))
     assert float(first["applied_cap_w"]) == 400.0 and int(first["applied_batch"]) == 3
     # restored
-    assert _get(stack["emu_url"] + "/palsctl/power")["gpus"][0]["power_limit_w"] == 700.0
-    assert _get(stack["ctl_url"] + "/control", stack["token"])["max_concurrency"] == 16
+    assert get_json(stack["emu_url"] + "/palsctl/power")["gpus"][0]["power_limit_w"] == 700.0
+    assert get_json(stack["ctl_url"] + "/control", stack["token"])["max_concurrency"] == 16
 
 
 def test_control_dry_run_changes_nothing(stack, caplog):
@@ -114,8 +58,8 @@ def test_control_dry_run_changes_nothing(stack, caplog):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "DRY RUN" in r.stderr and "dry run: would set" in r.stderr
-    assert _get(stack["emu_url"] + "/palsctl/power")["gpus"][0]["power_limit_w"] == 700.0
-    assert _get(stack["ctl_url"] + "/control", stack["token"])["max_concurrency"] == 16
+    assert get_json(stack["emu_url"] + "/palsctl/power")["gpus"][0]["power_limit_w"] == 700.0
+    assert get_json(stack["ctl_url"] + "/control", stack["token"])["max_concurrency"] == 16
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
@@ -129,8 +73,8 @@ def test_control_signal_restores(stack, sig):
             if "gateway max_concurrency" in line or "controlling" in line:
                 break
         for _ in range(5000):   # bounded poll until both knobs were applied
-            cap = _get(stack["emu_url"] + "/palsctl/power")["gpus"][0]["power_limit_w"]
-            batch = _get(stack["ctl_url"] + "/control", stack["token"])["max_concurrency"]
+            cap = get_json(stack["emu_url"] + "/palsctl/power")["gpus"][0]["power_limit_w"]
+            batch = get_json(stack["ctl_url"] + "/control", stack["token"])["max_concurrency"]
             if (cap, batch) == (400.0, 3) or proc.poll() is not None:
                 break
         assert (cap, batch) == (400.0, 3) and proc.poll() is None
@@ -145,8 +89,8 @@ def test_control_signal_restores(stack, sig):
     assert summary["outcome"] == f"stopped by {sig}" and summary["settings_restored"]
     rows = (stack["tmp"] / "term" / "steps.csv").read_text().splitlines()
     assert summary["steps"] == summary["steps_file"]["rows"] == len(rows) - 1 >= 1
-    assert _get(stack["emu_url"] + "/palsctl/power")["gpus"][0]["power_limit_w"] == 700.0
-    assert _get(stack["ctl_url"] + "/control", stack["token"])["max_concurrency"] == 16
+    assert get_json(stack["emu_url"] + "/palsctl/power")["gpus"][0]["power_limit_w"] == 700.0
+    assert get_json(stack["ctl_url"] + "/control", stack["token"])["max_concurrency"] == 16
 
 
 @pytest.mark.parametrize("body, words", [
@@ -190,7 +134,7 @@ def test_control_without_gpu_driver_is_actionable(tmp_path):
 
 def test_control_with_scheduler_batch_file_against_emulator(tmp_path):
     bf = tmp_path / "batch"
-    emu, m = _start(["emulate", "--model", "llama-3.1-8b", "--gpu", "h100-sxm", "--port", "0",
+    emu, m = start(["emulate", "--model", "llama-3.1-8b", "--gpu", "h100-sxm", "--port", "0",
                      "--max-num-seqs", "32", "--served-model-name", "m", "--batch-file", str(bf),
                      "--duration-s", "60"], r"at (http://127\.0\.0\.1:\d+)")
     url = m.group(1)
@@ -232,7 +176,7 @@ def test_endpoint_down_at_shutdown_is_reported_truthfully(stack, state_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(5000):   # bounded poll until the cap was applied
-            if _get(stack["emu_url"] + "/palsctl/power")["gpus"][0]["power_limit_w"] == 400.0 \
+            if get_json(stack["emu_url"] + "/palsctl/power")["gpus"][0]["power_limit_w"] == 400.0 \
                     or proc.poll() is not None:
                 break
         assert proc.poll() is None

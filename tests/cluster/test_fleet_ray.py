@@ -239,7 +239,7 @@ def test_real_path_three_emulators_three_agents_ray_coordinator(cluster, emulato
     assert caps[np.isfinite(caps)][-1] <= 900.0 + 1e-6 and caps[2] == pytest.approx(1800.0)
     # every agent restored its server's cap on stop
     for u in urls:
-        assert EmulatorPower(u).read()[0].power_limit_w == 700.0
+        assert EmulatorPower(u).read_gpus()[0].power_limit_w == 700.0
 
 
 def test_node_removed_watts_reassigned_after_the_lease_never_over(cluster):

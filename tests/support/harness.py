@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from palsctl.adapters.gateway import Gateway, GatewayConfig
 from palsctl.adapters.emulator import Emulator, EmulatorConfig
+from palsctl.adapters.gateway import Gateway, GatewayConfig
 
 TOKEN = "e2e-token-0123456789"
 
