@@ -137,10 +137,10 @@ def recover_settings(serving: dict[str, Any], *, state_dir: Any, dry_run: bool =
     """Before opening anything: restore the settings that a dead palsctl left on the targets of
     ``serving`` (its claim in ``state_dir``; see `palsctl.adapters.state`). Returns one line per
     claim found, saying what was restored (or, in a dry run, what is still in force). Raises
-    `palsctl.adapters.state.ClaimConflict` when a live palsctl controls the same targets, and
-    `palsctl.errors.ActuatorError` when the originals could not be written back (starting then
-    would take the changed settings for originals)."""
-    from palsctl.adapters.state import recover  # noqa: PLC0415
+    `palsctl.adapters.state.ClaimConflict` when a live palsctl controls the same targets (a
+    dry run only says so), and `palsctl.errors.ActuatorError` when the originals could not be
+    written back (starting then would take the changed settings for originals)."""
+    from palsctl.adapters.state import ClaimConflict, recover  # noqa: PLC0415
     from palsctl.errors import ActuatorError  # noqa: PLC0415
 
     token = None
@@ -150,7 +150,13 @@ def recover_settings(serving: dict[str, Any], *, state_dir: Any, dry_run: bool =
         except ConfigError:
             token = None
     lines = []
-    for r in recover(state_dir, target_keys(serving), token=token, restore=not dry_run):
+    try:
+        found = recover(state_dir, target_keys(serving), token=token, restore=not dry_run)
+    except ClaimConflict as exc:
+        if not dry_run:
+            raise
+        return [f"{exc} (a dry run writes nothing: going on)"]
+    for r in found:
         who = r.claim.describe()
         if dry_run:
             lines.append(f"settings left by {who}, which is gone, are still in force "

@@ -203,3 +203,32 @@ def test_endpoint_down_at_shutdown_is_reported_truthfully(stack, state_dir):
     r = subprocess.run(PALSCTL + ["restore", "--list"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and "gone" in r.stdout and "emulator:" in r.stdout
+
+
+def test_a_second_control_on_the_same_targets_is_refused(stack):
+    first = subprocess.Popen(PALSCTL + ["control", str(stack["cfg"]), "--out",
+                                        str(stack["tmp"] / "first")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(5000):   # bounded poll until the first one has set both knobs
+            if (stack["cap"](), stack["limit"]()) == (400.0, 3) or first.poll() is not None:
+                break
+        assert first.poll() is None
+        r = subprocess.run(PALSCTL + ["control", str(stack["cfg"]), "--duration-s", "1",
+                                      "--out", str(stack["tmp"] / "second")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert "another palsctl, pid" in r.stderr and "stop it first" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert (stack["cap"](), stack["limit"]()) == (400.0, 3)     # untouched
+        r = subprocess.run(PALSCTL + ["control", str(stack["cfg"]), "--duration-s", "1",
+                                      "--dry-run", "--out", str(stack["tmp"] / "dry")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "a dry run writes nothing: going on" in r.stderr
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0 and "settings restored" in out
+    assert (stack["cap"](), stack["limit"]()) == (700.0, 16)
