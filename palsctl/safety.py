@@ -30,8 +30,9 @@ further window over the band.
 While measured power is under the budget the ceilings relax: the cap ceiling vanishes as soon
 as a window shows the devices holding the cap commanded (the excess was transient); while they
 draw more than commanded it moves halfway per step to where the window's power-to-budget ratio
-puts the budget (less half the tolerance). The batch ceiling grows by a quarter per step; both
-vanish once they no longer bind. Plants
+puts the budget (less half the tolerance), and down to there at once from a window over the
+budget but inside the band. The batch ceiling grows by a quarter per step; both vanish once
+they no longer bind. Plants
 marked ``dry_run`` in their `PlantInfo` (nothing is written, so power cannot respond) are not
 enforced.
 
@@ -353,6 +354,8 @@ class SafetyGuard(Guard):
             self._over_steps = 0
             if p < b:
                 self._relax(b, p)
+            elif self._ceiling_frac is not None:   # a device found loose, inside the band:
+                self._ceiling_frac *= b / p * (1.0 - cfg.power_tolerance_frac / 2)  # trim
             return
         self._over_steps += 1
         if self._over_steps < cfg.power_persist_steps:
