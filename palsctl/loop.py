@@ -317,7 +317,7 @@ class ClosedLoop:
         sensor_fault = ""
         try:
             m = plant.read()
-            if not isinstance(m, Measurement):
+            if m.__class__ is not Measurement and not isinstance(m, Measurement):
                 raise TypeError(f"plant.read() returned {type(m).__name__}, not a Measurement")
         except Exception as exc:  # noqa: BLE001 - a sensor fault is a stale step, never the end
             m, sensor_fault = self._sensor_fault(exc, k)
@@ -335,7 +335,7 @@ class ClosedLoop:
         actuator_fault = ""
         try:
             applied = plant.apply(g.action)
-            if not isinstance(applied, Action):
+            if applied.__class__ is not Action and not isinstance(applied, Action):
                 raise TypeError(f"plant.apply() returned {type(applied).__name__}, not an Action")
         except Exception as exc:  # noqa: BLE001 - an actuator fault is retried next step
             applied, actuator_fault = self._actuator_fault(exc)
@@ -356,9 +356,8 @@ class ClosedLoop:
         meta = record.meta
         if guard.faults != meta["guard_faults"]:
             meta["guard_faults"] = guard.faults
-        tight = getattr(guard, "tightenings", 0)
-        if tight != meta["guard_tightenings"]:
-            meta["guard_tightenings"] = tight
+        if guard.tightenings != meta["guard_tightenings"]:
+            meta["guard_tightenings"] = guard.tightenings
         done = plant.completed()
         if done:
             t0 = self._t0_plant

@@ -158,6 +158,8 @@ class Guard(ABC):
     ``faults`` counts the steps the controller failed."""
 
     name: ClassVar[str] = "guard"
+    #: times the guard tightened its ceilings on measured power (none for a pass-through)
+    tightenings: int = 0
 
     def __init__(self, controller: Controller) -> None:
         if not isinstance(controller, Controller):
@@ -344,7 +346,7 @@ class SafetyGuard(Guard):
         relax the ceilings (module doc). The cap ceiling is kept as a fraction of the cap that
         fits the budget, so it follows the budget when the budget moves."""
         b = self._window_budget_w
-        if b is None or not _finite(b) or b <= 0:
+        if b is None or not (0 < b < math.inf):     # (NaN fails both)
             self._over_steps = 0
             self._ceiling_frac = self._batch_ceiling = None
             return
@@ -352,6 +354,8 @@ class SafetyGuard(Guard):
         lim, cfg = self.bound_limits, self.config
         if p <= b * (1.0 + cfg.power_tolerance_frac):
             self._over_steps = 0
+            if self._ceiling_frac is None and self._batch_ceiling is None:
+                return                               # the common case: nothing to relax
             if p < b:
                 self._relax(b, p)
             elif self._ceiling_frac is not None:   # a device found loose, inside the band:
