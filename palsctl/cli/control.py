@@ -17,6 +17,7 @@ import argparse
 HELP = "run a controller against a real (or emulated) vLLM server on the wall clock"
 
 _SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+TIMELINE_STEPS = 21_600     # the steps timeline.png shows: the last 6 h at dt_s = 1 s
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "~/.local/state/palsctl)")
     p.add_argument("--status-every", type=int, default=10, metavar="N",
                    help="log a status line every N steps (0: never; default 10)")
+    p.add_argument("--no-plot", action="store_true",
+                   help=f"skip timeline.png (drawn at exit from the last {TIMELINE_STEPS} steps)")
     p.add_argument("--show-example", action="store_true", help="print an example config")
     add_metrics_arguments(p)
 
@@ -89,10 +92,27 @@ class _Status:
                       m.running, m.waiting, t.stale, t.faulty)
 
 
+def _plot_timeline(steps, plant, cfg, path, log):
+    """Draw the kept steps as ``timeline.png``; a failure to draw is logged, never raised (the
+    settings are restored and the steps are on disk by then)."""
+    from palsctl.loop import RunRecord
+    from palsctl.plotting import plot_timeline
+
+    record = RunRecord(steps=list(steps), requests=[], limits=plant.limits, dt_s=cfg.dt_s,
+                       plant_info=plant.info, controller=cfg.controller_name)
+    try:
+        return plot_timeline(record, path, title=f"{cfg.name}: {cfg.controller_name} "
+                             f"(last {len(record.steps)} steps)")
+    except Exception as exc:    # noqa: BLE001 - a plot must not turn a finished run into an error
+        log.warning("could not draw %s: %s", path, exc)
+        return None
+
+
 def main(args: argparse.Namespace) -> int:
     import logging
     import signal
     import sys
+    from collections import deque
     from pathlib import Path
 
     from palsctl.adapters.state import Claim, default_state_dir
@@ -143,6 +163,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"cannot write: {exc}", key=what[0], value=what[1]) from None
 
     totals = _Totals()
+    recent: deque = deque(maxlen=0 if args.no_plot else TIMELINE_STEPS)
     loop = None
     stop = {"n": 0, "closing": False, "signal": None}
 
@@ -168,7 +189,8 @@ def main(args: argparse.Namespace) -> int:
                                  gpus=serving["gpus"] or range(plant.limits.num_gpus), log=log)
         loop = ClosedLoop(plant, controller, schedule=schedule,
                           guard=cfg.guard if cfg.guard_enabled else False,
-                          on_step=[writer, totals, _Status(log, args.status_every, totals)]
+                          on_step=[writer, totals, recent.append,
+                                   _Status(log, args.status_every, totals)]
                           + ([exporter] if exporter else []),
                           keep_steps=False)
         log.info("controlling %s (%s power, batch via %s)%s", serving["metrics_url"],
@@ -209,12 +231,14 @@ def main(args: argparse.Namespace) -> int:
             "state_file": None if kept is None else str(kept)}, writer.path)
         for s, h in previous.items():
             signal.signal(s, h)
+    plot = _plot_timeline(recent, plant, cfg, out / "timeline.png", log) if recent else None
     tail = ("dry run: nothing was changed" if args.dry_run else "settings restored"
             if plant.restored else "settings NOT restored")
     tpj = f", {totals.tokens / totals.energy_j:.3f} tokens/J" if totals.energy_j > 0 else ""
     print(f"{totals.steps} steps; {totals.tokens:.0f} tokens, {totals.energy_j:.0f} J{tpj}; "
           f"{totals.stale} stale; {totals.faulty} with faults; {tail}; steps in "
-          f"{writer.path} ({summary['steps_file']['rows']} rows)")
+          f"{writer.path} ({summary['steps_file']['rows']} rows)"
+          f"{f'; timeline in {plot}' if plot else ''}")
     if not args.dry_run and not plant.restored:
         print(f"palsctl control: error: could not restore: {'; '.join(plant.restore_errors)}; "
               f"the originals are kept in {kept}: run `palsctl restore` when the endpoint is "

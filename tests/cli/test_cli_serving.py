@@ -44,6 +44,7 @@ def test_control_bounded_run_applies_and_restores(stack, state_dir):
     assert summary["settings_restored"] is True and summary["outcome"] == "completed"
     assert summary["drift_events"] == {"power": 0, "batch": 0} and summary["steps"] == 3
     assert list(state_dir.iterdir()) == []         # the claim was removed after restoring
+    assert (out / "timeline.png").stat().st_size > 10_000 and "timeline in" in r.stdout
     header = rows[0].split(",")
     first = dict(zip(header, rows[1].split(",")))
     assert float(first["applied_cap_w"]) == 400.0 and int(first["applied_batch"]) == 3
@@ -54,10 +55,11 @@ def test_control_bounded_run_applies_and_restores(stack, state_dir):
 
 def test_control_dry_run_changes_nothing(stack, caplog):
     r = subprocess.run(PALSCTL + ["control", str(stack["cfg"]), "--duration-s", "1.0",
-                                  "--dry-run", "--out", str(stack["tmp"] / "dry")],
+                                  "--dry-run", "--no-plot", "--out", str(stack["tmp"] / "dry")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "DRY RUN" in r.stderr and "dry run: would set" in r.stderr
+    assert not (stack["tmp"] / "dry" / "timeline.png").exists()     # --no-plot
     assert get_json(stack["emu_url"] + "/palsctl/power")["gpus"][0]["power_limit_w"] == 700.0
     assert get_json(stack["ctl_url"] + "/control", stack["token"])["max_concurrency"] == 16
 
@@ -222,7 +224,7 @@ def test_a_second_control_on_the_same_targets_is_refused(stack):
         assert len(r.stderr.strip().splitlines()) == 1
         assert (stack["cap"](), stack["limit"]()) == (400.0, 3)     # untouched
         r = subprocess.run(PALSCTL + ["control", str(stack["cfg"]), "--duration-s", "1",
-                                      "--dry-run", "--out", str(stack["tmp"] / "dry")],
+                                      "--dry-run", "--no-plot", "--out", str(stack["tmp"] / "dry")],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "a dry run writes nothing: going on" in r.stderr
         first.send_signal(signal.SIGTERM)
