@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import os
 import time
 from pathlib import Path
 
@@ -161,12 +162,12 @@ def bench_hour64() -> None:
 
     fleet = _fleet("fleet_64.toml")
     run_fleet(_scaled(4, 10.0), keep_records=False)   # offline models profiled first
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     r = run_fleet(fleet, keep_records=False)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     s = summarize_fleet(r)
     _emit("hour64", {"replicas": 64, "simulated_s": fleet.duration_s, "wall_s": wall,
-                     **_pick(s)})
+                     "cpu_s": cpu, "load_avg_1min": os.getloadavg()[0], **_pick(s)})
 
 
 def bench_hour64ray() -> None:
