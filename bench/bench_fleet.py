@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import os
+import sys
 import time
 from pathlib import Path
 
