@@ -18,8 +18,8 @@ ratios measured in the same run.
 from __future__ import annotations
 
 import json
-import statistics
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
