@@ -36,9 +36,9 @@ OUT = ROOT / "results" / "bench"
 
 def _emit(name: str, obj: dict) -> None:
     obj = {"bench": name, "machine": machine(), **obj}
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"fleet_{name}.json").write_text(json.dumps(obj, indent=2) + "\n")
     print(json.dumps(obj), flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"fleet_{name}.json").write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def _fleet(path: str):
