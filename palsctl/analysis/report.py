@@ -568,33 +568,33 @@ def plot_steps(report: AnalysisReport, out_dir) -> list[str]:
         ax.axhline(1.0, color="k", lw=0.6, ls=":")
         for edge in (1 - 0.02, 1 + 0.02):
             ax.axhline(edge, color="0.6", lw=0.5)
-        ax.set_xlabel("time after the setpoint step (s)")
-        ax.set_ylabel("output / step")
-        ax.set_title(f"{r.point.name}, {r.loop} loop: {r.verdict}; settling {fmt(ts)} s",
-                     fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"step_{_slug(r.point.name)}_{r.loop}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(str(path))
+        paths.append(_save(plt, fig, ax, out / f"step_{_slug(r.point.name)}_{r.loop}.png",
+                           "time after the setpoint step (s)", "output / step",
+                           f"{r.point.name}, {r.loop} loop: {r.verdict}; settling {fmt(ts)} s"))
     for e in report.empirical:
         s = e.step
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         ax.step(s.t_s, s.power_w, where="post", label="measured power (W)")
         ax.axhline(s.budget_after_w, color="tab:red", ls="--", lw=0.8, label="new budget")
         ax.axhline(s.budget_before_w, color="0.6", ls=":", lw=0.8, label="old budget")
-        ax.set_xlabel("time after the budget step (s)")
-        ax.set_ylabel("power, all GPUs (W)")
-        ax.set_title(f"{s.controller}, {e.point.name}: {e.verdict}; settling "
-                     f"{fmt(s.settling_time_s)} s", fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"step_{_slug(s.controller)}_{_slug(e.point.name)}_budget.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(str(path))
+        paths.append(_save(plt, fig, ax,
+                           out / f"step_{_slug(s.controller)}_{_slug(e.point.name)}_budget.png",
+                           "time after the budget step (s)", "power, all GPUs (W)",
+                           f"{s.controller}, {e.point.name}: {e.verdict}; settling "
+                           f"{fmt(s.settling_time_s)} s"))
     return paths
+
+
+def _save(plt, fig, ax, path, xlabel: str, ylabel: str, title: str) -> str:
+    """Label one step-response figure, write it to ``path`` as PNG and close it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
 
 
 def fmt(x: float | None, spec: str = ".3g") -> str:
