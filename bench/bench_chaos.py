@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _machine import machine  # noqa: E402  (bench/ is on sys.path)
+from _machine import machine  # bench/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))      # the test harness lives in tests/support

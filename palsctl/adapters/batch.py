@@ -67,6 +67,13 @@ class BatchLimit:
         raise NotImplementedError
 
     def state_target(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        """The claim entry (`palsctl.adapters.state`) that restores the limit found at open.
+
+        Returns
+        -------
+        dict
+            ``kind``, where the limit lives and the original limit (sequences).
+        """
         raise NotImplementedError
 
     # -- the knob
@@ -156,6 +163,8 @@ class GatewayBatch(BatchLimit):
         return int(self.control.set_max_concurrency(n))
 
     def state_target(self) -> dict[str, Any]:
+        """The claim entry: the gateway's control URL, its token file and the original
+        ``max_concurrency`` (sequences)."""
         return {"kind": "gateway", "url": self.control.control_url,
                 "token_file": self.token_file, "max_concurrency": self.original}
 
@@ -165,7 +174,7 @@ def restore_gateway(url: str, max_concurrency: int, *, token_file: str | None = 
     """Write a gateway's limit back unless it holds it already and read it back (one try).
     The token comes from ``token_file``, else ``token``, else ``$PALSCTL_GATEWAY_TOKEN``.
     Raises `ActuatorError`."""
-    from palsctl.adapters.gateway import GatewayControl, read_token_file  # noqa: PLC0415
+    from palsctl.adapters.gateway import GatewayControl, read_token_file
 
     try:
         if token_file:

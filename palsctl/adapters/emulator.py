@@ -29,13 +29,16 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from palsctl.adapters.nvml import GpuConstraints, GpuReading, PowerDevice
 from palsctl.adapters.state import DriftWatch, retry
 from palsctl.adapters.vllm_scheduler import BatchTargetReader, effective_cap
 from palsctl.errors import ActuatorError, ConfigError, HardwareError
 from palsctl.types import Action, Request
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,7 @@ class _VllmCollector:
         self.emu = emu
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import (  # noqa: PLC0415 - heavy, only when scraped
+        from prometheus_client.core import (  # heavy, only when scraped
             CounterMetricFamily,
             GaugeMetricFamily,
             HistogramMetricFamily,
@@ -168,9 +171,9 @@ class Emulator:
         self.active = 0            # HTTP requests being served (completions)
         self.max_active = 0
         self.served = 0
-        self._tick_event: asyncio.Event | None = None
+        self._tick_event = asyncio.Event()      # replaced by start(), set by each tick
         self._task: asyncio.Task | None = None
-        self._runner = None
+        self._runner: web.AppRunner | None = None
         self._batch = BatchTargetReader(self.config.batch_file)
         self.url = ""
 
@@ -195,7 +198,7 @@ class Emulator:
             await asyncio.sleep(tick)
             try:
                 self.sync()
-            except Exception:  # noqa: BLE001 - keep serving; the error is logged
+            except Exception:  # keep serving; the error is logged
                 log.exception("emulator tick failed")
             ev, self._tick_event = self._tick_event, asyncio.Event()
             ev.set()
@@ -205,8 +208,16 @@ class Emulator:
 
     # --------------------------------------------------------------- lifecycle
     async def start(self) -> "Emulator":
-        from aiohttp import web  # noqa: PLC0415
-        from prometheus_client import CollectorRegistry  # noqa: PLC0415
+        """Listen on ``config.host``/``config.port`` (port 0: a free one) and start the ticker
+        that advances the plant with the wall clock; sets `url`.
+
+        Returns
+        -------
+        Emulator
+            This emulator, serving.
+        """
+        from aiohttp import web
+        from prometheus_client import CollectorRegistry
 
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(_VllmCollector(self))
@@ -222,18 +233,19 @@ class Emulator:
         app.router.add_get("/palsctl/power", self._power)
         app.router.add_post("/palsctl/power/cap", self._power_cap)
         # on stop, in-flight requests get 2 s to finish, then their handlers are cancelled
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                     shutdown_timeout=2.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
+        self._runner = runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                              shutdown_timeout=2.0)
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.host, self.config.port, reuse_address=True)
         await site.start()
-        h, p = site._server.sockets[0].getsockname()[:2]  # noqa: SLF001
+        h, p = runner.addresses[0][:2]
         self.url = f"http://{h}:{p}"
         self._task = asyncio.create_task(self._ticker())
         log.info("emulator serving %s on %s", self.config.served_model_name, self.url)
         return self
 
     async def stop(self) -> None:
+        """Stop listening (in-flight requests get 2 s to finish), then stop the ticker."""
         if self._runner is not None:       # the plant keeps running while requests drain
             await self._runner.cleanup()
             self._runner = None
@@ -247,19 +259,19 @@ class Emulator:
 
     # --------------------------------------------------------------- handlers
     async def _health(self, request: Any) -> Any:
-        from aiohttp import web  # noqa: PLC0415
+        from aiohttp import web
         return web.Response(text="")
 
     async def _models(self, request: Any) -> Any:
-        from aiohttp import web  # noqa: PLC0415
+        from aiohttp import web
         return web.json_response({"object": "list", "data": [{
             "id": self.config.served_model_name, "object": "model", "created": 0,
             "owned_by": "palsctl", "root": self.config.served_model_name,
             "max_model_len": None}]})
 
     async def _metrics(self, request: Any) -> Any:
-        from aiohttp import web  # noqa: PLC0415
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # noqa: PLC0415
+        from aiohttp import web
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         self.sync()
         return web.Response(body=generate_latest(self._registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -278,12 +290,12 @@ class Emulator:
                 "power_cap_default_w": lim.power_cap_default_w}
 
     async def _power(self, request: Any) -> Any:
-        from aiohttp import web  # noqa: PLC0415
+        from aiohttp import web
         self.sync()
         return web.json_response(self._power_state())
 
     async def _power_cap(self, request: Any) -> Any:
-        from aiohttp import web  # noqa: PLC0415
+        from aiohttp import web
         try:
             value = float((await request.json())["power_cap_w"])
             if not math.isfinite(value):
@@ -298,7 +310,7 @@ class Emulator:
         return web.json_response(state)
 
     def _error(self, message: str, status: int = 400) -> Any:
-        from aiohttp import web  # noqa: PLC0415
+        from aiohttp import web
         return web.json_response({"object": "error", "message": message,
                                   "type": "BadRequestError", "code": status}, status=status)
 
@@ -332,7 +344,7 @@ class Emulator:
         return await self._serve(request, chat=True)
 
     async def _serve(self, request: Any, *, chat: bool) -> Any:
-        from aiohttp import web  # noqa: PLC0415
+        from aiohttp import web
         parsed = await self._parse(request, chat)
         if not isinstance(parsed, tuple):
             return parsed
@@ -418,7 +430,7 @@ def _token_text(rid: int, k: int) -> str:
 async def run_emulator(plant: Any, config: EmulatorConfig, *, duration_s: float | None = None,
                        ready: Callable[[Emulator], None] | None = None) -> None:
     """Serve until SIGINT/SIGTERM or ``duration_s`` wall seconds."""
-    from palsctl.adapters.serve import serve_until_stopped  # noqa: PLC0415
+    from palsctl.adapters.serve import serve_until_stopped
     await serve_until_stopped(Emulator(plant, config), duration_s=duration_s, ready=ready)
 
 
@@ -451,19 +463,12 @@ class EmulatorPower(PowerDevice):
         return _power_call(self.url, method, path, payload, timeout_s=self.timeout_s)
 
     def read_gpus(self) -> list[GpuReading]:
+        """Read every emulated GPU from ``/palsctl/power`` (see `PowerDevice.read_gpus`)."""
         state = self._call("GET", "/palsctl/power")
         return [GpuReading(index=g["index"], power_instant_w=g["power_instant_w"],
                            power_avg_w=g["power_avg_w"], energy_j=g["energy_j"],
                            power_limit_w=g["power_limit_w"], sm_clock_mhz=g["sm_clock_mhz"],
                            sw_power_cap=None) for g in state["gpus"]]
-
-    def clamp_cap_w(self, power_cap_w: float, k: int = 0) -> float:
-        c = self.constraints[k]
-        if not math.isfinite(power_cap_w):
-            raise ValueError(f"power cap must be finite, got {power_cap_w}")
-        capped = min(max(float(power_cap_w), c.power_cap_min_w), c.power_cap_max_w)
-        return float(max(math.floor(capped + 1e-9), c.power_cap_min_w)
-                     if capped < c.power_cap_max_w else c.power_cap_max_w)
 
     def set_power_cap_w(self, power_cap_w: float) -> float:
         """Set the cap (clamped) after reading the limit in force (skipped when it already
@@ -505,16 +510,18 @@ class EmulatorPower(PowerDevice):
         self._commanded_w = None
 
     def close(self) -> None:
+        """Restore the limit found at open (see `restore`)."""
         self.restore()
 
 
 def _power_call(url: str, method: str, path: str, payload: dict | None = None, *,
                 timeout_s: float = 2.0) -> dict:
     data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url + path, data=data, method=method,
+    # S310: [serving] emulator_url is checked to be http(s) by the schema (a claim holds it)
+    req = urllib.request.Request(url + path, data=data, method=method,  # noqa: S310 - see above
                                  headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310 - see above
             return json.loads(resp.read())
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise HardwareError(f"cannot reach the emulator's power endpoint {url}{path}: "

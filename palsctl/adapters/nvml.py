@@ -112,6 +112,9 @@ class PowerDevice:
     returns the cap in force, read back; a failed write raises `ActuatorError`.
     """
 
+    #: each GPU slot's power-limit bounds, set by the backend
+    constraints: list[GpuConstraints]
+
     def _init_window(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._t0 = clock()
@@ -120,10 +123,38 @@ class PowerDevice:
         self._energy_j = 0.0
 
     def read_gpus(self) -> list[GpuReading]:  # pragma: no cover - provided by the backend
+        """Read every GPU of the group once.
+
+        Returns
+        -------
+        list of GpuReading
+            One reading per GPU, in the group's order (powers in W, energy in J).
+        """
         raise NotImplementedError
 
     def set_power_cap_w(self, power_cap_w: float) -> float:  # pragma: no cover - backend
+        """Set every GPU's power limit (clamped to its constraints) and read it back.
+
+        Parameters
+        ----------
+        power_cap_w : float
+            The limit per GPU, W.
+
+        Returns
+        -------
+        float
+            The largest limit the GPUs enforce afterwards, W.
+        """
         raise NotImplementedError
+
+    def clamp_cap_w(self, power_cap_w: float, k: int = 0) -> float:
+        """Clamp a per-GPU cap into the constraints of GPU slot ``k``, rounded down to 1 W."""
+        c = self.constraints[k]
+        if not math.isfinite(power_cap_w):
+            raise ValueError(f"power cap must be finite, got {power_cap_w}")
+        capped = min(max(float(power_cap_w), c.power_cap_min_w), c.power_cap_max_w)
+        return float(max(math.floor(capped + 1e-9), c.power_cap_min_w)
+                     if capped < c.power_cap_max_w else c.power_cap_max_w)
 
     def prime(self) -> None:
         """Start the first window now (read the counters)."""
@@ -145,10 +176,11 @@ class PowerDevice:
         counters = [r.energy_j for r in readings]
         power_w = sum(r.power_avg_w for r in readings)
         prev = self._win_counters
-        if prev is not None and len(prev) == len(counters) and \
-                all(a is not None and b is not None for a, b in zip(prev, counters, strict=True)):
-            deltas = [b - a for a, b in zip(prev, counters, strict=True)]
-            if all(d >= 0 for d in deltas):          # a decrease: counter reset, use average
+        if prev is not None and len(prev) == len(counters):
+            deltas = [b - a for a, b in zip(prev, counters, strict=True)
+                      if a is not None and b is not None]
+            # every GPU counted both times, none decreased (a decrease: counter reset, use average)
+            if len(deltas) == len(counters) and all(d >= 0 for d in deltas):
                 power_w = sum(deltas) / window
         power_w = max(power_w, 0.0)
         self._win_t, self._win_counters = now, counters
@@ -173,7 +205,7 @@ class PowerDevice:
 
 def _load_pynvml() -> Any:
     try:
-        import pynvml  # noqa: PLC0415 - lazy on purpose
+        import pynvml  # lazy on purpose
     except ImportError as exc:  # pragma: no cover - nvidia-ml-py is a dependency
         raise HardwareError("the NVML Python bindings are missing: "
                             "pip install nvidia-ml-py") from exc
@@ -335,15 +367,6 @@ class NvmlPower(PowerDevice):
             raise self._translate(exc, f"call {getattr(fn, '__name__', fn)}") from None
 
     # ---------------------------------------------------------------- writing
-    def clamp_cap_w(self, power_cap_w: float, k: int = 0) -> float:
-        """Clamp a per-GPU cap into the constraints of GPU slot ``k``, rounded down to 1 W."""
-        c = self.constraints[k]
-        if not math.isfinite(power_cap_w):
-            raise ValueError(f"power cap must be finite, got {power_cap_w}")
-        capped = min(max(float(power_cap_w), c.power_cap_min_w), c.power_cap_max_w)
-        return float(max(math.floor(capped + 1e-9), c.power_cap_min_w)
-                     if capped < c.power_cap_max_w else c.power_cap_max_w)
-
     def _device_mw(self, k: int) -> int:
         """The limit GPU slot ``k`` holds (what was set, read from the device), mW."""
         i, h = self.indices[k], self._handles[k]

@@ -100,7 +100,7 @@ def retry(fn: Callable[[], T], *, attempts: int = 5, first_delay_s: float = 0.2,
     for k in range(1, attempts + 1):
         try:
             return fn()
-        except Exception as exc:  # noqa: BLE001 - retried, then re-raised
+        except Exception as exc:  # retried, then re-raised
             if k == attempts:
                 raise
             log.warning("%s failed (attempt %d of %d: %s); retrying in %.1f s",
@@ -165,7 +165,7 @@ def target_key(entry: dict[str, Any]) -> str:
     """``kind:identity`` of a target entry (``nvml:0``, ``gateway:http://...``)."""
     kind = entry.get("kind")
     ident = {"nvml": "index", "emulator": "url", "gateway": "url",
-             "batch_file": "path"}.get(kind)
+             "batch_file": "path"}.get(kind) if isinstance(kind, str) else None
     if ident is None:
         raise ValueError(f"unknown target kind {kind!r}")
     return f"{kind}:{entry[ident]}"
@@ -214,6 +214,7 @@ class Claim:
 
     @property
     def keys(self) -> set[str]:
+        """The target keys (`target_key`) this claim holds, such as ``nvml:0``."""
         return {target_key(t) for t in self.targets}
 
     def owner_alive(self) -> bool:
@@ -280,6 +281,7 @@ class Claim:
                    command=str(body.get("command", "")), targets=targets)
 
     def describe(self) -> str:
+        """The owner in words for a message: PID, command and the local time of the claim."""
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.created))
         return f"pid {self.pid} ({self.command or 'palsctl'}, since {when})"
 
@@ -336,7 +338,7 @@ def restore_targets(targets: Sequence[dict[str, Any]], *, token: str | None = No
             failed.append(f"{what}: {exc}")
 
     if nvml:
-        from palsctl.adapters.nvml import restore_limits  # noqa: PLC0415 - needs the driver
+        from palsctl.adapters.nvml import restore_limits  # needs the driver
         what = ", ".join(_describe_target(t) for t in nvml)
         run(what, lambda: restore_limits({int(t["index"]): float(t["power_limit_w"])
                                           for t in nvml}, backend=nvml_backend))
@@ -348,14 +350,14 @@ def restore_targets(targets: Sequence[dict[str, Any]], *, token: str | None = No
 def _restore_one(t: dict[str, Any], token: str | None) -> None:
     kind = t["kind"]
     if kind == "emulator":
-        from palsctl.adapters.emulator import restore_limit  # noqa: PLC0415
+        from palsctl.adapters.emulator import restore_limit
         restore_limit(t["url"], float(t["power_limit_w"]))
     elif kind == "gateway":
-        from palsctl.adapters.batch import restore_gateway  # noqa: PLC0415
+        from palsctl.adapters.batch import restore_gateway
         restore_gateway(t["url"], int(t["max_concurrency"]), token_file=t.get("token_file"),
                         token=token)
     else:
-        from palsctl.adapters.vllm_scheduler import restore_batch_file  # noqa: PLC0415
+        from palsctl.adapters.vllm_scheduler import restore_batch_file
         restore_batch_file(t["path"], int(t["max_batch"]))
 
 
@@ -369,6 +371,7 @@ class Recovery:
 
     @property
     def ok(self) -> bool:
+        """Whether every target of the claim was restored (none failed)."""
         return not self.failed
 
 

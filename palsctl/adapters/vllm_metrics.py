@@ -146,7 +146,7 @@ def parse_metrics(text: str, *, model_name: str | None = None) -> MetricsSnapsho
     Raises `MetricsError` when the text is not valid exposition format, holds no vLLM request
     metrics (for ``model_name``, when given), a sample palsctl uses is not a finite number (NaN,
     ±Inf) or a histogram bucket has no numeric ``le`` bound."""
-    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+    from prometheus_client.parser import text_string_to_metric_families
 
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
@@ -171,12 +171,12 @@ def parse_metrics(text: str, *, model_name: str | None = None) -> MetricsSnapsho
             if "engine" in labels:
                 engines.add(labels["engine"])
             name = s.name
-            hist = family.type == "histogram" and family.name in hist_names
-            if not hist and name not in _USED:
+            is_hist = family.type == "histogram" and family.name in hist_names
+            if not is_hist and name not in _USED:
                 continue            # not read by palsctl (nor checked)
             if not math.isfinite(s.value) and not name.endswith("_created"):
                 raise MetricsError(f"{name}{_labels(labels)} is {s.value}, not a finite number")
-            if hist:
+            if is_hist:
                 h = hists.setdefault(family.name, {"bucket": defaultdict(float), "count": 0.0,
                                                    "sum": 0.0})
                 if name.endswith("_bucket"):
@@ -284,10 +284,11 @@ class VllmMetricsSensor:
         self._fetch = fetch or (lambda u: fetch_text(u, timeout_s=timeout_s))
         self._clock = clock
         self._prev: MetricsSnapshot | None = None
-        self._prev_t: float | None = None
+        self._prev_t = 0.0                   # when _prev was scraped (read once _prev is set)
         self._t0: float | None = None
 
     def scrape(self) -> MetricsSnapshot:
+        """Fetch ``url`` once and parse it (`parse_metrics`); `MetricsError` when unreadable."""
         return parse_metrics(self._fetch(self.url), model_name=self.model_name)
 
     def prime(self) -> MetricsSnapshot:

@@ -1,11 +1,11 @@
-"""Batch actuation inside vLLM: a scheduler class for ``--scheduler-cls`` that reads a target
+r"""Batch actuation inside vLLM: a scheduler class for ``--scheduler-cls`` that reads a target
 batch (running-sequence cap) from a small control file.
 
 vLLM has no runtime API for ``max_num_seqs``. Launch the server with the largest batch the
 controller may choose and point it at a control file::
 
-    PALSCTL_BATCH_FILE=/run/palsctl/batch \\
-    vllm serve MODEL --max-num-seqs 256 \\
+    PALSCTL_BATCH_FILE=/run/palsctl/batch \
+    vllm serve MODEL --max-num-seqs 256 \
         --scheduler-cls palsctl.adapters.vllm_scheduler.PalsctlAsyncScheduler
 
 (``PalsctlScheduler`` for engines without async scheduling). palsctl writes the target with
@@ -62,6 +62,14 @@ class BatchTargetReader:
         self.target: int | None = None
 
     def poll(self) -> int | None:
+        """The target in the control file, re-read only when the file changed.
+
+        Returns
+        -------
+        int or None
+            The target batch (sequences); None when no file is set, the file is missing or it
+            holds no positive integer.
+        """
         if self.path is None:
             return None
         try:
@@ -116,6 +124,8 @@ class BatchFileActuator(BatchLimit):
         return self.launch_max if got is None else got
 
     def state_target(self) -> dict[str, Any]:
+        """The claim entry: the control file's absolute path and the original batch
+        (sequences)."""
         return {"kind": "batch_file", "path": str(self.path.resolve()),
                 "max_batch": self.original}
 
@@ -137,6 +147,10 @@ def restore_batch_file(path: str | os.PathLike[str], max_batch: int) -> None:
 class _BatchCapMixin:
     """Mixed into vLLM's scheduler: applies the control file's target before each step."""
 
+    # set by the vLLM scheduler this is mixed into
+    scheduler_config: Any
+    running: list[Any]
+
     def _palsctl_init(self) -> None:
         self._palsctl_launch_max = int(self.scheduler_config.max_num_seqs)
         self._palsctl_reader = BatchTargetReader(os.environ.get(ENV_BATCH_FILE))
@@ -157,13 +171,13 @@ class _BatchCapMixin:
 
 def _build_classes() -> dict[str, type]:
     try:
-        from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: PLC0415
-        from vllm.v1.core.sched.scheduler import Scheduler  # noqa: PLC0415
+        from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+        from vllm.v1.core.sched.scheduler import Scheduler
     except ImportError as exc:
         raise ImportError("the palsctl scheduler plugin needs vLLM (pip install 'palsctl[vllm]')"
                           ) from exc
 
-    def make(base: type, name: str) -> type:
+    def make(base: Any, name: str) -> type:  # base: a vLLM scheduler class (untyped)
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             base.__init__(self, *args, **kwargs)
             self._palsctl_init()

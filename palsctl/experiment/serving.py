@@ -12,7 +12,7 @@ from typing import Any
 from palsctl.adapters.vllm_metrics import VllmMetricsSensor
 from palsctl.errors import ConfigError
 from palsctl.experiment.schema import control_from_dict, read_toml, serving_from_dict
-from palsctl.plants.serving import ServingPlant
+from palsctl.plants.serving import BatchSource, PowerSource, ServingPlant
 from palsctl.types import PlantInfo
 
 log = logging.getLogger(__name__)
@@ -73,23 +73,24 @@ def build_serving_plant(serving: dict[str, Any], *, dt_s: float, dry_run: bool =
     """Open the power source, the metrics sensor and the batch actuator of a validated
     ``[serving]`` table. Anything opened is closed again (restored) if a later part fails."""
     opened: list[Any] = []
+    power: PowerSource
     try:
         if serving["power"] == "nvml":
-            from palsctl.adapters.nvml import NvmlPower  # noqa: PLC0415
+            from palsctl.adapters.nvml import NvmlPower
             power = NvmlPower(serving["gpus"], dry_run=dry_run, install_signal_handlers=False)
         else:
-            from palsctl.adapters.emulator import EmulatorPower  # noqa: PLC0415
+            from palsctl.adapters.emulator import EmulatorPower
             power = EmulatorPower(serving["emulator_url"], dry_run=dry_run)
         opened.append(power)
-        batch: Any = None
+        batch: BatchSource | None = None
         if serving["batch"] == "gateway":
-            from palsctl.adapters.batch import GatewayBatch  # noqa: PLC0415
-            from palsctl.adapters.gateway import GatewayControl  # noqa: PLC0415
+            from palsctl.adapters.batch import GatewayBatch
+            from palsctl.adapters.gateway import GatewayControl
             ctl = GatewayControl(serving["gateway_control_url"], gateway_token(serving, file=file))
             batch = GatewayBatch(ctl, launch_max=serving["max_batch_launch"], dry_run=dry_run,
                                  token_file=serving.get("gateway_token_file"))
         elif serving["batch"] == "scheduler":
-            from palsctl.adapters.vllm_scheduler import BatchFileActuator  # noqa: PLC0415
+            from palsctl.adapters.vllm_scheduler import BatchFileActuator
             batch = BatchFileActuator(serving["batch_file"], launch_max=serving["max_batch_launch"],
                                       dry_run=dry_run)
         if batch is not None:
@@ -110,7 +111,7 @@ def build_serving_plant(serving: dict[str, Any], *, dt_s: float, dry_run: bool =
         for part in reversed(opened):
             try:
                 part.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("closing %s failed", type(part).__name__)
         raise
 
@@ -140,8 +141,8 @@ def recover_settings(serving: dict[str, Any], *, state_dir: Any, dry_run: bool =
     `palsctl.adapters.state.ClaimConflict` when a live palsctl controls the same targets (a
     dry run only says so), and `palsctl.errors.ActuatorError` when the originals could not be
     written back (starting then would take the changed settings for originals)."""
-    from palsctl.adapters.state import ClaimConflict, recover  # noqa: PLC0415
-    from palsctl.errors import ActuatorError  # noqa: PLC0415
+    from palsctl.adapters.state import ClaimConflict, recover
+    from palsctl.errors import ActuatorError
 
     token = None
     if serving["batch"] == "gateway":

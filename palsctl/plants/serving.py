@@ -30,7 +30,7 @@ from palsctl.errors import ActuatorError, SensorError
 from palsctl.interfaces import Actuator, Plant, Sensor
 from palsctl.types import Action, Limits, Measurement, PlantInfo
 
-__all__ = ["PowerSource", "ServingPlant"]
+__all__ = ["BatchSource", "PowerSource", "ServingPlant"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,19 @@ class PowerSource(Sensor, Actuator, Protocol):
 
     constraints: list[Any]
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Restore the power limits found at open."""
+        ...
+
+
+@runtime_checkable
+class BatchSource(Actuator, Protocol):
+    """The `Actuator` of the batch limit (read back by ``apply(Action())``), with ``close()``
+    restoring the limit found at open."""
+
+    def close(self) -> None:
+        """Restore the batch limit found at open."""
+        ...
 
 
 class ServingPlant(Plant):
@@ -53,7 +65,7 @@ class ServingPlant(Plant):
     ``1..max_batch_launch``. ``clock``: monotonic seconds (injectable for tests).
     """
 
-    def __init__(self, *, metrics: Sensor, power: PowerSource, batch: Actuator | None = None,
+    def __init__(self, *, metrics: Sensor, power: PowerSource, batch: BatchSource | None = None,
                  max_batch_launch: int = 256, dt_s: float = 1.0, info: PlantInfo | None = None,
                  limits: Limits | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -98,6 +110,9 @@ class ServingPlant(Plant):
             return None
 
     def read(self) -> Measurement:
+        """The window since the previous read: power fields from ``power``, engine fields from
+        ``metrics``, the batch limit read back from ``batch``; on a `SensorError` the last good
+        values with ``stale=True``."""
         now = self._clock()
         window = max(now - self._last_t, 1e-9)
         try:
@@ -129,6 +144,9 @@ class ServingPlant(Plant):
         return m
 
     def apply(self, action: Action) -> Action:
+        """Clamp the action to `limits`, set each knob given and return what is in force, read
+        back (cap per GPU in W, batch in sequences). When a knob fails, the other is still set
+        and `ActuatorError` is raised with ``applied`` holding what is known to be in force."""
         lim = self.limits
         cap = None if action.power_cap_w is None else lim.clamp_cap_w(action.power_cap_w)
         batch = None if action.max_batch is None else lim.clamp_batch(action.max_batch)

@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("ray")
 
-from palsctl.cluster import FaultPlan, run_fleet, summarize_fleet  # noqa: E402
-from palsctl.cluster.schema import parse_fleet_text  # noqa: E402
+from palsctl.cluster import FaultPlan, run_fleet, summarize_fleet
+from palsctl.cluster.schema import parse_fleet_text
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(60)]
 
