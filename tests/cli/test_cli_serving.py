@@ -119,7 +119,7 @@ def test_bad_control_config_is_one_line_exit_2(tmp_path, body, words):
 
 
 def test_control_without_gpu_driver_is_actionable(tmp_path):
-    """power = "nvml" on a machine without a driver: one clear line, exit 2 (on a GPU machine
+    """With power = "nvml" on a machine without a driver: one clear line, exit 2 (on a GPU machine
     the metrics endpoint is unreachable instead, which is not an error at open)."""
     cfg = tmp_path / "c.toml"
     cfg.write_text('name = "x"\nduration_s = 1.0\n[serving]\n'

@@ -42,7 +42,7 @@ policy = "{policy}"
 
 
 def _listening_inodes() -> dict[str, str]:
-    """inode -> local address of every listening TCP socket on this machine."""
+    """The local address of every listening TCP socket on this machine, by inode."""
     out = {}
     for f in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:

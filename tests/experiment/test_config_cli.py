@@ -4,10 +4,16 @@ import tomllib
 import pytest
 
 from palsctl.cli import main
-from palsctl.experiment import (DEFAULT_EXPERIMENT_TOML, build_schedule, build_workload,
-                            experiment_from_dict, full_power_capacity_req_s, load_experiment,
-                            run_experiment)
 from palsctl.errors import ConfigError
+from palsctl.experiment import (
+    DEFAULT_EXPERIMENT_TOML,
+    build_schedule,
+    build_workload,
+    experiment_from_dict,
+    full_power_capacity_req_s,
+    load_experiment,
+    run_experiment,
+)
 from palsctl.metrics import SUMMARY_KEYS, summarize
 
 SHORT = """
@@ -199,7 +205,6 @@ def test_results_folder_reproduces_bit_for_bit(tmp_path, capsys):
 
 def test_a_trace_shorter_than_the_run_warns_at_load(tmp_path, capsys):
     import warnings
-
     from pathlib import Path
 
     from palsctl.errors import PalsctlWarning

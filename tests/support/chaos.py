@@ -112,9 +112,10 @@ class InvariantError(AssertionError):
 
 
 class ChaosLoop:
-    """A `ClosedLoop` (default `SafetyGuard`) on a `FaultyPlant` around a seeded `SimPlant`
-    under a Poisson load, with a budget the test moves (``budget_w``; None: no budget), checking
-    after every step:
+    """A guarded closed loop under injected faults that checks four invariants every step.
+
+    A `ClosedLoop` (default `SafetyGuard`) on a `FaultyPlant` around a seeded `SimPlant` under a
+    Poisson load, with a budget the test moves (``budget_w``; None: no budget). After every step:
 
     1. the loop survives (``step`` raises nothing) and records the step: a `StepRecord` with a
        `Measurement` and an `Action`, handed to the ``on_step`` callbacks (``recorded`` counts
