@@ -14,6 +14,7 @@ HELP = "restore the GPU and batch settings a palsctl control that died left behi
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the options of ``palsctl restore`` to its parser."""
     p.add_argument("--state-dir", default=None, metavar="DIR",
                    help="the state folder (default: $PALSCTL_STATE_DIR, /run/palsctl for root, "
                         "else ~/.local/state/palsctl)")
@@ -25,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``palsctl restore`` with parsed options; return the exit status."""
     from pathlib import Path
 
     from palsctl.adapters.state import default_state_dir, find_claims, recover

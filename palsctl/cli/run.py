@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from palsctl.loop import RunRecord
 
 HELP = ("run an experiment (TOML; none: the embedded default) and write steps.csv, "
         "summary.json, timeline.png, config.toml and provenance.json")
@@ -20,6 +24,7 @@ STATIC_KEYS = ("tokens_per_joule", "qos_violation_rate", "slo_attainment", "time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``palsctl run`` to its parser."""
     parser.add_argument("config", nargs="?", metavar="CONFIG",
                         help="experiment TOML file (default: the embedded default experiment)")
     parser.add_argument("--from", dest="from_", metavar="PATH",
@@ -87,6 +92,7 @@ def _recorded(prov_path) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``palsctl run`` with parsed options; return the exit status."""
     import json
     import sys
     from pathlib import Path
@@ -133,7 +139,7 @@ def main(args: argparse.Namespace) -> int:
     if recorded:
         _note_differences(recorded)
 
-    records: dict[str, object] = {}
+    records: dict[str, RunRecord] = {}
     if args.quiet:
         record = run_experiment(cfg, controller=args.controller)
         for name in baselines:
@@ -223,8 +229,12 @@ def _write_results(out, cfg, args, record, records, summary, baselines) -> list:
     import json
 
     from palsctl.errors import ConfigError
-    from palsctl.experiment.provenance import (CONFIG_FILE, PROVENANCE_FILE, config_to_toml,
-                                               provenance)
+    from palsctl.experiment.provenance import (
+        CONFIG_FILE,
+        PROVENANCE_FILE,
+        config_to_toml,
+        provenance,
+    )
 
     header = (f"# The resolved experiment of this run: every default filled in; rerun with\n"
               f"#   palsctl run --from {out / CONFIG_FILE}\n")
