@@ -29,13 +29,14 @@ demo: install
 
 # ruff (pyflakes, pycodestyle, bugbear, pydocstyle, isort) on the tree, mypy on palsctl (strict
 # on types, interfaces and controllers); every ``# noqa`` says why (``# noqa: CODE - reason``).
+# make test runs it first.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	@! grep -rnE --include='*.py' '# noqa(: *[A-Z]+[0-9]+( *, *[A-Z]+[0-9]+)*)? *$$' \
 		palsctl tests bench examples || { echo 'a "# noqa" needs a reason: # noqa: CODE - why'; exit 1; }
 
-test: install $(VLLM_BIN)/.installed
+test: lint $(VLLM_BIN)/.installed
 	$(BIN)/python -m pytest -q --ignore=tests/real_vllm
 	$(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests/real_vllm
 
