@@ -13,6 +13,11 @@ written on any exit it survives, naming the steps file with its row count and ch
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypedDict
+
+if TYPE_CHECKING:
+    from palsctl.loop import StepRecord
 
 HELP = "run a controller against a real (or emulated) vLLM server on the wall clock"
 
@@ -20,7 +25,16 @@ _SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
 TIMELINE_STEPS = 21_600     # the steps timeline.png shows: the last 6 h at dt_s = 1 s
 
 
+class _Stop(TypedDict):
+    """What the signal handler tells the loop: signals seen, restoring already, the last one."""
+
+    n: int
+    closing: bool
+    signal: str | None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the options of ``palsctl control`` to its parser."""
     from palsctl.cli.options import add_metrics_arguments
 
     p.add_argument("config", nargs="?", metavar="CONFIG",
@@ -109,6 +123,7 @@ def _plot_timeline(steps, plant, cfg, path, log):
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``palsctl control`` with parsed options; return the exit status."""
     import logging
     import signal
     import sys
@@ -165,7 +180,7 @@ def main(args: argparse.Namespace) -> int:
     totals = _Totals()
     recent: deque = deque(maxlen=0 if args.no_plot else TIMELINE_STEPS)
     loop = None
-    stop = {"n": 0, "closing": False, "signal": None}
+    stop: _Stop = {"n": 0, "closing": False, "signal": None}
 
     def on_signal(signum, frame):
         stop["n"] += 1
@@ -187,12 +202,13 @@ def main(args: argparse.Namespace) -> int:
     try:
         exporter = start_metrics(args, model_name=serving["model_name"] or plant.info.model,
                                  gpus=serving["gpus"] or range(plant.limits.num_gpus), log=log)
+        on_step: list[Callable[[StepRecord], None]] = [
+            writer, totals, recent.append, _Status(log, args.status_every, totals)]
+        if exporter:
+            on_step.append(exporter)
         loop = ClosedLoop(plant, controller, schedule=schedule,
                           guard=cfg.guard if cfg.guard_enabled else False,
-                          on_step=[writer, totals, recent.append,
-                                   _Status(log, args.status_every, totals)]
-                          + ([exporter] if exporter else []),
-                          keep_steps=False)
+                          on_step=on_step, keep_steps=False)
         log.info("controlling %s (%s power, batch via %s)%s", serving["metrics_url"],
                  serving["power"], serving["batch"], " — DRY RUN" if args.dry_run else "")
         loop.run(duration, should_stop=lambda: stop["n"] > 0)
