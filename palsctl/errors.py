@@ -96,6 +96,9 @@ class UnknownNameError(PalsctlError, KeyError):
 class HardwareError(PalsctlError, RuntimeError):
     """A hardware / driver problem with an actionable message (no GPU, no permission, ...)."""
 
+    #: the NVML return code when NVML raised it (`palsctl.adapters.nvml`), else None
+    nvml_code: int | None = None
+
 
 class ModelFileError(PalsctlError, ValueError):
     """A power-performance model file is unreadable, of an unknown version or missing a field."""

@@ -187,6 +187,8 @@ def _fields_adapter(cls: type) -> TypeAdapter:
         if _has_tuple(hint):
             hint = Annotated[hint, BeforeValidator(_as_tuples)]
         spec[f.name] = NotRequired[hint]
+    # mypy checks only TypedDicts written out in the source (misc); pydantic reads the config
+    # from an attribute a TypedDict does not declare (attr-defined)
     fields_type = TypedDict(f"{cls.__name__}Fields", spec)  # type: ignore[misc]
     fields_type.__pydantic_config__ = CONFIG_FIELDS  # type: ignore[attr-defined]
     return TypeAdapter(fields_type)

@@ -12,9 +12,9 @@ from palsctl.registry import available, builtin, make_controller, resolve, unreg
 def test_types_are_frozen_and_keyword_only():
     a = Action(power_cap_w=200.0, max_batch=8)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        a.power_cap_w = 100.0  # type: ignore[misc]
+        a.power_cap_w = 100.0  # type: ignore[misc]  # the refused write is the test
     with pytest.raises(TypeError):
-        Action(200.0, 8)  # type: ignore[misc]
+        Action(200.0, 8)  # type: ignore[misc]  # the refused call is the test
     assert Setpoint().power_budget_w is None
 
 

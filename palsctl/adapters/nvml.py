@@ -286,7 +286,7 @@ class NvmlPower(PowerDevice):
         else:
             msg = f"cannot {what}: NVML error {exc}"
         err = HardwareError(msg)
-        err.nvml_code = value  # type: ignore[attr-defined]
+        err.nvml_code = value
         return err
 
     def _is_not_supported(self, exc: Exception) -> bool:
@@ -458,7 +458,7 @@ class NvmlPower(PowerDevice):
     def _shutdown(self) -> None:
         try:
             self._nv.nvmlShutdown()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - nothing is left to do with a failing shutdown
             pass
 
     def close(self) -> None:
