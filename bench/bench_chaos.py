@@ -24,7 +24,9 @@
    restarts found the original cap and batch limit back.
 
 Run: ``python bench/bench_chaos.py [--sequences N] [--ignore-sequences N] [--kills N]
-[--json PATH]``. Prints counts; medians where there are distributions.
+[--json PATH] [--tolerance-frac F]``. Prints counts; medians where there are distributions.
+``--tolerance-frac`` sets the guard's ``power_tolerance_frac`` (its band before it judges a
+window over the budget); the reporting bands (3 %, 1 %) stay as they are.
 """
 from __future__ import annotations
 
@@ -43,17 +45,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))      # the test harness lives in tests/support
 
 
-def one_sequence(controller: str, seed: int, *, disobey: str, steps_file: Path) -> dict:
+def one_sequence(controller: str, seed: int, *, disobey: str, steps_file: Path,
+                 tolerance_frac: float | None = None) -> dict:
     from palsctl.loop import StepsWriter
+    from palsctl.safety import GuardConfig
     from tests.support.chaos import ACTUATOR_FAULTS, SENSOR_FAULTS, ChaosLoop
 
     rng = random.Random(seed)
     out = {"death": None, "violations": 0, "lost": 0, "max_over_3": 0, "max_over_1": 0,
-           "reachable": True}
+           "reachable": True, "batch_min_step": None}
     with StepsWriter(steps_file) as writer:
         c = ChaosLoop(controller, seed=seed, strict=False,
                       budget_frac=rng.uniform(0.35, 0.95),
-                      rate_req_s=rng.choice([4.0, 12.0, 20.0]), on_step=[writer])
+                      rate_req_s=rng.choice([4.0, 12.0, 20.0]), on_step=[writer],
+                      guard_config=None if tolerance_frac is None else GuardConfig(
+                          power_tolerance_frac=tolerance_frac))
         plant = c.plant
         taken = 0
         try:
@@ -86,9 +92,12 @@ def one_sequence(controller: str, seed: int, *, disobey: str, steps_file: Path) 
                 plant.lie_factor if disobey == "lie" else 1.0)
             out["reachable"] = c.budget_w is None or floor_w * (1 + c.tol) <= c.budget_w
             over = {0.03: [], 0.01: []}
-            for _ in range(20):
+            for i in range(20):
                 rec = c.step()
                 taken += 1
+                if (out["batch_min_step"] is None
+                        and c.commanded[-1].action.max_batch == lim.max_batch_min):
+                    out["batch_min_step"] = i + 1   # the batch, the lever left, at its floor
                 wb = c.loop.record.steps[-2].setpoint.power_budget_w
                 p = rec.measurement.power_w
                 for band, flags in over.items():
@@ -112,14 +121,15 @@ def _longest_run(flags: list[bool]) -> int:
     return best
 
 
-def chaos(n: int, disobey: str, tmp: Path) -> dict:
+def chaos(n: int, disobey: str, tmp: Path, tolerance_frac: float | None = None) -> dict:
     from tests.support.chaos import CONTROLLERS
 
     res = {}
     for ctl in CONTROLLERS:
         t0 = time.perf_counter()
         rows = [one_sequence(ctl, 1000 * (disobey == "ignore") + k, disobey=disobey,
-                             steps_file=tmp / f"{ctl}-{k}.csv") for k in range(n)]
+                             steps_file=tmp / f"{ctl}-{k}.csv", tolerance_frac=tolerance_frac)
+                for k in range(n)]
         ok = [r for r in rows if r["reachable"]]
         over3 = [r["max_over_3"] for r in ok] or [0]
         over1 = [r["max_over_1"] for r in ok] or [0]
@@ -137,6 +147,11 @@ def chaos(n: int, disobey: str, tmp: Path) -> dict:
             "unreachable_sequences": len(rows) - len(ok),
             "unreachable_max_consecutive_over_3pct": max(
                 [r["max_over_3"] for r in rows if not r["reachable"]] or [0]),
+            "over_3pct_more_than_2_at_batch_min": sum(
+                r["max_over_3"] > 2 and r["batch_min_step"] is not None for r in rows),
+            "steps_to_batch_min_median": statistics.median(
+                [r["batch_min_step"] for r in rows if r["max_over_3"] > 2
+                 and r["batch_min_step"] is not None] or [0]),
             "wall_s": time.perf_counter() - t0,
         }
         r = res[ctl]
@@ -149,8 +164,10 @@ def chaos(n: int, disobey: str, tmp: Path) -> dict:
               f"({r['sequences_over_1pct_more_than_2']} > 2); budget out of reach (the firmware "
               f"within 3 % of it or over it even at the minimum cap): "
               f"{r['unreachable_sequences']} sequences, not in "
-              f"these maxima (their max {r['unreachable_max_consecutive_over_3pct']}) "
-              f"[{r['wall_s']:.0f} s]", flush=True)
+              f"these maxima (their max {r['unreachable_max_consecutive_over_3pct']}); of all "
+              f"sequences > 2 windows over 3 %, {r['over_3pct_more_than_2_at_batch_min']} had "
+              f"the batch at its minimum (median {r['steps_to_batch_min_median']} steps after "
+              f"the actuator stopped obeying) [{r['wall_s']:.0f} s]", flush=True)
     return res
 
 
@@ -210,6 +227,8 @@ def main() -> int:
     ap.add_argument("--ignore-sequences", type=int, default=100)
     ap.add_argument("--kills", type=int, default=40)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--tolerance-frac", type=float, default=None,
+                    help="the guard's power_tolerance_frac (default: GuardConfig's)")
     args = ap.parse_args()
     print(machine())
     import logging
@@ -219,10 +238,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         print("random fault sequences, then firmware that holds more than the cap commanded:")
-        out["lie"] = chaos(args.sequences, "lie", tmp)
+        out["lie"] = chaos(args.sequences, "lie", tmp, args.tolerance_frac)
         if args.ignore_sequences:
             print("random fault sequences, then cap writes ignored (only the batch left):")
-            out["ignore"] = chaos(args.ignore_sequences, "ignore", tmp)
+            out["ignore"] = chaos(args.ignore_sequences, "ignore", tmp, args.tolerance_frac)
         if args.kills:
             logging.disable(logging.NOTSET)
             out["sigkill"] = kills(args.kills, tmp)

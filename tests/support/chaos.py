@@ -129,6 +129,7 @@ class ChaosLoop:
        already excepted; a step whose budget rose excepted);
     4. stale or invalid data never raises the commanded cap.
 
+    ``guard_config``: a `GuardConfig` for the guard (None: the default one).
     ``strict``: raise `InvariantError` at the first broken invariant (tests); else count them
     in ``violations`` (the benchmark). ``over_runs`` lists, per step, how many consecutive
     windows so far were over the budget by more than ``band_frac``.
@@ -137,7 +138,7 @@ class ChaosLoop:
     def __init__(self, controller: str, *, seed: int = 0, rate_req_s: float = 12.0,
                  budget_frac: float | None = 0.6, strict: bool = True, band_frac: float = 0.03,
                  model: str = "llama-3.1-8b", gpu: str = "h100-sxm", num_gpus: int = 1,
-                 on_step=()) -> None:
+                 on_step=(), guard_config=None) -> None:
         from palsctl.loop import ClosedLoop
         from palsctl.plants.sim import SimPlant
         from palsctl.registry import make_controller
@@ -159,7 +160,7 @@ class ChaosLoop:
 
         self.loop = ClosedLoop(self.plant, make_controller(controller),
                                schedule=lambda t: Setpoint(power_budget_w=self.budget_w),
-                               workload=wl, on_step=[count, *on_step])
+                               workload=wl, on_step=[count, *on_step], guard=guard_config)
         guard = self.loop.guard
         self.tol = guard.config.power_tolerance_frac
         step = guard.step
