@@ -521,8 +521,6 @@ def _on_signal(signum: int, frame: Any) -> None:
     previous = _previous_handlers.get(signum, signal.SIG_DFL)
     if callable(previous):
         previous(signum, frame)
-    elif previous == signal.SIG_IGN:
-        return
     else:  # default action: terminate with the signal
         signal.signal(signum, signal.SIG_DFL)
         signal.raise_signal(signum)
@@ -537,7 +535,12 @@ def _register_for_restore(adapter: NvmlPower, install_signal_handlers: bool) -> 
     if (install_signal_handlers and not _signals_installed
             and threading.current_thread() is threading.main_thread()):
         for sig in (signal.SIGINT, signal.SIGTERM):
-            _previous_handlers[sig] = signal.getsignal(sig)
+            previous = signal.getsignal(sig)
+            if previous == signal.SIG_IGN:
+                # a process that ignores the signal (started in the background by a shell, or
+                # under nohup) keeps running on it, so its limits must stay as well
+                continue
+            _previous_handlers[sig] = previous
             signal.signal(sig, _on_signal)
         _signals_installed = True
 

@@ -131,7 +131,10 @@ def test_real_library_without_driver_raises_hardware_error():
 
 
 CHILD = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    # as an interactive start has it, whatever started the test suite (a background job
+    # inherits SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {tests_dir!r})
     from tests.support.fake_nvml import FakeNvml, FakeGpu
     from palsctl.adapters.nvml import NvmlPower
@@ -167,6 +170,37 @@ def test_signal_restores_original_limits(tmp_path, sig):
     assert proc.returncode != 0 and proc.returncode != 3   # died of the signal, not timed out
     if sig == "SIGTERM":
         assert proc.returncode == -signal.SIGTERM
+
+
+def test_an_ignored_sigint_stays_ignored_and_the_limits_stay(tmp_path):
+    """A process started with SIGINT ignored (a shell's background job, nohup) keeps running on
+    SIGINT; the adapter must not restore the limits under it then."""
+    import signal
+    log = tmp_path / "writes.log"
+    code = textwrap.dedent(f"""
+        import signal, sys
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.path.insert(0, {str(HERE.parents[1])!r})
+        from tests.support.fake_nvml import FakeNvml
+        from palsctl.adapters.nvml import NvmlPower
+        nv = NvmlPower(backend=FakeNvml(log_path={str(log)!r}).as_module())
+        nv.set_power_cap_w(300.0)
+        print("ready", flush=True)
+        sys.stdin.readline()                 # the SIGINT arrives while this waits
+        print(nv.power_cap_w, flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate("go\n", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert float(out.split()[0]) == 300.0                  # still capped: nothing restored
+    assert log.read_text().split("\n")[:2] == ["set 0 300000", "set 0 700000"]  # at exit
 
 
 def test_dropped_adapter_is_still_restored_at_exit(tmp_path):
