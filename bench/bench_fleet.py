@@ -182,7 +182,7 @@ def bench_hour64ray() -> None:
     r = run_fleet(fleet, engine="ray", keep_records=False)
     wall = time.perf_counter() - t0
     _emit("hour64ray", {"replicas": 64, "simulated_s": fleet.duration_s, "wall_s": wall,
-                        **_pick(summarize_fleet(r))})
+                        "load_avg_1min": os.getloadavg()[0], **_pick(summarize_fleet(r))})
 
 
 def bench_ray() -> None:
