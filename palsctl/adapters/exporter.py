@@ -25,6 +25,10 @@ name                                       labels     value
 ``palsctl_stale_readings_total``                      steps whose measurement was stale
 ``palsctl_qos_violations_total``                      control windows with a QoS violation, as
                                                       `palsctl.metrics` scores them
+``palsctl_sensor_faults_total``                       steps whose sensor read failed
+``palsctl_actuator_faults_total``                     steps whose actuator write failed
+``palsctl_actuator_failures_in_row``                  consecutive steps with a failed write (the
+                                                      loop's alarm fires at 3: alert on ≥ 3)
 ``palsctl_controller_step_seconds``                   histogram of the guarded controller's step
                                                       time (wall clock, s)
 =========================================  =========  =============================================
@@ -63,7 +67,8 @@ METRIC_NAMES = (
     "palsctl_generated_tokens_total", "palsctl_energy_joules_total",
     "palsctl_control_steps_total", "palsctl_guard_interventions_total",
     "palsctl_stale_readings_total", "palsctl_qos_violations_total",
-    "palsctl_controller_step_seconds",
+    "palsctl_sensor_faults_total", "palsctl_actuator_faults_total",
+    "palsctl_actuator_failures_in_row", "palsctl_controller_step_seconds",
 )
 
 #: Buckets of the controller step-time histogram (s): 10 µs (a PI step) to 10 s (a slow solve).
@@ -174,6 +179,14 @@ class LoopExporter:
         self._qos = counter("palsctl_qos_violations_total",
                             "Control windows with a QoS violation (throughput shortfall or "
                             "p90 latency over the SLO)").labels(**base)
+        self._sensor_faults = counter("palsctl_sensor_faults_total",
+                                      "Steps whose sensor read failed").labels(**base)
+        self._actuator_faults = counter("palsctl_actuator_faults_total",
+                                        "Steps whose actuator write failed").labels(**base)
+        self._actuator_in_row = gauge("palsctl_actuator_failures_in_row",
+                                      "Consecutive steps with a failed actuator write"
+                                      ).labels(**base)
+        self._in_row = 0
         self._step_s = Histogram("palsctl_controller_step_seconds",
                                  "Wall time of the guarded controller's step (s)", names,
                                  buckets=STEP_SECONDS_BUCKETS, registry=r).labels(**base)
@@ -210,6 +223,16 @@ class LoopExporter:
                 self._guard.inc()
             if m.stale:
                 self._stale.inc()
+            # the loop's fault note: "sensor: ...; <guard's>; actuator: ..." (`ClosedLoop`)
+            parts = [f.strip() for f in (getattr(step, "fault", "") or "").split(";")]
+            if any(f.startswith("sensor:") for f in parts):
+                self._sensor_faults.inc()
+            if any(f.startswith("actuator:") for f in parts):
+                self._actuator_faults.inc()
+                self._in_row += 1
+            else:
+                self._in_row = 0
+            self._actuator_in_row.set(self._in_row)
             latency, shortfall = self._qos_counter.update(step)
             if latency or shortfall:
                 self._qos.inc()

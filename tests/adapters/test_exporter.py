@@ -1,4 +1,5 @@
 """The Prometheus exporter of a loop: series, labels, values against `palsctl.metrics`, serving."""
+import dataclasses
 import math
 import socket
 import urllib.request
@@ -103,6 +104,22 @@ def test_every_series_is_exported_with_the_labels_dcgm_and_vllm_use():
     assert sorted(s.labels["gpu"] for s in caps) == ["2", "3"]
     assert fams["palsctl_controller_step_seconds"].type == "histogram"
     assert fams["palsctl_qos_violations"].type == "counter"
+
+
+def test_faults_are_counted_from_the_loops_notes_and_a_failing_actuator_shows_its_run():
+    ex = LoopExporter(model_name="m", gpus=[0])
+    steps = _record([(500.0, 90.0, 0, 0.05, Setpoint(), "")] * 6).steps
+    notes = ["", "sensor: OSError: endpoint down",
+             "actuator: ActuatorError: 503", "sensor: ValueError: NaN; actuator: OSError: reset",
+             "actuator: ActuatorError: 503", "stale measurement (energy counter not advancing)"]
+    in_row = []
+    for s, note in zip(steps, notes):
+        ex.observe(dataclasses.replace(s, fault=note))
+        in_row.append(_value(_samples(ex.text()), "palsctl_actuator_failures_in_row"))
+    smp = _samples(ex.text())
+    assert _value(smp, "palsctl_sensor_faults_total") == 2
+    assert _value(smp, "palsctl_actuator_faults_total") == 3
+    assert in_row == [0, 0, 1, 2, 3, 0]
 
 
 def test_qos_counter_skips_a_first_window_without_a_previous_setpoint():
