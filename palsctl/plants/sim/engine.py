@@ -17,7 +17,10 @@ per request; that path is kept lean: the step runs inline in `Engine.run_until`,
 power at the max clock come from cached attention-free partial sums
 (`GroupModel.time_power_max_clock`), finishing sequences wait in per-step lists behind a heap of
 step numbers, and the latency histograms are binned in bulk when read (TTFT, TPOT and
-end-to-end from the records the engine keeps anyway). Every floating-point operation is done
+end-to-end from the records the engine keeps anyway). Under a power cap the firmware's clock
+is the highest point of the 16-halving bisection's grid that fits; it is found by Newton steps on
+that grid from the last answer (`_grid_search`), 2-4 power evaluations instead of 18, with the
+bisection's answer. Every floating-point operation is done
 in the same order as in the plain formulation (`GroupModel.step_cost`, `GroupModel.step_time`,
 `GroupModel.power_per_gpu`), so results do not depend on which path computed them.
 """
@@ -53,6 +56,65 @@ BIN_EVERY = 4096           # a histogram bins its pending observations at least 
 HISTORY_S = 2.5            # energy history kept for windowed averages (s)
 HISTORY_TRIM = 16384       # segments held before the history is trimmed to HISTORY_S
 _DEC, _PREF, _WAIT, _PENDING, _DONE = 0, 1, 2, 3, 4
+_GRID_HALVINGS = 16        # the firmware resolves its clock to (1 - r_min) / 2**16
+_GRID_N = 1 << _GRID_HALVINGS
+_CLOCK_GRIDS: dict[float, list[float]] = {}
+
+
+def _clock_grid(r_min: float) -> list[float]:
+    """Every point 16 halvings of [r_min, 1] can end on, ascending, with 1.0 appended: entry k
+    is the ``lo`` a bisection ends with after taking the upper half where k's bits are 1 (most
+    significant first). Built with the bisection's own arithmetic, so the points are equal."""
+    grid = _CLOCK_GRIDS.get(r_min)
+    if grid is None:
+        lo = np.array([r_min])
+        hi = np.array([1.0])
+        for _ in range(_GRID_HALVINGS):
+            mid = 0.5 * (lo + hi)
+            lo = np.stack([lo, mid], axis=1).ravel()     # lower half keeps lo, upper takes mid
+            hi = np.stack([mid, hi], axis=1).ravel()
+        grid = _CLOCK_GRIDS[r_min] = [*lo.tolist(), 1.0]
+    return grid
+
+
+def _grid_search(grid: list[float], value: Callable[[float], float], guess: int,
+                 strict: bool = False) -> int:
+    """The highest index a of ``grid`` where ``value(grid[a]) <= 0`` (``< 0`` if ``strict``),
+    -1 if there is none; ``value`` must be increasing along the grid, so that the test holds up
+    to a point and fails beyond, and the answer is the one a bisection over the grid gives.
+    Newton steps on the grid from ``guess``: evaluate a point and its neighbour towards the
+    answer, step to where their line crosses zero; a few such steps, then bisection. Two to
+    four evaluations when ``value`` is smooth and the guess near, at most about 24."""
+    top = len(grid) - 1
+    a, b = -1, top + 1               # the test holds at a and fails at b (-1, top + 1: virtual)
+    k = guess if 0 <= guess <= top else top // 2
+    steps = 0
+    while True:
+        m = value(grid[k])
+        if (m < 0.0) if strict else (m <= 0.0):
+            a, j = k, k + 1
+        else:
+            b, j = k, k - 1
+        if b - a <= 1:
+            return a
+        if steps < 8 and 0 <= j <= top:
+            mj = value(grid[j])
+            if (mj < 0.0) if strict else (mj <= 0.0):
+                if j > a:
+                    a = j
+            elif j < b:
+                b = j
+            if b - a <= 1:
+                return a
+            steps += 1
+            if mj != m:
+                x = k - m * (j - k) / (mj - m)
+                if a < x < b:
+                    k = int(x)
+                    if k <= a:
+                        k = a + 1
+                    continue
+        k = (a + b) // 2
 
 
 class Histogram:
@@ -244,6 +306,8 @@ class Engine:
         self.seg_start = 0.0            # start of the last segment
         self.seg_power_w = gm.idle_w * self.n_gpus   # total power during the last segment
         self.seg_clock = gm.r_min
+        # grid indices of the last throttled clocks, by caller (first guesses)
+        self._clock_k = [_GRID_N // 2] * 4
         self.energy_j = 0.0             # cumulative, through self.t
         self.clock_int = 0.0            # ∫ r dt
         self.gen_tokens = 0
@@ -452,17 +516,29 @@ class Engine:
         self.preemptions += 1
         self.waiting.appendleft(s)
 
-    def _firmware_clock(self, cost, n: int = 1) -> float:
+    def _firmware_clock(self, cost, n: int = 1, slot: int = 0) -> float:
         """Clock ratio for the next ``n`` steps of cost ``cost``: the highest one that keeps the
         power averaged over the trailing ``FW_WINDOW_S`` (including these steps) within the
-        limit in force. Short bursts above the cap borrow slack from a quieter recent past."""
-        gm = self.gm
-        if gm.power_per_gpu(cost, 1.0) <= self.cap_eff_w:
+        limit in force. Short bursts above the cap borrow slack from a quieter recent past.
+        ``slot``: which of the callers' last answers to start the search from."""
+        t1, p1 = self.gm.time_power(cost, 1.0)
+        if p1 <= self.cap_eff_w:
             return 1.0
-        return self._throttled_clock(cost, n)
+        return self._throttled_clock(cost, n, slot, t1)
 
-    def _throttled_clock(self, cost, n: int) -> float:
-        """`_firmware_clock` once the step's power at the max clock exceeds the cap."""
+    def _throttled_clock(self, cost, n: int, slot: int = 0, t1: float = -1.0) -> float:
+        """`_firmware_clock` once the step's power at the max clock exceeds the cap.
+
+        The firmware's answer is the highest point of a fixed grid of clock ratios (the points
+        16 halvings of [r_min, 1] can end on, `_clock_grid`) whose power fits: the window's
+        energy would stay within the cap, and a stretch longer than the window would hold the
+        cap itself. Where that test is monotone in the clock the point is found by
+        `_grid_search` from the caller's last answer: 2-6 power evaluations instead of the
+        bisection's 18, and the same point. It is monotone unless a stretch that is longer than
+        the window at low clocks and shorter at high ones runs over the cap at a clock below
+        the answer while still longer than the window; there `_throttled_clock_bisect`
+        answers. ``t1``: the step's time at the max clock, if the caller has it.
+        """
         gm = self.gm
         cap = self.cap_eff_w
         ws = self.t - FW_WINDOW_S
@@ -470,6 +546,44 @@ class Engine:
             ws = 0.0
         e_win = (self.energy_j - self.energy_at(ws)) / self.n_gpus
         t_win = self.t - ws
+        step_time, power = gm.step_time, gm.power_per_gpu
+        lo_r = gm.r_min
+        grid = _clock_grid(lo_r)
+        if t1 < 0.0:
+            t1 = step_time(cost, 1.0)                # the step's time at the max clock
+        hold_cap = t1 * n > FW_WINDOW_S               # longer than the window at every clock
+
+        time_power = gm.time_power
+
+        def excess(r: float) -> float:
+            """Energy over the cap's allowance in the window, J (fits iff <= 0); for a stretch
+            longer than the window at every clock, also its own excess over the cap."""
+            t, p = time_power(cost, r)
+            t *= n
+            m = (e_win + p * t) - cap * (t_win + t)
+            if hold_cap:
+                over = (p - cap) * t
+                if over > m:
+                    return over
+            return m
+
+        a = _grid_search(grid, excess, self._clock_k[slot])
+        if a < 0:
+            return lo_r
+        self._clock_k[slot] = a
+        if not hold_cap and step_time(cost, lo_r) * n > FW_WINDOW_S \
+                and power(cost, grid[a]) > cap:
+            # the points up to the answer must each be short or hold the cap: the ones that
+            # hold it are those up to k_p, the short ones those from some point on
+            k_p = _grid_search(grid, lambda r: power(cost, r) - cap, a)
+            if step_time(cost, grid[k_p + 1]) * n > FW_WINDOW_S:
+                return self._throttled_clock_bisect(cost, n, e_win, t_win)
+        return grid[a]
+
+    def _throttled_clock_bisect(self, cost, n: int, e_win: float, t_win: float) -> float:
+        """The firmware's clock by plain bisection (16 halvings of [r_min, 1])."""
+        gm = self.gm
+        cap = self.cap_eff_w
 
         def fits(r: float) -> bool:
             t = gm.step_time(cost, r) * n
@@ -482,7 +596,7 @@ class Engine:
         lo, hi = gm.r_min, 1.0
         if not fits(lo):
             return lo
-        for _ in range(16):
+        for _ in range(_GRID_HALVINGS):
             mid = 0.5 * (lo + hi)
             if fits(mid):
                 lo = mid
@@ -529,8 +643,8 @@ class Engine:
         else:
             ends = c0, c1 = gm.step_cost(n, ctx0), gm.step_cost(n, ctx1)
             ch = StepCost(*[0.5 * (a + b) for a, b in zip(c0, c1, strict=True)])
-            r = min(self._firmware_clock(c0, k_max), self._firmware_clock(c1, k_max),
-                    self._firmware_clock(ch, k_max))
+            r = min(self._firmware_clock(c0, k_max, 0), self._firmware_clock(c1, k_max, 1),
+                    self._firmware_clock(ch, k_max, 2))
             t0 = gm.step_time(c0, r)
             t1 = gm.step_time(c1, r)
         slope = (t1 - t0) / (k_max - 1)
@@ -661,9 +775,8 @@ class Engine:
                 r = 1.0
             else:
                 cost = gm.step_cost(n_dec, ctx, n_pref, pattn, pkv, len(chunks))
-                r = self._throttled_clock(cost, 1)
-                dt = gm.step_time(cost, r)
-                p1 = gm.power_per_gpu(cost, r)
+                r = self._throttled_clock(cost, 1, 3)
+                dt, p1 = gm.time_power(cost, r)
             # self._segment(dt, p1 * n_gpus, r), inline
             pw = p1 * n_gpus
             t0 = self.t

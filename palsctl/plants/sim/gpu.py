@@ -463,6 +463,47 @@ class GroupModel:
         v = r if r > self._v0 else self._v0
         return self.idle_w + self.dyn_w * r * v * v * act / t
 
+    def time_power(self, c: StepCost, r: float) -> tuple[float, float]:
+        """``(step_time(c, r), power_per_gpu(c, r))`` bit for bit, in one pass (s, W): the
+        firmware's clock search evaluates both at every clock it tries."""
+        a = self._a
+        tl = c.c_lin1_s / r
+        te = c.c_exp1_s / r
+        ta = c.c_att1_s / r
+        ts = c.t_seq1_s / r
+        busy = act = ts
+        m = c.m_lin_s
+        if m > tl:
+            busy += m
+            act += a * (m - tl) + tl
+            t_lin = m
+        else:
+            busy += tl
+            act += tl
+            t_lin = tl
+        m = c.m_exp_s
+        if m > te:
+            be = m
+            act += a * (m - te) + te
+        else:
+            be = te
+            act += te
+        imb_be = c.exp_imbalance * be
+        busy += imb_be
+        m = c.m_att_s
+        if m > ta:
+            busy += m
+            act += a * (m - ta) + ta
+            t_att = m
+        else:
+            busy += ta
+            act += ta
+            t_att = ta
+        t_comm, t_fixed = c.t_comm_s, c.t_fixed_s
+        v = r if r > self._v0 else self._v0
+        return (t_lin + imb_be + t_att + ts + t_comm + t_fixed,
+                self.idle_w + self.dyn_w * r * v * v * act / (busy + t_comm + t_fixed))
+
     # ---- the same at the max clock, fast (the engine's hot path) ---------------------------
     # At r = 1 every "/ r" and "* r" of step_time and power_per_gpu is exact, and the
     # attention-free terms of a step depend only on its tokens and sequences: they are summed
