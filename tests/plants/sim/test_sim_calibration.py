@@ -52,7 +52,8 @@ def test_cli_check_passes_and_writes_json(tmp_path, capsys, shared_data):
                    "--data", str(shared_data)])
     text = capsys.readouterr().out
     assert rc == 0, text
-    assert "all calibration targets met" in text and "H100" in text
+    assert "regression bounds met" in text and "H100" in text
+    assert "fidelity targets met:" in text
     rep = json.loads(out.read_text())
     assert len(rep["rows_h100"]) == rep["h100"]["rows"]
 
