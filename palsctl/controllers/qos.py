@@ -78,18 +78,29 @@ class DemandEstimator:
         Time constant of a second, faster EWMA; the arrival rate is the larger of the two, so a
         burst raises the demand within seconds while the slow average keeps it from falling
         back on every lull.
+    shift_s : float, optional
+        With the fast EWMA: a fall of the load that lasts is followed within about this long.
+        When the fast average has stayed more than ``shift_drop`` below the slow one for
+        ``shift_s`` seconds, the slow one restarts at the fast one's level (a level shift, not a
+        lull); None: the slow average decays with ``tau_s`` alone.
+    shift_drop : float, default 0.1
+        Relative gap between the averages that counts towards a level shift.
     """
 
     def __init__(self, *, tau_s: float = 20.0, drain_s: float = 30.0,
-                 burst_tau_s: float | None = None) -> None:
+                 burst_tau_s: float | None = None, shift_s: float | None = None,
+                 shift_drop: float = 0.1) -> None:
         self.tau_s, self.drain_s = float(tau_s), float(drain_s)
         self.burst_tau_s = None if burst_tau_s is None else float(burst_tau_s)
+        self.shift_s = None if shift_s is None else float(shift_s)
+        self.shift_drop = float(shift_drop)
         self.reset()
 
     def reset(self) -> None:
         """Forget the arrival-rate history."""
         self._arrivals: float | None = None
         self._fast: float | None = None
+        self._below_s = 0.0
 
     def update(self, m: Measurement, sp: Setpoint, *, dt_s: float,
                output_tokens_mean: float | None) -> Demand:
@@ -118,6 +129,16 @@ class DemandEstimator:
                 if self.burst_tau_s:
                     b = 1.0 - math.exp(-max(dt_s, 1e-9) / self.burst_tau_s)
                     self._fast = x if self._fast is None else self._fast + b * (x - self._fast)
+                    if self.shift_s is not None and self._arrivals is not None:
+                        # a sustained fall: the fast average has stayed well below the slow
+                        # one for shift_s, so the slow one restarts at the new level
+                        if self._fast < (1.0 - self.shift_drop) * self._arrivals:
+                            self._below_s += dt_s
+                            if self._below_s >= self.shift_s:
+                                self._arrivals = self._fast
+                                self._below_s = 0.0
+                        else:
+                            self._below_s = 0.0
         backlog = 0.0
         if (m.waiting > 0 and _finite_pos(output_tokens_mean) and self.drain_s > 0):
             backlog = m.waiting * float(output_tokens_mean) / self.drain_s

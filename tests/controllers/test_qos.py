@@ -43,6 +43,42 @@ def test_arrival_rate_is_an_ewma_with_its_time_constant():
     assert d.arrivals_tok_s == pytest.approx(1000.0 * (1 - math.exp(-1.0)), rel=1e-9)
 
 
+def _run(est, rates, dt_s=1.0):
+    d = None
+    for x in rates:
+        d = est.update(_m(demand_tok_s=x), Setpoint(), dt_s=dt_s, output_tokens_mean=None)
+    return d
+
+
+def test_a_lasting_fall_of_the_load_is_followed_within_the_shift_time():
+    kw = dict(tau_s=60.0, drain_s=0.0, burst_tau_s=10.0)
+    slow, shift = DemandEstimator(**kw), DemandEstimator(**kw, shift_s=15.0, shift_drop=0.1)
+    for est in (slow, shift):
+        _run(est, [2000.0] * 300)
+    # the load halves for good: 60 s later the slow average alone still asks for ~1.37x the
+    # load; with the shift it restarted at the fast average's level (~1,180) once that had
+    # stayed 10 % below it for 15 s, and decayed from there
+    a = _run(slow, [1000.0] * 60).arrivals_tok_s
+    b = _run(shift, [1000.0] * 60).arrivals_tok_s
+    assert a == pytest.approx(1000.0 + 1000.0 * math.exp(-1.0), rel=0.02)
+    fast_at_17 = 1000.0 + 1000.0 * math.exp(-17.0 / 10.0)
+    assert b == pytest.approx(1000.0 + (fast_at_17 - 1000.0) * math.exp(-43.0 / 60.0), rel=0.03)
+    assert b < 1.1 * 1000.0 and a > 1.3 * 1000.0
+
+
+def test_a_lull_shorter_than_the_shift_time_does_not_reset_the_slow_average():
+    est = DemandEstimator(tau_s=60.0, drain_s=0.0, burst_tau_s=10.0, shift_s=15.0)
+    _run(est, [2000.0] * 300)
+    # 12 s of nothing: the fast average falls 10 % below the slow one after ~1 s, but the
+    # lull ends before 15 s of that, so only the slow decay applies
+    d = _run(est, [0.0] * 12 + [2000.0] * 3)
+    ref = DemandEstimator(tau_s=60.0, drain_s=0.0, burst_tau_s=10.0)
+    _run(ref, [2000.0] * 300)
+    assert d.arrivals_tok_s == pytest.approx(
+        _run(ref, [0.0] * 12 + [2000.0] * 3).arrivals_tok_s, rel=1e-12)
+    assert d.arrivals_tok_s > 1500.0
+
+
 def test_without_an_arrival_counter_an_unsaturated_plant_serves_its_demand():
     est = DemandEstimator(tau_s=1e-6, drain_s=30.0)
     d = est.update(_m(throughput_tok_s=700.0), Setpoint(), dt_s=1.0, output_tokens_mean=100.0)
