@@ -63,11 +63,11 @@ class ModelBasedConfig(ControllerConfig):
         Time constant of the slow average of the measured arrival rate, s.
     burst_tau_s : float or None, default 10.0
         Time constant of the fast average, s (the larger average counts; None: no fast one).
-    demand_shift_s, demand_shift_drop : float or None, default None and 0.1
+    demand_shift_s, demand_shift_drop : float or None, default 15.0 and 0.1
         A fall of the arrival rate that keeps the fast average more than ``demand_shift_drop``
         below the slow one for ``demand_shift_s`` seconds resets the slow one to the new level
-        (None: the slow average decays on its own time constant). 15 s gives 0.3-1.5 % more
-        tokens/J where the load falls in steps, at unchanged QoS on the examples.
+        (None: the slow average decays on its own time constant, 60 s by default, and the
+        capacity asked for lags a falling load by minutes).
     drain_s : float, default 30.0
         The waiting queue is served within this horizon, s.
     qos_guard, ttft_guard : float, default 0.85 and 0.6
@@ -94,7 +94,7 @@ class ModelBasedConfig(ControllerConfig):
     residual_bound: float = 2.0
     demand_tau_s: float = 60.0
     burst_tau_s: float | None = 10.0
-    demand_shift_s: float | None = None
+    demand_shift_s: float | None = 15.0
     demand_shift_drop: float = 0.1
     drain_s: float = 30.0
     qos_guard: float = 0.85
