@@ -110,3 +110,15 @@ def test_throttled_clock_equals_the_bisection(e_win_w, cap_w, tokens, ctx, n, sc
         assert eng._firmware_clock(c, n, 1) == want
     else:
         assert eng._firmware_clock(c, n, 1) == 1.0
+
+
+@given(model=st.sampled_from([("llama-3.1-8b", 1, "tp"), ("qwen3-30b-a3b", 2, "ep"),
+                              ("mixtral-8x7b", 4, "tp")]),
+       tokens=st.integers(1, 4096), ctx=st.floats(0.0, 1e6), r=st.floats(0.05, 1.0))
+@settings(max_examples=200, deadline=None)
+def test_time_power_is_step_time_and_power_bit_for_bit(model, tokens, ctx, r):
+    name, n, par = model
+    gpu = "a100-sxm4-80gb" if name == "mixtral-8x7b" else "h100-sxm"
+    gm = SimPlant(name, gpu, n, parallelism=par, noise=False).engine.gm
+    c = gm.step_cost(float(tokens), ctx)
+    assert gm.time_power(c, r) == (gm.step_time(c, r), gm.power_per_gpu(c, r))
