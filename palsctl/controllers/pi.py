@@ -139,8 +139,10 @@ class PIConfig(ControllerConfig):
     ``latency_margin``: the TPOT terms act above TPOT objective × (1 − latency_margin).
     ``tpot_ref_fraction``: the margin loop holds the time per token (the slower of running /
     throughput and the p90 TPOT) at this fraction of the TPOT objective (None: the
-    utilisation reference). ``demand_tau_s`` / ``drain_s``: the QoS-first demand the loops
-    serve (`palsctl.controllers.qos.DemandEstimator`: max(target, arrivals) + backlog).
+    utilisation reference). ``demand_tau_s`` / ``burst_tau_s`` / ``demand_shift_s`` /
+    ``drain_s``: the QoS-first demand the loops serve, the same as `search`'s
+    (`palsctl.controllers.qos.DemandEstimator`: max(target, arrivals) + backlog; arrivals the
+    larger of a slow and a fast average, the slow one reset by a lasting fall).
     ``cap_deadband_w`` / ``batch_deadband``: an output closer than this to the value in force is
     not applied — the loops keep integrating, so the knob moves once the change is worth it
     (no chatter). ``little_tau_s``: time constant over which running sequences and throughput
@@ -161,6 +163,8 @@ class PIConfig(ControllerConfig):
     # each (e.g. 0.42 vs 2.37 % on stale_target_overload) for 2-8 % fewer tokens/J
     tpot_ref_fraction: float | None = 0.5
     demand_tau_s: float = 60.0
+    burst_tau_s: float | None = 10.0
+    demand_shift_s: float | None = 15.0
     drain_s: float = 30.0
     cap_deadband_w: float = 5.0
     batch_deadband: int = 4
@@ -177,6 +181,9 @@ class PIConfig(ControllerConfig):
         common.check_number(self.tpot_ref_fraction, "tpot_ref_fraction", lo=0.05, hi=1.0,
                             allow_none=True)
         common.check_number(self.demand_tau_s, "demand_tau_s", lo=0, lo_open=True)
+        common.check_number(self.burst_tau_s, "burst_tau_s", lo=0, lo_open=True, allow_none=True)
+        common.check_number(self.demand_shift_s, "demand_shift_s", lo=0, lo_open=True,
+                            allow_none=True)
         common.check_number(self.drain_s, "drain_s", lo=0)
         common.check_number(self.cap_deadband_w, "cap_deadband_w", lo=0)
         common.check_int(self.batch_deadband, "batch_deadband", lo=0)
@@ -207,8 +214,9 @@ class PIController(Controller):
 
     def __init__(self, config: PIConfig | None = None, /, **params: Any) -> None:
         super().__init__(config, **params)
-        self._demand = DemandEstimator(tau_s=self.config.demand_tau_s,
-                                       drain_s=self.config.drain_s)
+        cfg = self.config
+        self._demand = DemandEstimator(tau_s=cfg.demand_tau_s, drain_s=cfg.drain_s,
+                                       burst_tau_s=cfg.burst_tau_s, shift_s=cfg.demand_shift_s)
         self.reset()
 
     @override

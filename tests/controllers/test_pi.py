@@ -213,3 +213,18 @@ def test_deadbands_hold_small_moves_while_the_state_integrates():
     assert caps[:5] == [300.0] * 5            # 1.5 W accumulated: below the deadband
     assert caps[-1] >= 302.0                  # the state kept integrating
     assert len(set(caps)) <= 3                # moves by the deadband, not every step
+
+
+def test_pi_serves_the_same_demand_estimate_as_search():
+    """The arrival averages, burst average and level shift are the model-based controllers';
+    fed the same windows, pi's estimate and search's agree (a fall, then a burst)."""
+    from palsctl.controllers.search import SearchController
+
+    pi, search = PIController(), SearchController()
+    rates = [2000.0] * 120 + [1000.0] * 60 + [3000.0] * 5 + [1000.0] * 20
+    for x in rates:
+        m = _m(demand=x)
+        a = pi._demand.update(m, Setpoint(), dt_s=1.0, output_tokens_mean=None)
+        b = search._demand.update(m, Setpoint(), dt_s=1.0, output_tokens_mean=None)
+        assert a == b
+    assert a.arrivals_tok_s < 1500.0      # the lasting fall to 1,000 was followed
