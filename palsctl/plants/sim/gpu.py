@@ -465,7 +465,9 @@ class GroupModel:
 
     def time_power(self, c: StepCost, r: float) -> tuple[float, float]:
         """``(step_time(c, r), power_per_gpu(c, r))`` bit for bit, in one pass (s, W): the
-        firmware's clock search evaluates both at every clock it tries."""
+        firmware's clock search evaluates both at every clock it tries. A copy of their sums,
+        not a call to them (this is the hot path; `power_per_gpu` stays separate for the
+        callers that need power only); the bit-for-bit equality is tested."""
         a = self._a
         tl = c.c_lin1_s / r
         te = c.c_exp1_s / r
