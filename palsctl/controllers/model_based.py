@@ -68,6 +68,11 @@ class ModelBasedConfig(ControllerConfig):
         below the slow one for ``demand_shift_s`` seconds resets the slow one to the new level
         (None: the slow average decays on its own time constant, 60 s by default, and the
         capacity asked for lags a falling load by minutes).
+    demand_rise_ratio, demand_rise_s : float or None, default 2.5 and 2.0
+        Arrivals above ``demand_rise_ratio`` × the estimate in every window of
+        ``demand_rise_s`` seconds in a row restart the fast average at their level: a step up of
+        the load is served within seconds (None: the fast average follows it on its own time
+        constant, and the first seconds of a new regime run on the old capacity).
     drain_s : float, default 30.0
         The waiting queue is served within this horizon, s.
     qos_guard, ttft_guard : float, default 0.85 and 0.6
@@ -96,6 +101,8 @@ class ModelBasedConfig(ControllerConfig):
     burst_tau_s: float | None = 10.0
     demand_shift_s: float | None = 15.0
     demand_shift_drop: float = 0.1
+    demand_rise_ratio: float | None = 2.5
+    demand_rise_s: float = 2.0
     drain_s: float = 30.0
     qos_guard: float = 0.85
     ttft_guard: float = 0.6
@@ -120,6 +127,9 @@ class ModelBasedConfig(ControllerConfig):
         common.check_number(self.demand_shift_s, "demand_shift_s", lo=0, lo_open=True,
                             allow_none=True)
         common.check_number(self.demand_shift_drop, "demand_shift_drop", lo=0, hi=1)
+        common.check_number(self.demand_rise_ratio, "demand_rise_ratio", lo=1, lo_open=True,
+                            allow_none=True)
+        common.check_number(self.demand_rise_s, "demand_rise_s", lo=0, lo_open=True)
         common.check_number(self.drain_s, "drain_s", lo=0)
         common.check_number(self.qos_guard, "qos_guard", lo=0, lo_open=True, hi=1)
         common.check_number(self.ttft_guard, "ttft_guard", lo=0, lo_open=True, hi=1)
@@ -233,7 +243,8 @@ class ModelBasedController(Controller):
         self._res = common.Residuals(cfg.residual_alpha, cfg.residual_bound)
         self._demand = DemandEstimator(tau_s=cfg.demand_tau_s, drain_s=cfg.drain_s,
                                        burst_tau_s=cfg.burst_tau_s, shift_s=cfg.demand_shift_s,
-                                       shift_drop=cfg.demand_shift_drop)
+                                       shift_drop=cfg.demand_shift_drop,
+                                       rise_ratio=cfg.demand_rise_ratio, rise_s=cfg.demand_rise_s)
         self._qos = QosTightening(guard=cfg.qos_guard, ttft_guard=cfg.ttft_guard,
                                   memory_s=cfg.qos_memory_s)
         self.reset()

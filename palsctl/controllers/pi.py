@@ -140,9 +140,10 @@ class PIConfig(ControllerConfig):
     ``tpot_ref_fraction``: the margin loop holds the time per token (the slower of running /
     throughput and the p90 TPOT) at this fraction of the TPOT objective (None: the
     utilisation reference). ``demand_tau_s`` / ``burst_tau_s`` / ``demand_shift_s`` /
-    ``drain_s``: the QoS-first demand the loops serve, the same as `search`'s
-    (`palsctl.controllers.qos.DemandEstimator`: max(target, arrivals) + backlog; arrivals the
-    larger of a slow and a fast average, the slow one reset by a lasting fall).
+    ``demand_rise_ratio`` / ``demand_rise_s`` / ``drain_s``: the QoS-first demand the loops
+    serve, the same as `search`'s (`palsctl.controllers.qos.DemandEstimator`: max(target,
+    arrivals) + backlog; arrivals the larger of a slow and a fast average, the slow one reset by
+    a lasting fall, the fast one by a lasting rise).
     ``cap_deadband_w`` / ``batch_deadband``: an output closer than this to the value in force is
     not applied — the loops keep integrating, so the knob moves once the change is worth it
     (no chatter). ``little_tau_s``: time constant over which running sequences and throughput
@@ -165,6 +166,8 @@ class PIConfig(ControllerConfig):
     demand_tau_s: float = 60.0
     burst_tau_s: float | None = 10.0
     demand_shift_s: float | None = 15.0
+    demand_rise_ratio: float | None = 2.5
+    demand_rise_s: float = 2.0
     drain_s: float = 30.0
     cap_deadband_w: float = 5.0
     batch_deadband: int = 4
@@ -184,6 +187,9 @@ class PIConfig(ControllerConfig):
         common.check_number(self.burst_tau_s, "burst_tau_s", lo=0, lo_open=True, allow_none=True)
         common.check_number(self.demand_shift_s, "demand_shift_s", lo=0, lo_open=True,
                             allow_none=True)
+        common.check_number(self.demand_rise_ratio, "demand_rise_ratio", lo=1, lo_open=True,
+                            allow_none=True)
+        common.check_number(self.demand_rise_s, "demand_rise_s", lo=0, lo_open=True)
         common.check_number(self.drain_s, "drain_s", lo=0)
         common.check_number(self.cap_deadband_w, "cap_deadband_w", lo=0)
         common.check_int(self.batch_deadband, "batch_deadband", lo=0)
@@ -216,7 +222,8 @@ class PIController(Controller):
         super().__init__(config, **params)
         cfg = self.config
         self._demand = DemandEstimator(tau_s=cfg.demand_tau_s, drain_s=cfg.drain_s,
-                                       burst_tau_s=cfg.burst_tau_s, shift_s=cfg.demand_shift_s)
+                                       burst_tau_s=cfg.burst_tau_s, shift_s=cfg.demand_shift_s,
+                                       rise_ratio=cfg.demand_rise_ratio, rise_s=cfg.demand_rise_s)
         self.reset()
 
     @override

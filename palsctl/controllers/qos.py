@@ -85,15 +85,28 @@ class DemandEstimator:
         lull); None: the slow average decays with ``tau_s`` alone.
     shift_drop : float, default 0.1
         Relative gap between the averages that counts towards a level shift.
+    rise_ratio : float, optional
+        With the fast EWMA: a rise of the load that lasts is followed at once. When every
+        window of ``rise_s`` seconds in a row measured more than ``rise_ratio`` times the
+        current estimate (the larger average), the fast average restarts at those windows'
+        mean: a step up of the arrival rate (a new regime, a flash crowd) reaches the demand
+        within ``rise_s`` instead of the fast average's ~``burst_tau_s``. A single spike —
+        one window — does not count: the queue absorbs it, and the backlog term drains it.
+        None: rises are followed by the fast average alone.
+    rise_s : float, default 2.0
+        How long a rise must last to count, seconds.
     """
 
     def __init__(self, *, tau_s: float = 20.0, drain_s: float = 30.0,
                  burst_tau_s: float | None = None, shift_s: float | None = None,
-                 shift_drop: float = 0.1) -> None:
+                 shift_drop: float = 0.1, rise_ratio: float | None = None,
+                 rise_s: float = 2.0) -> None:
         self.tau_s, self.drain_s = float(tau_s), float(drain_s)
         self.burst_tau_s = None if burst_tau_s is None else float(burst_tau_s)
         self.shift_s = None if shift_s is None else float(shift_s)
         self.shift_drop = float(shift_drop)
+        self.rise_ratio = None if rise_ratio is None else float(rise_ratio)
+        self.rise_s = float(rise_s)
         self.reset()
 
     def reset(self) -> None:
@@ -101,6 +114,25 @@ class DemandEstimator:
         self._arrivals: float | None = None
         self._fast: float | None = None
         self._below_s = 0.0
+        self._seen_s = 0.0          # time since the first window (the averages' warm-up)
+        self._rise_s = 0.0          # length and sum of the current run of high windows
+        self._rise_sum = 0.0
+        self.rises = 0              # rises followed so far (diagnostics)
+
+    def _follow_rise(self, x: float, dt_s: float) -> None:
+        assert self.rise_ratio is not None and self._fast is not None
+        est = max(self._fast, self._arrivals or 0.0)
+        self._seen_s += dt_s
+        # not while the averages still start up (half the slow time constant)
+        if self._seen_s > self.tau_s / 2 and x > self.rise_ratio * est:
+            self._rise_s += dt_s
+            self._rise_sum += x * dt_s
+            if self._rise_s >= self.rise_s - 1e-9:
+                self._fast = self._rise_sum / self._rise_s
+                self.rises += 1
+                self._rise_s = self._rise_sum = 0.0
+        else:
+            self._rise_s = self._rise_sum = 0.0
 
     def update(self, m: Measurement, sp: Setpoint, *, dt_s: float,
                output_tokens_mean: float | None) -> Demand:
@@ -139,6 +171,8 @@ class DemandEstimator:
                                 self._below_s = 0.0
                         else:
                             self._below_s = 0.0
+                    if self.rise_ratio is not None:
+                        self._follow_rise(x, dt_s)
         backlog = 0.0
         if (m.waiting > 0 and _finite_pos(output_tokens_mean) and self.drain_s > 0):
             backlog = m.waiting * float(output_tokens_mean) / self.drain_s

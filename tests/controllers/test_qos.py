@@ -79,6 +79,43 @@ def test_a_lull_shorter_than_the_shift_time_does_not_reset_the_slow_average():
     assert d.arrivals_tok_s > 1500.0
 
 
+def test_a_lasting_rise_of_the_load_is_followed_within_the_rise_time():
+    kw = dict(tau_s=60.0, drain_s=0.0, burst_tau_s=10.0)
+    plain, rise = DemandEstimator(**kw), DemandEstimator(**kw, rise_ratio=2.5, rise_s=2.0)
+    for est in (plain, rise):
+        _run(est, [600.0] * 120)
+    # the load steps up sixfold: after 2 s the fast average alone is at ~1.9x the old level,
+    # the rise restarted it at the new one
+    a = _run(plain, [3600.0] * 2).arrivals_tok_s
+    b = _run(rise, [3600.0] * 2).arrivals_tok_s
+    assert a == pytest.approx(3600.0 + (600.0 - 3600.0) * math.exp(-2.0 / 10.0), rel=1e-9)
+    assert b == pytest.approx(3600.0)
+    assert rise.rises == 1
+    # after that it decays on the fast average's time constant, as before
+    c = _run(rise, [600.0] * 10).arrivals_tok_s
+    assert c == pytest.approx(600.0 + 3000.0 * math.exp(-1.0), rel=1e-9)
+
+
+def test_a_single_spike_or_a_smaller_rise_does_not_count_as_a_rise():
+    kw = dict(tau_s=60.0, drain_s=0.0, burst_tau_s=10.0)
+    plain, rise = DemandEstimator(**kw), DemandEstimator(**kw, rise_ratio=2.5, rise_s=2.0)
+    for est in (plain, rise):
+        _run(est, [600.0] * 120)
+    # one window at 13x, spikes one window apart, then a lasting doubling (under 2.5x)
+    trace = [8000.0, 600.0, 8000.0, 600.0, 6000.0, 500.0] + [1200.0] * 30
+    assert _run(rise, trace).arrivals_tok_s == _run(plain, trace).arrivals_tok_s
+    assert rise.rises == 0
+
+
+def test_no_rise_while_the_averages_start_up():
+    # from the first window the averages know nothing: a ramp in the first tau/2 is theirs
+    est = DemandEstimator(tau_s=60.0, drain_s=0.0, burst_tau_s=10.0, rise_ratio=2.5)
+    _run(est, [100.0] * 5 + [5000.0] * 20)
+    assert est.rises == 0
+    _run(est, [5000.0] * 10 + [50000.0] * 2)
+    assert est.rises == 1
+
+
 def test_without_an_arrival_counter_an_unsaturated_plant_serves_its_demand():
     est = DemandEstimator(tau_s=1e-6, drain_s=30.0)
     d = est.update(_m(throughput_tok_s=700.0), Setpoint(), dt_s=1.0, output_tokens_mean=100.0)
