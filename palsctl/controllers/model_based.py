@@ -85,6 +85,10 @@ class ModelBasedConfig(ControllerConfig):
         infeasible (keeps the knobs still under a noisy demand).
     dwell_s : float, default 30.0
         Time since the last cap increase or latency tightening before the cap may come down, s.
+    batch_dwell_s : float or None, default 30.0
+        Time since the last batch-limit raise before the limit may come down while fewer
+        sequences run than the lower limit, s: a burst's raise is not taken back the moment it
+        drains (None: at once; a limit the running sequences fill comes down at once anyway).
     dt_s : float or None
         Control period the controller is tuned for, s (None: any).
     """
@@ -109,6 +113,7 @@ class ModelBasedConfig(ControllerConfig):
     qos_memory_s: float = 180.0
     hysteresis: float = 0.05
     dwell_s: float = 30.0
+    batch_dwell_s: float | None = 30.0
     dt_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -136,6 +141,7 @@ class ModelBasedConfig(ControllerConfig):
         common.check_number(self.qos_memory_s, "qos_memory_s", lo=0)
         common.check_number(self.hysteresis, "hysteresis", lo=0, hi=1)
         common.check_number(self.dwell_s, "dwell_s", lo=0)
+        common.check_number(self.batch_dwell_s, "batch_dwell_s", lo=0, allow_none=True)
         common.check_number(self.dt_s, "dt_s", lo=0, lo_open=True, allow_none=True)
 
 

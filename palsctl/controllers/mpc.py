@@ -59,6 +59,8 @@ class MPCConfig(ModelBasedConfig):
     ``trust_region``: largest scaled distance from the linearisation point;
     ``relinearize_tol``: scaled move that triggers re-linearisation. ``cap_deadband_w``: a new
     cap closer than this to the one in force is not applied (unless a bound moved past it).
+    ``batch_deadband``: a new batch limit within this fraction of the one in force is not
+    applied (unless the running sequences overfill the lower one by more than that).
     ``solver``: cvxpy solver name (OSQP, CLARABEL or SCS); ``fallback_solver``: tried when it
     fails.
     """
@@ -73,6 +75,7 @@ class MPCConfig(ModelBasedConfig):
     trust_region: float = 0.3
     relinearize_tol: float = 0.02
     cap_deadband_w: float = 10.0
+    batch_deadband: float = 0.1
     solver: str = "OSQP"
     fallback_solver: str | None = "CLARABEL"
 
@@ -81,6 +84,7 @@ class MPCConfig(ModelBasedConfig):
         common.check_int(self.horizon, "horizon")
         for name in ("w_energy", "w_short", "w_short2", "w_move", "cap_deadband_w"):
             common.check_number(getattr(self, name), name, lo=0)
+        common.check_number(self.batch_deadband, "batch_deadband", lo=0, hi=1)
         common.check_number(self.max_cap_rate_w_per_s, "max_cap_rate_w_per_s", lo=0,
                             lo_open=True)
         common.check_number(self.max_batch_rate_per_s, "max_batch_rate_per_s", lo=0,
@@ -190,6 +194,7 @@ class MPCController(ModelBasedController):
         self._lin: tuple[float, float, np.ndarray, np.ndarray] | None = None
         self._floor: float | None = None
         self._since_up_s = math.inf
+        self._since_batch_up_s = math.inf
 
     def _scale(self) -> tuple[float, float]:
         lim = self.bound_limits
@@ -325,7 +330,13 @@ class MPCController(ModelBasedController):
         row = max(int(np.searchsorted(caps, cap + 1e-6, side="right")) - 1, 0)
         nb = g.shape[1]
         j_prev = int(np.argmin(np.abs(g.batch[:nb] - b_prev)))
-        batch = lim.clamp_batch(batch_move(s, b_prev, int(min(batch, b_hi)), row * nb + j_prev))
+        hold = cfg.batch_dwell_s is not None and self._since_batch_up_s < cfg.batch_dwell_s
+        batch = lim.clamp_batch(batch_move(s, b_prev, int(min(batch, b_hi)), row * nb + j_prev,
+                                           hold=hold))
+        if batch != b_prev and abs(batch - b_prev) <= cfg.batch_deadband * b_prev \
+                and not (batch < b_prev and m.running > batch * (1.0 + cfg.batch_deadband)):
+            batch = b_prev      # a move within the deadband is not worth a change
+        self._since_batch_up_s = 0.0 if batch > b_prev else self._since_batch_up_s + s.dt_s
         self._diag = {"status": status, "solver": solver, "solve_time_s": solve_s,
                       "held": held, "pred_throughput_tok_s": thr0c, "pred_power_w": pw0c,
                       "batch_bound": b_hi, "cap_bound_w": cap_hi, "cap_qos_floor_w": cap_lo_qos,

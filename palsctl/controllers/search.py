@@ -19,9 +19,10 @@ Each control step (the shared half is `palsctl.controllers.model_based.ModelBase
    feasible. It goes *down* only when the lower cap saves at least ``min_benefit`` of the
    predicted operating power and ``cap_deadband_w``, no request is waiting, no latency came
    close to its SLO for ``dwell_s``, and the last move up is ``dwell_s`` old (or the operator
-   just changed the setpoint). The batch limit is lowered at once when it is too slow per token
-   at the cap chosen, and raised only where it binds (`batch_move`): a safe limit that does not
-   bind is left alone.
+   just changed the setpoint). The batch limit is lowered when it is too slow per token at the
+   cap chosen — at once while sequences fill the lower limit, else only once the last raise is
+   ``batch_dwell_s`` old — and raised only where it binds (`batch_move`): a safe limit that does
+   not bind is left alone, and a burst's raise is not taken back the moment the burst drains.
 5. **Cap trim.** An integral term on the relative throughput shortfall (averaged over
    ``trim_backlog_s``) while requests have waited for ``trim_backlog_s`` adds
    up to ``trim_max_w`` to the cap (leaks away at ``trim_leak_per_s``; anti-windup at the
@@ -178,15 +179,17 @@ def rank_qos(s: Situation, *, batch_headroom: float = math.inf) -> Pick:
                 operating_power_w=float(f.op_power_w[r]))
 
 
-def batch_move(s: Situation, b_prev: int, b_star: int, i_prev: int) -> int:
+def batch_move(s: Situation, b_prev: int, b_star: int, i_prev: int,
+               hold: bool = False) -> int:
     """The batch limit to apply: lowered to ``b_star`` (the one wanted at the cap chosen) when
     ``b_prev`` is too slow per token at this cap (``i_prev``: its grid index here) — a burst
-    would fill it before the next step —; raised to ``b_star`` only where the limit binds
-    (requests queue behind it, or sequences fill it); else ``b_prev``: unused slots cost nothing,
-    so a limit that is safe and does not bind is left alone."""
+    would fill it before the next step —, unless ``hold`` (a recent raise) and fewer sequences
+    run than ``b_star`` (the slots above it are unused); raised to ``b_star`` only where the
+    limit binds (requests queue behind it, or sequences fill it); else ``b_prev``: unused slots
+    cost nothing, so a limit that is safe and does not bind is left alone."""
     m = s.measurement
     binding = m.waiting > 0 or m.running >= 0.9 * b_prev
-    if b_prev > b_star and not s.itl_ok[i_prev]:
+    if b_prev > b_star and not s.itl_ok[i_prev] and (not hold or m.running >= b_star):
         return b_star
     if b_prev < b_star and binding:
         return b_star
@@ -240,6 +243,7 @@ class SearchController(ModelBasedController):
         self._cap_w: float | None = None      # base cap commanded (before the trim)
         self._batch: int | None = None
         self._since_up_s = math.inf
+        self._since_batch_up_s = math.inf
         self._trim_w = 0.0
         self._backlog_s = 0.0
         self._thr_avg: float | None = None
@@ -299,8 +303,10 @@ class SearchController(ModelBasedController):
         nb = g.shape[1]
         b_star = int(round(g.batch[row * nb + (best_batch(s, row) if best // nb != row
                                                  else best % nb)]))
-        batch = batch_move(s, b_prev, b_star, self._index(row, b_prev))
+        hold = cfg.batch_dwell_s is not None and self._since_batch_up_s < cfg.batch_dwell_s
+        batch = batch_move(s, b_prev, b_star, self._index(row, b_prev), hold=hold)
         batch = lim.clamp_batch(batch)
+        self._since_batch_up_s = 0.0 if batch > b_prev else self._since_batch_up_s + dt
         self._batch = batch
 
         # -- trim on a throughput shortfall while requests wait --------------------------------

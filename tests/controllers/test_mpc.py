@@ -84,3 +84,9 @@ def test_config_validation():
         MPCController(model=AnalyticModel(), solver="GUROBI")
     with pytest.raises(ConfigError, match="horizon"):
         MPCController(model=AnalyticModel(), horizon=0)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5])
+def test_batch_deadband_is_a_fraction(bad):
+    with pytest.raises(ConfigError, match="batch_deadband"):
+        MPCController(batch_deadband=bad)

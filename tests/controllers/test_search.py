@@ -282,3 +282,31 @@ def test_burst_tightening_raises_the_cap_not_the_batch():
     assert d["tightened"] and d["itl_factor"] > 1.0
     assert a2.power_cap_w > a1.power_cap_w and a2.max_batch == a1.max_batch
     assert pred < 0.98 * slo   # the model alone saw no problem
+
+
+def test_batch_move_holds_a_recent_raise_while_its_extra_slots_are_unused():
+    from types import SimpleNamespace
+
+    from palsctl.controllers.search import batch_move
+
+    def sit(running, waiting=0, ok=False):
+        m = _meas(running=running, waiting=waiting)
+        return SimpleNamespace(measurement=m, itl_ok=np.array([ok]))
+
+    # too slow per token at 256: lowered at once without a hold ...
+    assert batch_move(sit(running=3), 256, 144, 0) == 144
+    # ... kept while a recent raise holds and fewer sequences run than the lower limit ...
+    assert batch_move(sit(running=3), 256, 144, 0, hold=True) == 256
+    # ... but lowered at once when the sequences fill the lower limit, hold or not
+    assert batch_move(sit(running=150), 256, 144, 0, hold=True) == 144
+    # a limit that is fast enough is left alone; a raise needs a binding limit
+    assert batch_move(sit(running=3, ok=True), 256, 144, 0) == 256
+    assert batch_move(sit(running=10), 144, 256, 0, hold=True) == 144
+    assert batch_move(sit(running=140), 144, 256, 0) == 256
+    assert batch_move(sit(running=10, waiting=5), 144, 256, 0) == 256
+
+
+@pytest.mark.parametrize("bad", [-1.0, "x"])
+def test_batch_dwell_must_be_a_non_negative_number(bad):
+    with pytest.raises(ConfigError, match="batch_dwell_s"):
+        SearchController(model=AnalyticModel(), batch_dwell_s=bad)
