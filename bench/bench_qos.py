@@ -82,9 +82,9 @@ def checks(name: str, r: dict) -> list[tuple[str, bool, str]]:
         qb, qc = s["qos_violation_rate_binding"], co["qos_violation_rate_binding"]
         ratio = (qc / qb) if qb else float("inf") if qc else None
         out.append(("binding stretches: >= 4x fewer violations than cap-only",
-                    ratio is not None and ratio >= 4.0,
+                    ratio is not None and ratio >= 4.0 or (not qb and not qc),
                     f"{100 * qb:.2f} vs {100 * qc:.2f} % "
-                    f"({ratio if ratio is None else f'{ratio:.1f}'}x)"))
+                    + ("(neither violates)" if ratio is None else f"({ratio:.1f}x)")))
     for ctl in ("search", "mpc"):
         late = r[ctl]["time_over_budget_late_s"]
         out.append((f"{ctl}: no time over budget after the first window of a cut", late == 0.0,
