@@ -50,11 +50,18 @@ def _run(est, rates, dt_s=1.0):
     return d
 
 
-def test_a_lasting_fall_of_the_load_is_followed_within_the_shift_time():
+def _warm_pair(level, seconds, **variant):
+    """Two estimators (60-s and 10-s averages, no queue) after ``seconds`` at ``level``: the
+    plain one and one with the ``variant`` options."""
     kw = dict(tau_s=60.0, drain_s=0.0, burst_tau_s=10.0)
-    slow, shift = DemandEstimator(**kw), DemandEstimator(**kw, shift_s=15.0, shift_drop=0.1)
-    for est in (slow, shift):
-        _run(est, [2000.0] * 300)
+    pair = DemandEstimator(**kw), DemandEstimator(**kw, **variant)
+    for est in pair:
+        _run(est, [level] * seconds)
+    return pair
+
+
+def test_a_lasting_fall_of_the_load_is_followed_within_the_shift_time():
+    slow, shift = _warm_pair(2000.0, 300, shift_s=15.0, shift_drop=0.1)
     # the load halves for good: 60 s later the slow average alone still asks for ~1.37x the
     # load; with the shift it restarted at the fast average's level (~1,180) once that had
     # stayed 10 % below it for 15 s, and decayed from there
@@ -80,10 +87,7 @@ def test_a_lull_shorter_than_the_shift_time_does_not_reset_the_slow_average():
 
 
 def test_a_lasting_rise_of_the_load_is_followed_within_the_rise_time():
-    kw = dict(tau_s=60.0, drain_s=0.0, burst_tau_s=10.0)
-    plain, rise = DemandEstimator(**kw), DemandEstimator(**kw, rise_ratio=2.5, rise_s=2.0)
-    for est in (plain, rise):
-        _run(est, [600.0] * 120)
+    plain, rise = _warm_pair(600.0, 120, rise_ratio=2.5, rise_s=2.0)
     # the load steps up sixfold: after 2 s the fast average alone is at ~1.9x the old level,
     # the rise restarted it at the new one
     a = _run(plain, [3600.0] * 2).arrivals_tok_s
@@ -97,10 +101,7 @@ def test_a_lasting_rise_of_the_load_is_followed_within_the_rise_time():
 
 
 def test_a_single_spike_or_a_smaller_rise_does_not_count_as_a_rise():
-    kw = dict(tau_s=60.0, drain_s=0.0, burst_tau_s=10.0)
-    plain, rise = DemandEstimator(**kw), DemandEstimator(**kw, rise_ratio=2.5, rise_s=2.0)
-    for est in (plain, rise):
-        _run(est, [600.0] * 120)
+    plain, rise = _warm_pair(600.0, 120, rise_ratio=2.5, rise_s=2.0)
     # one window at 13x, spikes one window apart, then a lasting doubling (under 2.5x)
     trace = [8000.0, 600.0, 8000.0, 600.0, 6000.0, 500.0] + [1200.0] * 30
     assert _run(rise, trace).arrivals_tok_s == _run(plain, trace).arrivals_tok_s
