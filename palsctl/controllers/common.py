@@ -378,12 +378,15 @@ def rank_throughput_first(grid_cap_w: np.ndarray, thr: np.ndarray, power: np.nda
                   score=score)
 
 
-def setpoint_changed(a: Setpoint | None, b: Setpoint, rel_tol: float = 0.01) -> bool:
+def setpoint_changed(a: Setpoint | None, b: Setpoint, rel_tol: float = 0.01,
+                     ignore: tuple[str, ...] = ()) -> bool:
     """True when a setpoint field (target, budget, power target, an SLO) differs by more than
-    ``rel_tol`` (relative)."""
+    ``rel_tol`` (relative); the fields named in ``ignore`` do not count."""
     if a is None:
         return True
     for name in SETPOINT_FIELDS:
+        if name in ignore:
+            continue
         x, y = getattr(a, name), getattr(b, name)
         if (x is None) != (y is None):
             return True

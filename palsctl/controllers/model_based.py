@@ -178,7 +178,8 @@ class Situation:
         operating point, learned from measured p90 TPOTs near the SLO. It bears on the clock
         (a faster one shortens prefill stalls), not on the batch limit.
     setpoint_changed : bool
-        The setpoint moved by more than 1 % since the previous step.
+        The throughput target, the power target or an SLO moved by more than 1 % since the
+        previous step (the power budget does not count: the ceiling follows it).
     tightened : bool
         A latency came close to its SLO in this window.
     """
@@ -333,7 +334,10 @@ class ModelBasedController(Controller):
             self._res.update(m, pred)
             pred_now = pred[2] * self._res.itl
         prev_sp = self._sp
-        changed = common.setpoint_changed(prev_sp, sp)
+        # a budget that moves is followed through the ceiling (a cut at once); it is no new
+        # operating regime, so it neither releases the dwell nor resets the trim: a grid signal
+        # that moves by 1 % a second would otherwise make every voluntary cap cut immediate
+        changed = common.setpoint_changed(prev_sp, sp, ignore=("power_budget_w",))
         self._sp = sp
         # the window was measured under the previous setpoint's SLOs
         tightened = self._qos.update(m, prev_sp or sp, dt_s=dt, predicted_itl_s=pred_now)

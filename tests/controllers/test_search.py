@@ -140,6 +140,29 @@ def test_hysteresis_and_dwell_keep_the_configuration():
         b = ctl2.step(_meas(cap=b1.power_cap_w, batch=b1.max_batch, thr=2000.0, demand=2000.0),
                       Setpoint())
         assert b.power_cap_w == b1.power_cap_w
+    # ... also while a loose power budget moves by 5 % every step: a moving budget is followed
+    # through the ceiling, it is no new operating regime that would release the dwell
+    assert common.setpoint_changed(Setpoint(power_budget_w=3000.0),
+                                   Setpoint(power_budget_w=3150.0))
+    assert not common.setpoint_changed(Setpoint(power_budget_w=3000.0),
+                                       Setpoint(power_budget_w=3150.0),
+                                       ignore=("power_budget_w",))
+    fast = {"demand_tau_s": 1.0, "burst_tau_s": None, "demand_shift_s": None}
+    ctl3 = _ctl(dwell_s=1000.0, **fast)
+    c1 = ctl3.step(_meas(cap=200.0, thr=3000.0, demand=3000.0), Setpoint(power_budget_w=3000.0))
+    assert c1.power_cap_w > 200.0        # a move up: the dwell starts
+    for k in range(6):
+        c = ctl3.step(_meas(cap=c1.power_cap_w, batch=c1.max_batch, thr=2000.0, demand=2000.0),
+                      Setpoint(power_budget_w=3000.0 * (1.05 if k % 2 == 0 else 1.0)))
+        assert c.power_cap_w == c1.power_cap_w
+    # with no dwell the same dip lowers the cap: the hold above is the dwell's doing
+    ctl4 = _ctl(dwell_s=0.0, **fast)
+    d1 = ctl4.step(_meas(cap=200.0, thr=3000.0, demand=3000.0), Setpoint(power_budget_w=3000.0))
+    d = d1
+    for k in range(6):
+        d = ctl4.step(_meas(cap=d.power_cap_w, batch=d.max_batch, thr=2000.0, demand=2000.0),
+                      Setpoint(power_budget_w=3000.0 * (1.05 if k % 2 == 0 else 1.0)))
+    assert d.power_cap_w < d1.power_cap_w
 
 
 def test_trim_integrates_shortfall_with_antiwindup_and_resets_on_setpoint_change():
