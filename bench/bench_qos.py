@@ -86,9 +86,13 @@ def checks(name: str, r: dict) -> list[tuple[str, bool, str]]:
                     f"{100 * qb:.2f} vs {100 * qc:.2f} % "
                     + ("(neither violates)" if ratio is None else f"({ratio:.1f}x)")))
     for ctl in ("search", "mpc"):
-        late = r[ctl]["time_over_budget_late_s"]
+        # judged on what the GPUs drew (the energy counter); the power reading's figure, which
+        # adds the simulated sensor's 1 % noise, is shown beside it
+        late = r[ctl]["time_over_budget_late_counter_s"]
+        late_read = r[ctl]["time_over_budget_late_s"]
         out.append((f"{ctl}: no time over budget after the first window of a cut", late == 0.0,
-                    f"{late:.1f} s"))
+                    f"{late:.1f} s by the energy counter ({late_read:.1f} s by the power "
+                    f"reading)"))
         b, c = r[ctl]["batch_changes_per_100s"], r[ctl]["cap_reversals_per_100s"]
         br = r[ctl].get("budget_reversals_per_100s") or 0.0
         out.append((f"{ctl}: batch changes <= 5, cap reversals <= 10 per 100 s",
@@ -110,6 +114,7 @@ COLS = (("tokens_per_joule", "tok/J", "{:.3f}", 1), ("gain_vs_static", "gain", "
         ("throughput_violation_rate", "thr %", "{:.2f}", 100),
         ("time_over_budget_s", "over s", "{:.0f}", 1),
         ("time_over_budget_late_s", "late s", "{:.0f}", 1),
+        ("time_over_budget_late_counter_s", "late s (counter)", "{:.0f}", 1),
         ("batch_changes_per_100s", "bch/100s", "{:.1f}", 1),
         ("cap_reversals_per_100s", "crev/100s", "{:.1f}", 1),
         ("budget_reversals_per_100s", "budget rev/100s", "{:.1f}", 1))

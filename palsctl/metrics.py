@@ -59,6 +59,13 @@ Definitions (``P`` window-mean power of all GPUs, ``B`` budget, ``X`` generated 
 * ``time_over_budget_late_s``: the same, without the first window after each budget cut (a cap
   lowered at the cut acts from the next window on): what a controller that follows budget steps
   at once still spends over the budget.
+* ``time_over_budget_counter_s`` / ``time_over_budget_late_counter_s``: the same two, with ``P``
+  the window's increase of the cumulative energy counter (``energy_j``) over its length — what
+  the GPUs drew, without the power reading's noise (NVML's counter on a real GPU; the simulated
+  plant's counter is exact while its reading has 1 % noise). The reading is used for a window
+  whose counter cannot be differenced (the first one, a stale one or the one after it, a
+  counter that went backwards). On a real GPU the two agree; on the simulated plant, windows
+  over budget by the reading only are sensor noise around a cap within the budget.
 * **Thrashing**: ``batch_changes_per_100s`` counts steps whose applied batch limit differs from
   the previous step's; ``cap_reversals_per_100s`` counts changes of direction of the applied cap
   (moves under 0.5 W ignored) — both per 100 s of run; ``budget_reversals_per_100s`` counts the
@@ -163,6 +170,24 @@ def _reversals(values: list[float], min_move: float) -> int:
     return sum(1 for a, b in zip(moves, moves[1:]) if (a > 0) != (b > 0))
 
 
+def _over_by_counter(steps: list[StepRecord], sps: list[Setpoint],
+                     budget_tolerance: float) -> np.ndarray:
+    """Windows over budget by the energy counter's window mean (the reading where the counter
+    cannot be differenced: see the module doc)."""
+    out = np.zeros(len(steps), dtype=bool)
+    for i, (st, sp) in enumerate(zip(steps, sps)):
+        if sp.power_budget_w is None:
+            continue
+        m = st.measurement
+        p = m.power_w
+        if i > 0 and m.window_s > 0 and not m.stale and not steps[i - 1].measurement.stale:
+            de = m.energy_j - steps[i - 1].measurement.energy_j
+            if math.isfinite(de) and de >= 0:
+                p = de / m.window_s
+        out[i] = p > sp.power_budget_w * (1 + budget_tolerance)
+    return out
+
+
 def _rate(mask: np.ndarray, where: np.ndarray) -> float | None:
     return float(mask[where].mean()) if where.any() else None
 
@@ -201,6 +226,7 @@ def summarize(record: RunRecord, *, reference: RunRecord | None = None,
     tokens = float((x * w).sum())
 
     over = np.zeros(n, dtype=bool)
+    over_counter = _over_by_counter(steps, sps, budget_tolerance)
     excess_j = 0.0
     shortfall = np.zeros(n, dtype=bool)
     latency_bad = np.zeros(n, dtype=bool)
@@ -293,10 +319,11 @@ def summarize(record: RunRecord, *, reference: RunRecord | None = None,
     has_latency_slo = any(sp.tpot_slo_s is not None or sp.ttft_slo_s is not None for sp in sps)
     bch, crev = _thrash(steps, duration_s)
     late = over.copy()
+    late_counter = over_counter.copy()
     for i in range(1, n):
         b0, b1 = sps[i - 1].power_budget_w, sps[i].power_budget_w
         if b1 is not None and (b0 is None or b1 < b0):
-            late[i] = False
+            late[i] = late_counter[i] = False
     bad = shortfall | latency_bad
     split: dict[str, Any] = {"binding_fraction": None, "qos_violation_rate_binding": None,
                              "qos_violation_rate_loose": None,
@@ -322,6 +349,8 @@ def summarize(record: RunRecord, *, reference: RunRecord | None = None,
         "slo_attainment": slo_attainment,
         "time_over_budget_s": float(w[over].sum()),
         "time_over_budget_late_s": float(w[late].sum()),
+        "time_over_budget_counter_s": float(w[over_counter].sum()),
+        "time_over_budget_late_counter_s": float(w[late_counter].sum()),
         "energy_over_budget_j": float(excess_j),
         "settling_time_s": max(settling) if settling else None,
         "settling_times_s": settling,

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -50,6 +51,34 @@ def test_window_uses_setpoint_in_force_during_it():
     # window 2 (800 W) still ran under the 1000 W budget; window 3 (800 W) under 500 W
     s = summarize(record([800.0, 800.0, 800.0], [1.0] * 3, sps))
     assert s["time_over_budget_s"] == 1.0 and s["energy_over_budget_j"] == pytest.approx(300.0)
+
+
+def test_over_budget_by_the_energy_counter_and_late_windows():
+    # budget 1000 W, cut to 800 W for windows 5-7 (scored against the setpoint in force); the
+    # readings are noisy, the counter exact
+    sps = [Setpoint(power_budget_w=1000.0)] * 3 + [Setpoint(power_budget_w=800.0)] * 4
+    drawn = [990.0, 990.0, 990.0, 990.0, 990.0, 790.0, 820.0]
+    read = [990.0, 1015.0, 990.0, 990.0, 990.0, 812.0, 820.0]
+    r = record(read, [1.0] * 7, sps)
+    energy = [sum(drawn[:i + 1]) for i in range(7)]
+    r = RunRecord(steps=[dataclasses.replace(st, measurement=dataclasses.replace(
+        st.measurement, energy_j=e)) for st, e in zip(r.steps, energy)],
+        requests=[], limits=LIM, dt_s=1.0)
+    s = summarize(r)
+    # by the reading: window 2 (noise), 5 (first window under the cut), 6 (noise), 7 (drawn)
+    assert s["time_over_budget_s"] == 4.0
+    assert s["time_over_budget_late_s"] == 3.0       # the first window of the cut is exempt
+    # by the counter: 5 and 7 only; the noise windows drew less than the budget
+    assert s["time_over_budget_counter_s"] == 2.0
+    assert s["time_over_budget_late_counter_s"] == 1.0
+    # a stale window and a counter that went backwards fall back to the reading
+    st = r.steps
+    st[1] = dataclasses.replace(st[1], measurement=dataclasses.replace(st[1].measurement,
+                                                                        stale=True))
+    st[5] = dataclasses.replace(st[5], measurement=dataclasses.replace(st[5].measurement,
+                                                                        energy_j=0.0))
+    s = summarize(RunRecord(steps=st, requests=[], limits=LIM, dt_s=1.0))
+    assert s["time_over_budget_counter_s"] == 4.0      # 2 and 6 by their readings again
 
 
 def test_qos_violation_needs_backlog_and_counts_latency():
