@@ -89,6 +89,10 @@ class ModelBasedConfig(ControllerConfig):
         Time since the last batch-limit raise before the limit may come down while fewer
         sequences run than the lower limit, s: a burst's raise is not taken back the moment it
         drains (None: at once; a limit the running sequences fill comes down at once anyway).
+    cap_min_raise_w : float, default 3.0
+        Smallest raise of the cap in force, W per GPU: a smaller one is not made (a cut always
+        is). Following a budget that wiggles by a watt a second up as well as down would
+        reverse the cap every few seconds for a fraction of a percent of throughput.
     dt_s : float or None
         Control period the controller is tuned for, s (None: any).
     """
@@ -114,6 +118,7 @@ class ModelBasedConfig(ControllerConfig):
     hysteresis: float = 0.05
     dwell_s: float = 30.0
     batch_dwell_s: float | None = 30.0
+    cap_min_raise_w: float = 3.0
     dt_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -142,6 +147,7 @@ class ModelBasedConfig(ControllerConfig):
         common.check_number(self.hysteresis, "hysteresis", lo=0, hi=1)
         common.check_number(self.dwell_s, "dwell_s", lo=0)
         common.check_number(self.batch_dwell_s, "batch_dwell_s", lo=0, allow_none=True)
+        common.check_number(self.cap_min_raise_w, "cap_min_raise_w", lo=0)
         common.check_number(self.dt_s, "dt_s", lo=0, lo_open=True, allow_none=True)
 
 

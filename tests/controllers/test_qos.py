@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from palsctl.controllers.qos import DemandEstimator, QosTightening
+from palsctl.errors import ConfigError
 from palsctl.types import Measurement, Setpoint
 
 
@@ -228,3 +229,33 @@ def test_batch_limit_changes_a_bounded_number_of_times_under_constant_load(name,
     batches = [s.applied.max_batch for s in rec.steps]
     changes = sum(1 for a, b in zip(batches, batches[1:]) if a != b)
     assert changes <= 10, (name, changes)
+
+
+# -- no chatter on a wiggling budget ------------------------------------------------------------
+@pytest.mark.parametrize("name", ["search", "mpc"])
+def test_a_budget_that_wiggles_up_by_a_watt_does_not_move_the_cap_up(name):
+    from palsctl.controllers.mpc import MPCController
+    from palsctl.controllers.search import SearchController
+    from tests.support.doubles import AnalyticModel, limits4, plant_info4
+
+    cls = SearchController if name == "search" else MPCController
+    ctl = cls(model=AnalyticModel())
+    ctl.setup(limits=limits4(), dt_s=1.0, plant_info=plant_info4())
+    lim, margin = ctl.limits, ctl.config.budget_margin
+    ceiling = lambda b: lim.clamp_cap_w(b * (1 - margin) / 4)  # noqa: E731
+    cap = 400.0
+    caps = []
+    # the load wants more than any of these budgets allow: the cap sits at the ceiling
+    for budget in (1000.0, 1004.0, 1000.0, 1004.0, 1040.0, 1000.0):
+        m = _m(power_w=cap * 4, throughput_tok_s=1000.0, waiting=50, running=256,
+               power_cap_w=cap, max_batch=256, demand_tok_s=5000.0)
+        cap = ctl.step(m, Setpoint(throughput_tok_s=5000.0, power_budget_w=budget)).power_cap_w
+        assert cap <= ceiling(budget)
+        caps.append(cap)
+    low = ceiling(1000.0)
+    assert ceiling(1004.0) - low < ctl.config.cap_min_raise_w <= ceiling(1040.0) - low
+    # +4 W of budget (1 W per GPU) is no raise; +40 W is; a cut is followed at once
+    assert caps == [low, low, low, low, ceiling(1040.0), low]
+    cfg = {"cap_min_raise_w": -1.0}
+    with pytest.raises(ConfigError, match="cap_min_raise_w"):
+        cls(model=AnalyticModel(), **cfg)
