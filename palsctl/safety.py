@@ -20,13 +20,14 @@
 power: an actuator may ignore or misreport a write, firmware may hold a cap loosely. So the guard
 also compares the **measured** power of each window with the budget that was in force during it.
 When it is over the budget by more than ``power_tolerance_frac`` (room for sensor noise and
-firmware settling) for ``power_persist_steps`` consecutive windows, the devices draw more than
-the caps commanded allow (those fitted the budget): they do not hold the cap as commanded, by a
-factor nothing tells. The guard then falls to the safe cap: a cap ceiling at the minimum cap
-(kept as a fraction of the cap that fits the budget, so it follows later budget changes); when
-the cap was at the minimum already, or the cap read back from the devices shows it is not obeyed
-at all, it also halves a batch ceiling (from what is running). It tightens again on every
-further window over the band.
+firmware settling) for ``power_persist_steps`` consecutive windows (the first window under a
+lower budget does not count: its caps were cut at its start and still settle), the devices draw
+more than the caps commanded allow (those fitted the budget): they do not hold the cap as
+commanded, by a factor nothing tells. The guard then falls to the safe cap: a cap ceiling at the
+minimum cap (kept as a fraction of the cap that fits the budget, so it follows later budget
+changes); when the cap was at the minimum already, or the cap read back from the devices shows
+it is not obeyed at all, it also halves a batch ceiling (from what is running). It tightens
+again on every further window over the band.
 While measured power is under the budget the ceilings relax: the cap ceiling vanishes as soon
 as a window shows the devices holding the cap commanded (the excess was transient); while they
 draw more than commanded it moves halfway per step to where the window's power-to-budget ratio
@@ -269,6 +270,7 @@ class SafetyGuard(Guard):
         self._last_t_s: float | None = None
         self._fit_cache: tuple | None = None
         self._window_budget_w: float | None = None   # budget in force during the next window
+        self._before_w: float | None = None          # ... during the window before it
         self._over_steps = 0
         self._ceiling_frac: float | None = None       # cap ceiling / cap fitting the budget
         self._batch_ceiling: int | None = None        # batch ceiling from measured power
@@ -295,7 +297,7 @@ class SafetyGuard(Guard):
         fault = self._measurement_fault(measurement)
         if fault is None and self._enforce:
             self._enforce_measured(measurement, notes)
-        self._window_budget_w = budget
+        self._before_w, self._window_budget_w = self._window_budget_w, budget
         if self._ceiling_frac is not None:   # measured power said so: never rate-limited
             cap_fit_w = min(cap_fit_w, lim.clamp_cap_w(cap_fit_w * self._ceiling_frac))
         requested = Action()
@@ -360,6 +362,11 @@ class SafetyGuard(Guard):
                 self._relax(b, p)
             elif self._ceiling_frac is not None:   # a device found loose, inside the band:
                 self._ceiling_frac *= b / p * (1.0 - cfg.power_tolerance_frac / 2)  # trim
+            return
+        if self._before_w is not None and b < self._before_w:
+            # the first window under a lower budget: its caps were cut at its start, and the
+            # firmware's settling and the engine step in flight at the cut still draw the old
+            # power for part of it; no evidence of devices that ignore their caps
             return
         self._over_steps += 1
         if self._over_steps < cfg.power_persist_steps:

@@ -178,6 +178,26 @@ def test_measured_power_over_budget_tightens_on_the_second_window():
     assert "batch ceiling 20" in r.note and g.tightenings == 2
 
 
+def test_the_first_window_under_a_budget_cut_is_not_counted_as_disobedience():
+    """A cut acts from the window that follows it, and that window still settles (firmware, an
+    engine step in flight): a guard counting it would fall to the minimum cap when the next
+    window is still a little over, although the devices hold their caps."""
+    g = guarded([Action(power_cap_w=400.0, max_batch=200)])
+    hi, lo = Setpoint(power_budget_w=2000), Setpoint(power_budget_w=1200)   # 1200: 300 W/GPU
+    g.step(over(1, 1500.0, cap=400.0), hi)
+    g.step(over(2, 1500.0, cap=400.0), lo)          # cut: the caps go to 300 W at once
+    r1 = g.step(over(3, 1700.0, cap=300.0), lo)     # the first window under 1200 W: settling
+    r2 = g.step(over(4, 1300.0, cap=300.0), lo)     # one window over the band: not yet
+    r3 = g.step(over(5, 1190.0, cap=300.0), lo)     # holding
+    assert [r.action.power_cap_w for r in (r1, r2, r3)] == [300.0, 300.0, 300.0]
+    assert g.tightenings == 0
+    # a device that keeps drawing over the band after the first window is still caught
+    r4 = g.step(over(6, 1400.0, cap=300.0), lo)
+    r5 = g.step(over(7, 1400.0, cap=300.0), lo)
+    assert r4.action.power_cap_w == 300.0 and r5.action.power_cap_w == 100.0
+    assert "over budget 1200 W for 2 steps" in r5.note
+
+
 def test_cap_not_obeyed_cuts_the_batch_at_once():
     g = guarded([Action(power_cap_w=400.0, max_batch=128)])
     sp = Setpoint(power_budget_w=1200)

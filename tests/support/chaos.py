@@ -178,6 +178,7 @@ class ChaosLoop:
         self._over = 0          # consecutive judged windows over (guard's tolerance)
         self._band_run = 0      # consecutive windows over the reporting band
         self._prev_budget: float | None = None
+        self._before_budget: float | None = None   # in force during the window before it
         self.steps = 0
 
     def _fail(self, what: str) -> None:
@@ -225,6 +226,9 @@ class ChaosLoop:
         if judged:
             if wb is None:
                 self._over = 0
+            elif p > wb * (1 + self.tol) and self._before_budget is not None \
+                    and wb < self._before_budget:
+                pass        # the first window under a cut still settles: not counted
             elif p > wb * (1 + self.tol):
                 self._over += 1
                 floor = (prev is not None and prev.action.power_cap_w == lim.power_cap_min_w
@@ -243,5 +247,5 @@ class ChaosLoop:
         over_band = wb is not None and p == p and p > wb * (1 + self.band)
         self._band_run = self._band_run + 1 if over_band else 0
         self.over_runs.append(self._band_run)
-        self._prev_budget = b
+        self._before_budget, self._prev_budget = self._prev_budget, b
         return rec
