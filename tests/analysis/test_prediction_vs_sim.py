@@ -48,10 +48,11 @@ from palsctl.analysis.verify import run_power_step
 
 sim = pytest.importorskip("palsctl.plants.sim")
 
-# B200: a wide range between the cap minimum (200 W) and the natural draw (~830 W at batch
-# 128), so a 300 W step is large against the cap's 1 W rounding and still leaves room.
-MODEL, GPU, N_GPUS, BATCH = "llama-3.1-8b", "b200", 1, 128
-DT_S, CAP0_W, STEP_W = 0.25, 300.0, 300.0
+# B200 with a 32B dense model: a wide range between the power floor (~360 W at the lowest clock)
+# and the natural draw (~980 W at batch 128, as measured), so a 300 W step from 400 W is large
+# against the cap's 1 W rounding and still leaves room.
+MODEL, GPU, N_GPUS, BATCH = "qwen3-32b", "b200", 1, 128
+DT_S, CAP0_W, STEP_W = 0.25, 400.0, 300.0
 # smaller kicks: more stable gains stay inside the actuator range. Not a whole number of watts:
 # the plant applies whole-watt caps, and an unstable loop whose cap lands exactly on a whole-watt
 # target sits there (zero error is an equilibrium of the noiseless plant) and looks settled.
@@ -95,9 +96,11 @@ def test_step_test_identifies_the_budget_loop():
     _, plant, _, _ = _setup()
     # the cap binds: 1 W of cap is 1 W of power per GPU; the firmware settles within a period
     # or so (its lag is a fraction of a second), and a first-order model fits the 50 W step
+    # (within ~1 W: the GPU idles while the host prepares a prefilling sequence, so a window's
+    # draw under the cap moves with the admissions it holds)
     assert plant.gain == pytest.approx(1.0, rel=0.02)
     assert 0.01 < plant.tau_s + plant.delay_s < 2 * DT_S
-    assert plant.fit_rms < 0.01 * 50.0
+    assert plant.fit_rms < 0.02 * 50.0
 
 
 @settings(max_examples=15, **SETTINGS)

@@ -102,15 +102,17 @@ def test_summary_never_says_all_stable_unless_it_is():
 
 
 def _b200():
-    return functools.partial(sim.SimPlant, "llama-3.1-8b", "b200", 1, dt_s=0.25, seed=0,
+    # a 32B dense model: its B200 draw spans ~360 W (lowest clock) to ~980 W (batch 128), so
+    # the cap binds over the whole step
+    return functools.partial(sim.SimPlant, "qwen3-32b", "b200", 1, dt_s=0.25, seed=0,
                              noise=False)
 
 
 def test_verify_agrees_with_the_identified_model_and_catches_a_wrong_one():
     make = _b200()
-    plant = identify_from_step_test(step_test(make, loop="budget", power_cap_w=300.0,
+    plant = identify_from_step_test(step_test(make, loop="budget", power_cap_w=400.0,
                                               max_batch=128, step=50.0))
-    kw = dict(loop="budget", kp=0.3, ki=1.0, power_cap_w=300.0, max_batch=128, step=150.0)
+    kw = dict(loop="budget", kp=0.3, ki=1.0, power_cap_w=400.0, max_batch=128, step=150.0)
     good = verify_loop(make, plant, **kw)
     assert good.agrees, good.text()
     # a model with a third of the real gain predicts a much slower loop: caught

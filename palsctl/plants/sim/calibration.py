@@ -17,7 +17,9 @@ memory-stalled time, the skew of expert popularity) are fitted by least squares 
 ratios simulated/measured of throughput, power and median ITL (scipy ``least_squares``,
 soft-L1 loss): one on the H100 rows (used by the Hopper and Ampere presets), one on the B200
 rows (Blackwell: its own datasheet bandwidth, FLOP/s, FP8 and power range in `GPUSpec`, its
-own achieved efficiencies here). The voltage floor — which the default-cap data cannot see — is
+own achieved efficiencies here, and four terms the H100 set leaves at 0 or 1 (`B200_TERMS`): host
+time per running sequence and per prefilling sequence, and the routed experts' own bandwidth and
+FLOP/s fractions). The voltage floor — which the default-cap data cannot see — is
 fitted with the H100 set from two soft targets taken from the public power-cap behaviour of MoE
 models on 4×A100 (tokens/J at batch 64 and a 200 W cap 30 % above the 400 W value; batch-1 draw
 under 215 W per GPU), added as weighted residuals; B200 shares it. Leave-one-family-out refits
@@ -42,9 +44,9 @@ from palsctl.plants.sim.steady import steady_state
 
 __all__ = ["CalRow", "load_rows", "predict_row", "row_errors", "summarize_errors", "fit_constants",
            "cap_behaviour", "calibrate", "leave_one_family_out", "evaluate", "check_report",
-           "TARGETS", "ISSUE_TARGETS", "TASK_PROMPT_TOKENS", "TASK_OUTPUT_CV", "TASK_PROMPT_CV",
-           "MODEL_IDS", "DATA_RELATIVE", "GROUPS", "group_of", "constants_for", "save_constants",
-           "plot_report", "moe_batch_scaling", "breakdown"]
+           "TARGETS", "ISSUE_TARGETS", "B200_TERMS", "TASK_PROMPT_TOKENS", "TASK_OUTPUT_CV",
+           "TASK_PROMPT_CV", "MODEL_IDS", "DATA_RELATIVE", "GROUPS", "group_of", "constants_for",
+           "save_constants", "plot_report", "moe_batch_scaling", "breakdown"]
 
 DATA_RELATIVE = "mlenergy-v3/llm_configs.csv"
 
@@ -95,6 +97,10 @@ EXCLUDED_REASONS = {
     "host-bound": "B200 runs whose median ITL at batch <= 32 is over twice that of the same "
                   "model on H100 at the same task and batch: a host-side step floor (~30 ms "
                   "whatever the model size and batch) that no GPU quantity explains",
+    "slower-than-h100": "B200 runs whose median ITL is longer than that of the same model on "
+                        "as many H100s at the same task and batch: B200 has 2.4x the HBM "
+                        "bandwidth and 2.3x the tensor FLOP/s, so a slower step waits on the "
+                        "host (their power is also lower than at a smaller batch of the sweep)",
     "block-fp8-moe": "MoE models with block-scaled FP8 weights (Qwen3-235B-FP8, Qwen3-Coder-480B-"
                      "FP8, DeepSeek-V3.1/R1): vLLM's block-FP8 fused-MoE kernels run 2-3x slower "
                      "than their bytes at small batch on both GPUs, a kernel limitation the plant "
@@ -118,12 +124,23 @@ A100_SCENARIO: dict[str, Any] = dict(model="mixtral-8x7b", gpu="a100-sxm4-80gb",
 FITTED = ("bw_eff", "flops_eff", "step_overhead_s", "seq_time_s", "comm_latency_s",
           "dyn_power_frac", "mem_activity", "v_floor", "route_skew", "layer_time_s",
           "fp8_flops_eff")
-FITTED_B200 = tuple(k for k in FITTED if k != "v_floor")
+# B200-only terms (0 or 1 in the H100 set, which does not fit them): host time per running and
+# per prefilling sequence — B200 steps are short enough for the CPU's share to show: power falls
+# at large batch, and the mean step exceeds the median ITL by 15-40 ms per admitted request at
+# small batch, often several times H100's gap — and the routed experts' own bandwidth and FLOP/s
+# fractions (vLLM's grouped fused-MoE kernels are tuned per GPU)
+B200_TERMS = ("host_seq_time_s", "prefill_seq_time_s", "expert_bw_ratio", "expert_flops_ratio")
+FITTED_B200 = tuple(k for k in FITTED if k != "v_floor") + B200_TERMS
+# where the B200 fit starts these terms (the built-in defaults switch them off, and a fit that
+# starts at "no host time" barely moves it): the order of magnitude of the data's gaps
+B200_START = {"host_seq_time_s": 3e-5, "prefill_seq_time_s": 1e-2}
 BOUNDS = {"bw_eff": (0.4, 1.0), "flops_eff": (0.15, 1.0), "step_overhead_s": (1e-4, 2e-2),
           "seq_time_s": (1e-7, 5e-4), "comm_latency_s": (1e-7, 2e-4),
           "dyn_power_frac": (0.2, 3.0), "mem_activity": (0.05, 1.0), "v_floor": (0.4, 0.98),
           "route_skew": (1e-3, 1.5), "layer_time_s": (1e-7, 2e-4),
-          "fp8_flops_eff": (0.1, 1.0)}
+          "fp8_flops_eff": (0.1, 1.0), "host_seq_time_s": (1e-8, 2e-4),
+          "prefill_seq_time_s": (1e-6, 5e-2), "expert_bw_ratio": (0.2, 1.0),
+          "expert_flops_ratio": (0.05, 1.0)}
 # soft targets from the public A100 power-cap measurements, used as extra fit residuals
 A100_B1_POWER_W = 215.0       # batch-1 draw per GPU: "well under 250 W"
 A100_TPJ_GAIN = 0.30          # tokens/J at a 200 W cap vs 400 W, batch 64 (20-40 %)
@@ -216,6 +233,9 @@ def load_rows(path: str | Path | None = None, *, gpus: Iterable[str] = ("H100", 
 
 def _mark_excluded(rows: list[CalRow]) -> list[CalRow]:
     ref = {(r.model_id, r.task, r.batch): r.itl_median_s for r in rows if r.gpu == "h100-sxm"}
+    # the same comparison on as many GPUs with the same parallelism, at any batch
+    same = {(r.model_id, r.task, r.batch, r.num_gpus, r.parallelism): r.itl_median_s
+            for r in rows if r.gpu == "h100-sxm"}
     out = []
     for r in rows:
         if r.model in BLOCK_FP8_MOE:
@@ -227,8 +247,12 @@ def _mark_excluded(rows: list[CalRow]) -> list[CalRow]:
         out.append(r)
     # a whole sweep is host-bound when its small-batch rows are: mark its other rows too
     bad = {(r.model_id, r.task, r.gpu, r.num_gpus) for r in out if r.excluded}
-    return [replace(r, excluded="host-bound") if not r.excluded and
-            (r.model_id, r.task, r.gpu, r.num_gpus) in bad else r for r in out]
+    out = [replace(r, excluded="host-bound") if not r.excluded and
+           (r.model_id, r.task, r.gpu, r.num_gpus) in bad else r for r in out]
+    # single B200 runs slower than H100 in an otherwise GPU-bound sweep
+    return [replace(r, excluded="slower-than-h100") if not r.excluded and r.gpu == "b200" and
+            r.itl_median_s > same.get((r.model_id, r.task, r.batch, r.num_gpus, r.parallelism),
+                                      math.inf) else r for r in out]
 
 
 def constants_for(row_gpu: str, constants: Consts) -> PlantConstants:
@@ -425,7 +449,9 @@ def calibrate(path: str | Path | None = None, *, start: Consts | None = None,
         c = _rounded(fit_constants(h100, c))
     consts = {"h100": c, "b200": c}
     if b200:
-        cb = replace(constants_for("b200", start), v_floor=c.v_floor)
+        cb = constants_for("b200", start)
+        cb = replace(cb, v_floor=c.v_floor, **{k: v for k, v in B200_START.items()
+                                               if getattr(cb, k) == 0.0})
         for k in range(rounds):
             if progress:
                 progress(f"fit B200 round {k + 1}/{rounds}")

@@ -13,10 +13,16 @@ bandwidth), FLOPs / (flops_eff · peak) / r)`` with ``r = f / f_max`` the SM clo
   window in sliding-window layers) versus the score and value FLOPs;
 * per-sequence time ``seq_time_s × sequences / r`` (sampling, per-sequence kernel work);
 * collectives, the launch gaps and tails of the kernels of every layer (``layer_time_s`` per
-  layer) and a fixed host overhead per step (GPU idle).
+  layer) and the host's work for the step (GPU idle): a fixed overhead, a share per running
+  sequence (``host_seq_time_s``) and a share per sequence that prefills in the step
+  (``prefill_seq_time_s``).
 
 ``t = Σ_kernels roofline + t_seq + t_comm + t_fixed`` with ``t_fixed = step_overhead_s +
-layers × layer_time_s``.
+layers × layer_time_s + sequences × host_seq_time_s + prefilling sequences ×
+prefill_seq_time_s``. Routed experts may stream and multiply at their own fraction of the dense
+layers' rates (``expert_bw_ratio``, ``expert_flops_ratio``: grouped expert kernels are tuned per
+GPU). The host and expert terms are 0 and 1 in the H100-fitted set (Hopper and Ampere); the
+B200 set fits them (see `palsctl.plants.sim.calibration`).
 
 Parallelism (``parallelism``):
 
@@ -92,6 +98,17 @@ class PlantConstants:
         Kernel launch gaps and tails per layer per step (GPU idle), s.
     fp8_flops_eff : float, default 0.4
         Achieved fraction of the dense FP8 tensor-core peak.
+    host_seq_time_s : float, default 0.0
+        Host time per running sequence per step (GPU idle), s: scheduling, input preparation
+        and output processing on the CPU that the GPU waits for.
+    prefill_seq_time_s : float, default 0.0
+        Host time per sequence that prefills in a step (GPU idle), s: its prompt inputs and
+        attention metadata are built on the CPU.
+    expert_bw_ratio : float, default 1.0
+        Achieved bandwidth of the routed-expert weight reads, a fraction of the dense layers'
+        (``bw_eff``).
+    expert_flops_ratio : float, default 1.0
+        Achieved FLOP/s of the routed-expert GEMMs, a fraction of the dense layers'.
     """
 
     bw_eff: float = 0.80            # achieved fraction of datasheet HBM bandwidth
@@ -106,15 +123,19 @@ class PlantConstants:
     route_skew: float = 0.4         # Zipf exponent of expert popularity (0 = uniform)
     layer_time_s: float = 5.0e-5    # kernel launch gaps and tails per layer per step (GPU idle)
     fp8_flops_eff: float = 0.40     # achieved fraction of the dense FP8 tensor-core peak
+    host_seq_time_s: float = 0.0    # host time per running sequence per step (GPU idle)
+    prefill_seq_time_s: float = 0.0  # host time per sequence prefilling in a step (GPU idle)
+    expert_bw_ratio: float = 1.0    # routed-expert weight bandwidth, × the dense layers'
+    expert_flops_ratio: float = 1.0  # routed-expert GEMM FLOP/s, × the dense layers'
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
             ok = isinstance(v, (int, float)) and math.isfinite(v)
-            if not ok or v < 0 or (v == 0 and f.name != "route_skew"):
+            if not ok or v < 0 or (v == 0 and f.name not in _MAY_BE_ZERO):
                 raise ConfigError("plant constant must be a positive number", key=f.name, value=v)
         for name in ("bw_eff", "flops_eff", "mem_activity", "v_floor", "comm_bw_eff",
-                     "fp8_flops_eff"):
+                     "fp8_flops_eff", "expert_bw_ratio", "expert_flops_ratio"):
             if getattr(self, name) > 1.0:
                 raise ConfigError("plant constant must be <= 1", key=name,
                                   value=getattr(self, name))
@@ -134,6 +155,10 @@ class PlantConstants:
                 raise ConfigError(f"unknown plant constant; known: {', '.join(sorted(known))}",
                                   file=file, key=k)
         return cls(**{k: float(v) for k, v in d.items()})
+
+
+# constants for which 0 is a value (no skew, no host time), not a missing one
+_MAY_BE_ZERO = ("route_skew", "host_seq_time_s", "prefill_seq_time_s")
 
 
 @lru_cache(maxsize=1)
@@ -268,6 +293,10 @@ class GroupModel:
             self._flops = gpu.fp8_flops * c.fp8_flops_eff
         else:
             self._flops = gpu.bf16_flops * c.flops_eff
+        # routed experts run grouped kernels whose efficiency is tuned per GPU (× 1.0 exactly
+        # where the ratios are 1: the H100-fitted set)
+        self._bw_exp = self._bw * c.expert_bw_ratio
+        self._flops_exp = self._flops * c.expert_flops_ratio
         # the share of the step's tokens and sequences each GPU runs attention/dense layers for
         self._share = 1.0 / n if ep else 1.0
         wsplit = 1 if ep else n          # dense weights: replicated (ep) or split (tp)
@@ -304,6 +333,10 @@ class GroupModel:
         self._v0 = c.v_floor
         self._seq = c.seq_time_s * self._share
         self._fixed = c.step_overhead_s + c.layer_time_s * model.num_layers
+        # host work that grows with the sequences in the step and with those prefilling (0 in
+        # the H100-fitted set, where adding 0.0 changes no step time)
+        self._host_seq = c.host_seq_time_s * self._share
+        self._host_pref = c.prefill_seq_time_s * self._share
         self._parts: dict[tuple[float, float], tuple[float, ...]] = {}   # max_clock_parts
         # a collective's latency grows with the number of hops of a tree/recursive-doubling
         # exchange: log2(N) (1 on two GPUs)
@@ -402,8 +435,9 @@ class GroupModel:
         m_lin = self._w_dense / bw
         c_lin = tokens * self._lin_flop_tok / fl
         if self._E:
-            m_exp = self._moe_layers * self.distinct_experts(tokens) * self._w_expert / bw
-            c_exp = tokens * self._exp_flop_tok / fl
+            m_exp = self._moe_layers * self.distinct_experts(tokens) * self._w_expert / \
+                self._bw_exp
+            c_exp = tokens * self._exp_flop_tok / self._flops_exp
             imb = self.expert_imbalance(tokens) if self._ep else 1.0
         else:
             m_exp = c_exp = 0.0
@@ -414,8 +448,9 @@ class GroupModel:
         c_att = self._attn_flop * (kv_dec + pref_attn) / fl
         t_seq1 = self._seq * (n_dec + n_pref_seqs)
         t_comm = self._coll_n * (self._lat + tokens * self._coll_s_tok) if self._coll_n else 0.0
-        return StepCost(m_lin, c_lin, m_exp, c_exp, imb, m_att, c_att, t_seq1, t_comm,
-                        self._fixed)
+        t_fixed = self._fixed + self._host_seq * (n_dec + n_pref_seqs) \
+            + self._host_pref * n_pref_seqs
+        return StepCost(m_lin, c_lin, m_exp, c_exp, imb, m_att, c_att, t_seq1, t_comm, t_fixed)
 
     # ---- time and power at a clock ratio r = f / f_max ------------------------------------
     @staticmethod
@@ -515,7 +550,8 @@ class GroupModel:
     def max_clock_parts(self, tokens: float, n_seqs: float) -> tuple[float, ...]:
         """Attention-free partial sums of a step of ``tokens`` tokens and ``n_seqs`` sequences
         at the max clock (cached): time before attention, per-sequence time, collective time,
-        busy and activity-weighted time before attention."""
+        busy and activity-weighted time before attention, host time (without the per-prefill
+        share)."""
         key = (tokens, n_seqs)
         v = self._parts.get(key)
         if v is not None:
@@ -543,7 +579,8 @@ class GroupModel:
         busy += imb * be
         if len(self._parts) >= 16384:
             self._parts.clear()
-        v = self._parts[key] = (t_pre, ts, c.t_comm_s, busy, act)
+        v = self._parts[key] = (t_pre, ts, c.t_comm_s, busy, act,
+                                self._fixed + self._host_seq * n_seqs)
         return v
 
     def attention_s(self, n_dec: float, ctx_dec: float, pref_attn: float = 0.0,
@@ -563,8 +600,7 @@ class GroupModel:
                          c_att1_s: float) -> tuple[float, float]:
         """Step time (s) and power per GPU (W) at the max clock from `max_clock_parts` and
         the attention times."""
-        t_pre, ts, tc, busy, act = parts
-        fixed = self._fixed
+        t_pre, ts, tc, busy, act, fixed = parts
         if m_att_s > c_att1_s:
             return t_pre + m_att_s + ts + tc + fixed, \
                 self.idle_w + self.dyn_w * (act + (self._a * (m_att_s - c_att1_s) + c_att1_s)) \
@@ -577,6 +613,9 @@ class GroupModel:
                              n_pref_seqs: float = 0.0) -> tuple[float, float]:
         """``(step_time(c, 1.0), power_per_gpu(c, 1.0))`` of ``c = step_cost(...)`` (same
         arguments), bit for bit, without building the `StepCost` (s, W)."""
+        if n_pref_seqs and self._host_pref:     # the parts do not know the prefilling share
+            return self.time_power(self.step_cost(n_dec, ctx_dec, n_pref, pref_attn, pref_kv,
+                                                  n_pref_seqs), 1.0)
         key = (n_dec + n_pref, n_dec + n_pref_seqs)
         parts = self._parts.get(key) or self.max_clock_parts(*key)
         ma, ta = self.attention_s(n_dec, ctx_dec, pref_attn, pref_kv, n_pref_seqs)
