@@ -91,8 +91,9 @@ class ModelBasedConfig(ControllerConfig):
         drains (None: at once; a limit the running sequences fill comes down at once anyway).
     cap_min_raise_w : float, default 3.0
         Smallest raise of the cap in force, W per GPU: a smaller one is not made (a cut always
-        is). Following a budget that wiggles by a watt a second up as well as down would
-        reverse the cap every few seconds for a fraction of a percent of throughput.
+        is) unless requests wait or a latency came close to its SLO in the window. Following a
+        budget that wiggles by a watt a second up as well as down would reverse the cap every
+        few seconds for a fraction of a percent of throughput.
     dt_s : float or None
         Control period the controller is tuned for, s (None: any).
     """

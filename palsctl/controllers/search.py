@@ -20,10 +20,11 @@ Each control step (the shared half is `palsctl.controllers.model_based.ModelBase
    predicted operating power and ``cap_deadband_w``, no request is waiting, no latency came
    close to its SLO for ``dwell_s``, and the last move up is ``dwell_s`` old (or the operator
    just changed the target or an SLO; a moving budget does not count). A raise smaller than
-   ``cap_min_raise_w`` is not made. The batch limit is lowered when it is too slow per token at
-   the cap chosen — at once while sequences fill the lower limit, else only once the last raise is
-   ``batch_dwell_s`` old — and raised only where it binds (`batch_move`): a safe limit that does
-   not bind is left alone, and a burst's raise is not taken back the moment the burst drains.
+   ``cap_min_raise_w`` is not made while no request waits and no latency came close to its SLO.
+   The batch limit is lowered when it is too slow per token at the cap chosen — at once while
+   sequences fill the lower limit, else only once the last raise is ``batch_dwell_s`` old — and
+   raised only where it binds (`batch_move`): a safe limit that does not bind is left alone, and
+   a burst's raise is not taken back the moment the burst drains.
 5. **Cap trim.** An integral term on the relative throughput shortfall (averaged over
    ``trim_backlog_s``) while requests have waited for ``trim_backlog_s`` adds
    up to ``trim_max_w`` to the cap (leaks away at ``trim_leak_per_s``; anti-windup at the
@@ -329,8 +330,11 @@ class SearchController(ModelBasedController):
             self._trim_w *= max(0.0, 1.0 - cfg.trim_leak_per_s * dt)
         self._trim_w = min(max(self._trim_w, 0.0), cfg.trim_max_w, max(0.0, ceiling - cap))
         cap_out = lim.clamp_cap_w(min(cap + self._trim_w, ceiling))
-        if s.cap_now_w < cap_out < s.cap_now_w + cfg.cap_min_raise_w:
-            cap_out = lim.clamp_cap_w(s.cap_now_w)      # too small a raise to be worth a move
+        if s.cap_now_w < cap_out < s.cap_now_w + cfg.cap_min_raise_w \
+                and not (s.tightened or m.waiting > 0):
+            # too small a raise to be worth a move, unless a latency came close to its SLO or
+            # requests wait: then every watt serves QoS
+            cap_out = lim.clamp_cap_w(s.cap_now_w)
 
         i_out = self._index(self._row_of(cap), batch)
         self._diag = {

@@ -245,17 +245,19 @@ def test_a_budget_that_wiggles_up_by_a_watt_does_not_move_the_cap_up(name):
     ceiling = lambda b: lim.clamp_cap_w(b * (1 - margin) / 4)  # noqa: E731
     cap = 400.0
     caps = []
-    # the load wants more than any of these budgets allow: the cap sits at the ceiling
-    for budget in (1000.0, 1004.0, 1000.0, 1004.0, 1040.0, 1000.0):
-        m = _m(power_w=cap * 4, throughput_tok_s=1000.0, waiting=50, running=256,
-               power_cap_w=cap, max_batch=256, demand_tok_s=5000.0)
+    # the target asks for more than any of these budgets allow: the cap sits at the ceiling
+    waits = (0, 0, 0, 0, 0, 0, 50)
+    for budget, waiting in zip((1000.0, 1004.0, 1000.0, 1004.0, 1040.0, 1000.0, 1004.0), waits):
+        m = _m(power_w=cap * 4, throughput_tok_s=1000.0, waiting=waiting, running=200,
+               power_cap_w=cap, max_batch=256, demand_tok_s=1000.0)
         cap = ctl.step(m, Setpoint(throughput_tok_s=5000.0, power_budget_w=budget)).power_cap_w
         assert cap <= ceiling(budget)
         caps.append(cap)
     low = ceiling(1000.0)
     assert ceiling(1004.0) - low < ctl.config.cap_min_raise_w <= ceiling(1040.0) - low
-    # +4 W of budget (1 W per GPU) is no raise; +40 W is; a cut is followed at once
-    assert caps == [low, low, low, low, ceiling(1040.0), low]
+    # +4 W of budget (1 W per GPU) is no raise; +40 W is; a cut is followed at once; with
+    # requests waiting every watt serves QoS: the 1-W raise is made
+    assert caps == [low, low, low, low, ceiling(1040.0), low, ceiling(1004.0)]
     cfg = {"cap_min_raise_w": -1.0}
     with pytest.raises(ConfigError, match="cap_min_raise_w"):
         cls(model=AnalyticModel(), **cfg)
