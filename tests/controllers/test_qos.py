@@ -242,7 +242,10 @@ def test_a_budget_that_wiggles_up_by_a_watt_does_not_move_the_cap_up(name):
     ctl = cls(model=AnalyticModel())
     ctl.setup(limits=limits4(), dt_s=1.0, plant_info=plant_info4())
     lim, margin = ctl.limits, ctl.config.budget_margin
-    ceiling = lambda b: lim.clamp_cap_w(b * (1 - margin) / 4)  # noqa: E731
+
+    def ceiling(budget_w):
+        return lim.clamp_cap_w(budget_w * (1 - margin) / 4)
+
     cap = 400.0
     caps = []
     # the target asks for more than any of these budgets allow: the cap sits at the ceiling
