@@ -170,22 +170,25 @@ def _reversals(values: list[float], min_move: float) -> int:
     return sum(1 for a, b in zip(moves, moves[1:]) if (a > 0) != (b > 0))
 
 
-def _over_by_counter(steps: list[StepRecord], sps: list[Setpoint],
-                     budget_tolerance: float) -> np.ndarray:
-    """Windows over budget by the energy counter's window mean (the reading where the counter
-    cannot be differenced: see the module doc)."""
-    out = np.zeros(len(steps), dtype=bool)
-    for i, (st, sp) in enumerate(zip(steps, sps)):
-        if sp.power_budget_w is None:
-            continue
-        m = st.measurement
-        p = m.power_w
-        if i > 0 and m.window_s > 0 and not m.stale and not steps[i - 1].measurement.stale:
-            de = m.energy_j - steps[i - 1].measurement.energy_j
+def _counter_power(steps: list[StepRecord]) -> np.ndarray:
+    """Each window's mean power from the energy counter's increase (the reading where the
+    counter cannot be differenced: see the module doc)."""
+    out = np.array([s.measurement.power_w for s in steps], dtype=float)
+    for i in range(1, len(steps)):
+        m, prev = steps[i].measurement, steps[i - 1].measurement
+        if m.window_s > 0 and not m.stale and not prev.stale:
+            de = m.energy_j - prev.energy_j
             if math.isfinite(de) and de >= 0:
-                p = de / m.window_s
-        out[i] = p > sp.power_budget_w * (1 + budget_tolerance)
+                out[i] = de / m.window_s
     return out
+
+
+def _over_budget(power_w: np.ndarray, sps: list[Setpoint],
+                 budget_tolerance: float) -> np.ndarray:
+    """Windows whose power is over their budget by more than the tolerance band."""
+    band = 1.0 + budget_tolerance
+    return np.array([sp.power_budget_w is not None and p > sp.power_budget_w * band
+                     for p, sp in zip(power_w, sps)], dtype=bool)
 
 
 def _rate(mask: np.ndarray, where: np.ndarray) -> float | None:
@@ -225,8 +228,8 @@ def summarize(record: RunRecord, *, reference: RunRecord | None = None,
     energy_j = float((p * w).sum())
     tokens = float((x * w).sum())
 
-    over = np.zeros(n, dtype=bool)
-    over_counter = _over_by_counter(steps, sps, budget_tolerance)
+    over = _over_budget(p, sps, budget_tolerance)
+    over_counter = _over_budget(_counter_power(steps), sps, budget_tolerance)
     excess_j = 0.0
     shortfall = np.zeros(n, dtype=bool)
     latency_bad = np.zeros(n, dtype=bool)
@@ -243,8 +246,7 @@ def summarize(record: RunRecord, *, reference: RunRecord | None = None,
         m = s.measurement
         while lo_i < i and t_arr[lo_i] <= t_arr[i] - backlog_window_s:
             lo_i += 1
-        if sp.power_budget_w is not None and m.power_w > sp.power_budget_w * (1 + budget_tolerance):
-            over[i] = True
+        if over[i] and sp.power_budget_w is not None:
             excess_j += (m.power_w - sp.power_budget_w) * m.window_s
         if sp.throughput_tok_s is not None and cq_all[i + 1] - cq_all[lo_i] == 0:
             span = cw_all[i + 1] - cw_all[lo_i]

@@ -368,6 +368,15 @@ class ModelBasedController(Controller):
             itl_factor=self._qos.itl_factor, setpoint_changed=changed,
             tightened=tightened)
 
+    def _hold_small_raise(self, s: Situation, in_force_w: float, cap_w: float) -> float:
+        """``cap_w``, or the cap in force when ``cap_w`` raises it by less than
+        ``cap_min_raise_w`` while no request waits and no latency came close to its SLO (then a
+        watt does not serve QoS and the move would only make the cap reverse with the budget)."""
+        if in_force_w < cap_w < in_force_w + self.config.cap_min_raise_w \
+                and not (s.tightened or s.measurement.waiting > 0):
+            return self.bound_limits.clamp_cap_w(in_force_w)
+        return cap_w
+
     def base_diagnostics(self, s: Situation) -> dict[str, Any]:
         """Collect the diagnostics every model-based controller reports.
 

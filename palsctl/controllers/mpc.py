@@ -324,8 +324,7 @@ class MPCController(ModelBasedController):
         if abs(cap - prev_cap) < cfg.cap_deadband_w and cap_lo_qos <= prev_cap <= cap_hi:
             cap = prev_cap
         cap = lim.clamp_cap_w(min(max(cap, cap_lo_qos), cap_hi))
-        if prev_cap < cap < prev_cap + cfg.cap_min_raise_w and not (s.tightened or m.waiting > 0):
-            cap = lim.clamp_cap_w(prev_cap)     # too small a raise to be worth a move (see search)
+        cap = self._hold_small_raise(s, prev_cap, cap)
         # the batch limit moves only where it binds (`search.batch_move`), towards the QP's
         b_prev = int(self._last.max_batch) if self._last is not None and \
             self._last.max_batch is not None else int(round(b_now))

@@ -330,11 +330,7 @@ class SearchController(ModelBasedController):
             self._trim_w *= max(0.0, 1.0 - cfg.trim_leak_per_s * dt)
         self._trim_w = min(max(self._trim_w, 0.0), cfg.trim_max_w, max(0.0, ceiling - cap))
         cap_out = lim.clamp_cap_w(min(cap + self._trim_w, ceiling))
-        if s.cap_now_w < cap_out < s.cap_now_w + cfg.cap_min_raise_w \
-                and not (s.tightened or m.waiting > 0):
-            # too small a raise to be worth a move, unless a latency came close to its SLO or
-            # requests wait: then every watt serves QoS
-            cap_out = lim.clamp_cap_w(s.cap_now_w)
+        cap_out = self._hold_small_raise(s, s.cap_now_w, cap_out)
 
         i_out = self._index(self._row_of(cap), batch)
         self._diag = {
