@@ -46,7 +46,7 @@ class ModelBasedConfig(ControllerConfig):
     model_path : str or None
         Model file from ``palsctl fit`` (None: the model given at construction, or one profiled
         on the simulator's presets for the plant).
-    margin : float, default 0.1
+    margin : float, default 0.05
         Capacity kept over the demand (fraction).
     budget_margin : float, default 0.015
         Predicted power and the total cap are kept below budget × (1 − it): the sensor's noise
