@@ -38,7 +38,7 @@ from typing_extensions import override
 
 from palsctl.controllers import common
 from palsctl.controllers.model_based import ModelBasedConfig, ModelBasedController, Situation
-from palsctl.controllers.search import batch_move, row_feasibility
+from palsctl.controllers.search import batch_move, best_batch, row_feasibility
 from palsctl.errors import ConfigError
 from palsctl.types import Action, Limits, PlantInfo
 
@@ -271,6 +271,14 @@ class MPCController(ModelBasedController):
             ok = s.itl_ok & (g.cap_w <= cap_hi + 1e-9)
             if ok.any():
                 b_hi = float(max(lim.max_batch_min, g.batch[ok].max()))
+            # throughput before latency (`search`'s degradation order): where no batch within
+            # the latency bound has the capacity asked for at the budget's ceiling, the bound
+            # rises to the batch `best_batch` takes there — else a TPOT objective the plant
+            # cannot meet would hold the batch small while the queue grows without end
+            nb = g.shape[1]
+            r_top = int(np.searchsorted(caps, cap_hi + 1e-6, side="right")) - 1
+            if r_top >= 0:
+                b_hi = max(b_hi, float(g.batch[r_top * nb + best_batch(s, r_top)]))
         u0 = self._u0
         x_lo = np.array([cap_lo_qos / cs, lim.max_batch_min / bs])
         x_hi = np.array([cap_hi / cs, b_hi / bs])
