@@ -16,7 +16,12 @@ Loops and sign conventions (all errors positive when *more* of the actuator is n
   help), r the throughput target (the measured demand when the setpoint has none), y the
   measured generated throughput. Gains ``kp_batch_per_tok_s`` (sequences per tok/s) and
   ``ki_batch_per_tok`` (sequences per token). A TPOT objective overrides: when the measured p90
-  TPOT exceeds it while saturated, ``e_b = −r · (tpot − slo)/slo`` (shrink the batch).
+  TPOT exceeds it while saturated, ``e_b = −r · min((tpot − slo)/slo, 1)`` (shrink the batch) —
+  throughput first, though: not while requests wait and the plant falls behind the arrivals
+  (the demand less its backlog term), since a smaller batch would only grow the queue for an
+  objective the plant may reach at no batch. A cut acts only as sequences finish, so the limit
+  goes no further below the running count than one period's finishes (``y · dt /`` mean output
+  tokens; anti-windup).
 * **margin loop** — throughput margin → cap (tok/s): below saturation every request is served
   and the margin shows as speed. With a TPOT objective the loop holds the time per output
   token ``τ = max(running / y, p90 TPOT)`` (``running / y`` is the mean by Little's law: each
@@ -30,7 +35,7 @@ Loops and sign conventions (all errors positive when *more* of the actuator is n
   (at a fixed batch limit that reference means a per-token time that shrinks as the load
   grows, so it keeps the cap high at high load). With a backlog (requests
   waiting) ``e_c = max(e_c, r · (1 + margin) − y)``. A p90 TPOT over the objective adds
-  ``r · (tpot − slo)/slo`` (a faster clock is what shortens the time per token). Gains
+  ``r · min((tpot − slo)/slo, 1)`` (a faster clock is what shortens the time per token). Gains
   ``kp_cap_w_per_tok_s`` (W per tok/s) and ``ki_cap_w_per_tok`` (W per token), per GPU.
 * **budget loop** — power over budget → cap: ``e_p = (P_ref − P)/N`` (W per GPU), P_ref the
   power target in power-target mode, else budget × (1 − budget_margin); P the measured total
@@ -302,7 +307,8 @@ class PIController(Controller):
             return Action(power_cap_w=cap, max_batch=b)
 
         out_mean = self.plant_info.output_tokens_mean if self.plant_info is not None else None
-        r = self._demand.update(m, setpoint, dt_s=dt, output_tokens_mean=out_mean).demand_tok_s
+        demand = self._demand.update(m, setpoint, dt_s=dt, output_tokens_mean=out_mean)
+        r = demand.demand_tok_s
         y = m.throughput_tok_s
         saturated = common.is_saturated(m, b_now)
 
@@ -312,14 +318,30 @@ class PIController(Controller):
         if slo:  # the loops aim below the objective by the latency margin
             slo = slo * (1.0 - cfg.latency_margin)
         over_slo = bool(slo) and slo is not None and tpot is not None and tpot > slo
+        # relative excess over the objective, at most 1: a window at 8× the objective (a long
+        # prefill stalls every decode in it) asks no harder than one at twice it, else one such
+        # window throws the batch from hundreds to 1 and the throughput loop has to climb back
+        excess = 0.0
+        if over_slo:
+            assert tpot is not None and slo is not None
+            excess = min((tpot - slo) / slo, 1.0)
         e_b = None
         if r is not None:
             e_b = max(r - y, 0.0) if saturated else 0.0
-            if over_slo and saturated:
-                assert tpot is not None and slo is not None
-                e_b = -r * (tpot - slo) / slo
+            # throughput before latency: the batch shrinks for the TPOT objective only while
+            # the plant keeps up with the arrivals (the demand less its backlog term) — else
+            # the queue would grow without end for an objective the plant may not reach at
+            # any batch
+            if over_slo and saturated and (m.waiting <= 0 or y >= r - demand.backlog_tok_s):
+                e_b = -r * excess
         gn = self.gains
         db = self._increment("batch", e_b, gn["kp_batch_per_tok_s"], gn["ki_batch_per_tok"], dt)
+        if db < 0 and out_mean and out_mean > 0:
+            # anti-windup: a cut acts only as sequences finish (about y / out_mean per second),
+            # so the limit goes no further below the running count than one period's finishes;
+            # else one window far over the objective throws it from hundreds to 1
+            floor = m.running - max(1.0, y * dt / out_mean)
+            db = max(db, min(0.0, floor - self._batch))
         self._batch = min(max(self._batch + db, lim.max_batch_min), lim.max_batch_max)
 
         # margin loop: estimated capacity vs target -> cap
@@ -347,8 +369,7 @@ class PIController(Controller):
             if m.waiting > 0:  # backlog: the capacity itself is measured
                 e_c = max(e_c, r * (1 + cfg.margin) - y)
             if over_slo:  # too slow per token: a faster clock is what helps
-                assert tpot is not None and slo is not None
-                e_c = max(e_c, 0.0) + r * (tpot - slo) / slo
+                e_c = max(e_c, 0.0) + r * excess
             cand_margin = cap_state + self._increment("cap", e_c, gn["kp_cap_w_per_tok_s"],
                                                     gn["ki_cap_w_per_tok"], dt)
         else:

@@ -228,3 +228,37 @@ def test_pi_serves_the_same_demand_estimate_as_search():
         b = search._demand.update(m, Setpoint(), dt_s=1.0, output_tokens_mean=None)
         assert a == b
     assert a.arrivals_tok_s < 1500.0      # the lasting fall to 1,000 was followed
+
+
+def test_a_window_far_over_the_tpot_objective_cuts_the_batch_by_one_period_of_finishes():
+    # saturated at 200 sequences, no queue, throughput 2,000 tok/s of 256-token outputs: about
+    # 8 sequences finish per second, so the limit goes at most that far below the running count
+    # whatever the excess (it used to fall from 200 to the minimum on one window at 8x)
+    c = _pi()
+    sp = Setpoint(tpot_slo_s=0.03)
+    kw = dict(cap=300.0, thr=2000.0, power=1000.0, demand=2000.0)
+    c.step(_m(batch=200, running=200, tpot=0.02, **kw), sp)
+    a = c.step(_m(batch=200, running=200, tpot=0.25, **kw), sp)
+    assert 200 - 2000.0 / 256 - 1 <= a.max_batch < 200
+    # the excess counts at most 1: 8x over the objective cuts no deeper than 2x does
+    c2 = _pi()
+    c2.step(_m(batch=200, running=200, tpot=0.02, **kw), sp)
+    b = c2.step(_m(batch=200, running=200, tpot=0.06, **kw), sp)
+    assert a.max_batch == b.max_batch
+
+
+def test_throughput_before_latency_no_batch_cut_while_the_queue_outgrows_the_plant():
+    # arrivals 3,000 tok/s, served 2,000 with 40 waiting: the TPOT objective is missed, but a
+    # smaller batch would only grow the queue
+    c = _pi()
+    sp = Setpoint(tpot_slo_s=0.03)
+    kw = dict(cap=300.0, batch=200, running=200, thr=2000.0, power=1000.0, demand=3000.0,
+              waiting=40)
+    c.step(_m(tpot=0.02, **kw), sp)
+    a = c.step(_m(tpot=0.06, **kw), sp)
+    assert a.max_batch >= 200
+    # keeping up with the arrivals (a small queue from a burst), the objective shrinks it
+    c = _pi()
+    kw.update(demand=2000.0, waiting=3)
+    c.step(_m(tpot=0.02, **kw), sp)
+    assert c.step(_m(tpot=0.06, **kw), sp).max_batch < 200
