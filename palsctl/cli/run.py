@@ -97,6 +97,7 @@ def main(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
+    from palsctl.cli.options import duration_override
     from palsctl.errors import ConfigError
     from palsctl.experiment import DEFAULT_EXPERIMENT_TOML, load_experiment, run_experiment
     from palsctl.metrics import summarize
@@ -114,10 +115,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         cfg = load_experiment(args.config)
     if args.duration_s is not None:
-        if not (args.duration_s >= cfg.dt_s):
-            raise ConfigError(f"must be at least dt_s ({cfg.dt_s:g} s)", key="--duration-s",
-                              value=args.duration_s)
-        cfg = cfg.with_overrides(duration_s=args.duration_s)
+        cfg = cfg.with_overrides(duration_s=duration_override(args.duration_s, cfg.dt_s))
     if args.seed is not None:
         if args.seed < 0:
             raise ConfigError("must be >= 0", key="--seed", value=args.seed)

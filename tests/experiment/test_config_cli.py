@@ -361,6 +361,26 @@ def test_missing_config_file_and_bad_override(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["run", "--no-versus", "--no-plot"],
+                                     ["compare", "--controllers", "static"]])
+@pytest.mark.parametrize("value, why", [
+    ("inf", "must be a positive, finite number of seconds"),
+    ("nan", "must be a positive, finite number of seconds"),
+    ("-5", "must be a positive, finite number of seconds"),
+    ("0.5", "must be at least dt_s (1 s)"),
+    ("1e12", "must be <= 1e+07 s"),
+])
+def test_a_bad_duration_override_is_one_line_naming_the_option(tmp_path, capsys, command,
+                                                                value, why):
+    # run named 'duration_s' for inf and "at least dt_s" for nan; compare took 0.5 < dt_s
+    path = tmp_path / "exp.toml"
+    path.write_text(SHORT)
+    assert main([command[0], str(path), *command[1:], "-q", "--out", str(tmp_path / "o"),
+                 "--duration-s", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"palsctl {command[0]}: error: key '--duration-s': {why} (got {float(value)})"
+
+
 def test_show_default_round_trips(capsys):
     assert main(["run", "--show-default"]) == 0
     text = capsys.readouterr().out
