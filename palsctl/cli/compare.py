@@ -113,7 +113,10 @@ def main(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ConfigError("must be >= 1", key="--seeds", value=args.seeds)
     names = [n.strip() for n in args.controllers.split(",") if n.strip()] \
-        if args.controllers else None
+        if args.controllers is not None else None
+    if names == []:  # "" is no list: it used to mean every controller, with the references
+        raise ConfigError("give at least one controller (leave the option out for every "
+                          "registered one)", key="--controllers", value=args.controllers)
     names = resolve_names(cfg, names)
     seeds = [cfg.seed + i for i in range(args.seeds)]
 
