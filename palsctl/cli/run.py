@@ -134,6 +134,9 @@ def main(args: argparse.Namespace) -> int:
 
     controller = args.controller or cfg.controller_name
     baselines = _baselines(args, recorded, controller)
+    source = config_path if args.from_ else (Path(args.config) if args.config else None)
+    if source is not None and source.is_file():
+        _refuse_overwriting(source, out, args.json, baselines)
     if recorded:
         _note_differences(recorded)
 
@@ -221,6 +224,25 @@ def _note_differences(recorded: dict) -> None:
     if g_was.get("commit") and g_now.get("commit") and g_was["commit"] != g_now["commit"]:
         print(f"palsctl run: note: the run was recorded at revision {g_was['commit'][:12]}, "
               f"this is {g_now['commit'][:12]}", file=sys.stderr)
+
+
+def _refuse_overwriting(source, out, json_path, baselines) -> None:
+    """Raise `ConfigError` when a file the run writes is the experiment file it reads."""
+    from pathlib import Path
+
+    from palsctl.errors import ConfigError
+    from palsctl.experiment.provenance import CONFIG_FILE, PROVENANCE_FILE
+
+    src = source.resolve()
+    if json_path not in (None, "-") and Path(json_path).resolve() == src:
+        raise ConfigError("would overwrite the experiment file it runs; choose another file",
+                          key="--json", value=json_path)
+    names = ["steps.csv", "summary.json", "timeline.png", CONFIG_FILE, PROVENANCE_FILE] \
+        + [f"steps-{b}.csv" for b in baselines]
+    hit = next((n for n in names if (out / n).resolve() == src), None)
+    if hit is not None:
+        raise ConfigError(f"would overwrite the experiment file it runs (the results' {hit}); "
+                          f"choose another folder or move the file", key="--out", value=str(out))
 
 
 def _write_results(out, cfg, args, record, records, summary, baselines) -> list:

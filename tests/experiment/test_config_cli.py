@@ -433,3 +433,17 @@ def test_unwritable_output_is_one_line(tmp_path, capsys):
     rc = main(["run", "--duration-s", "3", "-q", "--out", str(blocker / "sub")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--out" in err
+
+
+@pytest.mark.parametrize("where", ["json", "out"])
+def test_a_run_never_overwrites_the_experiment_file_it_runs(tmp_path, capsys, where):
+    # --json at the config, or a config named config.toml in its own --out folder: the run
+    # replaced the user's file (comments and all) with its summary or the resolved config
+    path = tmp_path / ("exp.toml" if where == "json" else "config.toml")
+    path.write_text(SHORT + "# mine\n")
+    extra = ["--json", str(path)] if where == "json" else []
+    assert main(["run", str(path), "-q", "--no-plot", "--no-versus", "--duration-s", "2",
+                 "--out", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"key '--{where}'" in err[0] and "would overwrite" in err[0]
+    assert path.read_text() == SHORT + "# mine\n"
