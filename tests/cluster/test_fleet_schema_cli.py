@@ -112,6 +112,17 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert "--policies" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_json_at_the_fleet_file_is_refused_and_the_file_kept(tmp_path, capsys, command):
+    f = tmp_path / "fleet.toml"
+    f.write_text(GOOD)
+    assert main(["fleet", command, str(f), "-q", "--json", str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"palsctl fleet: error: key '--json': would overwrite the fleet file it runs; "
+                   f"choose another file (got {str(f)!r})")
+    assert f.read_text() == GOOD
+
+
 FLEET_EXAMPLES = sorted((__import__("pathlib").Path(__file__).resolve().parents[2]
                          / "examples").glob("fleet_*.toml"))
 
