@@ -94,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from palsctl.cli.options import duration_override
+    from palsctl.cli.options import duration_override, not_the_input
     from palsctl.errors import ConfigError
     from palsctl.experiment import load_experiment
     from palsctl.experiment.compare import (
@@ -108,6 +108,7 @@ def main(args: argparse.Namespace) -> int:
     from palsctl.plotting import plot_overlay
 
     cfg = load_experiment(args.config)
+    not_the_input("--json", args.json, args.config, "experiment file")
     if args.duration_s is not None:
         cfg = cfg.with_overrides(duration_s=duration_override(args.duration_s, cfg.dt_s))
     if args.seeds < 1:

@@ -36,16 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from pathlib import Path
-
-    from palsctl.cli.options import duration_override
+    from palsctl.cli.options import duration_override, not_the_input
     from palsctl.cluster import load_fleet
     from palsctl.errors import ConfigError
 
     cfg = load_fleet(args.config)
-    if args.json not in (None, "-") and Path(args.json).resolve() == Path(args.config).resolve():
-        raise ConfigError("would overwrite the fleet file it runs; choose another file",
-                          key="--json", value=args.json)
+    not_the_input("--json", args.json, args.config, "fleet file")
     if args.duration_s is not None:
         cfg = cfg.with_overrides(duration_s=duration_override(args.duration_s, cfg.dt_s))
     if args.seed is not None:

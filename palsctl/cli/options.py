@@ -21,7 +21,8 @@ option                 meaning in every command that has it
                        commands; ``--metrics-bind HOST``, loopback by default)
 =====================  ======================================================================
 
-`duration_override` checks a ``--duration-s`` the way the schemas check ``duration_s``.
+`duration_override` checks a ``--duration-s`` the way the schemas check ``duration_s``;
+`not_the_input` refuses an output path that is the file the command reads.
 `deprecated_alias` keeps an old spelling working: it sets the new option's destination and
 prints one warning line naming the new spelling. `add_metrics_arguments` and `start_metrics`
 give a long-running command the Prometheus exporter (`palsctl.adapters.exporter`).
@@ -33,8 +34,8 @@ import math
 import sys
 from typing import Any
 
-__all__ = ["deprecated_alias", "duration_override", "SHARED_OPTIONS", "add_metrics_arguments",
-           "start_metrics"]
+__all__ = ["deprecated_alias", "duration_override", "not_the_input", "SHARED_OPTIONS",
+           "add_metrics_arguments", "start_metrics"]
 
 #: The longest run a ``duration_s`` may ask for, s (as the experiment schema).
 MAX_DURATION_S = 1e7
@@ -91,6 +92,36 @@ def duration_override(value: float, dt_s: float) -> float:
     if value > MAX_DURATION_S:
         raise ConfigError(f"must be <= {MAX_DURATION_S:g} s", key="--duration-s", value=value)
     return float(value)
+
+
+def not_the_input(key: str, dest: str | None, source: str | None, what: str) -> None:
+    """Refuse an output file that is the input file (it would be overwritten).
+
+    Parameters
+    ----------
+    key : str
+        The output option (``"--json"``).
+    dest : str or None
+        Its value (None or ``"-"``: nothing written to a file).
+    source : str or None
+        The input file (None: none, as for the embedded default experiment).
+    what : str
+        The input in words (``"experiment file"``).
+
+    Raises
+    ------
+    ConfigError
+        ``dest`` and ``source`` are the same file (one line naming ``key``).
+    """
+    from pathlib import Path
+
+    from palsctl.errors import ConfigError
+
+    if dest in (None, "-") or source is None or not Path(source).is_file():
+        return
+    if Path(dest).resolve() == Path(source).resolve():
+        raise ConfigError(f"would overwrite the {what} it reads; choose another file", key=key,
+                          value=dest)
 
 
 class _DeprecatedAlias(argparse.Action):

@@ -228,15 +228,12 @@ def _note_differences(recorded: dict) -> None:
 
 def _refuse_overwriting(source, out, json_path, baselines) -> None:
     """Raise `ConfigError` when a file the run writes is the experiment file it reads."""
-    from pathlib import Path
-
+    from palsctl.cli.options import not_the_input
     from palsctl.errors import ConfigError
     from palsctl.experiment.provenance import CONFIG_FILE, PROVENANCE_FILE
 
+    not_the_input("--json", json_path, str(source), "experiment file")
     src = source.resolve()
-    if json_path not in (None, "-") and Path(json_path).resolve() == src:
-        raise ConfigError("would overwrite the experiment file it runs; choose another file",
-                          key="--json", value=json_path)
     names = ["steps.csv", "summary.json", "timeline.png", CONFIG_FILE, PROVENANCE_FILE] \
         + [f"steps-{b}.csv" for b in baselines]
     hit = next((n for n in names if (out / n).resolve() == src), None)

@@ -118,7 +118,7 @@ def test_json_at_the_fleet_file_is_refused_and_the_file_kept(tmp_path, capsys, c
     f.write_text(GOOD)
     assert main(["fleet", command, str(f), "-q", "--json", str(f)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"palsctl fleet: error: key '--json': would overwrite the fleet file it runs; "
+    assert err == (f"palsctl fleet: error: key '--json': would overwrite the fleet file it reads; "
                    f"choose another file (got {str(f)!r})")
     assert f.read_text() == GOOD
 
