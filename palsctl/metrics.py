@@ -58,7 +58,8 @@ Definitions (``P`` window-mean power of all GPUs, ``B`` budget, ``X`` generated 
   there are none); ``binding_fraction`` the share of binding windows.
 * ``time_over_budget_late_s``: the same, without the first window after each budget cut (a cap
   lowered at the cut acts from the next window on): what a controller that follows budget steps
-  at once still spends over the budget.
+  at once still spends over the budget. The run's first window counts as one after a cut: the
+  plant runs it at the cap it started with, before any controller decided.
 * ``time_over_budget_counter_s`` / ``time_over_budget_late_counter_s``: the same two, with ``P``
   the window's increase of the cumulative energy counter (``energy_j``) over its length — what
   the GPUs drew, without the power reading's noise (NVML's counter on a real GPU; the simulated
@@ -322,8 +323,8 @@ def summarize(record: RunRecord, *, reference: RunRecord | None = None,
     bch, crev = _thrash(steps, duration_s)
     late = over.copy()
     late_counter = over_counter.copy()
-    for i in range(1, n):
-        b0, b1 = sps[i - 1].power_budget_w, sps[i].power_budget_w
+    for i in range(n):  # the first window is one after a cut: the plant starts at its own cap
+        b0, b1 = (sps[i - 1].power_budget_w if i else None), sps[i].power_budget_w
         if b1 is not None and (b0 is None or b1 < b0):
             late[i] = late_counter[i] = False
     bad = shortfall | latency_bad

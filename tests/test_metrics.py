@@ -81,6 +81,18 @@ def test_over_budget_by_the_energy_counter_and_late_windows():
     assert s["time_over_budget_counter_s"] == 4.0      # 2 and 6 by their readings again
 
 
+def test_the_runs_first_window_is_exempt_from_the_late_seconds_like_a_cut():
+    # the plant runs the first window at the cap it started with (no controller decided yet):
+    # over a budget in force from t = 0 it is the first window of a cut, not a late one
+    sps = [Setpoint(power_budget_w=1000.0)] * 3
+    s = summarize(record([1500.0, 990.0, 1200.0], [1.0] * 3, sps))
+    assert s["time_over_budget_s"] == 2.0 and s["time_over_budget_counter_s"] == 2.0
+    assert s["time_over_budget_late_s"] == 1.0 and s["time_over_budget_late_counter_s"] == 1.0
+    # without a budget in the first window there is nothing to exempt
+    s = summarize(record([1500.0, 990.0, 1200.0], [1.0] * 3, [Setpoint()] * 3))
+    assert s["time_over_budget_late_s"] == 0.0
+
+
 def test_qos_violation_needs_backlog_and_counts_latency():
     sp = Setpoint(throughput_tok_s=100.0, tpot_slo_s=0.1)
     r = record([500.0] * 5, [100.0, 90.0, 90.0, 96.0, 50.0], [sp] * 5,

@@ -130,6 +130,7 @@ def main(args: argparse.Namespace) -> int:
         plot_maps,
         plot_steps,
     )
+    from palsctl.cli.options import not_the_input
     from palsctl.controllers.pi import PIConfig
     from palsctl.errors import ConfigError, ModelFileError
     from palsctl.experiment import build_workload, load_experiment
@@ -144,6 +145,7 @@ def main(args: argparse.Namespace) -> int:
     loads = _choices(args.load, ("low", "medium", "high"), "--load")
     budgets = _choices(args.budget, ("loose", "tight"), "--budget")
     cfg = load_experiment(args.config)
+    not_the_input("--json", args.json, args.config, "experiment file")
     if cfg.plant.get("kind") != "sim":
         raise ConfigError("palsctl analyze identifies the loops on the simulated plant: needs "
                           "plant.kind = \"sim\"", file=cfg.source, key="plant.kind",

@@ -7,7 +7,6 @@ options and prints.
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Any
 
 from palsctl.experiment.compare import DEFAULT_SEEDS
@@ -95,6 +94,7 @@ def main(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
+    from palsctl.cli.options import duration_override, not_the_input
     from palsctl.errors import ConfigError
     from palsctl.experiment import load_experiment
     from palsctl.experiment.compare import (
@@ -108,15 +108,16 @@ def main(args: argparse.Namespace) -> int:
     from palsctl.plotting import plot_overlay
 
     cfg = load_experiment(args.config)
+    not_the_input("--json", args.json, args.config, "experiment file")
     if args.duration_s is not None:
-        if not (args.duration_s > 0 and math.isfinite(args.duration_s)):
-            raise ConfigError("must be a positive number of seconds", key="--duration-s",
-                              value=args.duration_s)
-        cfg = cfg.with_overrides(duration_s=float(args.duration_s))
+        cfg = cfg.with_overrides(duration_s=duration_override(args.duration_s, cfg.dt_s))
     if args.seeds < 1:
         raise ConfigError("must be >= 1", key="--seeds", value=args.seeds)
     names = [n.strip() for n in args.controllers.split(",") if n.strip()] \
-        if args.controllers else None
+        if args.controllers is not None else None
+    if names == []:  # "" is no list: it used to mean every controller, with the references
+        raise ConfigError("give at least one controller (leave the option out for every "
+                          "registered one)", key="--controllers", value=args.controllers)
     names = resolve_names(cfg, names)
     seeds = [cfg.seed + i for i in range(args.seeds)]
 

@@ -36,15 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
+    from palsctl.cli.options import duration_override, not_the_input
     from palsctl.cluster import load_fleet
     from palsctl.errors import ConfigError
 
     cfg = load_fleet(args.config)
+    not_the_input("--json", args.json, args.config, "fleet file")
     if args.duration_s is not None:
-        if not args.duration_s >= cfg.dt_s:
-            raise ConfigError(f"must be at least dt_s ({cfg.dt_s:g} s)", key="--duration-s",
-                              value=args.duration_s)
-        cfg = cfg.with_overrides(duration_s=args.duration_s)
+        cfg = cfg.with_overrides(duration_s=duration_override(args.duration_s, cfg.dt_s))
     if args.seed is not None:
         if args.seed < 0:
             raise ConfigError("must be >= 0", key="--seed", value=args.seed)

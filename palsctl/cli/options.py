@@ -21,6 +21,8 @@ option                 meaning in every command that has it
                        commands; ``--metrics-bind HOST``, loopback by default)
 =====================  ======================================================================
 
+`duration_override` checks a ``--duration-s`` the way the schemas check ``duration_s``;
+`not_the_input` refuses an output path that is the file the command reads.
 `deprecated_alias` keeps an old spelling working: it sets the new option's destination and
 prints one warning line naming the new spelling. `add_metrics_arguments` and `start_metrics`
 give a long-running command the Prometheus exporter (`palsctl.adapters.exporter`).
@@ -28,10 +30,15 @@ give a long-running command the Prometheus exporter (`palsctl.adapters.exporter`
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
-__all__ = ["deprecated_alias", "SHARED_OPTIONS", "add_metrics_arguments", "start_metrics"]
+__all__ = ["deprecated_alias", "duration_override", "not_the_input", "SHARED_OPTIONS",
+           "add_metrics_arguments", "start_metrics"]
+
+#: The longest run a ``duration_s`` may ask for, s (as the experiment schema).
+MAX_DURATION_S = 1e7
 
 #: Option string → (what it takes, in words): the meaning every command must give it.
 SHARED_OPTIONS: dict[str, str] = {
@@ -53,6 +60,68 @@ SHARED_OPTIONS: dict[str, str] = {
     "--metrics-port": "port",
     "--metrics-bind": "host",
 }
+
+
+def duration_override(value: float, dt_s: float) -> float:
+    """Check a ``--duration-s`` override as the schemas check ``duration_s``.
+
+    Parameters
+    ----------
+    value : float
+        The option's value, s.
+    dt_s : float
+        The configured control period, s.
+
+    Returns
+    -------
+    float
+        ``value``.
+
+    Raises
+    ------
+    ConfigError
+        Not a finite number in ``[dt_s, 1e7]`` (one line naming ``--duration-s``).
+    """
+    from palsctl.errors import ConfigError
+
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError("must be a positive, finite number of seconds", key="--duration-s",
+                          value=value)
+    if value < dt_s:
+        raise ConfigError(f"must be at least dt_s ({dt_s:g} s)", key="--duration-s", value=value)
+    if value > MAX_DURATION_S:
+        raise ConfigError(f"must be <= {MAX_DURATION_S:g} s", key="--duration-s", value=value)
+    return float(value)
+
+
+def not_the_input(key: str, dest: str | None, source: str | None, what: str) -> None:
+    """Refuse an output file that is the input file (it would be overwritten).
+
+    Parameters
+    ----------
+    key : str
+        The output option (``"--json"``).
+    dest : str or None
+        Its value (None or ``"-"``: nothing written to a file).
+    source : str or None
+        The input file (None: none, as for the embedded default experiment).
+    what : str
+        The input in words (``"experiment file"``).
+
+    Raises
+    ------
+    ConfigError
+        ``dest`` and ``source`` are the same file (one line naming ``key``).
+    """
+    from pathlib import Path
+
+    from palsctl.errors import ConfigError
+
+    if dest in (None, "-") or source is None or not Path(source).is_file():
+        return
+    if Path(dest).resolve() == Path(source).resolve():
+        raise ConfigError(f"would overwrite the {what} it reads; choose another file", key=key,
+                          value=dest)
 
 
 class _DeprecatedAlias(argparse.Action):

@@ -97,6 +97,7 @@ def main(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
+    from palsctl.cli.options import duration_override
     from palsctl.errors import ConfigError
     from palsctl.experiment import DEFAULT_EXPERIMENT_TOML, load_experiment, run_experiment
     from palsctl.metrics import summarize
@@ -114,10 +115,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         cfg = load_experiment(args.config)
     if args.duration_s is not None:
-        if not (args.duration_s >= cfg.dt_s):
-            raise ConfigError(f"must be at least dt_s ({cfg.dt_s:g} s)", key="--duration-s",
-                              value=args.duration_s)
-        cfg = cfg.with_overrides(duration_s=args.duration_s)
+        cfg = cfg.with_overrides(duration_s=duration_override(args.duration_s, cfg.dt_s))
     if args.seed is not None:
         if args.seed < 0:
             raise ConfigError("must be >= 0", key="--seed", value=args.seed)
@@ -136,6 +134,9 @@ def main(args: argparse.Namespace) -> int:
 
     controller = args.controller or cfg.controller_name
     baselines = _baselines(args, recorded, controller)
+    source = config_path if args.from_ else (Path(args.config) if args.config else None)
+    if source is not None and source.is_file():
+        _refuse_overwriting(source, out, args.json, baselines)
     if recorded:
         _note_differences(recorded)
 
@@ -223,6 +224,22 @@ def _note_differences(recorded: dict) -> None:
     if g_was.get("commit") and g_now.get("commit") and g_was["commit"] != g_now["commit"]:
         print(f"palsctl run: note: the run was recorded at revision {g_was['commit'][:12]}, "
               f"this is {g_now['commit'][:12]}", file=sys.stderr)
+
+
+def _refuse_overwriting(source, out, json_path, baselines) -> None:
+    """Raise `ConfigError` when a file the run writes is the experiment file it reads."""
+    from palsctl.cli.options import not_the_input
+    from palsctl.errors import ConfigError
+    from palsctl.experiment.provenance import CONFIG_FILE, PROVENANCE_FILE
+
+    not_the_input("--json", json_path, str(source), "experiment file")
+    src = source.resolve()
+    names = ["steps.csv", "summary.json", "timeline.png", CONFIG_FILE, PROVENANCE_FILE] \
+        + [f"steps-{b}.csv" for b in baselines]
+    hit = next((n for n in names if (out / n).resolve() == src), None)
+    if hit is not None:
+        raise ConfigError(f"would overwrite the experiment file it runs (the results' {hit}); "
+                          f"choose another folder or move the file", key="--out", value=str(out))
 
 
 def _write_results(out, cfg, args, record, records, summary, baselines) -> list:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from palsctl.cluster.allocate import Envelope, Replica, allocate
+from palsctl.cluster.schema import replica_names
 from palsctl.errors import ConfigError
 from palsctl.types import Action, Request, Setpoint
 
@@ -720,8 +721,7 @@ def build_replica_specs(fleet: Any) -> tuple[list[ReplicaSpec], list[Any]]:
             cap_min, cap_max = p.limits.power_cap_min_w, p.limits.power_cap_max_w
             p.close()
         rate = (wl.rate_req_s / pool.replicas) if wl is not None else 0.0
-        for i in range(pool.replicas):
-            name = pool.name if pool.replicas == 1 else f"{pool.name}-{i}"
+        for i, name in enumerate(replica_names(pool.name, pool.replicas)):
             specs.append(ReplicaSpec(
                 name=name, pool=pool.name, pool_index=pi, index=i,
                 seed=fleet.seed * 100_003 + len(specs), experiment=rcfg, num_gpus=n_gpus,

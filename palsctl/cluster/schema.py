@@ -42,7 +42,7 @@ from typing import Any
 from palsctl.errors import ConfigError
 
 __all__ = ["FleetConfig", "PoolConfig", "SiteConfig", "fleet_from_dict", "load_fleet",
-           "ROUTERS", "pool_experiment", "parse_fleet_text", "with_controller"]
+           "ROUTERS", "pool_experiment", "parse_fleet_text", "replica_names", "with_controller"]
 
 ROUTERS = ("round-robin", "jsq", "power-aware")
 _POLICIES = ("equal", "proportional", "marginal")
@@ -295,6 +295,7 @@ def fleet_from_dict(raw: dict[str, Any], *, file: str | None = None,
     top = {"name": name, "duration_s": duration, "dt_s": dt, "seed": seed}
     pools: list[PoolConfig] = []
     names: set[str] = set()
+    replica_pool: dict[str, str] = {}  # replica name -> its pool (it names a results folder)
     for i, p in enumerate(praw):
         prefix = f"pool[{i}]"
         if not isinstance(p, dict):
@@ -304,12 +305,19 @@ def fleet_from_dict(raw: dict[str, Any], *, file: str | None = None,
                 raise _err(file, f"{prefix}.{k}", f"unknown key; known: {', '.join(_POOL_KEYS)}",
                            p[k])
         pname = p.get("name", f"pool{i}")
-        if not isinstance(pname, str) or not pname or "/" in pname or pname in names:
+        if not isinstance(pname, str) or not pname or "/" in pname or "\\" in pname \
+                or pname in (".", "..") or pname in names:
             raise _err(file, f"{prefix}.name", "must be a plain, unique name", pname)
         names.add(pname)
         n = p.get("replicas", 1)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 4096:
             raise _err(file, f"{prefix}.replicas", "must be an integer in [1, 4096]", n)
+        for r in replica_names(pname, n):
+            if r in replica_pool:
+                raise _err(file, f"{prefix}.name", f"its replica {r!r} has the name of a "
+                           f"replica of pool {replica_pool[r]!r}; rename one of the pools",
+                           pname)
+            replica_pool[r] = pname
         router = p.get("router", "jsq")
         if router not in ROUTERS:
             raise _err(file, f"{prefix}.router", f"must be one of {', '.join(ROUTERS)}", router)
@@ -318,6 +326,24 @@ def fleet_from_dict(raw: dict[str, Any], *, file: str | None = None,
                                 throughput_frac=frac))
     return FleetConfig(name=name, duration_s=duration, dt_s=dt, seed=seed, site=site,
                        pools=tuple(pools), source=file, base_dir=base_dir)
+
+
+def replica_names(pool: str, replicas: int) -> list[str]:
+    """The names of a pool's replicas: the pool's own for one replica, else ``<pool>-<i>``.
+
+    Parameters
+    ----------
+    pool : str
+        The pool's name.
+    replicas : int
+        How many replicas it has.
+
+    Returns
+    -------
+    list of str
+        One name per replica (each names the replica's results folder).
+    """
+    return [pool] if replicas == 1 else [f"{pool}-{i}" for i in range(replicas)]
 
 
 def load_fleet(path: str | Path) -> FleetConfig:

@@ -569,7 +569,26 @@ def _plant(c: _Check, raw: dict[str, Any], *, check: bool) -> dict[str, Any] | N
                 check_fits(p.model, p.gpu, p.num_gpus, p.parallelism)
             except ConfigError as exc:
                 c.err("plant.num_gpus", exc.message, p.num_gpus)
+            _check_sim_limits(c, p)
     return p.model_dump()
+
+
+def _check_sim_limits(c: _Check, p: PlantTable) -> None:
+    """The simulated plant's own limits on ``[plant]`` (its constructor's checks, found while
+    the file is validated, under their dotted keys)."""
+    from palsctl.plants.sim import get_gpu
+    from palsctl.plants.sim.steady import MAX_NUM_BATCHED_TOKENS
+
+    g = get_gpu(p.gpu)
+    if p.max_batch_launch > MAX_NUM_BATCHED_TOKENS:
+        c.err("plant.max_batch_launch", f"must not exceed vLLM's max_num_batched_tokens "
+              f"({MAX_NUM_BATCHED_TOKENS})", p.max_batch_launch)
+    if p.power_cap_w is not None and not g.min_cap_w <= p.power_cap_w <= g.tdp_w:
+        c.err("plant.power_cap_w", f"outside the power limits of {g.name} "
+              f"[{g.min_cap_w:g}, {g.tdp_w:g}] W", p.power_cap_w)
+    if p.max_batch is not None and p.max_batch > p.max_batch_launch:
+        c.err("plant.max_batch", f"must not exceed plant.max_batch_launch ({p.max_batch_launch})",
+              p.max_batch)
 
 
 def _workload(c: _Check, raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any] | None:

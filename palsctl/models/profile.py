@@ -401,7 +401,14 @@ def profile_plant(make_plant: Callable[[int], Any], points: Iterable[tuple[float
     points = [(float(c), int(b)) for c, b in points]
     path = Path(out_csv) if out_csv is not None else None
     existing: dict[tuple[int, int], dict[str, Any]] = {}
+    if path is not None and not path.parent.is_dir():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PalsctlError(f"{path}: cannot create its folder ({exc.strerror})") from None
     if path is not None and path.exists():
+        if not path.is_file():
+            raise PalsctlError(f"{path}: not a file (the profile CSV to write or resume)")
         old = read_profile(path)
         with path.open() as f:
             n_lines = sum(1 for line in f if line.strip())
@@ -413,6 +420,7 @@ def profile_plant(make_plant: Callable[[int], Any], points: Iterable[tuple[float
                     seed=int(seed), warmup_s=float(warmup_s), window_s=float(window_s))
     rows: list[dict[str, Any]] = []
     total = len(points)
+    checked = False  # whether the existing rows were found to measure this plant
     for done_n, (cap, batch) in enumerate(points, start=1):
         key = _key(cap, batch)
         row = existing.get(key)
@@ -420,20 +428,13 @@ def profile_plant(make_plant: Callable[[int], Any], points: Iterable[tuple[float
             for k, v in settings.items():
                 if row[k] != v:
                     raise PalsctlError(f"{path}: existing rows were measured with {k}={row[k]!r}, "
-                                       f"this sweep uses {v!r}; use another --out file")
+                                       f"this sweep uses {v!r}; use another --csv file")
         else:
             plant = make_plant(point_seed(seed, cap, batch))
             try:
-                info = plant.info
-                desc = dict(model=str(info.model), gpu=str(info.gpu), num_gpus=int(info.num_gpus),
-                            simulated=str(bool(info.simulated)).lower())
-                if existing:
-                    some = next(iter(existing.values()))
-                    for k in ("model", "gpu", "num_gpus"):
-                        if some[k] != desc[k]:
-                            raise PalsctlError(
-                                f"{path}: existing rows profile {k}={some[k]!r}, this plant has "
-                                f"{desc[k]!r}; use another --out file")
+                desc = _describe(plant.info)
+                _check_same_plant(path, existing, desc)
+                checked = True
                 measured = _measure_point(plant, cap, batch, warmup_s=warmup_s,
                                           window_s=window_s, prompt_tokens=prompt_tokens,
                                           output_tokens=output_tokens)
@@ -446,7 +447,31 @@ def profile_plant(make_plant: Callable[[int], Any], points: Iterable[tuple[float
         rows.append(row)
         if progress is not None:
             progress(done_n, total, row)
+    if existing and not checked and points:  # every point reused: rows of this plant only
+        plant = make_plant(point_seed(seed, *points[0]))
+        try:
+            _check_same_plant(path, existing, _describe(plant.info))
+        finally:
+            plant.close()
     return rows
+
+
+def _describe(info: Any) -> dict[str, Any]:
+    """The profile CSV's plant columns of a plant's `PlantInfo`."""
+    return dict(model=str(info.model), gpu=str(info.gpu), num_gpus=int(info.num_gpus),
+                simulated=str(bool(info.simulated)).lower())
+
+
+def _check_same_plant(path: Path | None, existing: dict[Any, dict[str, Any]],
+                      desc: dict[str, Any]) -> None:
+    """Raise `PalsctlError` when the existing rows measured another plant than ``desc``."""
+    if not existing:
+        return
+    some = next(iter(existing.values()))
+    for k in ("model", "gpu", "num_gpus"):
+        if some[k] != desc[k]:
+            raise PalsctlError(f"{path}: existing rows profile {k}={some[k]!r}, this plant has "
+                               f"{desc[k]!r}; use another --csv file")
 
 
 # --------------------------------------------------------------------------------------------

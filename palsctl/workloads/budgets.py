@@ -114,10 +114,13 @@ def _read_signal(path: Path, column: str | None) -> tuple[np.ndarray, np.ndarray
             col = names.index(column) + 1
         else:
             raise ConfigError(f"{path}: no column {column!r}; columns: {', '.join(names)}")
-        times, values = [], []
+        times: list[float] = []
+        values: list[float] = []
+        row_t = ""
         for row in reader:
             if not row:
                 continue
+            where = f"{path}:{reader.line_num}"
             t = row[0].strip()
             try:
                 times.append(float(t))
@@ -125,11 +128,20 @@ def _read_signal(path: Path, column: str | None) -> tuple[np.ndarray, np.ndarray
                 try:
                     times.append(datetime.fromisoformat(t).replace(tzinfo=timezone.utc).timestamp())
                 except ValueError:
-                    raise ConfigError(f"{path}: cannot parse time {t!r}") from None
+                    raise ConfigError(f"{where}: cannot parse time {t!r}") from None
+            if not math.isfinite(times[-1]):
+                raise ConfigError(f"{where}: time must be a finite number, got {t!r}")
+            if len(times) > 1 and times[-1] < times[-2]:
+                raise ConfigError(f"{where}: times must not decrease, got {t!r} after "
+                                  f"{row_t!r}")
+            row_t = t
             try:
                 values.append(float(row[col]))
             except (ValueError, IndexError):
-                raise ConfigError(f"{path}: cannot parse value in row {row!r}") from None
+                raise ConfigError(f"{where}: cannot parse value in row {row!r}") from None
+            if not math.isfinite(values[-1]):
+                raise ConfigError(f"{where}: the signal must be a finite number, got "
+                                  f"{row[col].strip()!r}")
     if len(times) < 2:
         raise ConfigError(f"{path}: signal needs at least two rows")
     t_s = np.asarray(times) - times[0]

@@ -46,6 +46,24 @@ def test_bad_fleet_names_the_key(old, new, key):
     assert str(e.value).startswith("f.toml: ")
 
 
+@pytest.mark.parametrize("name", ["..", ".", "a\\\\b"])
+def test_a_pool_name_that_is_no_plain_folder_name_is_refused(name):
+    # pool ".." with one replica wrote its steps.csv beside summary.json, out of replicas/
+    with pytest.raises(ConfigError, match=r"key 'pool\[0\]\.name': must be a plain, unique name"):
+        parse_fleet_text(GOOD.replace('name = "llama"', f'name = "{name}"'), file="f.toml")
+
+
+def test_a_pool_named_like_another_pools_replica_is_refused():
+    # pool "llama" has replicas llama-0 and llama-1: a pool "llama-1" of one replica had the
+    # same name, so its results folder and requests collided (was "duplicate request_id 1")
+    text = GOOD + GOOD[GOOD.index("[[pool]]"):].replace('name = "llama"', 'name = "llama-1"') \
+        .replace("replicas = 2", "replicas = 1")
+    with pytest.raises(ConfigError) as e:
+        parse_fleet_text(text, file="f.toml")
+    assert str(e.value) == ("f.toml: key 'pool[1].name': its replica 'llama-1' has the name of a "
+                            "replica of pool 'llama'; rename one of the pools (got 'llama-1')")
+
+
 def test_throughput_frac_resolves_against_full_power_capacity():
     from palsctl.cluster.runtime import build_replica_specs
     from palsctl.plants.sim import steady_state
@@ -92,6 +110,17 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     f.write_text(GOOD)
     assert main(["fleet", "compare", str(f), "--policies", "equal,fair", "-q"]) == 2
     assert "--policies" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_json_at_the_fleet_file_is_refused_and_the_file_kept(tmp_path, capsys, command):
+    f = tmp_path / "fleet.toml"
+    f.write_text(GOOD)
+    assert main(["fleet", command, str(f), "-q", "--json", str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"palsctl fleet: error: key '--json': would overwrite the fleet file it reads; "
+                   f"choose another file (got {str(f)!r})")
+    assert f.read_text() == GOOD
 
 
 FLEET_EXAMPLES = sorted((__import__("pathlib").Path(__file__).resolve().parents[2]

@@ -96,6 +96,29 @@ def test_compare_unknown_controller_is_one_line_exit_2(tmp_path, capsys):
     assert len(err) == 1 and "nope" in err[0]
 
 
+@pytest.mark.parametrize("value", ["", " , "])
+def test_compare_an_empty_controller_list_is_one_line_exit_2(tmp_path, capsys, value):
+    # it ran every registered controller and the reference rows
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY)
+    assert main(["compare", str(cfg), "--controllers", value, "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"palsctl compare: error: key '--controllers': give at least one controller "
+                   f"(leave the option out for every registered one) (got {value!r})"]
+
+
+@pytest.mark.parametrize("command", ["compare", "analyze"])
+def test_json_at_the_experiment_file_is_refused_and_the_file_kept(tmp_path, capsys, command):
+    # the comparison (or the stability report) replaced the user's experiment file
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY)
+    assert main([command, str(cfg), "--controllers", "static", "--json", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"palsctl {command}: error: key '--json': would overwrite the experiment file "
+                   f"it reads; choose another file (got {str(cfg)!r})")
+    assert cfg.read_text() == TINY
+
+
 def test_versus_static_runs_both_on_the_same_workload():
     import tomllib
 

@@ -361,6 +361,26 @@ def test_missing_config_file_and_bad_override(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["run", "--no-versus", "--no-plot"],
+                                     ["compare", "--controllers", "static"]])
+@pytest.mark.parametrize("value, why", [
+    ("inf", "must be a positive, finite number of seconds"),
+    ("nan", "must be a positive, finite number of seconds"),
+    ("-5", "must be a positive, finite number of seconds"),
+    ("0.5", "must be at least dt_s (1 s)"),
+    ("1e12", "must be <= 1e+07 s"),
+])
+def test_a_bad_duration_override_is_one_line_naming_the_option(tmp_path, capsys, command,
+                                                                value, why):
+    # run named 'duration_s' for inf and "at least dt_s" for nan; compare took 0.5 < dt_s
+    path = tmp_path / "exp.toml"
+    path.write_text(SHORT)
+    assert main([command[0], str(path), *command[1:], "-q", "--out", str(tmp_path / "o"),
+                 "--duration-s", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"palsctl {command[0]}: error: key '--duration-s': {why} (got {float(value)})"
+
+
 def test_show_default_round_trips(capsys):
     assert main(["run", "--show-default"]) == 0
     text = capsys.readouterr().out
@@ -413,3 +433,17 @@ def test_unwritable_output_is_one_line(tmp_path, capsys):
     rc = main(["run", "--duration-s", "3", "-q", "--out", str(blocker / "sub")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--out" in err
+
+
+@pytest.mark.parametrize("where", ["json", "out"])
+def test_a_run_never_overwrites_the_experiment_file_it_runs(tmp_path, capsys, where):
+    # --json at the config, or a config named config.toml in its own --out folder: the run
+    # replaced the user's file (comments and all) with its summary or the resolved config
+    path = tmp_path / ("exp.toml" if where == "json" else "config.toml")
+    path.write_text(SHORT + "# mine\n")
+    extra = ["--json", str(path)] if where == "json" else []
+    assert main(["run", str(path), "-q", "--no-plot", "--no-versus", "--duration-s", "2",
+                 "--out", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"key '--{where}'" in err[0] and "would overwrite" in err[0]
+    assert path.read_text() == SHORT + "# mine\n"

@@ -169,6 +169,20 @@ def test_model_that_does_not_fit_the_gpus(tmp_path):
     assert cfg.plant["model"] == "llama-3.1-70b"
 
 
+def test_the_simulated_plants_limits_are_found_at_load_under_dotted_keys(tmp_path):
+    # they were the plant constructor's errors, keyed 'max_batch_launch', 'power_cap_w' and
+    # 'max_batch' without their table (and, in a fleet, without their pool)
+    text = BASE.replace("max_batch_launch = 64",
+                        "max_batch_launch = 10000\npower_cap_w = 900.0\nmax_batch = 20000")
+    errors, exc = errors_of(text, tmp_path)
+    assert set(errors) == {"plant.max_batch_launch", "plant.power_cap_w", "plant.max_batch"}
+    assert "max_num_batched_tokens (8192)" in errors["plant.max_batch_launch"].message
+    assert errors["plant.power_cap_w"].message == \
+        "outside the power limits of h100-sxm [200, 700] W"
+    assert errors["plant.max_batch"].value == 20000
+    assert all(line.startswith(str(tmp_path)) for line in str(exc).splitlines())
+
+
 # ---- typed schedule specs, built once --------------------------------------------------------
 def test_schedule_specs_are_frozen_objects_built_once(tmp_path):
     text = BASE.replace('tpot_slo_s = 0.1', 'tpot_slo_s = { ramp = [[0, 0.2], [10, 0.1]] }')

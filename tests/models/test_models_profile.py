@@ -126,6 +126,24 @@ def test_resume_refuses_other_settings(tmp_path):
         profile_plant(make, [(100.0, 1)], out_csv=None, **{**KW, "window_s": 0.0})
 
 
+def test_resume_refuses_another_plants_rows_for_the_same_points(tmp_path):
+    # the points already in the file are not reused for another plant (they measured mixtral)
+    out = tmp_path / "p.csv"
+    profile_plant(make, [(150.0, 1)], out_csv=out, **KW)
+    with pytest.raises(PalsctlError, match="existing rows profile model='mixtral-8x7b'"):
+        profile_plant(lambda s: SimPlant(model="llama-3.1-8b", gpu="h100-sxm", num_gpus=1,
+                                         seed=s), [(150.0, 1)], out_csv=out, **KW)
+    assert len(read_profile(out)) == 1
+
+
+def test_profile_csv_that_is_a_folder_is_one_error_and_a_new_folder_is_made(tmp_path):
+    with pytest.raises(PalsctlError, match="not a file"):
+        profile_plant(make, [(150.0, 1)], out_csv=tmp_path, **KW)
+    out = tmp_path / "new" / "p.csv"
+    profile_plant(make, [(150.0, 1)], out_csv=out, **{**KW, "warmup_s": 1.0, "window_s": 1.0})
+    assert len(read_profile(out)) == 1
+
+
 class _ExternalLoadPlant:
     """Wraps a SimPlant and refuses submit(), like a real server fed by a load generator."""
 

@@ -166,3 +166,18 @@ def test_grid_signal_maps_onto_range(shared_data):
     with pytest.raises(ConfigError, match="no column"):
         GridSignal(shared_data / "vessim-grid/solar_example.csv", column="Atlantis", min_w=1,
                    max_w=2)
+
+
+@pytest.mark.parametrize("rows, match", [
+    ("0,5\n300,nan\n600,7\n", r"g\.csv:3: the signal must be a finite number, got 'nan'"),
+    ("0,5\n300,inf\n", r"g\.csv:3: the signal must be a finite number"),
+    ("600,5\n0,6\n", r"g\.csv:3: times must not decrease, got '0' after '600'"),
+    ("2023-06-08 00:05:00,5\n2023-06-08 00:00:00,6\n", r"g\.csv:3: times must not decrease"),
+    ("0,5\nx,6\n", r"g\.csv:3: cannot parse time 'x'"),
+])
+def test_grid_signal_refuses_a_non_finite_value_or_times_out_of_order(tmp_path, rows, match):
+    # a NaN used to flatten the whole signal to min_w, and times out of order to scramble it
+    path = tmp_path / "g.csv"
+    path.write_text("time,signal\n" + rows)
+    with pytest.raises(ConfigError, match=match):
+        GridSignal(path, min_w=800, max_w=1400)
