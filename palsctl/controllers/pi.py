@@ -12,16 +12,16 @@ from the knobs in force and initialises ``e_{k−1} = e_k`` (no proportional kic
 Loops and sign conventions (all errors positive when *more* of the actuator is needed):
 
 * **batch loop** — throughput error → batch: ``e_b = max(r − y, 0)`` (tok/s) while the plant
-  is saturated (else 0: the throughput is then the offered load and a larger batch would not
-  help), r the throughput target (the measured demand when the setpoint has none), y the
-  measured generated throughput. Gains ``kp_batch_per_tok_s`` (sequences per tok/s) and
-  ``ki_batch_per_tok`` (sequences per token). A TPOT objective overrides: when the measured p90
-  TPOT exceeds it while saturated, ``e_b = −r · min((tpot − slo)/slo, 1)`` (shrink the batch) —
-  throughput first, though: not while requests wait and the plant falls behind the arrivals
-  (the demand less its backlog term), since a smaller batch would only grow the queue for an
-  objective the plant may reach at no batch. A cut acts only as sequences finish, so the limit
-  goes no further below the running count than one period's finishes (``y · dt /`` mean output
-  tokens; anti-windup).
+  is saturated (else the loop is inactive: the throughput is then the offered load and a
+  larger batch would not help), r the throughput target (the measured demand when the
+  setpoint has none), y the measured generated throughput. Gains ``kp_batch_per_tok_s``
+  (sequences per tok/s) and ``ki_batch_per_tok`` (sequences per token). A TPOT objective
+  overrides: when the measured p90 TPOT exceeds it while saturated,
+  ``e_b = −r · min((tpot − slo)/slo, 1)`` (shrink the batch) — throughput first, though: not
+  while requests wait, since a smaller batch would only grow the queue for an objective the
+  plant may reach at no batch (the margin loop below raises the clock for latency). A cut acts
+  only as sequences finish, so the limit goes no further below the running count than one
+  period's finishes (``y · dt /`` mean output tokens; anti-windup).
 * **margin loop** — throughput margin → cap (tok/s): below saturation every request is served
   and the margin shows as speed. With a TPOT objective the loop holds the time per output
   token ``τ = max(running / y, p90 TPOT)`` (``running / y`` is the mean by Little's law: each
@@ -307,8 +307,7 @@ class PIController(Controller):
             return Action(power_cap_w=cap, max_batch=b)
 
         out_mean = self.plant_info.output_tokens_mean if self.plant_info is not None else None
-        demand = self._demand.update(m, setpoint, dt_s=dt, output_tokens_mean=out_mean)
-        r = demand.demand_tok_s
+        r = self._demand.update(m, setpoint, dt_s=dt, output_tokens_mean=out_mean).demand_tok_s
         y = m.throughput_tok_s
         saturated = common.is_saturated(m, b_now)
 
@@ -327,12 +326,13 @@ class PIController(Controller):
             excess = min((tpot - slo) / slo, 1.0)
         e_b = None
         if r is not None:
-            e_b = max(r - y, 0.0) if saturated else 0.0
-            # throughput before latency: the batch shrinks for the TPOT objective only while
-            # the plant keeps up with the arrivals (the demand less its backlog term) — else
-            # the queue would grow without end for an objective the plant may not reach at
-            # any batch
-            if over_slo and saturated and (m.waiting <= 0 or y >= r - demand.backlog_tok_s):
+            # below saturation the loop is inactive, not at zero error: leaving saturation
+            # must not take the last raise back through the proportional term
+            e_b = max(r - y, 0.0) if saturated else None
+            # throughput before latency: the batch shrinks for the TPOT objective only while no
+            # request waits (with a queue a smaller batch only grows it, for an objective the
+            # plant may reach at no batch; the cap loop still raises the clock for latency)
+            if over_slo and saturated and m.waiting <= 0:
                 e_b = -r * excess
         gn = self.gains
         db = self._increment("batch", e_b, gn["kp_batch_per_tok_s"], gn["ki_batch_per_tok"], dt)
