@@ -368,6 +368,13 @@ class ModelBasedController(Controller):
             itl_factor=self._qos.itl_factor, setpoint_changed=changed,
             tightened=tightened)
 
+    def _row_of(self, cap_w: float) -> int:
+        """The grid row of the largest grid cap at or below ``cap_w`` (the lowest row when
+        ``cap_w`` is below the grid)."""
+        g = self.grid
+        caps = g.cap_w[::g.shape[1]]
+        return max(int(np.searchsorted(caps, cap_w + 1e-6, side="right")) - 1, 0)
+
     def _hold_small_raise(self, s: Situation, in_force_w: float, cap_w: float) -> float:
         """``cap_w``, or the cap in force when ``cap_w`` raises it by less than
         ``cap_min_raise_w`` while no request waits and no latency came close to its SLO (then a

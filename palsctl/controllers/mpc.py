@@ -275,10 +275,8 @@ class MPCController(ModelBasedController):
             # the latency bound has the capacity asked for at the budget's ceiling, the bound
             # rises to the batch `best_batch` takes there — else a TPOT objective the plant
             # cannot meet would hold the batch small while the queue grows without end
-            nb = g.shape[1]
-            r_top = int(np.searchsorted(caps, cap_hi + 1e-6, side="right")) - 1
-            if r_top >= 0:
-                b_hi = max(b_hi, float(g.batch[r_top * nb + best_batch(s, r_top)]))
+            r_top = self._row_of(cap_hi)
+            b_hi = max(b_hi, float(g.batch[r_top * g.shape[1] + best_batch(s, r_top)]))
         u0 = self._u0
         x_lo = np.array([cap_lo_qos / cs, lim.max_batch_min / bs])
         x_hi = np.array([cap_hi / cs, b_hi / bs])
@@ -336,7 +334,7 @@ class MPCController(ModelBasedController):
         # the batch limit moves only where it binds (`search.batch_move`), towards the QP's
         b_prev = int(self._last.max_batch) if self._last is not None and \
             self._last.max_batch is not None else int(round(b_now))
-        row = max(int(np.searchsorted(caps, cap + 1e-6, side="right")) - 1, 0)
+        row = self._row_of(cap)
         nb = g.shape[1]
         j_prev = int(np.argmin(np.abs(g.batch[:nb] - b_prev)))
         hold = cfg.batch_dwell_s is not None and self._since_batch_up_s < cfg.batch_dwell_s

@@ -250,13 +250,6 @@ class SearchController(ModelBasedController):
         self._backlog_s = 0.0
         self._thr_avg: float | None = None
 
-    def _row_of(self, cap_w: float) -> int:
-        """The grid row of the largest grid cap at or below ``cap_w`` (the lowest row when
-        ``cap_w`` is below the grid)."""
-        g = self.grid
-        caps = g.cap_w[::g.shape[1]]
-        return max(int(np.searchsorted(caps, cap_w + 1e-6, side="right")) - 1, 0)
-
     def _index(self, row: int, batch: float) -> int:
         g = self.grid
         nb = g.shape[1]
